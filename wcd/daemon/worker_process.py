@@ -1,0 +1,261 @@
+"""The daemon's handle on one worker process: spawn, ready handshake, typed
+requests over the socketpair, and stop (SIGTERM, then SIGKILL).
+
+No torch, no vLLM here: the worker imports those. A worker that dies fails
+every pending operation and request with WorkerGone, never leaves one hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from wcd.workers import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(Exception):
+    """A worker reported a failure as data."""
+
+    def __init__(self, error: p.ErrorInfo, serving: str | None = None,
+                 phases: dict[str, float] | None = None):
+        super().__init__(error.message)
+        self.error = error
+        self.serving = serving
+        self.phases = phases or {}
+
+
+class WorkerGone(WorkerError):
+    """The worker process exited or its socket broke."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    index: int = 0
+    device: str = "cpu"  # "cpu" or "cuda"
+    cuda_device: int | None = None  # physical GPU index, for CUDA_VISIBLE_DEVICES
+    ready_timeout_s: float = 300.0
+    stop_timeout_s: float = 20.0
+    python: str = sys.executable
+    env: dict[str, str] | None = None
+
+
+class WorkerProcess:
+    """Start with `await WorkerProcess.start(options)`; then swap, generate, stop."""
+
+    def __init__(self, options: WorkerOptions):
+        self.options = options
+        self.process: asyncio.subprocess.Process | None = None
+        self.ready: p.Ready | None = None
+        self.exit_code: int | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._op_ids = itertools.count(1)
+        self._ping_seq = itertools.count(1)
+        self._ops: dict[int, asyncio.Queue] = {}
+        self._pings: dict[int, asyncio.Future] = {}
+        self._requests: dict[str, asyncio.Queue] = {}
+        self._ready: asyncio.Future | None = None
+        self._gone: p.ErrorInfo | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        return self._gone is None and self.process is not None and self.process.returncode is None
+
+    @classmethod
+    async def start(cls, options: WorkerOptions) -> WorkerProcess:
+        worker = cls(options)
+        await worker._spawn()
+        return worker
+
+    async def _spawn(self) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ if self.options.env is None else self.options.env)
+        if self.options.cuda_device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.options.cuda_device)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                self.options.python, "-m", "wcd.workers.main",
+                "--fd", str(child_sock.fileno()), "--device", self.options.device,
+                "--index", str(self.options.index),
+                pass_fds=(child_sock.fileno(),), env=env, start_new_session=False)
+        finally:
+            child_sock.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
+        self._ready = asyncio.get_running_loop().create_future()
+        self._reader_task = asyncio.create_task(self._read_events(reader),
+                                                name=f"worker-{self.options.index}-events")
+        try:
+            self.ready = await asyncio.wait_for(asyncio.shield(self._ready),
+                                                self.options.ready_timeout_s)
+        except BaseException:
+            await self.kill()
+            raise
+        log.info("worker %d ready: pid %d, %s, vLLM %s, %.1f s", self.options.index,
+                 self.ready.pid, self.ready.device, self.ready.vllm_version,
+                 self.ready.startup_s)
+
+    async def _read_events(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(p.HEADER_SIZE)
+                body = await reader.readexactly(p.frame_length(header))
+                self._dispatch(p.decode_event(body))
+        except (asyncio.IncompleteReadError, ConnectionError, p.ProtocolError) as exc:
+            reason = str(exc) if isinstance(exc, p.ProtocolError) else "connection closed"
+        code = await self.process.wait()
+        self.exit_code = code
+        self._fail_all(p.ErrorInfo(p.INTERNAL, f"worker {self.options.index} (pid "
+                                   f"{self.process.pid}) exited with code {code}: {reason}"))
+
+    def _dispatch(self, event: p.Event) -> None:
+        if isinstance(event, (p.Output, p.RequestFailed)):
+            queue = self._requests.get(event.request_id)
+            if queue is not None:
+                queue.put_nowait(event)
+        elif isinstance(event, (p.Phase, p.OpDone, p.OpFailed, p.Stats)):
+            queue = self._ops.get(event.op_id)
+            if queue is not None:
+                queue.put_nowait(event)
+        elif isinstance(event, p.Pong):
+            future = self._pings.pop(event.seq, None)
+            if future is not None and not future.done():
+                future.set_result(event)
+        elif isinstance(event, p.Ready) and self._ready and not self._ready.done():
+            self._ready.set_result(event)
+
+    def _fail_all(self, error: p.ErrorInfo) -> None:
+        self._gone = error
+        log.warning("%s", error.message)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(WorkerGone(error))
+        for queue in [*self._ops.values(), *self._requests.values()]:
+            queue.put_nowait(error)
+        for future in self._pings.values():
+            if not future.done():
+                future.set_exception(WorkerGone(error))
+        self._pings.clear()
+
+    def _send(self, command: p.Command) -> None:
+        if self._gone is not None:
+            raise WorkerGone(self._gone)
+        self._writer.write(p.encode(command))
+
+    # ---- operations ------------------------------------------------------------------
+
+    async def swap(self, model: p.ModelSpec, *, drain_timeout_s: float = 30.0,
+                   force: bool = False,
+                   on_phase: Callable[[p.Phase], None] | None = None) -> p.OpDone:
+        op_id = next(self._op_ids)
+        return await self._operation(op_id, p.Swap(op_id, model, drain_timeout_s, force),
+                                     on_phase)
+
+    async def unload(self, *, drain_timeout_s: float = 30.0, force: bool = False,
+                     on_phase: Callable[[p.Phase], None] | None = None) -> p.OpDone:
+        op_id = next(self._op_ids)
+        return await self._operation(op_id, p.Unload(op_id, drain_timeout_s, force), on_phase)
+
+    async def stats(self) -> p.Stats:
+        op_id = next(self._op_ids)
+        return await self._operation(op_id, p.GetStats(op_id), None)
+
+    async def _operation(self, op_id: int, command: p.Command,
+                         on_phase: Callable[[p.Phase], None] | None):
+        queue: asyncio.Queue = asyncio.Queue()
+        self._ops[op_id] = queue
+        try:
+            self._send(command)
+            while True:
+                event = await queue.get()
+                if isinstance(event, p.Phase):
+                    if on_phase is not None:
+                        on_phase(event)
+                elif isinstance(event, p.OpFailed):
+                    raise WorkerError(event.error, event.serving, event.phases)
+                elif isinstance(event, p.ErrorInfo):
+                    raise WorkerGone(event)
+                else:
+                    return event
+        finally:
+            del self._ops[op_id]
+
+    async def generate(self, request: p.Generate) -> AsyncIterator[p.Output]:
+        """Outputs of one request as the worker streams them. Leaving the
+        iteration early (client gone, cancellation) aborts it in the worker."""
+        queue: asyncio.Queue = asyncio.Queue()
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        self._requests[request.request_id] = queue
+        finished = False
+        try:
+            self._send(request)
+            while not finished:
+                event = await queue.get()
+                if isinstance(event, p.RequestFailed):
+                    finished = True
+                    raise WorkerError(event.error)
+                if isinstance(event, p.ErrorInfo):
+                    finished = True
+                    raise WorkerGone(event)
+                finished = event.finished
+                yield event
+        finally:
+            del self._requests[request.request_id]
+            if not finished and self.alive:
+                self._send(p.Abort(request.request_id))
+
+    async def ping(self, timeout_s: float) -> p.Pong:
+        seq = next(self._ping_seq)
+        future = asyncio.get_running_loop().create_future()
+        self._pings[seq] = future
+        try:
+            self._send(p.Ping(seq))
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._pings.pop(seq, None)
+
+    # ---- stop --------------------------------------------------------------------------
+
+    async def stop(self) -> int:
+        """Shutdown command, then SIGTERM, then SIGKILL, each after the stop timeout."""
+        if self.process is None or self.process.returncode is not None:
+            return await self._reap()
+        with contextlib.suppress(WorkerGone, ConnectionError):
+            self._send(p.Shutdown())
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                await asyncio.wait_for(self.process.wait(), self.options.stop_timeout_s)
+                break
+            except asyncio.TimeoutError:
+                log.warning("worker %d did not stop; sending %s", self.options.index, sig.name)
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.send_signal(sig)
+        return await self._reap()
+
+    async def kill(self) -> int:
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+        return await self._reap()
+
+    async def _reap(self) -> int:
+        code = await self.process.wait() if self.process else 0
+        if self._reader_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._reader_task, 5)
+        if self._writer is not None:
+            self._writer.close()
+        return code

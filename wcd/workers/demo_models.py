@@ -1,0 +1,149 @@
+"""Generate small Llama-architecture demo models, locally, with no model hub.
+
+    python -m wcd.workers.demo_models DIR [--names small-a,small-b,wide-a]
+
+Each model gets a byte-level BPE tokenizer trained here (bos/eos/pad and a chat
+template) and random bf16 weights with head_dim 64 (vLLM's CPU attention needs
+it). Models of one shape differ only in their seed, so outputs tell them apart
+while a swap between them stays on the same-shape path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+VOCAB_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+SHAPES = {
+    "small": Shape(256, 512, 2, 4, 2),
+    "wide": Shape(384, 768, 3, 6, 2),
+}
+DEFAULT_NAMES = ("small-a", "small-b", "wide-a")
+
+
+def shape_of(name: str) -> Shape:
+    """The shape is the name's prefix: 'small-b' is a 'small' model."""
+    prefix = name.split("-", 1)[0]
+    if prefix not in SHAPES:
+        raise ValueError(f"model name {name!r} must start with one of {sorted(SHAPES)}")
+    return SHAPES[prefix]
+
+
+def seed_of(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def _corpus() -> list[str]:
+    words = (
+        "the quick brown fox jumps over a lazy dog while warm workers keep models "
+        "ready to serve every request swap load unload cache weights tokens in "
+        "memory on device fast small wide model hello world what is your name "
+        "please tell me a story about llamas and servers that never sleep"
+    ).split()
+    lines = []
+    for i in range(400):
+        lines.append(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)))
+    lines.extend(f"{i} + {i + 1} = {2 * i + 1}." for i in range(200))
+    return lines
+
+
+def train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+    )
+
+
+def write_model(directory: Path, name: str, tokenizer) -> Path:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    shape = shape_of(name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=64,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        # Wider than the usual 0.02, so greedy argmax is not decided by ties.
+        initializer_range=0.2,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(seed_of(name))
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    out = directory / name
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(out)
+    (out / "wcd-demo.json").write_text(json.dumps({"name": name, "seed": seed_of(name)}))
+    return out
+
+
+def generate(directory: Path, names: list[str]) -> list[Path]:
+    for name in names:
+        shape_of(name)  # fail before any work on a bad name
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    return [write_model(directory, name, tokenizer) for name in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--names", default=",".join(DEFAULT_NAMES),
+                        help="comma-separated; each starts with a shape: " + ", ".join(SHAPES))
+    args = parser.parse_args(argv)
+    for path in generate(args.directory, [n for n in args.names.split(",") if n]):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,355 @@
+"""vLLM engine life inside a warm worker: build, swap in place, rebuild, release,
+and stepping requests.
+
+The engine is vLLM's LLMEngine with its EngineCore in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, the "uni" executor), so the engine's life is
+the model's and the process's life is the worker's. Two swap paths:
+
+- same shape: keep the engine, compiled graph and KV cache; reload weights in
+  place, reset the prefix cache, switch the frontend (tokenizer, chat
+  template, generation config) only where its files differ;
+- rebuild: tear the engine down, build the next one in this process, reusing
+  the compile cache (see vllm_seams).
+
+Every failure leaves the worker serving what it served before, or nothing,
+and says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.engine.arg_utils import EngineArgs
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.engine.llm_engine import LLMEngine
+
+from wcd.workers import protocol as p
+from wcd.workers import vllm_seams
+from wcd.workers.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Engine args wcd sets itself: the engine must live in this process.
+FORCED_ENGINE_ARGS = {"distributed_executor_backend": "uni", "disable_log_stats": True}
+
+
+class ModelError(Exception):
+    """A failure to report as data: `kind` is one of protocol.ERROR_KINDS."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+    def info(self) -> p.ErrorInfo:
+        return p.ErrorInfo(self.kind, str(self))
+
+
+class SwapFailed(Exception):
+    """A swap failed after the served model was touched; `serving` says what the
+    worker serves now (the previous model, brought back, or nothing)."""
+
+    def __init__(self, error: ModelError, serving: str | None):
+        super().__init__(str(error))
+        self.error = error
+        self.serving = serving
+
+
+@dataclass
+class PhaseClock:
+    """Times the phases of one swap and reports each as it ends."""
+
+    report: Callable[[str, float], None]
+    phases: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
+            self.report(name, seconds)
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@dataclass
+class Plan:
+    """A resolved swap target, checked before anything is released."""
+
+    spec: p.ModelSpec
+    checkpoint: Checkpoint
+    engine_args: dict[str, Any]
+    shape_key: str
+
+
+@dataclass
+class Served:
+    plan: Plan
+    engine: LLMEngine
+    frontend_key: str
+    sampling_defaults: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.plan.spec.name
+
+
+class EngineHost:
+    """Owns at most one engine. Not thread-safe: the worker's main thread only."""
+
+    def __init__(self) -> None:
+        self.served: Served | None = None
+
+    @property
+    def model(self) -> str | None:
+        return self.served.name if self.served else None
+
+    # ---- swap ------------------------------------------------------------------
+
+    def resolve(self, spec: p.ModelSpec) -> Plan:
+        try:
+            checkpoint = open_checkpoint(spec.path)
+        except CheckpointError as exc:
+            raise ModelError(p.BAD_MODEL, f"{spec.name}: {exc}") from exc
+        engine_args = dict(spec.engine_args)
+        for key in ("model", *FORCED_ENGINE_ARGS):
+            if key in engine_args:
+                raise ModelError(p.BAD_ARGS, f"{spec.name}: engine arg {key!r} is set by wcd")
+        return Plan(spec, checkpoint, engine_args, checkpoint.shape_key(engine_args))
+
+    def swap(self, spec: p.ModelSpec, clock: PhaseClock, drain: Callable[[], None]) -> str:
+        """Serve `spec`; returns the path taken. Raises ModelError when nothing
+        was touched, SwapFailed when the served model had to be brought back."""
+        with clock.phase("resolve"):
+            plan = self.resolve(spec)
+            same_shape = self.served is not None and self.served.plan.shape_key == plan.shape_key
+            config = None if same_shape else self._engine_config(plan)
+        with clock.phase("drain"):
+            drain()
+        if same_shape:
+            self._swap_in_place(plan, clock)
+            return "same_shape"
+        self._rebuild(plan, config, clock)
+        return "rebuild"
+
+    def unload(self, clock: PhaseClock, drain: Callable[[], None]) -> None:
+        with clock.phase("drain"):
+            drain()
+        with clock.phase("release"):
+            self.release()
+
+    def _swap_in_place(self, plan: Plan, clock: PhaseClock) -> None:
+        served = self.served
+        previous = served.plan
+        with clock.phase("release"):
+            served.engine.reset_prefix_cache()
+        try:
+            with clock.phase("fetch"):
+                weights = list(plan.checkpoint.read_weights())
+            with clock.phase("build"):
+                self._load_weights(served.engine, weights)
+                del weights
+                frontend_key = plan.checkpoint.frontend_key()
+                if frontend_key != served.frontend_key:
+                    vllm_seams.switch_frontend(served.engine, self._engine_config(plan))
+                    served.frontend_key = frontend_key
+                served.sampling_defaults = served.engine.model_config.get_diff_sampling_param()
+                served.plan = plan
+        except Exception as exc:
+            error = _as_model_error(plan.spec.name, exc)
+            log.warning("swap to %s failed in place (%s); reloading %s",
+                        plan.spec.name, error, previous.spec.name)
+            try:
+                self._load_weights(served.engine, previous.checkpoint.read_weights())
+                served.plan = previous
+            except Exception:
+                log.exception("could not bring %s back; releasing it", previous.spec.name)
+                self.release()
+            raise SwapFailed(error, self.model) from exc
+        with clock.phase("warm"):
+            pass  # graph, caches and kernels are the ones that were serving
+        with clock.phase("ready"):
+            served.engine.reset_prefix_cache()
+
+    def _rebuild(self, plan: Plan, config, clock: PhaseClock) -> None:
+        previous = self.served.plan if self.served else None
+        with clock.phase("release"):
+            self.release()
+        try:
+            with clock.phase("fetch"):
+                pass  # vLLM's loader reads the checkpoint inside build
+            with clock.phase("build"):
+                self.served = self._build(plan, config)
+            with clock.phase("warm"):
+                self._warm(self.served.engine)
+        except Exception as exc:
+            error = _as_model_error(plan.spec.name, exc)
+            self.release()
+            if previous is not None:
+                log.warning("rebuild for %s failed (%s); rebuilding %s",
+                            plan.spec.name, error, previous.spec.name)
+                try:
+                    self.served = self._build(previous, self._engine_config(previous))
+                except Exception:
+                    log.exception("could not bring %s back", previous.spec.name)
+                    self.release()
+            raise SwapFailed(error, self.model) from exc
+        with clock.phase("ready"):
+            pass
+
+    def _engine_config(self, plan: Plan):
+        args = {**plan.engine_args, **FORCED_ENGINE_ARGS, "model": str(plan.checkpoint.path)}
+        try:
+            return EngineArgs(**args).create_engine_config()
+        except TypeError as exc:
+            raise ModelError(p.BAD_ARGS, f"{plan.spec.name}: {_unknown_arg(exc)}") from exc
+        except Exception as exc:  # vLLM raises ValueError, pydantic errors, ...
+            kind = p.BAD_MODEL if "architecture" in str(exc).lower() else p.BAD_ARGS
+            raise ModelError(kind, f"{plan.spec.name}: {_first_line(exc)}") from exc
+
+    def _build(self, plan: Plan, config) -> Served:
+        with vllm_seams.collections_deferred():
+            engine = LLMEngine.from_vllm_config(config, disable_log_stats=True)
+        return Served(plan, engine, plan.checkpoint.frontend_key(),
+                      engine.model_config.get_diff_sampling_param())
+
+    @staticmethod
+    def _load_weights(engine: LLMEngine, weights) -> None:
+        engine.collective_rpc("reload_weights",
+                              kwargs={"weights_iterator": iter(weights),
+                                      "is_checkpoint_format": True})
+
+    @staticmethod
+    def _warm(engine: LLMEngine) -> None:
+        """One greedy token through the new engine: proves it serves before
+        the swap is reported done, and pays first-request costs here."""
+        engine.add_request("wcd-warm", {"prompt_token_ids": [0]},
+                           SamplingParams(max_tokens=1, temperature=0.0))
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    def release(self) -> None:
+        """Drop the engine and give its memory back."""
+        served, self.served = self.served, None
+        if served is not None:
+            with vllm_seams.collections_deferred():
+                served.engine.engine_core.shutdown()
+            del served
+        else:
+            vllm_seams.cleanup_failed_build()
+        vllm_seams.release_engine_memory()
+        _trim_heap()
+
+    # ---- requests ----------------------------------------------------------------
+
+    def add(self, request: p.Generate) -> None:
+        served = self.served
+        if served is None or request.model != served.name:
+            raise ModelError(p.NOT_LOADED, f"model {request.model!r} is not served by this "
+                                           f"worker (serving {self.model!r})")
+        try:
+            params = SamplingParams(**{**served.sampling_defaults, **request.sampling})
+            params.output_kind = RequestOutputKind.DELTA
+            engine_input = self._render(served.engine, request)
+            served.engine.add_request(request.request_id, engine_input, params)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(p.BAD_ARGS, _first_line(exc)) from exc
+
+    @staticmethod
+    def _render(engine: LLMEngine, request: p.Generate):
+        """The prompt as vLLM's offline LLM.generate / LLM.chat render it."""
+        if request.prompt_token_ids is not None:
+            return {"prompt_token_ids": request.prompt_token_ids}
+        if request.messages is not None:
+            return vllm_seams.render_chat(engine, request.messages, request.chat_template_kwargs)
+        if request.prompt is not None:
+            return vllm_seams.render_completion(engine, request.prompt)
+        raise ModelError(p.BAD_ARGS, "one of prompt, prompt_token_ids, messages is required")
+
+    def has_unfinished(self) -> bool:
+        return self.served is not None and self.served.engine.has_unfinished_requests()
+
+    def unfinished_count(self) -> int:
+        return self.served.engine.get_num_unfinished_requests() if self.served else 0
+
+    def step(self) -> list[p.Output]:
+        return [out for ro in self.served.engine.step() for out in _outputs(ro)]
+
+    def abort(self, request_ids: list[str]) -> None:
+        if self.served is not None and request_ids:
+            self.served.engine.abort_request(request_ids)
+
+
+def _outputs(ro: RequestOutput) -> Iterator[p.Output]:
+    prompt_tokens = len(ro.prompt_token_ids or ())
+    for completion in ro.outputs:
+        yield p.Output(
+            request_id=ro.request_id,
+            index=completion.index,
+            text=completion.text,
+            token_ids=list(completion.token_ids),
+            prompt_tokens=prompt_tokens,
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+            finished=ro.finished,
+            logprobs=_logprobs(completion),
+        )
+
+
+def _logprobs(completion) -> list[dict[str, Any]] | None:
+    if completion.logprobs is None:
+        return None
+    entries = []
+    for token_id, top in zip(completion.token_ids, completion.logprobs):
+        chosen = top[token_id]
+        entries.append({
+            "token_id": token_id,
+            "token": chosen.decoded_token,
+            "logprob": chosen.logprob,
+            "top": [[tid, lp.decoded_token, lp.logprob]
+                    for tid, lp in sorted(top.items(), key=lambda kv: kv[1].rank or 0)],
+        })
+    return entries
+
+
+def _as_model_error(name: str, exc: Exception) -> ModelError:
+    if isinstance(exc, ModelError):
+        return exc
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or (
+            "memory" in str(exc).lower() and "less than requested" in str(exc).lower()):
+        return ModelError(p.OUT_OF_MEMORY, f"{name}: out of memory: {_first_line(exc)}")
+    if isinstance(exc, (KeyError, ValueError, RuntimeError, OSError)):
+        return ModelError(p.BAD_MODEL, f"{name}: {type(exc).__name__}: {_first_line(exc)}")
+    return ModelError(p.INTERNAL, f"{name}: {type(exc).__name__}: {_first_line(exc)}")
+
+
+def _unknown_arg(exc: TypeError) -> str:
+    message = str(exc)
+    if "unexpected keyword argument" in message:
+        arg = message.rsplit("argument", 1)[1].strip()
+        return f"{arg} is not a vLLM engine argument"
+    return message
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS, so RSS shows what a release freed."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

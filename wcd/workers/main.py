@@ -1,0 +1,302 @@
+"""A warm worker process: imports torch and vLLM once, then serves protocol
+commands from its parent over an inherited socket, forever.
+
+    python -m wcd.workers.main --fd N [--device cpu|cuda] [--index I]
+
+Threads: a reader answers Ping at once (even while an engine builds, so a
+slow build is never taken for a hang) and queues every other command; the main
+thread owns the engine and steps it while requests are in flight. The worker
+exits when its parent goes away (socket EOF, or PR_SET_PDEATHSIG), on Shutdown,
+and on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+
+from wcd.workers import protocol as p
+
+log = logging.getLogger("wcd.worker")
+_PR_SET_PDEATHSIG = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM: unwind whatever runs, release the engine, exit."""
+
+
+class Channel:
+    """The socket to the parent: framed sends under a lock (two threads send)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, event: p.Event) -> None:
+        data = p.encode(event)
+        with self._lock:
+            self.sock.sendall(data)
+
+    def recv(self) -> p.Command | None:
+        header = self._recv_exactly(p.HEADER_SIZE)
+        if header is None:
+            return None
+        body = self._recv_exactly(p.frame_length(header))
+        return None if body is None else p.decode_command(body)
+
+    def _recv_exactly(self, n: int) -> bytes | None:
+        chunks, remaining = [], n
+        while remaining:
+            chunk = self.sock.recv(min(remaining, 1 << 20))
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+
+class Worker:
+    def __init__(self, channel: Channel, device: str):
+        from wcd.workers.engine import EngineHost
+
+        self.channel = channel
+        self.device = device
+        self.host = EngineHost()
+        self.commands: queue.Queue[p.Command] = queue.Queue()
+        self.deferred: collections.deque[p.Command] = collections.deque()
+        self.inflight: set[str] = set()
+        self.busy: str | None = None
+
+    # ---- reader thread -----------------------------------------------------------
+
+    def read_forever(self) -> None:
+        try:
+            while (command := self.channel.recv()) is not None:
+                if isinstance(command, p.Ping):
+                    self.channel.send(p.Pong(command.seq, self.host.model, self.busy))
+                else:
+                    self.commands.put(command)
+        except (OSError, p.ProtocolError) as exc:
+            log.error("connection to the daemon broke: %s", exc)
+        # The parent is gone: nobody is left to serve or to report to.
+        os._exit(0)
+
+    # ---- main thread ---------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        while True:
+            if self.deferred:
+                command = self.deferred.popleft()
+            elif self.host.has_unfinished():
+                try:
+                    command = self.commands.get_nowait()
+                except queue.Empty:
+                    self._step()
+                    continue
+            else:
+                command = self.commands.get()
+            if isinstance(command, p.Shutdown):
+                return
+            self.handle(command)
+
+    def handle(self, command: p.Command) -> None:
+        if isinstance(command, p.Generate):
+            self._generate(command)
+        elif isinstance(command, p.Abort):
+            self._abort([command.request_id], reason=None)
+        elif isinstance(command, p.Swap):
+            self._swap(command)
+        elif isinstance(command, p.Unload):
+            self._unload(command)
+        elif isinstance(command, p.GetStats):
+            self.channel.send(self._stats(command.op_id))
+
+    def _generate(self, command: p.Generate) -> None:
+        from wcd.workers.engine import ModelError
+
+        try:
+            self.host.add(command)
+        except ModelError as exc:
+            self.channel.send(p.RequestFailed(command.request_id, exc.info()))
+            return
+        self.inflight.add(command.request_id)
+
+    def _step(self) -> None:
+        for output in self.host.step():
+            if output.finished:
+                self.inflight.discard(output.request_id)
+            self.channel.send(output)
+
+    def _abort(self, request_ids: list[str], reason: str | None) -> None:
+        ids = [rid for rid in request_ids if rid in self.inflight]
+        self.host.abort(ids)
+        for rid in ids:
+            self.inflight.discard(rid)
+            if reason is not None:
+                self.channel.send(p.RequestFailed(rid, p.ErrorInfo(p.ABORTED, reason)))
+
+    def _drain(self, timeout_s: float, force: bool) -> None:
+        """Finish in-flight requests (or abort them when forced or late).
+        Aborts keep working meanwhile; other commands wait for the swap."""
+        deadline = time.monotonic() + (0.0 if force else timeout_s)
+        while self.host.has_unfinished() and time.monotonic() < deadline:
+            while True:
+                try:
+                    command = self.commands.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(command, p.Abort):
+                    self._abort([command.request_id], reason=None)
+                else:
+                    self.deferred.append(command)
+            self._step()
+        if self.inflight:
+            self._abort(sorted(self.inflight), reason="the model was swapped out before "
+                        "this request finished" + (" (forced)" if force else " (drain timeout)"))
+
+    def _swap(self, command: p.Swap) -> None:
+        from wcd.workers.engine import ModelError, SwapFailed
+
+        clock = self._clock(command.op_id)
+        self.busy = "swap"
+        started = self.host.model
+        try:
+            path = ("noop" if self._already_serving(command.model) else
+                    self.host.swap(command.model, clock,
+                                   lambda: self._drain(command.drain_timeout_s, command.force)))
+        except ModelError as exc:
+            self._failed(command.op_id, exc.info(), clock)
+        except SwapFailed as exc:
+            self._failed(command.op_id, exc.error.info(), clock)
+        else:
+            self.channel.send(p.OpDone(command.op_id, self.host.model, path,
+                                       clock.phases, clock.total()))
+            log.info("swap %s -> %s: %s in %.3f s %s", started, self.host.model, path,
+                     clock.total(), _phases(clock.phases))
+        finally:
+            self.busy = None
+
+    def _already_serving(self, spec: p.ModelSpec) -> bool:
+        served = self.host.served
+        return (served is not None and served.plan.spec == spec
+                and served.plan.checkpoint.weights_key == _weights_key(spec))
+
+    def _unload(self, command: p.Unload) -> None:
+        clock = self._clock(command.op_id)
+        self.busy = "unload"
+        try:
+            previous = self.host.model
+            self.host.unload(clock, lambda: self._drain(command.drain_timeout_s, command.force))
+            self.channel.send(p.OpDone(command.op_id, None, "unload", clock.phases,
+                                       clock.total()))
+            log.info("unload %s in %.3f s %s", previous, clock.total(), _phases(clock.phases))
+        finally:
+            self.busy = None
+
+    def _clock(self, op_id: int):
+        from wcd.workers.engine import PhaseClock
+
+        return PhaseClock(lambda name, s: self.channel.send(p.Phase(op_id, name, s)))
+
+    def _failed(self, op_id: int, error: p.ErrorInfo, clock) -> None:
+        self.channel.send(p.OpFailed(op_id, error, self.host.model, clock.phases))
+        log.warning("swap failed: %s: %s (serving %s)", error.kind, error.message,
+                    self.host.model)
+
+    def _stats(self, op_id: int) -> p.Stats:
+        import torch
+
+        allocated = torch.cuda.memory_allocated() if self.device == "cuda" else 0
+        return p.Stats(op_id, os.getpid(), rss_bytes(), self.host.model,
+                       self.host.unfinished_count(), allocated)
+
+    def shutdown(self) -> None:
+        self._abort(sorted(self.inflight), reason="the worker is shutting down")
+        self.host.release()
+
+
+def _weights_key(spec: p.ModelSpec) -> str | None:
+    from wcd.workers.checkpoint import CheckpointError, open_checkpoint
+
+    try:
+        return open_checkpoint(spec.path).weights_key
+    except CheckpointError:
+        return None
+
+
+def _phases(phases: dict[str, float]) -> str:
+    return " ".join(f"{name}={seconds * 1000:.1f}ms" for name, seconds in phases.items())
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: socket EOF still ends the worker
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _init_device(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.init()
+        torch.cuda.set_device(0)  # the daemon narrows CUDA_VISIBLE_DEVICES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"wcd-worker[{args.index}] %(levelname)s %(name)s: %(message)s")
+    channel = Channel(socket.socket(fileno=args.fd))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+    import torch
+    import vllm
+
+    from wcd.workers import vllm_seams
+
+    vllm_seams.apply()
+    _init_device(args.device)
+    vllm_seams.freeze_import_heap()
+    worker = Worker(channel, args.device)
+    channel.send(p.Ready(os.getpid(), args.device, p.PROTOCOL_VERSION, vllm.__version__,
+                         str(torch.__version__), time.perf_counter() - started))
+    threading.Thread(target=worker.read_forever, name="wcd-reader", daemon=True).start()
+    try:
+        worker.serve_forever()
+    except Terminated:
+        log.info("SIGTERM: stopping")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        worker.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The worker protocol: the only contract between the daemon and a worker.
+
+Frames on a socketpair: a 4-byte big-endian length, then one msgpack-encoded
+struct. Commands flow daemon -> worker, events worker -> daemon. Failures
+travel as `ErrorInfo` data, never as pickled exceptions. This module imports
+only msgspec and the stdlib so the daemon can share it.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+_HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class ModelSpec(msgspec.Struct, frozen=True):
+    """What to load: the served name, a local directory and vLLM engine args."""
+
+    name: str
+    path: str
+    engine_args: dict[str, Any] = {}
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """A failure as data. `kind` is one of the ERROR_KINDS below."""
+
+    kind: str
+    message: str
+
+
+# Error kinds, mapped to HTTP statuses and exit codes at the daemon's edge.
+BAD_MODEL = "bad_model"  # path, config, weights or architecture unusable
+BAD_ARGS = "bad_args"  # an engine arg or sampling parameter vLLM refused
+OUT_OF_MEMORY = "out_of_memory"
+NOT_LOADED = "not_loaded"  # the request names a model this worker is not serving
+ABORTED = "aborted"  # the request was aborted (client gone, drain timeout)
+BUSY = "busy"  # another load/swap is running
+INTERNAL = "internal"
+ERROR_KINDS = (BAD_MODEL, BAD_ARGS, OUT_OF_MEMORY, NOT_LOADED, ABORTED, BUSY, INTERNAL)
+
+
+# ---- commands: daemon -> worker -------------------------------------------------
+
+
+class Swap(msgspec.Struct, tag="swap", frozen=True):
+    """Serve `model`, replacing whatever the worker serves now (a load into an
+    empty worker is a swap from nothing)."""
+
+    op_id: int
+    model: ModelSpec
+    drain_timeout_s: float = 30.0
+    force: bool = False  # abort in-flight requests instead of draining them
+
+
+class Unload(msgspec.Struct, tag="unload", frozen=True):
+    op_id: int
+    drain_timeout_s: float = 30.0
+    force: bool = False
+
+
+class Generate(msgspec.Struct, tag="generate", frozen=True):
+    """One request. Exactly one of prompt, prompt_token_ids, messages is set.
+
+    `sampling` holds vLLM SamplingParams fields; the worker validates them
+    with vLLM's own SamplingParams, so the daemon never needs vLLM.
+    """
+
+    request_id: str
+    model: str
+    sampling: dict[str, Any] = {}
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] = {}
+
+
+class Abort(msgspec.Struct, tag="abort", frozen=True):
+    request_id: str
+
+
+class GetStats(msgspec.Struct, tag="get_stats", frozen=True):
+    op_id: int
+
+
+class Ping(msgspec.Struct, tag="ping", frozen=True):
+    """Answered by the worker's reader thread, even while an engine builds."""
+
+    seq: int
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
+    pass
+
+
+Command = Union[Swap, Unload, Generate, Abort, GetStats, Ping, Shutdown]
+
+
+# ---- events: worker -> daemon ---------------------------------------------------
+
+
+class Ready(msgspec.Struct, tag="ready", frozen=True):
+    """Sent once, after torch and vLLM are imported and the device initialised."""
+
+    pid: int
+    device: str
+    protocol_version: int
+    vllm_version: str
+    torch_version: str
+    startup_s: float
+
+
+class Pong(msgspec.Struct, tag="pong", frozen=True):
+    seq: int
+    model: str | None
+    busy: str | None  # the operation under way ("swap", "unload"), if any
+
+
+class Phase(msgspec.Struct, tag="phase", frozen=True):
+    """Progress of a swap/unload: one phase finished after `seconds`."""
+
+    op_id: int
+    phase: str
+    seconds: float
+
+
+class OpDone(msgspec.Struct, tag="op_done", frozen=True):
+    """A swap/unload finished. `path` is "same_shape", "rebuild", "noop" or "unload"."""
+
+    op_id: int
+    model: str | None
+    path: str
+    phases: dict[str, float]
+    total_s: float
+
+
+class OpFailed(msgspec.Struct, tag="op_failed", frozen=True):
+    """A swap/unload failed; `serving` is the model the worker still serves."""
+
+    op_id: int
+    error: ErrorInfo
+    serving: str | None
+    phases: dict[str, float] = {}
+
+
+class Output(msgspec.Struct, tag="output", frozen=True):
+    """New tokens of one completion (`index` < n) since its last Output, streamed
+    as vLLM produces them. `finished` is set on the request's last Output."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    finished: bool = False
+    # Per new token: {"token_id", "token", "logprob", "top": [[token_id, token, logprob], ...]}
+    logprobs: list[dict[str, Any]] | None = None
+
+
+class RequestFailed(msgspec.Struct, tag="request_failed", frozen=True):
+    request_id: str
+    error: ErrorInfo
+
+
+class Stats(msgspec.Struct, tag="stats", frozen=True):
+    op_id: int
+    pid: int
+    rss_bytes: int
+    model: str | None
+    running_requests: int
+    device_allocated_bytes: int
+
+
+Event = Union[Ready, Pong, Phase, OpDone, OpFailed, Output, RequestFailed, Stats]
+
+SWAP_PHASES = ("resolve", "drain", "release", "fetch", "build", "warm", "ready")
+
+
+# ---- framing --------------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+_command_decoder = msgspec.msgpack.Decoder(Command)
+_event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be decoded: the peer is broken or not ours."""
+
+
+def encode(message: Command | Event) -> bytes:
+    body = _encoder.encode(message)
+    return _HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    (length,) = _HEADER.unpack(header)
+    if length > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    return length
+
+
+HEADER_SIZE = _HEADER.size
+
+
+def decode_command(body: bytes) -> Command:
+    try:
+        return _command_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(str(exc)) from exc
+
+
+def decode_event(body: bytes) -> Event:
+    try:
+        return _event_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(str(exc)) from exc

