@@ -259,7 +259,7 @@ class EngineHost:
             raise ModelError(p.NOT_LOADED, f"model {request.model!r} is not served by this "
                                            f"worker (serving {self.model!r})")
         try:
-            params = SamplingParams(**{**served.sampling_defaults, **request.sampling})
+            params = _sampling_params({**served.sampling_defaults, **request.sampling})
             params.output_kind = RequestOutputKind.DELTA
             engine_input = self._render(served.engine, request)
             served.engine.add_request(request.request_id, engine_input, params)
@@ -291,6 +291,17 @@ class EngineHost:
     def abort(self, request_ids: list[str]) -> None:
         if self.served is not None and request_ids:
             self.served.engine.abort_request(request_ids)
+
+
+def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
+    """vLLM's own SamplingParams validates every field; structured outputs
+    arrive as a plain dict because the protocol carries no vLLM types."""
+    structured = fields.pop("structured_outputs", None)
+    if structured is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        fields["structured_outputs"] = StructuredOutputsParams(**structured)
+    return SamplingParams(**fields)
 
 
 def _outputs(ro: RequestOutput) -> Iterator[p.Output]:
@@ -345,8 +356,24 @@ def _unknown_arg(exc: TypeError) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]
+    """One line for a log or a client. pydantic errors (vLLM's configs) put the
+    useful part after a header line, so their messages are used instead."""
+    details = getattr(exc, "errors", None)
+    if callable(details):
+        try:
+            text = "; ".join(_pydantic_line(e) for e in details())
+        except Exception:  # not pydantic after all
+            text = str(exc)
+    else:
+        text = str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text[:500]
+
+
+def _pydantic_line(error: dict) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ()) if part)
+    message = error.get("msg", "")
+    return f"{where}: {message}" if where else message
 
 
 def _trim_heap() -> None:

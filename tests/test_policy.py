@@ -1,0 +1,43 @@
+"""Unit tests of the placement and eviction policy (pure functions, fake slots)."""
+
+from wcd.daemon.policy import (DRAINING, IDLE, RESTARTING, SERVING, STARTING, SWAPPING,
+                               SlotView, choose_slot, expired, restart_delay, serving_slot)
+
+
+def slot(index, state=SERVING, model=None, active=0, last_used=0.0):
+    return SlotView(index, state, model, active, last_used)
+
+
+def test_serving_slot_finds_the_model_where_it_is_or_is_coming():
+    slots = [slot(0, model="a"), slot(1, SWAPPING, "b"), slot(2, DRAINING, "c")]
+    assert serving_slot(slots, "a").index == 0
+    assert serving_slot(slots, "b").index == 1
+    assert serving_slot(slots, "c") is None  # draining away from c
+    assert serving_slot(slots, "d") is None
+
+
+def test_choose_slot_prefers_an_empty_worker():
+    slots = [slot(0, model="a", last_used=1), slot(1, IDLE), slot(2, IDLE)]
+    assert choose_slot(slots, "b").index == 1
+
+
+def test_choose_slot_takes_the_least_recently_used_idle_one():
+    slots = [slot(0, model="a", last_used=5), slot(1, model="b", last_used=2),
+             slot(2, model="c", last_used=1, active=3)]
+    assert choose_slot(slots, "d").index == 1
+
+
+def test_choose_slot_waits_when_every_worker_is_busy():
+    slots = [slot(0, SWAPPING, "a"), slot(1, STARTING), slot(2, RESTARTING)]
+    assert choose_slot(slots, "b") is None
+
+
+def test_expired_honours_keep_alive_and_activity():
+    slots = [slot(0, model="a", last_used=0), slot(1, model="b", last_used=0, active=1),
+             slot(2, model="c", last_used=95), slot(3, model="forever", last_used=0)]
+    keep = {"a": 60, "b": 60, "c": 60, "forever": 0}
+    assert [s.index for s in expired(slots, 100, keep.get)] == [0]
+
+
+def test_restart_delay_backs_off_exponentially_to_a_cap():
+    assert [restart_delay(n, 1, 30) for n in (1, 2, 3, 4, 5, 6, 9)] == [1, 2, 4, 8, 16, 30, 30]

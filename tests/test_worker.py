@@ -1,0 +1,306 @@
+"""The warm worker end to end: one real worker process with real vLLM on CPU,
+driven over the worker protocol, compared with vLLM's own offline output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ENGINE_ARGS, GREEDY, PROMPTS, ROOT
+from wcd.daemon.worker_process import WorkerError, WorkerGone, WorkerOptions, WorkerProcess
+from wcd.workers import protocol as p
+
+pytestmark = pytest.mark.vllm
+
+
+def spec(models, name: str, path=None, **engine_args) -> p.ModelSpec:
+    return p.ModelSpec(name, str(path or models / name), {**ENGINE_ARGS, **engine_args})
+
+
+async def generate(worker: WorkerProcess, model: str, prompt: str, **sampling) -> list[int]:
+    request = p.Generate(f"t-{time.monotonic_ns()}", model, {**GREEDY, **sampling},
+                         prompt=prompt)
+    tokens = []
+    async for out in worker.generate(request):
+        tokens += out.token_ids
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def worker(loop, demo_models):
+    worker = loop.run_until_complete(WorkerProcess.start(WorkerOptions()))
+    yield worker
+    loop.run_until_complete(worker.stop())
+
+
+def serving(loop, worker) -> str | None:
+    return loop.run_until_complete(worker.ping(5)).model
+
+
+def assert_matches_reference(loop, worker, model: str, reference) -> None:
+    for i, prompt in enumerate(PROMPTS[:2]):
+        got = loop.run_until_complete(generate(worker, model, prompt))
+        assert got == reference[model]["prompts"][i]["token_ids"], (model, prompt)
+
+
+def test_swaps_on_both_paths_match_vllm(loop, worker, demo_models, reference):
+    expected_paths = [("small-a", "rebuild"), ("small-b", "same_shape"),
+                      ("wide-a", "rebuild"), ("small-a", "rebuild")]
+    pid = worker.pid
+    for name, path in expected_paths:
+        phases = []
+        done = loop.run_until_complete(
+            worker.swap(spec(demo_models, name), on_phase=phases.append))
+        assert (done.model, done.path) == (name, path)
+        assert list(done.phases) == list(p.SWAP_PHASES)
+        assert [ph.phase for ph in phases] == list(p.SWAP_PHASES)
+        assert done.total_s >= sum(done.phases.values()) * 0.99
+        assert_matches_reference(loop, worker, name, reference)
+    assert worker.pid == pid  # one process across every model
+
+
+def test_swap_to_the_served_model_is_a_noop(loop, worker, demo_models):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    done = loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    assert done.path == "noop"
+
+
+def test_concurrent_requests_are_batched_and_correct(loop, worker, demo_models, reference):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+
+    async def many():
+        return await asyncio.gather(*(generate(worker, "small-a", prompt)
+                                      for prompt in PROMPTS * 3))
+
+    results = loop.run_until_complete(many())
+    expected = [r["token_ids"] for r in reference["small-a"]["prompts"]] * 3
+    assert results == expected
+
+
+def test_swap_drains_in_flight_requests_first(loop, worker, demo_models):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+
+    async def swap_during_request():
+        request = asyncio.create_task(generate(worker, "small-a", "hello", max_tokens=64,
+                                               ignore_eos=True))
+        await asyncio.sleep(0.05)
+        done = await worker.swap(spec(demo_models, "small-b"))
+        return await request, done
+
+    tokens, done = loop.run_until_complete(swap_during_request())
+    assert len(tokens) == 64  # finished on the old model, not cut off
+    assert done.path == "same_shape"
+
+
+def test_forced_swap_aborts_in_flight_requests(loop, worker, demo_models):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+
+    async def forced():
+        request = asyncio.create_task(generate(worker, "small-a", "hello", max_tokens=400,
+                                               ignore_eos=True))
+        await asyncio.sleep(0.1)
+        await worker.swap(spec(demo_models, "small-b"), force=True)
+        return await request
+
+    with pytest.raises(WorkerError) as raised:
+        loop.run_until_complete(forced())
+    assert raised.value.error.kind == p.ABORTED
+    assert serving(loop, worker) == "small-b"
+
+
+def test_generate_for_another_model_is_refused(loop, worker, demo_models):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    with pytest.raises(WorkerError) as raised:
+        loop.run_until_complete(generate(worker, "wide-a", "hello"))
+    assert raised.value.error.kind == p.NOT_LOADED
+
+
+def test_bad_sampling_params_are_refused_by_vllm(loop, worker, demo_models):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    with pytest.raises(WorkerError) as raised:
+        loop.run_until_complete(generate(worker, "small-a", "hello", temperature=-1.0))
+    assert raised.value.error.kind == p.BAD_ARGS
+    assert "temperature" in raised.value.error.message
+    with pytest.raises(WorkerError) as raised:
+        loop.run_until_complete(generate(worker, "small-a", "hello " * 600))
+    assert raised.value.error.kind == p.BAD_ARGS  # longer than max_model_len
+
+
+def _copy(demo_models, tmp_path, name="small-b"):
+    target = tmp_path / f"broken-{name}"
+    shutil.copytree(demo_models / name, target)
+    return target
+
+
+def _truncate_weights(path):
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _drop_config(path):
+    (path / "config.json").unlink()
+
+
+def _unknown_architecture(path):
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("breakage, kind, words", [
+    (None, p.BAD_MODEL, "does not exist"),
+    (_drop_config, p.BAD_MODEL, "config.json"),
+    (_truncate_weights, p.BAD_MODEL, "truncated"),
+    (_unknown_architecture, p.BAD_MODEL, "NoSuchModelForCausalLM"),
+])
+def test_unusable_model_is_refused_and_previous_keeps_serving(
+        loop, worker, demo_models, reference, tmp_path, breakage, kind, words):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    path = tmp_path / "missing"
+    if breakage is not None:
+        path = _copy(demo_models, tmp_path)
+        breakage(path)
+    with pytest.raises(WorkerError) as raised:
+        loop.run_until_complete(worker.swap(spec(demo_models, "broken", path)))
+    assert raised.value.error.kind == kind
+    assert words in raised.value.error.message
+    assert raised.value.serving == "small-a"
+    assert_matches_reference(loop, worker, "small-a", reference)
+
+
+def test_unknown_engine_arg_names_the_arg(loop, worker, demo_models):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    with pytest.raises(WorkerError) as raised:
+        loop.run_until_complete(worker.swap(spec(demo_models, "wide-a", no_such_arg=1)))
+    assert raised.value.error.kind == p.BAD_ARGS
+    assert "no_such_arg" in raised.value.error.message
+    assert raised.value.serving == "small-a"
+
+
+def test_failure_after_release_brings_previous_model_back(
+        loop, worker, demo_models, reference, tmp_path):
+    """Weights whose names the architecture lacks pass every cheap check and
+    fail inside vLLM's loader, after the engine was already touched."""
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    path = _copy(demo_models, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.mlp.no_such_proj.weight"] = tensors.pop(
+        "model.layers.0.mlp.up_proj.weight")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    for name in ("small-b-renamed", "wide-renamed"):
+        args = {} if name.startswith("small") else {"max_model_len": 256}  # forces a rebuild
+        with pytest.raises(WorkerError) as raised:
+            loop.run_until_complete(worker.swap(spec(demo_models, name, path, **args)))
+        assert raised.value.error.kind == p.BAD_MODEL
+        assert raised.value.serving == "small-a"
+        assert_matches_reference(loop, worker, "small-a", reference)
+
+
+def test_out_of_memory_while_building_is_reported_and_recovered(
+        loop, worker, demo_models, reference):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    with pytest.raises(WorkerError) as raised:
+        loop.run_until_complete(worker.swap(
+            spec(demo_models, "wide-a", kv_cache_memory_bytes=1 << 45)))
+    assert raised.value.error.kind == p.OUT_OF_MEMORY
+    assert raised.value.serving == "small-a"
+    assert_matches_reference(loop, worker, "small-a", reference)
+
+
+def test_ping_is_answered_while_an_engine_builds(loop, worker, demo_models):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+
+    async def ping_during_rebuild():
+        swap = asyncio.create_task(worker.swap(spec(demo_models, "wide-a")))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        pong = await worker.ping(timeout_s=2)
+        latency = time.monotonic() - started
+        await swap
+        return pong, latency
+
+    pong, latency = loop.run_until_complete(ping_during_rebuild())
+    assert pong.busy == "swap"
+    assert latency < 2
+
+
+def test_unload_gives_memory_back(loop, worker, demo_models):
+    """RSS after unload within 50 MB of the empty worker's. The first cycle
+    pays one-off costs (lazy imports, kernels), so the baseline is taken after
+    it; the measured load uses a 256 MiB KV cache, which must come back."""
+    loop.run_until_complete(worker.swap(spec(demo_models, "wide-a")))
+    loop.run_until_complete(worker.unload())
+    before = loop.run_until_complete(worker.stats()).rss_bytes
+    big = spec(demo_models, "wide-a", kv_cache_memory_bytes=256 << 20)
+    loop.run_until_complete(worker.swap(big))
+    loaded = loop.run_until_complete(worker.stats()).rss_bytes
+    done = loop.run_until_complete(worker.unload())
+    after = loop.run_until_complete(worker.stats())
+    assert done.path == "unload" and after.model is None
+    assert loaded - before > 200 << 20  # the KV cache really was resident
+    assert after.rss_bytes - before < 50 << 20, (before, loaded, after.rss_bytes)
+
+
+def test_worker_crash_is_reported_not_hung(loop, worker, demo_models):
+    """Last in the module: it kills the module's worker."""
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+
+    async def crash_during_request():
+        request = asyncio.create_task(generate(worker, "small-a", "hello", max_tokens=400,
+                                               ignore_eos=True))
+        await asyncio.sleep(0.1)
+        worker.process.send_signal(signal.SIGKILL)
+        return await asyncio.wait_for(request, 30)
+
+    with pytest.raises(WorkerGone) as raised:
+        loop.run_until_complete(crash_during_request())
+    assert "exited with code -9" in str(raised.value)
+    with pytest.raises(WorkerGone):
+        loop.run_until_complete(worker.stats())
+
+
+def test_worker_exits_when_its_parent_dies(demo_models):
+    """A parent that dies without a word (SIGKILL) leaves no worker behind."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import asyncio, sys, time\n"
+         "from wcd.daemon.worker_process import WorkerOptions, WorkerProcess\n"
+         "async def main():\n"
+         "    w = await WorkerProcess.start(WorkerOptions())\n"
+         "    print(w.pid, flush=True)\n"
+         "    await asyncio.sleep(600)\n"
+         "asyncio.run(main())\n"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    worker_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _alive(worker_pid):
+        time.sleep(0.2)
+    assert not _alive(worker_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_vllm_seams_still_fit_this_vllm():
+    """Fails loudly when vLLM changes under a seam (wcd/workers/vllm_seams.py)."""
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "from wcd.workers import vllm_seams; vllm_seams.apply(); vllm_seams.check(); "
+         "print('seams ok')"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "seams ok" in done.stdout, done.stderr[-3000:]
