@@ -1,0 +1,295 @@
+"""systemd integration without systemd as PID 1: the units pass
+`systemd-analyze verify`, sd_notify datagrams reach a socket the test binds,
+and socket activation runs for real through `systemd-socket-activate`.
+
+Both back ends run where systemd-python is installed: the library, and the
+stdlib fallback with the library's import made to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from wcd.daemon import systemd as sd
+
+UNITS = ROOT / "systemd"
+
+
+@pytest.fixture(params=["stdlib", "library"])
+def backend(request, monkeypatch):
+    """Which sd_notify/sd_listen_fds implementation the code under test gets."""
+    if request.param == "library":
+        pytest.importorskip("systemd.daemon", reason="systemd-python is not installed")
+    else:
+        monkeypatch.setitem(sys.modules, "systemd.daemon", None)  # import fails
+    return request.param
+
+
+@pytest.fixture
+def short_tmp():
+    """AF_UNIX paths must fit in 108 bytes; pytest's tmp_path may not."""
+    with tempfile.TemporaryDirectory(prefix="wcd-sd-") as tmp:
+        yield Path(tmp)
+
+
+# --- units ---------------------------------------------------------------------
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_units_pass_systemd_analyze_verify(short_tmp):
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    # verify insists that ExecStart's binary exists; wcd is not installed
+    # system-wide here, so a copy of the unit points at a stub.
+    stub = short_tmp / "wcd"
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    service = (UNITS / "wcd.service").read_text()
+    assert "ExecStart=/usr/local/bin/wcd " in service
+    (short_tmp / "wcd.service").write_text(service.replace("/usr/local/bin/wcd", str(stub)))
+    shutil.copy(UNITS / "wcd.socket", short_tmp / "wcd.socket")
+    done = subprocess.run(["systemd-analyze", "verify", str(short_tmp / "wcd.socket"),
+                           str(short_tmp / "wcd.service")], capture_output=True, text=True)
+    # Unknown keys and bad values are warnings with exit status 0.
+    ours = [line for line in (done.stdout + done.stderr).splitlines() if "wcd." in line]
+    assert done.returncode == 0 and not ours, done.stdout + done.stderr
+
+
+def test_service_keeps_the_settings_wcd_relies_on():
+    s = unit_settings(UNITS / "wcd.service")
+    expected = {"Type": "notify", "NotifyAccess": "main", "WatchdogSec": "30",
+                "Restart": "on-failure", "User": "wcd", "Group": "wcd",
+                "RuntimeDirectory": "wcd", "RuntimeDirectoryPreserve": "yes",
+                "CacheDirectory": "wcd", "ProtectSystem": "strict", "PrivateTmp": "yes",
+                "NoNewPrivileges": "yes", "PrivateDevices": "no", "KillMode": "mixed",
+                "TimeoutStopSec": "60"}
+    assert {k: s.get(k, [None])[-1] for k in expected} == expected
+    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert {"VLLM_CACHE_ROOT=%C/wcd/vllm", "HF_HOME=%C/wcd/huggingface",
+            "XDG_CACHE_HOME=%C/wcd"} <= set(s["Environment"])
+    # Each of these would hide /dev/nvidia* or lock the static group out.
+    assert not {"DynamicUser", "DeviceAllow", "DevicePolicy", "ProtectClock"} & s.keys()
+
+
+def test_socket_is_group_wcd_0660():
+    s = unit_settings(UNITS / "wcd.socket")
+    assert s["ListenStream"] == ["/run/wcd/control.sock"]
+    assert (s["SocketGroup"], s["SocketMode"]) == (["wcd"], ["0660"])
+
+
+def test_sysusers_creates_static_user_and_group(short_tmp):
+    if not shutil.which("systemd-sysusers"):
+        pytest.skip("systemd-sysusers is not installed")
+    (short_tmp / "etc").mkdir()
+    subprocess.run(["systemd-sysusers", f"--root={short_tmp}", str(UNITS / "wcd.sysusers")],
+                   check=True, capture_output=True)
+    user = next(line for line in (short_tmp / "etc/passwd").read_text().splitlines()
+                if line.startswith("wcd:")).split(":")
+    group = next(line for line in (short_tmp / "etc/group").read_text().splitlines()
+                 if line.startswith("wcd:")).split(":")
+    assert user[3] == group[2]  # the user's primary group is wcd
+    assert int(user[2]) < 1000 and user[5] == "/var/lib/wcd"
+
+
+# --- sd_notify -----------------------------------------------------------------
+
+@pytest.fixture(params=["path", "abstract"])
+def notify_socket(request, short_tmp, monkeypatch):
+    """A datagram socket standing in for systemd's, named in NOTIFY_SOCKET."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if request.param == "path":
+        address = env_value = str(short_tmp / "notify")
+    else:
+        name = f"wcd-test-{uuid.uuid4().hex}"
+        address, env_value = "\0" + name, "@" + name
+    sock.bind(address)
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", env_value)
+    yield sock
+    sock.close()
+
+
+def test_notifier_sends_each_message(backend, notify_socket):
+    notifier = sd.Notifier()
+    assert notifier.enabled
+    notifier.ready("2 workers warming")
+    notifier.status("serving small-a")
+    notifier.watchdog()
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notifier.reloading()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notifier.stopping()
+    received = [notify_socket.recv(4096).decode() for _ in range(5)]
+    assert received[:3] == ["READY=1\nSTATUS=2 workers warming", "STATUS=serving small-a",
+                            "WATCHDOG=1"]
+    reloading, stamp = received[3].split("\n")
+    assert reloading == "RELOADING=1"
+    assert stamp.startswith("MONOTONIC_USEC=")
+    assert before <= int(stamp.split("=")[1]) <= after
+    assert received[4] == "STOPPING=1"
+
+
+def test_notifier_is_a_noop_without_notify_socket(backend, monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    notifier = sd.Notifier()
+    assert not notifier.enabled
+    notifier.ready("x")
+    notifier.watchdog()
+
+
+def test_notifier_survives_a_missing_manager(backend, short_tmp, monkeypatch, caplog):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(short_tmp / "gone"))
+    notifier = sd.Notifier()
+    with caplog.at_level(logging.DEBUG, logger=sd.__name__):
+        notifier.status("a")
+        notifier.watchdog()
+        notifier.stopping()
+    assert len([r for r in caplog.records if "sd_notify" in r.getMessage()]) == 1
+
+
+# --- watchdog ------------------------------------------------------------------
+
+@pytest.mark.parametrize("usec, pid, expected", [
+    ("30000000", None, 15.0),
+    ("30000000", "self", 15.0),
+    ("30000000", "other", None),
+    (None, None, None),
+    ("0", None, None),
+    ("soon", None, None),
+])
+def test_watchdog_interval_is_half_the_timeout(monkeypatch, usec, pid, expected):
+    for name, value in (("WATCHDOG_USEC", usec),
+                        ("WATCHDOG_PID", {"self": str(os.getpid()), "other": "1"}.get(pid))):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert sd.watchdog_interval_s() == expected
+
+
+# --- socket activation ---------------------------------------------------------
+
+ACTIVATED = """
+import json, os, socket, sys
+if sys.argv[1] == "stdlib":
+    sys.modules["systemd.daemon"] = None
+from wcd.daemon.systemd import listen_fds
+socks = listen_fds()
+print(json.dumps({
+    "sockets": [[s.fileno(), s.family == socket.AF_UNIX, s.type == socket.SOCK_STREAM,
+                 s.getsockname(), os.get_inheritable(s.fileno())] for s in socks],
+    "env": sorted(k for k in os.environ if k.startswith("LISTEN_")),
+}), flush=True)
+conn, _ = socks[0].accept()
+conn.sendall(b"hello from the activated service")
+conn.close()
+"""
+
+
+def test_listen_fds_receives_the_activated_socket(backend, short_tmp):
+    if not shutil.which("systemd-socket-activate"):
+        pytest.skip("systemd-socket-activate is not installed")
+    path = str(short_tmp / "control.sock")
+    activator = subprocess.Popen(
+        ["systemd-socket-activate", "-l", path, "--fdname=control",
+         sys.executable, "-B", "-c", ACTIVATED, backend],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(path) or activator.poll() is not None)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(20)
+            client.connect(path)  # the first connection starts the service
+            greeting = client.recv(100)
+        out, err = activator.communicate(timeout=20)
+    finally:
+        activator.kill()
+    assert activator.returncode == 0, err
+    assert greeting == b"hello from the activated service"
+    # fd 3, a listening Unix stream socket on our path, not inherited by
+    # children; the LISTEN_* variables gone.
+    assert json.loads(out) == {"sockets": [[3, True, True, path, False]], "env": []}
+
+
+def test_listen_fds_ignores_another_process_fds(backend, monkeypatch):
+    monkeypatch.setenv("LISTEN_PID", "1")
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    assert sd.listen_fds() == []
+    assert not {"LISTEN_PID", "LISTEN_FDS"} & os.environ.keys()
+
+
+def wait_for(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# --- logging -------------------------------------------------------------------
+
+@pytest.fixture
+def root_logger():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield root
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+class FakeJournal:
+    class JournalHandler(logging.Handler):
+        def __init__(self, **fields):
+            super().__init__()
+            self.fields = fields
+
+
+def test_logging_goes_to_the_journal_under_systemd(root_logger, monkeypatch):
+    monkeypatch.setitem(sys.modules, "systemd.journal", FakeJournal)
+    monkeypatch.setenv("INVOCATION_ID", "0123")
+    sd.setup_logging("debug")
+    (handler,) = root_logger.handlers
+    assert isinstance(handler, FakeJournal.JournalHandler)
+    assert handler.fields == {"SYSLOG_IDENTIFIER": "wcd"}
+    assert root_logger.level == logging.DEBUG
+
+
+@pytest.mark.parametrize("under_systemd, journal", [(False, FakeJournal), (True, None)])
+def test_logging_falls_back_to_one_line_on_stderr(root_logger, monkeypatch, under_systemd,
+                                                  journal):
+    monkeypatch.setitem(sys.modules, "systemd.journal", journal)
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    if under_systemd:
+        monkeypatch.setenv("INVOCATION_ID", "0123")
+    else:
+        monkeypatch.delenv("INVOCATION_ID", raising=False)
+    sd.setup_logging("info")
+    (handler,) = root_logger.handlers
+    assert type(handler) is logging.StreamHandler and handler.stream is sys.stderr
+    assert root_logger.level == logging.INFO
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        record = logging.LogRecord("wcd.x", logging.ERROR, __file__, 1, "swap %s failed",
+                                   ("small-a",), sys.exc_info())
+    line = handler.format(record)
+    assert "\n" not in line
+    assert " ERROR wcd.x: swap small-a failed\\nTraceback" in line
