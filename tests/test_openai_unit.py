@@ -1,0 +1,608 @@
+"""Unit tests of the OpenAI-compatible HTTP layer against a FakeScheduler whose
+FakeWorker streams scripted protocol.Outputs: no worker process, no vLLM.
+
+The app is served on 127.0.0.1 (a free port) by a plain AppRunner, as the
+daemon serves it, and driven with the official openai client and with raw
+aiohttp requests for what the client hides (SSE framing, errors, headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from wcd.daemon import errors
+from wcd.daemon.config import HttpSettings
+from wcd.daemon.openai_api import MAX_BODY_BYTES, create_openai_app, openapi_document
+from wcd.daemon.worker_process import WorkerError, WorkerGone
+from wcd.workers import protocol as p
+
+ROOT = Path(__file__).resolve().parent.parent
+HANG = object()  # in a script: the worker goes quiet until the request is closed
+PIECES = [(101, "Hello"), (102, " world")]
+LOGPROB_TOPS = [[7, "A", -0.1], [8, "B", -1.0]]  # ranks 1 and 2; the chosen token is 3rd
+
+
+def two_tokens(request: p.Generate) -> list:
+    """"Hello world" for each of n choices, interleaved as vLLM streams them; the
+    last Output of the request is marked finished."""
+    n = request.sampling.get("n", 1)
+    prompt_tokens = len(request.prompt_token_ids) if request.prompt_token_ids else 5
+    outputs = []
+    for step, (token_id, text) in enumerate(PIECES):
+        last = step == len(PIECES) - 1
+        for index in range(n):
+            logprobs = None
+            if request.sampling.get("logprobs") is not None:
+                logprobs = [{"token_id": token_id, "token": text, "logprob": -2.0,
+                             "top": [*LOGPROB_TOPS, [token_id, text, -2.0],
+                                     [9, "Z", float("-inf")]]}]
+            outputs.append(p.Output(request.request_id, index, f"{text}{index or ''}",
+                                    [token_id], prompt_tokens,
+                                    finish_reason="stop" if last else None,
+                                    finished=last and index == n - 1, logprobs=logprobs))
+    return outputs
+
+
+class FakeWorker:
+    """Plays a script per request and records how each request's stream ended."""
+
+    def __init__(self, script=two_tokens):
+        self.script = script
+        self.requests: list[p.Generate] = []
+        self.closed_early: list[str] = []  # left before the end: the real worker aborts these
+        self.closed = asyncio.Event()
+
+    async def generate(self, request: p.Generate):
+        self.requests.append(request)
+        completed = False
+        try:
+            for item in self.script(request):
+                if item is HANG:
+                    await asyncio.Event().wait()
+                if isinstance(item, BaseException):
+                    completed = True  # ended by the worker, not left by the daemon
+                    raise item
+                yield item
+            completed = True
+        finally:
+            if not completed:
+                self.closed_early.append(request.request_id)
+                self.closed.set()
+
+
+@dataclass
+class FakeLease:
+    model: str
+    worker: FakeWorker
+
+
+class FakeScheduler:
+    """The scheduler interface the API codes against, with canned models."""
+
+    MODELS = {"demo": {"state": "serving", "worker": 0, "path": "/models/demo"},
+              "org/other": {"state": "available", "worker": None, "path": "/models/other"}}
+    ALIASES = {"alias": "demo", "/models/demo": "demo"}
+
+    def __init__(self, worker: FakeWorker | None = None, fail: Exception | None = None):
+        self.worker = worker or FakeWorker()
+        self.fail = fail
+        self.leased: list[str] = []
+        self.released = 0
+
+    def model_views(self) -> list[dict]:
+        return [{"name": name, **view} for name, view in self.MODELS.items()]
+
+    def resolve_name(self, name: str) -> str:
+        name = self.ALIASES.get(name, name)
+        if name not in self.MODELS:
+            raise errors.ModelNotFound(f"model {name!r} is not known", param="model")
+        return name
+
+    @contextlib.asynccontextmanager
+    async def lease(self, model: str):
+        canonical = self.resolve_name(model)
+        if self.fail is not None:
+            raise self.fail
+        self.leased.append(canonical)
+        try:
+            yield FakeLease(canonical, self.worker)
+        finally:
+            self.released += 1
+
+
+def run_async(test):
+    """Run an async test on a fresh loop, bounded in time."""
+    @functools.wraps(test)
+    def sync(*args, **kwargs):
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 30))
+    return sync
+
+
+@contextlib.asynccontextmanager
+async def serve(scheduler: FakeScheduler, keys: tuple[str, ...] = (), metrics_handler=None):
+    settings = SimpleNamespace(http=HttpSettings(api_keys=keys))
+    # A plain AppRunner, as the daemon's: nothing here may rely on test-only settings.
+    runner = web.AppRunner(create_openai_app(scheduler, settings, metrics_handler))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def client(url: str, key: str = "none") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+async def post(url: str, path: str, body, headers=None) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + path, data=data, headers=headers) as response:
+            return response.status, dict(response.headers), await response.json()
+
+
+async def sse_events(url: str, path: str, body) -> list:
+    """The `data:` payloads of a streamed response, decoded, [DONE] as a string."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + path, json=body) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "text/event-stream"
+            raw = (await response.read()).decode()
+    assert raw.endswith("\n\n")
+    events = [block.removeprefix("data: ") for block in raw.split("\n\n") if block]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def sampling_sent(scheduler: FakeScheduler) -> dict:
+    return scheduler.worker.requests[-1].sampling
+
+
+# ---- completions and chat, through the openai client -----------------------------------
+
+
+@run_async
+async def test_completion():
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url, client(url) as api:
+        result = await api.completions.create(model="alias", prompt="hi")
+    assert result.id.startswith("cmpl-") and result.object == "text_completion"
+    assert result.model == "alias"  # the name the client asked for
+    assert [(c.index, c.text, c.finish_reason) for c in result.choices] == \
+        [(0, "Hello world", "stop")]
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens,
+            result.usage.total_tokens) == (5, 2, 7)
+    request = scheduler.worker.requests[0]
+    assert (request.model, request.prompt, request.messages) == ("demo", "hi", None)
+    assert request.sampling == {"max_tokens": 16}  # OpenAI's default, and nothing unasked
+    assert scheduler.released == 1
+
+
+@run_async
+async def test_completion_stream_with_usage():
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url, client(url) as api:
+        stream = await api.completions.create(model="demo", prompt="hi", stream=True,
+                                              stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Hello world"
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert not chunks[-1].choices and chunks[-1].usage.total_tokens == 7
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+@run_async
+async def test_chat():
+    scheduler = FakeScheduler()
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    async with serve(scheduler) as url, client(url) as api:
+        result = await api.chat.completions.create(
+            model="demo", messages=messages, extra_body={"chat_template_kwargs": {"x": 1}})
+    assert result.id.startswith("chatcmpl-") and result.object == "chat.completion"
+    assert result.choices[0].message.role == "assistant"
+    assert result.choices[0].message.content == "Hello world"
+    assert result.choices[0].finish_reason == "stop"
+    assert result.usage.completion_tokens == 2
+    request = scheduler.worker.requests[0]
+    assert request.messages == messages and request.chat_template_kwargs == {"x": 1}
+    assert request.sampling == {}  # chat leaves max_tokens to vLLM: the context length
+
+
+@run_async
+async def test_chat_stream():
+    async with serve(FakeScheduler()) as url, client(url) as api:
+        stream = await api.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], stream=True,
+            stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content == ""
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        "Hello world"
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].usage.prompt_tokens == 5 and not chunks[-1].choices
+
+
+@run_async
+async def test_sse_framing():
+    async with serve(FakeScheduler()) as url:
+        events = await sse_events(url, "/v1/chat/completions", {
+            "model": "demo", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert events[-1] == "[DONE]"
+    assert events[0]["object"] == "chat.completion.chunk"
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "usage" not in events[1]  # only with stream_options.include_usage
+    assert events[-2]["choices"][0] == {"index": 0, "delta": {"content": " world"},
+                                        "logprobs": None, "finish_reason": "stop"}
+
+
+@run_async
+async def test_n_choices():
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url, client(url) as api:
+        result = await api.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], n=2)
+        stream = await api.completions.create(model="demo", prompt="hi", n=2, stream=True)
+        chunks = [chunk async for chunk in stream]
+    assert [(c.index, c.message.content) for c in result.choices] == \
+        [(0, "Hello world"), (1, "Hello1 world1")]
+    assert result.usage.completion_tokens == 4 and result.usage.prompt_tokens == 5
+    texts = {0: "", 1: ""}
+    for chunk in chunks:
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == {0: "Hello world", 1: "Hello1 world1"}
+    assert sampling_sent(scheduler)["n"] == 2
+
+
+@run_async
+async def test_prompt_batch_and_token_ids():
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url, client(url) as api:
+        batch = await api.completions.create(model="demo", prompt=["a", "b"], n=2)
+        ids = await api.completions.create(model="demo", prompt=[1, 2, 3])
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]  # prompt i: choices i*n ...
+    assert batch.usage.prompt_tokens == 10 and batch.usage.completion_tokens == 8
+    prompts = [r.prompt for r in scheduler.worker.requests[:2]]
+    assert sorted(prompts) == ["a", "b"]
+    assert len({r.request_id for r in scheduler.worker.requests[:2]}) == 2
+    assert scheduler.worker.requests[2].prompt_token_ids == [1, 2, 3]
+    assert ids.usage.prompt_tokens == 3
+
+
+# ---- mapping to vLLM's SamplingParams ---------------------------------------------------
+
+
+@run_async
+async def test_sampling_fields_pass_through():
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url, client(url) as api:
+        await api.completions.create(
+            model="demo", prompt="hi", max_tokens=7, temperature=0.5, top_p=0.9, seed=3,
+            presence_penalty=0.1, frequency_penalty=0.2, stop=["a", "b"],
+            logit_bias={"12": 1.5}, user="someone",
+            extra_body={"top_k": 4, "min_p": 0.05, "repetition_penalty": 1.1})
+        completion = sampling_sent(scheduler)
+        await api.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], stop="x",
+            max_tokens=9, max_completion_tokens=5)
+        chat = sampling_sent(scheduler)
+    assert completion == {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3,
+                          "presence_penalty": 0.1, "frequency_penalty": 0.2,
+                          "stop": ["a", "b"], "logit_bias": {12: 1.5}, "top_k": 4,
+                          "min_p": 0.05, "repetition_penalty": 1.1}
+    assert chat == {"stop": ["x"], "max_tokens": 5}  # max_completion_tokens wins
+
+
+@pytest.mark.parametrize("response_format, structured", [
+    ({"type": "text"}, None),
+    ({"type": "json_object"}, {"json_object": True}),
+    ({"type": "json_schema", "json_schema": {"name": "point", "strict": True, "schema": {
+        "type": "object", "properties": {"x": {"type": "integer"}}}}},
+     {"json": {"type": "object", "properties": {"x": {"type": "integer"}}}}),
+])
+@run_async
+async def test_response_format(response_format, structured):
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url, client(url) as api:
+        await api.chat.completions.create(model="demo", response_format=response_format,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert sampling_sent(scheduler).get("structured_outputs") == structured
+
+
+@run_async
+async def test_completion_logprobs():
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url, client(url) as api:
+        result = await api.completions.create(model="demo", prompt="hi", logprobs=1)
+        stream = await api.completions.create(model="demo", prompt="hi", logprobs=1,
+                                              stream=True)
+        chunks = [chunk async for chunk in stream]
+    assert sampling_sent(scheduler)["logprobs"] == 1
+    logprobs = result.choices[0].logprobs
+    assert logprobs.tokens == ["Hello", " world"]
+    assert logprobs.token_logprobs == [-2.0, -2.0]
+    # The top `logprobs` tokens, and the chosen one, as OpenAI lists them.
+    assert logprobs.top_logprobs == [{"A": -0.1, "Hello": -2.0}, {"A": -0.1, " world": -2.0}]
+    assert logprobs.text_offset == [0, 5]
+    assert [c.choices[0].logprobs.text_offset for c in chunks] == [[0], [5]]
+
+
+@run_async
+async def test_chat_logprobs():
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url, client(url) as api:
+        plain = await api.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}])
+        result = await api.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], logprobs=True,
+            top_logprobs=4)
+    assert plain.choices[0].logprobs is None
+    assert sampling_sent(scheduler)["logprobs"] == 4
+    first = result.choices[0].logprobs.content[0]
+    assert (first.token, first.logprob, first.bytes) == ("Hello", -2.0, list(b"Hello"))
+    assert [(top.token, top.logprob) for top in first.top_logprobs] == \
+        [("A", -0.1), ("B", -1.0), ("Hello", -2.0), ("Z", -9999.0)]  # -inf clamped
+
+
+# ---- models, open endpoints, OpenAPI ------------------------------------------------------
+
+
+@run_async
+async def test_models():
+    async with serve(FakeScheduler()) as url, client(url) as api:
+        listed = await api.models.list()
+        one = await api.models.retrieve("org/other")
+        alias = await api.models.retrieve("alias")
+        with pytest.raises(openai.NotFoundError) as missing:
+            await api.models.retrieve("nope")
+    assert [(m.id, m.state, m.worker) for m in listed.data] == \
+        [("demo", "serving", 0), ("org/other", "available", None)]
+    assert listed.data[0].object == "model" and listed.data[0].owned_by == "wcd"
+    assert (one.id, one.state) == ("org/other", "available")
+    assert (alias.id, alias.state, alias.worker) == ("alias", "serving", 0)
+    assert missing.value.body["code"] == "model_not_found"
+
+
+def test_openapi_in_repo_is_current():
+    on_disk = json.loads((ROOT / "openapi.json").read_text())
+    assert on_disk == json.loads(json.dumps(openapi_document())), \
+        "regenerate: python -m wcd.daemon.openai_api > openapi.json"
+
+
+@run_async
+async def test_open_endpoints_and_openapi():
+    async def metrics(request):
+        return web.Response(text="wcd_up 1\n")
+
+    async with serve(FakeScheduler(), keys=("k",), metrics_handler=metrics) as url, \
+            aiohttp.ClientSession() as session:
+        async with session.get(url + "/health") as health:
+            assert (health.status, await health.json()) == (200, {"status": "ok"})
+        async with session.get(url + "/metrics") as served:
+            assert (served.status, await served.text()) == (200, "wcd_up 1\n")
+        async with session.get(url + "/openapi.json") as doc:
+            document = await doc.json()
+    app_routes = {"/v1/models", "/v1/models/{id}", "/v1/completions", "/v1/chat/completions",
+                  "/health", "/metrics", "/openapi.json"}
+    assert set(document["paths"]) == app_routes
+    assert document == json.loads(json.dumps(openapi_document()))
+
+
+@run_async
+async def test_metrics_absent_without_handler():
+    async with serve(FakeScheduler()) as url, aiohttp.ClientSession() as session:
+        async with session.get(url + "/metrics") as response:
+            assert response.status == 404
+            assert "error" in await response.json()
+
+
+# ---- errors ----------------------------------------------------------------------------
+
+
+@run_async
+async def test_unknown_model_is_404():
+    async with serve(FakeScheduler()) as url, client(url) as api:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await api.completions.create(model="nope", prompt="hi")
+    assert caught.value.body == {"message": "model 'nope' is not known",
+                                 "type": "invalid_request_error", "param": "model",
+                                 "code": "model_not_found"}
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"model": "demo", "prompt": ', None),  # malformed JSON
+    (b'[1, 2]', None),
+    ({"model": "demo", "prompt": "hi", "n": "2"}, "n"),
+    ({"model": "demo", "prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"prompt": "hi"}, "model"),
+    ({"model": "demo", "prompt": "hi", "echo": True}, "echo"),
+    ({"model": "demo", "prompt": "hi", "suffix": "end"}, "suffix"),
+    ({"model": "demo", "prompt": "hi", "best_of": 3}, "best_of"),
+    ({"model": "demo", "prompt": "hi", "frobnicate": 1}, "frobnicate"),
+    ({"model": "demo", "prompt": ["a", 1]}, "prompt"),
+    ({"model": "demo", "prompt": []}, "prompt"),
+    ({"model": "demo", "prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"model": "demo", "prompt": "hi", "stream_options": {"include_usage": True}},
+     "stream_options"),
+    ({"model": "demo", "prompt": "hi", "response_format": {"type": "json_schema",
+                                                           "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema"),
+])
+@run_async
+async def test_bad_completion_requests_are_400(body, param):
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions", body)
+    assert status == 400, answer
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["param"] == param, answer
+    assert not scheduler.leased  # refused before waiting for a model
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
+     "messages[0].tool_calls"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0].type"),
+])
+@run_async
+async def test_bad_chat_requests_are_400(extra, param):
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], **extra}
+    async with serve(FakeScheduler()) as url:
+        status, _, answer = await post(url, "/v1/chat/completions", body)
+    assert (status, answer["error"]["param"]) == (400, param), answer
+
+
+@run_async
+async def test_harmless_fields_are_ignored():
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, _ = await post(url, "/v1/chat/completions", {
+            "model": "demo", "messages": [{"role": "user", "content": "hi"}],
+            "user": "u", "metadata": {"a": "b"}, "store": False, "tool_choice": "none",
+            "parallel_tool_calls": True, "service_tier": "auto", "modalities": ["text"]})
+    assert status == 200
+    assert sampling_sent(scheduler) == {}
+
+
+@run_async
+async def test_body_too_large_is_413():
+    async with serve(FakeScheduler()) as url:
+        status, _, answer = await post(url, "/v1/completions", b" " * (MAX_BODY_BYTES + 1))
+    assert status == 413 and "error" in answer
+
+
+@run_async
+async def test_api_keys():
+    scheduler = FakeScheduler()
+    async with serve(scheduler, keys=("k1", "k2")) as url:
+        async with client(url, "wrong") as api:
+            with pytest.raises(openai.AuthenticationError) as caught:
+                await api.models.list()
+            assert caught.value.body["code"] == "invalid_api_key"
+        async with client(url, "k2") as api:
+            assert (await api.completions.create(model="demo", prompt="hi")).choices
+        for headers in ({}, {"Authorization": "Basic k1"}, {"Authorization": "Bearer"}):
+            status, _, answer = await post(url, "/v1/completions",
+                                           {"model": "demo", "prompt": "hi"}, headers)
+            assert (status, answer["error"]["type"]) == (401, "authentication_error")
+    assert len(scheduler.leased) == 1
+
+
+@run_async
+async def test_unavailable_is_503_with_retry_after():
+    scheduler = FakeScheduler(fail=errors.Unavailable("queue full", retry_after_s=7))
+    async with serve(scheduler) as url:
+        status, headers, answer = await post(url, "/v1/completions",
+                                             {"model": "demo", "prompt": "hi"})
+    assert (status, headers["Retry-After"]) == (503, "7")
+    assert answer["error"]["message"] == "queue full"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@run_async
+async def test_worker_refusal_is_400(stream):
+    """vLLM refusing a sampling parameter comes back as data before any output; even
+    a streamed request then gets a plain 400."""
+    refusal = WorkerError(p.ErrorInfo(p.BAD_ARGS, "temperature must be non-negative"))
+    scheduler = FakeScheduler(FakeWorker(lambda request: [refusal]))
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions", {
+            "model": "demo", "prompt": "hi", "temperature": -1, "stream": stream})
+    assert status == 400
+    assert answer["error"]["message"] == "temperature must be non-negative"
+    assert sampling_sent(scheduler)["temperature"] == -1
+    assert scheduler.released == 1
+
+
+@run_async
+async def test_failure_mid_stream_is_an_sse_error():
+    gone = WorkerGone(p.ErrorInfo(p.INTERNAL, "worker 0 exited with code -9"))
+    scheduler = FakeScheduler(FakeWorker(lambda request: [two_tokens(request)[0], gone]))
+    async with serve(scheduler) as url:
+        events = await sse_events(url, "/v1/completions",
+                                  {"model": "demo", "prompt": "hi", "stream": True})
+    assert events[0]["choices"][0]["text"] == "Hello"
+    assert events[1]["error"]["message"] == "worker 0 exited with code -9"
+    assert events[1]["error"]["type"] == "worker_error"
+    assert events[2:] == ["[DONE]"]
+
+
+@run_async
+async def test_unexpected_failure_is_500_and_the_daemon_goes_on():
+    scheduler = FakeScheduler(FakeWorker(lambda request: [RuntimeError("bug")]))
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions",
+                                       {"model": "demo", "prompt": "hi"})
+        assert status == 500 and "bug" not in answer["error"]["message"]
+        scheduler.worker.script = two_tokens
+        status, _, answer = await post(url, "/v1/completions",
+                                       {"model": "demo", "prompt": "hi"})
+    assert status == 200 and answer["choices"][0]["text"] == "Hello world"
+
+
+# ---- a client that goes away aborts its request in the worker ---------------------------
+
+
+def hang_after_first(request: p.Generate) -> list:
+    return [two_tokens(request)[0], HANG]
+
+
+@run_async
+async def test_disconnect_mid_stream_closes_the_worker_stream():
+    scheduler = FakeScheduler(FakeWorker(hang_after_first))
+    async with serve(scheduler) as url, aiohttp.ClientSession() as session:
+        response = await session.post(url + "/v1/completions",
+                                      json={"model": "demo", "prompt": "hi", "stream": True})
+        assert (await response.content.readuntil(b"\n\n")).startswith(b"data: {")
+        response.close()  # drops the connection
+        await asyncio.wait_for(scheduler.worker.closed.wait(), 5)
+    assert scheduler.worker.closed_early == [scheduler.worker.requests[0].request_id]
+    assert scheduler.released == 1
+
+
+@run_async
+async def test_disconnect_while_waiting_closes_the_worker_stream():
+    scheduler = FakeScheduler(FakeWorker(hang_after_first))
+    async with serve(scheduler) as url, aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            await session.post(url + "/v1/chat/completions", json={
+                "model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=aiohttp.ClientTimeout(total=0.5))
+        await asyncio.wait_for(scheduler.worker.closed.wait(), 5)
+    assert len(scheduler.worker.closed_early) == 1
+
+
+@run_async
+async def test_batch_failure_closes_every_worker_stream():
+    def second_fails(request: p.Generate) -> list:
+        if request.prompt == "b":
+            return [WorkerError(p.ErrorInfo(p.BAD_ARGS, "prompt too long"))]
+        return hang_after_first(request)
+
+    scheduler = FakeScheduler(FakeWorker(second_fails))
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions",
+                                       {"model": "demo", "prompt": ["a", "b"]})
+    assert (status, answer["error"]["message"]) == (400, "prompt too long")
+    assert [r.prompt for r in scheduler.worker.requests if
+            r.request_id in scheduler.worker.closed_early] == ["a"]

@@ -1,0 +1,574 @@
+"""The OpenAI-compatible HTTP API (aiohttp on TCP).
+
+A request is decoded and checked here, then waits for a lease on a worker
+serving its model (the scheduler loads it on demand) and becomes one
+`Generate` per prompt. Outputs stream back as the worker produces them.
+Leaving a request early, for any reason (client gone, error), closes its
+worker streams, and closing one aborts it in the worker.
+
+Errors become OpenAI error JSON in the daemon's one error middleware
+(http_errors); a failure after a stream has started is sent as one
+`data: {"error": ...}` event before `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+import wcd
+from wcd.daemon import errors
+from wcd.daemon import openai_types as t
+from wcd.daemon.http_errors import error_middleware
+from wcd.daemon.worker_process import WorkerError
+from wcd.workers import protocol as p
+
+if TYPE_CHECKING:
+    from wcd.daemon.config import Settings
+    from wcd.daemon.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+MetricsHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_BODY_BYTES = 32 << 20
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"}
+_DONE = b"data: [DONE]\n\n"
+_LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf, which JSON cannot carry
+_encode = msgspec.json.Encoder().encode
+
+
+def create_openai_app(scheduler: Scheduler, settings: Settings,
+                      metrics_handler: MetricsHandler | None = None) -> web.Application:
+    middlewares = [error_middleware]
+    if settings.http.api_keys:
+        middlewares.append(_auth_middleware(settings.http.api_keys))
+    app = web.Application(
+        middlewares=middlewares, client_max_size=MAX_BODY_BYTES,
+        # A client that goes away cancels its handler, which aborts its request in
+        # the worker; set on the app so it holds whichever runner serves it.
+        handler_args={"handler_cancellation": True})
+    api = _Api(scheduler)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/openapi.json", _openapi)
+    if metrics_handler is not None:
+        app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/v1/models", api.list_models)
+    app.router.add_get("/v1/models/{id:.+}", api.get_model)
+    app.router.add_post("/v1/completions", api.completions)
+    app.router.add_post("/v1/chat/completions", api.chat_completions)
+    return app
+
+
+# ---- auth -----------------------------------------------------------------------
+
+
+def _auth_middleware(keys: tuple[str, ...]):
+    expected = [key.encode() for key in keys]
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if request.path not in OPEN_PATHS and not _authorized(request, expected):
+            raise errors.Unauthorized("missing or invalid API key; send "
+                                      "`Authorization: Bearer KEY`")
+        return await handler(request)
+
+    return auth
+
+
+def _authorized(request: web.Request, expected: list[bytes]) -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given = token.strip().encode()
+    # Compare against every key, so timing says nothing about which came close.
+    matches = [hmac.compare_digest(given, key) for key in expected]
+    return any(matches)
+
+
+# ---- open endpoints ---------------------------------------------------------------
+
+
+async def _health(request: web.Request) -> web.Response:
+    return _json(t.Health())
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.Response(body=_openapi_bytes(), content_type="application/json")
+
+
+@functools.cache
+def _openapi_bytes() -> bytes:
+    return _encode(openapi_document())
+
+
+# ---- the API --------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """A checked request, ready to send once a worker serves its model."""
+
+    id: str
+    model: str  # as the client named it; responses carry this name
+    sampling: dict[str, Any]
+    inputs: list[dict[str, Any]]  # one worker input per prompt
+    n: int
+    stream: bool
+    include_usage: bool
+    top_logprobs: int | None  # None: no logprobs asked for
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def of(cls, body: t.CompletionRequest | t.ChatCompletionRequest, prefix: str) -> _Job:
+        body.check()
+        sampling = body.sampling()
+        return cls(id=f"{prefix}-{uuid.uuid4().hex}", model=body.model, sampling=sampling,
+                   inputs=body.inputs(), n=body.n or 1, stream=bool(body.stream),
+                   include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                   top_logprobs=sampling.get("logprobs"))
+
+    def requests(self, served: str) -> list[p.Generate]:
+        return [p.Generate(f"{self.id}-{i}", served, self.sampling, **worker_input)
+                for i, worker_input in enumerate(self.inputs)]
+
+
+class _Api:
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.started = int(time.time())
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        views = self.scheduler.model_views()
+        return _json(t.ModelList(data=[self._model(v["name"], v) for v in views]))
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        asked = request.match_info["id"]
+        name = self.scheduler.resolve_name(asked)
+        # Resolvable but neither configured nor loaded: it loads on first use.
+        view = next((v for v in self.scheduler.model_views() if v["name"] == name),
+                    {"state": "available", "worker": None})
+        return _json(self._model(asked, view))
+
+    def _model(self, name: str, view: dict) -> t.Model:
+        return t.Model(id=name, created=self.started, state=view["state"],
+                       worker=view.get("worker"))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        job = _Job.of(await _decode(request, t.CompletionRequest), "cmpl")
+        return await self._serve(request, job, _CompletionFormat(job))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        job = _Job.of(await _decode(request, t.ChatCompletionRequest), "chatcmpl")
+        return await self._serve(request, job, _ChatFormat(job))
+
+    async def _serve(self, request: web.Request, job: _Job, fmt: _Format) -> web.StreamResponse:
+        async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
+                _outputs(lease.worker, job.requests(lease.model))) as outputs:
+            if job.stream:
+                return await _stream(request, job, fmt, outputs)
+            tally = _Tally(job.n)
+            async for prompt_index, output in outputs:
+                tally.add(prompt_index, output)
+            return _json(fmt.response(tally))
+
+
+async def _decode(request: web.Request, shape: type):
+    body = await request.read()
+    try:
+        return msgspec.json.decode(body, type=shape)
+    except msgspec.ValidationError as exc:
+        message, param = _validation_problem(str(exc))
+        raise errors.BadRequest(message, param=param) from None
+    except msgspec.DecodeError as exc:
+        raise errors.BadRequest(f"the body is not valid JSON: {exc}") from None
+
+
+_AT = re.compile(r"`\$\.?([^`]*)`$")
+_FIELD = re.compile(r"Object (contains unknown|missing required) field `([^`]+)`")
+
+
+def _validation_problem(message: str) -> tuple[str, str | None]:
+    """A message and the offending field's path (OpenAI's `param`) from msgspec's error."""
+    at = _AT.search(message)
+    path = at.group(1) if at else ""
+    named = _FIELD.match(message)
+    if named is None:
+        return message, path or None
+    path = f"{path}.{named.group(2)}" if path else named.group(2)
+    if named.group(1) == "contains unknown":
+        return f"unsupported field `{path}`", path
+    return f"missing required field `{path}`", path
+
+
+async def _outputs(worker, requests: list[p.Generate]) -> AsyncIterator[tuple[int, p.Output]]:
+    """(prompt index, Output) of all `requests`, in arrival order. Worker failures
+    come out as WcdErrors. Closing this generator closes every worker stream,
+    which aborts what is still running in the worker."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, request: p.Generate) -> None:
+        end: Exception | None = None
+        try:
+            async with contextlib.aclosing(worker.generate(request)) as stream:
+                async for output in stream:
+                    queue.put_nowait((index, output))
+        except WorkerError as exc:
+            end = errors.from_worker(exc.error)
+        except Exception as exc:  # re-raised in the consumer, which reports it
+            end = exc
+        queue.put_nowait((index, end))
+
+    pumps = [asyncio.create_task(pump(i, r), name=r.request_id) for i, r in enumerate(requests)]
+    try:
+        running = len(pumps)
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, p.Output):
+                yield index, item
+            elif item is None:
+                running -= 1
+            else:
+                raise item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+# ---- streaming --------------------------------------------------------------------
+
+
+async def _stream(request: web.Request, job: _Job, fmt: _Format,
+                  outputs: AsyncIterator[tuple[int, p.Output]]) -> web.StreamResponse:
+    # Wait for the worker to accept the request before sending a byte, so one it
+    # refuses (bad sampling parameters) still gets its HTTP status.
+    first = await anext(outputs, None)
+    response = web.StreamResponse(headers=_SSE_HEADERS)
+    await response.prepare(request)
+    try:
+        await _send_events(response, job, fmt, first, outputs)
+    except ConnectionError:
+        log.info("%s: client went away mid-stream; aborting", job.id)
+    return response
+
+
+async def _send_events(response: web.StreamResponse, job: _Job, fmt: _Format,
+                       first: tuple[int, p.Output] | None,
+                       outputs: AsyncIterator[tuple[int, p.Output]]) -> None:
+    tally = _Tally(job.n)
+    try:
+        for chunk in fmt.opening():
+            await _send(response, chunk)
+        async for prompt_index, output in _chain(first, outputs):
+            chunk = fmt.chunk(*tally.add(prompt_index, output), output)
+            if chunk is not None:
+                await _send(response, chunk)
+        if job.include_usage:
+            await _send(response, fmt.usage_chunk(tally.usage()))
+    except ConnectionError:
+        raise
+    except Exception as exc:  # the status line is gone: report in-band
+        await _send(response, _in_band(job, exc).body())
+    await response.write(_DONE)
+
+
+def _in_band(job: _Job, exc: Exception) -> errors.WcdError:
+    if isinstance(exc, errors.WcdError):
+        log.warning("%s failed mid-stream: %s", job.id, exc)
+        return exc
+    log.error("%s failed mid-stream", job.id, exc_info=exc)
+    return errors.WcdError("internal error; see the daemon's log")
+
+
+async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
+async def _send(response: web.StreamResponse, event: Any) -> None:
+    await response.write(b"data: " + _encode(event) + b"\n\n")
+
+
+def _json(body: Any) -> web.Response:
+    return web.Response(body=_encode(body), content_type="application/json")
+
+
+# ---- shaping outputs ------------------------------------------------------------------
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    text_len: int = 0
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class _Tally:
+    """What a request has produced so far, per choice, and its token counts."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.choices: dict[int, _Choice] = {}
+        self.prompt_tokens: dict[int, int] = {}
+        self.completion_tokens = 0
+
+    def add(self, prompt_index: int, output: p.Output) -> tuple[int, int]:
+        """Record `output`; returns its choice index and where its text starts."""
+        # A batch of prompts gives prompt i the choices i*n ... i*n + n-1, as OpenAI does.
+        index = prompt_index * self.n + output.index
+        choice = self.choices.setdefault(index, _Choice())
+        offset = choice.text_len
+        choice.text.append(output.text)
+        choice.text_len += len(output.text)
+        choice.logprobs.extend(output.logprobs or ())
+        choice.finish_reason = output.finish_reason or choice.finish_reason
+        self.prompt_tokens[prompt_index] = output.prompt_tokens
+        self.completion_tokens += len(output.token_ids)
+        return index, offset
+
+    def ordered(self) -> list[tuple[int, _Choice]]:
+        return sorted(self.choices.items())
+
+    def usage(self) -> t.Usage:
+        prompt = sum(self.prompt_tokens.values())
+        return t.Usage(prompt_tokens=prompt, completion_tokens=self.completion_tokens,
+                       total_tokens=prompt + self.completion_tokens)
+
+
+class _Format:
+    """The endpoint-specific shapes of a response, its chunks and its logprobs."""
+
+    def __init__(self, job: _Job):
+        self.job = job
+        self.head = {"id": job.id, "created": job.created, "model": job.model}
+        # Chunks carry `usage: null` only when a usage chunk will follow.
+        self.chunk_usage = {"usage": None} if job.include_usage else {}
+
+    def opening(self) -> list[Any]:
+        return []
+
+    def response(self, tally: _Tally) -> Any:
+        raise NotImplementedError
+
+    def chunk(self, index: int, offset: int, output: p.Output) -> Any | None:
+        raise NotImplementedError
+
+    def usage_chunk(self, usage: t.Usage) -> Any:
+        raise NotImplementedError
+
+
+class _CompletionFormat(_Format):
+    def response(self, tally: _Tally) -> t.Completion:
+        choices = [t.CompletionChoice(index=i, text="".join(c.text),
+                                      logprobs=self._logprobs(c.logprobs, 0),
+                                      finish_reason=c.finish_reason)
+                   for i, c in tally.ordered()]
+        return t.Completion(**self.head, choices=choices, usage=tally.usage())
+
+    def chunk(self, index: int, offset: int, output: p.Output) -> t.CompletionChunk | None:
+        if not (output.text or output.finish_reason or output.logprobs):
+            return None
+        choice = t.CompletionChoice(index=index, text=output.text,
+                                    logprobs=self._logprobs(output.logprobs or [], offset),
+                                    finish_reason=output.finish_reason)
+        return t.CompletionChunk(**self.head, choices=[choice], **self.chunk_usage)
+
+    def usage_chunk(self, usage: t.Usage) -> t.CompletionChunk:
+        return t.CompletionChunk(**self.head, choices=[], usage=usage)
+
+    def _logprobs(self, entries: list[dict], offset: int) -> t.CompletionLogprobs | None:
+        if self.job.top_logprobs is None:
+            return None
+        k = self.job.top_logprobs
+        tokens, token_logprobs, tops, offsets = [], [], [], []
+        for entry in entries:
+            token = _token(entry["token"], entry["token_id"])
+            tokens.append(token)
+            token_logprobs.append(_logprob(entry["logprob"]))
+            top = {_token(text, tid): _logprob(lp) for tid, text, lp in entry["top"][:k]}
+            top.setdefault(token, token_logprobs[-1])  # OpenAI lists the chosen token too
+            tops.append(top)
+            offsets.append(offset)
+            offset += len(token)
+        return t.CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs,
+                                    top_logprobs=tops, text_offset=offsets)
+
+
+class _ChatFormat(_Format):
+    def opening(self) -> list[t.ChatCompletionChunk]:
+        # OpenAI announces the role of every choice before any content.
+        return [t.ChatCompletionChunk(**self.head, **self.chunk_usage, choices=[
+            t.ChatChunkChoice(index=i, delta=t.ChatDelta(role="assistant", content=""))])
+            for i in range(self.job.n)]
+
+    def response(self, tally: _Tally) -> t.ChatCompletion:
+        choices = [t.ChatChoice(index=i, message=t.ChatMessage(content="".join(c.text)),
+                                logprobs=self._logprobs(c.logprobs),
+                                finish_reason=c.finish_reason)
+                   for i, c in tally.ordered()]
+        return t.ChatCompletion(**self.head, choices=choices, usage=tally.usage())
+
+    def chunk(self, index: int, offset: int, output: p.Output) -> t.ChatCompletionChunk | None:
+        if not (output.text or output.finish_reason or output.logprobs):
+            return None
+        delta = t.ChatDelta(content=output.text) if output.text else t.ChatDelta()
+        choice = t.ChatChunkChoice(index=index, delta=delta,
+                                   logprobs=self._logprobs(output.logprobs or []),
+                                   finish_reason=output.finish_reason)
+        return t.ChatCompletionChunk(**self.head, choices=[choice], **self.chunk_usage)
+
+    def usage_chunk(self, usage: t.Usage) -> t.ChatCompletionChunk:
+        return t.ChatCompletionChunk(**self.head, choices=[], usage=usage)
+
+    def _logprobs(self, entries: list[dict]) -> t.ChatLogprobs | None:
+        if self.job.top_logprobs is None:
+            return None
+        k = self.job.top_logprobs
+        return t.ChatLogprobs(content=[
+            t.TokenLogprob(**_chat_logprob(entry["token"], entry["token_id"], entry["logprob"]),
+                           top_logprobs=[t.TopLogprob(**_chat_logprob(text, tid, lp))
+                                         for tid, text, lp in entry["top"][:k]])
+            for entry in entries])
+
+
+def _chat_logprob(text: str | None, token_id: int, logprob: float) -> dict[str, Any]:
+    token = _token(text, token_id)
+    return {"token": token, "logprob": _logprob(logprob),
+            "bytes": list(token.encode("utf-8", errors="replace"))}
+
+
+def _token(text: str | None, token_id: int) -> str:
+    # vLLM's spelling for a token it did not detokenize.
+    return text if text is not None else f"token_id:{token_id}"
+
+
+def _logprob(value: float) -> float:
+    return max(value, _LOGPROB_FLOOR)
+
+
+# ---- OpenAPI ----------------------------------------------------------------------
+
+
+def openapi_document() -> dict:
+    """The OpenAPI description of this app; openapi.json at the repository root is
+    this, written by `python -m wcd.daemon.openai_api > openapi.json`."""
+    (_, components) = msgspec.json.schema_components(
+        [t.CompletionRequest, t.ChatCompletionRequest, t.Completion, t.CompletionChunk,
+         t.ChatCompletion, t.ChatCompletionChunk, t.ModelList, t.Model, t.ErrorResponse,
+         t.Health], ref_template="#/components/schemas/{name}")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "wcd OpenAI-compatible API",
+            "version": wcd.__version__,
+            "description": (
+                "OpenAI-compatible completions and chat completions served by wcd's warm "
+                "vLLM workers. A request for a known model that is not loaded waits while "
+                "it loads. When API keys are configured, every endpoint but /health, "
+                "/metrics and /openapi.json needs `Authorization: Bearer KEY`. Request "
+                "fields wcd cannot honour are refused with a 400 naming them."),
+        },
+        "servers": [{"url": "http://127.0.0.1:8000"}],
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/models": {"get": _operation(
+                "listModels", "Configured and loaded models, with their state",
+                _ok("ModelList"), (401,))},
+            "/v1/models/{id}": {"get": {
+                **_operation("retrieveModel", "One model, by name, alias or path",
+                             _ok("Model"), (401, 404)),
+                "parameters": [{"name": "id", "in": "path", "required": True,
+                                "description": "may contain slashes (hub ids)",
+                                "schema": {"type": "string"}}]}},
+            "/v1/completions": {"post": _generation(
+                "createCompletion", "Text completion", "CompletionRequest", "Completion",
+                "CompletionChunk")},
+            "/v1/chat/completions": {"post": _generation(
+                "createChatCompletion", "Chat completion (the model's chat template)",
+                "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk")},
+            "/health": {"get": {**_operation("health", "Liveness of the daemon",
+                                             _ok("Health"), ()), "security": []}},
+            "/metrics": {"get": {**_operation("metrics", "Prometheus metrics", {
+                "description": "Prometheus text exposition",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}, ()),
+                "security": []}},
+            "/openapi.json": {"get": {**_operation("openapi", "This document", {
+                "description": "OpenAPI 3.1",
+                "content": {"application/json": {"schema": {"type": "object"}}}}, ()),
+                "security": []}},
+        },
+    }
+
+
+_ERROR_STATUSES = {
+    400: "Malformed or unsupported request, or sampling parameters vLLM refused",
+    401: "Missing or invalid API key",
+    404: "Unknown model",
+    413: "Request body over 32 MiB",
+    422: "The model cannot be served (files, config, engine args)",
+    500: "Internal error",
+    502: "The worker failed",
+    503: "No worker could serve the model in time; retry after Retry-After seconds",
+    507: "Not enough memory to load the model",
+}
+
+
+def _ok(schema: str) -> dict:
+    return {"description": "OK", "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _operation(operation_id: str, summary: str, ok: dict, statuses) -> dict:
+    responses = {"200": ok}
+    for status in statuses:
+        responses[str(status)] = {
+            "description": _ERROR_STATUSES[status],
+            "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        if status == 503:
+            responses["503"]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+    return {"operationId": operation_id, "summary": summary, "responses": responses}
+
+
+def _generation(operation_id: str, summary: str, request: str, response: str,
+                chunk: str) -> dict:
+    ok = _ok(response)
+    ok["description"] = (f"With `stream: true`, server-sent events: one `data: {chunk}` per "
+                         "chunk, `data: {\"error\": ...}` if the request fails after the "
+                         "stream began, then `data: [DONE]`.")
+    ok["content"]["text/event-stream"] = {
+        "schema": {"$ref": f"#/components/schemas/{chunk}"}}
+    return {**_operation(operation_id, summary, ok,
+                         (400, 401, 404, 413, 422, 500, 502, 503, 507)),
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{request}"}}}}}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    json.dump(openapi_document(), sys.stdout, indent=2)
+    sys.stdout.write("\n")

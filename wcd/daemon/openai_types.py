@@ -1,0 +1,362 @@
+"""Typed shapes of the OpenAI-compatible API: requests as clients send them,
+responses as the daemon writes them.
+
+Requests are decoded strictly: every field is either honoured, explicitly
+ignored as harmless, or refused with a 400 naming it, never silently dropped.
+Shapes are checked here; values (ranges of temperature, n, logprobs...) are
+vLLM's business and are checked by vLLM's own SamplingParams in the worker.
+The same structs generate the schemas of openapi.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from msgspec import UNSET, Struct, UnsetType
+
+from wcd.daemon import errors
+
+# OpenAI sampling fields with the same name in vLLM's SamplingParams, and vLLM's
+# own extensions that clients send through `extra_body`.
+_SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+              "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
+              "min_tokens", "include_stop_str_in_output", "skip_special_tokens", "logit_bias",
+              "allowed_token_ids", "bad_words")
+# OpenAI's completions default, which vLLM's SamplingParams happens to share;
+# sent explicitly so a model's generation_config cannot change the API's meaning.
+COMPLETIONS_MAX_TOKENS = 16
+
+
+# ---- requests -------------------------------------------------------------------
+
+
+class _Request(Struct, forbid_unknown_fields=True):
+    pass
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+
+
+class JsonSchema(_Request):
+    name: str | None = None
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextFormat(_Request, tag_field="type", tag="text"):
+    pass
+
+
+class JsonObjectFormat(_Request, tag_field="type", tag="json_object"):
+    pass
+
+
+class JsonSchemaFormat(_Request, tag_field="type", tag="json_schema"):
+    json_schema: JsonSchema
+
+
+class _Sampling(_Request, kw_only=True):
+    """Fields both endpoints share."""
+
+    model: str
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    # JSON keys are strings; msgspec reads them as the token ids vLLM wants.
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
+    # vLLM's own structured-outputs request (json, regex, choice, grammar, ...).
+    structured_outputs: dict[str, Any] | None = None
+    # Accepted and ignored: they change nothing about the tokens produced.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    def check(self) -> None:
+        """Raise a 400 naming the first field this request sets that wcd cannot honour."""
+        if self.stream_options is not None and not self.stream:
+            raise errors.BadRequest("stream_options is only allowed when stream is true",
+                                    param="stream_options")
+        if self.structured_outputs is not None and self._format() is not None:
+            raise errors.BadRequest("set response_format or structured_outputs, not both",
+                                    param="structured_outputs")
+
+    def sampling(self) -> dict[str, Any]:
+        """vLLM SamplingParams fields for what the client set, and only that: the
+        worker applies the model's generation_config defaults to the rest."""
+        params = {name: value for name in _SAME_NAME
+                  if (value := getattr(self, name)) is not None}
+        if self.stop is not None:
+            params["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        structured = self._format() or self.structured_outputs
+        if structured is not None:
+            params["structured_outputs"] = structured
+        return params
+
+    def _format(self) -> dict[str, Any] | None:
+        fmt = self.response_format
+        if isinstance(fmt, JsonObjectFormat):
+            return {"json_object": True}
+        if isinstance(fmt, JsonSchemaFormat):
+            if fmt.json_schema.schema is None:
+                raise errors.BadRequest("response_format json_schema needs a schema",
+                                        param="response_format.json_schema.schema")
+            return {"json": fmt.json_schema.schema}
+        return None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    # One prompt (text or token ids) or a batch of them; checked in prompts().
+    prompt: str | list[str | int | list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.echo:
+            raise errors.BadRequest("echo is not supported", param="echo")
+        if self.suffix:
+            raise errors.BadRequest("suffix (insertion) is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise errors.BadRequest("best_of other than n is not supported", param="best_of")
+
+    def sampling(self) -> dict[str, Any]:
+        params = super().sampling()
+        params["max_tokens"] = self.max_tokens if self.max_tokens is not None \
+            else COMPLETIONS_MAX_TOKENS
+        if self.logprobs is not None:
+            params["logprobs"] = self.logprobs
+        return params
+
+    def inputs(self) -> list[dict[str, Any]]:
+        """One worker input per prompt: {"prompt": str} or {"prompt_token_ids": [...]}."""
+        return [{"prompt": item} if isinstance(item, str) else {"prompt_token_ids": item}
+                for item in self._prompts()]
+
+    def _prompts(self) -> list[str | list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(item, int) for item in prompt):
+            return [prompt]
+        if prompt and (all(isinstance(item, str) for item in prompt)
+                       or all(isinstance(item, list) for item in prompt)):
+            return prompt
+        raise errors.BadRequest("prompt must be a string, a list of token ids, or a "
+                                "non-empty list of either (a batch)", param="prompt")
+
+
+class TextPart(_Request, tag_field="type", tag="text"):
+    text: str
+
+
+class Message(_Request, omit_defaults=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Refused when set to anything that asks for behaviour wcd lacks.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        super().check()
+        for name in ("tools", "functions", "function_call", "audio", "prediction"):
+            if getattr(self, name):
+                raise errors.BadRequest(f"{name} is not supported", param=name)
+        if self.tool_choice not in (None, "none", "auto"):
+            raise errors.BadRequest("tool calling is not supported", param="tool_choice")
+        if self.modalities not in (None, ["text"]):
+            raise errors.BadRequest("only text output is supported", param="modalities")
+        if self.top_logprobs and not self.logprobs:
+            raise errors.BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+
+    def sampling(self) -> dict[str, Any]:
+        params = super().sampling()
+        # Left unset, vLLM generates up to the model's context length, as OpenAI does.
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        if self.logprobs:
+            params["logprobs"] = self.top_logprobs or 0
+        return params
+
+    def inputs(self) -> list[dict[str, Any]]:
+        return [{"messages": msgspec.to_builtins(self.messages),
+                 "chat_template_kwargs": self.chat_template_kwargs or {}}]
+
+
+# ---- responses ------------------------------------------------------------------
+
+
+class Usage(Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(Struct, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    # Per token: the `logprobs` most likely tokens and the chosen one.
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(Struct, kw_only=True):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(Struct, kw_only=True):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(Struct, kw_only=True):
+    """One `data:` event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    # Present (null, then the totals on a last chunk without choices) only
+    # when stream_options.include_usage is set.
+    usage: Usage | None | UnsetType = UNSET
+
+
+class TopLogprob(Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct, kw_only=True):
+    content: list[TokenLogprob] | None
+
+
+class ChatMessage(Struct, kw_only=True):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(Struct, kw_only=True):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(Struct, kw_only=True):
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatChunkChoice(Struct, kw_only=True):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    """One `data:` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None | UnsetType = UNSET
+
+
+class Model(Struct, kw_only=True):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "wcd"
+    # wcd's additions: "serving", "loading" or "available" (loaded on first use).
+    state: str
+    worker: int | None
+
+
+class ModelList(Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class ErrorDetail(Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(Struct, kw_only=True):
+    error: ErrorDetail
+
+
+class Health(Struct, kw_only=True):
+    status: Literal["ok"] = "ok"
