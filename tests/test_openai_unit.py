@@ -131,9 +131,9 @@ def run_async(test):
 
 @contextlib.asynccontextmanager
 async def serve(scheduler: FakeScheduler, keys: tuple[str, ...] = (), metrics_handler=None):
-    settings = SimpleNamespace(http=HttpSettings(api_keys=keys))
+    scheduler.settings = SimpleNamespace(http=HttpSettings(api_keys=keys))
     # A plain AppRunner, as the daemon's: nothing here may rely on test-only settings.
-    runner = web.AppRunner(create_openai_app(scheduler, settings, metrics_handler))
+    runner = web.AppRunner(create_openai_app(scheduler, metrics_handler))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:

@@ -36,7 +36,6 @@ from wcd.daemon.worker_process import WorkerError
 from wcd.workers import protocol as p
 
 if TYPE_CHECKING:
-    from wcd.daemon.config import Settings
     from wcd.daemon.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -52,13 +51,12 @@ _LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf, which JSON cannot carry
 _encode = msgspec.json.Encoder().encode
 
 
-def create_openai_app(scheduler: Scheduler, settings: Settings,
+def create_openai_app(scheduler: Scheduler,
                       metrics_handler: MetricsHandler | None = None) -> web.Application:
-    middlewares = [error_middleware]
-    if settings.http.api_keys:
-        middlewares.append(_auth_middleware(settings.http.api_keys))
+    """API keys are read from scheduler.settings per request, so a reload
+    (SIGHUP) changes them."""
     app = web.Application(
-        middlewares=middlewares, client_max_size=MAX_BODY_BYTES,
+        middlewares=[error_middleware, _auth_middleware(scheduler)], client_max_size=MAX_BODY_BYTES,
         # A client that goes away cancels its handler, which aborts its request in
         # the worker; set on the app so it holds whichever runner serves it.
         handler_args={"handler_cancellation": True})
@@ -77,12 +75,12 @@ def create_openai_app(scheduler: Scheduler, settings: Settings,
 # ---- auth -----------------------------------------------------------------------
 
 
-def _auth_middleware(keys: tuple[str, ...]):
-    expected = [key.encode() for key in keys]
-
+def _auth_middleware(scheduler: Scheduler):
     @web.middleware
     async def auth(request: web.Request, handler):
-        if request.path not in OPEN_PATHS and not _authorized(request, expected):
+        keys = scheduler.settings.http.api_keys
+        if keys and request.path not in OPEN_PATHS and not _authorized(
+                request, [key.encode() for key in keys]):
             raise errors.Unauthorized("missing or invalid API key; send "
                                       "`Authorization: Bearer KEY`")
         return await handler(request)

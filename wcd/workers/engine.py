@@ -305,8 +305,11 @@ def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
 
 
 def _outputs(ro: RequestOutput) -> Iterator[p.Output]:
+    """One Output per completion with news; only the request's very last one
+    says finished, so the daemon stops reading exactly there."""
     prompt_tokens = len(ro.prompt_token_ids or ())
-    for completion in ro.outputs:
+    last = len(ro.outputs) - 1
+    for i, completion in enumerate(ro.outputs):
         yield p.Output(
             request_id=ro.request_id,
             index=completion.index,
@@ -315,7 +318,7 @@ def _outputs(ro: RequestOutput) -> Iterator[p.Output]:
             prompt_tokens=prompt_tokens,
             finish_reason=completion.finish_reason,
             stop_reason=completion.stop_reason,
-            finished=ro.finished,
+            finished=ro.finished and i == last,
             logprobs=_logprobs(completion),
         )
 

@@ -1,0 +1,147 @@
+"""Running a real wcd daemon for tests: a config in a temp dir, a free port,
+our own NOTIFY_SOCKET listener, and wcctl as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from conftest import ENGINE_ARGS, ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(directory: Path, models: Path, **overrides) -> Path:
+    config = {
+        "control": {"socket": str(directory / "control.sock")},
+        "http": {"host": "127.0.0.1", "port": free_port()},
+        "workers": [{"device": "cpu"}],
+        "model_roots": [str(models)],
+        "defaults": dict(ENGINE_ARGS),
+        "models": {name: {"path": str(models / name)}
+                   for name in ("small-a", "small-b", "wide-a")},
+        "preload": ["small-a"],
+        "policy": {"health_interval": "1s", "health_timeout": "5s", "drain_timeout": "20s",
+                   "restart_backoff_min": "0.5s", "queue_wait": "120s"},
+    }
+    for key, value in overrides.items():
+        config[key] = value
+    path = directory / "wcd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class NotifyListener:
+    """A NOTIFY_SOCKET of our own: collects the daemon's sd_notify datagrams."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            self.messages.extend(data.decode().splitlines())
+
+    def wait_for(self, prefix: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [m for m in self.messages if m.startswith(prefix)]
+            if found:
+                return found[-1]
+            time.sleep(0.05)
+        raise AssertionError(f"no {prefix!r} notification; got {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    def __init__(self, config: Path, env: dict | None = None, notify: bool = True,
+                 argv_prefix: list[str] | None = None):
+        self.config = config
+        data = yaml.safe_load(config.read_text())
+        self.socket = data["control"]["socket"]
+        self.port = data["http"]["port"]
+        self.notify = NotifyListener(config.parent / "notify.sock") if notify else None
+        env = {**os.environ, **(env or {})}
+        if self.notify:
+            env["NOTIFY_SOCKET"] = str(self.notify.path)
+        self.log = open(config.parent / "wcd.log", "w")
+        self.process = subprocess.Popen(
+            [*(argv_prefix or []), sys.executable, "-m", "wcd.daemon.main",
+             "--config", str(config)],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wcctl(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "wcd.cli", "--socket", self.socket, *args],
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+    def json(self, *args: str) -> dict:
+        done = self.wcctl(*args, "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def wait_serving(self, model: str, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = self.wcctl("ps", "--json")
+            if done.returncode == 0:
+                workers = json.loads(done.stdout)["workers"]
+                if any(w["model"] == model and w["state"] == "serving" for w in workers):
+                    return workers[0]
+            assert self.process.poll() is None, self.log_text()
+            time.sleep(0.2)
+        raise AssertionError(f"{model} never served:\n{self.log_text()}")
+
+    def worker_pids(self) -> list[int]:
+        return [int(p) for p in subprocess.run(
+            ["pgrep", "-f", "wcd.workers.main", "-P", str(self.process.pid)],
+            capture_output=True, text=True).stdout.split()]
+
+    def log_text(self) -> str:
+        return (self.config.parent / "wcd.log").read_text()[-6000:]
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.notify:
+            self.notify.close()
+        self.log.close()
+        return self.process.returncode
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

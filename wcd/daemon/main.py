@@ -1,0 +1,185 @@
+"""`wcd`: the daemon. One asyncio loop (uvloop), no torch, no vLLM.
+
+    wcd [--config PATH] [--check-config]
+
+Start-up order: config, control socket (READY=1 as soon as it listens, while
+workers still warm up), OpenAI endpoint, workers. SIGHUP reloads the config
+without dropping warm workers; SIGTERM drains in-flight requests (bounded by
+policy.drain_timeout) and stops the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from wcd.daemon import systemd
+from wcd.daemon.config import ConfigError, Settings, find_config, load_settings
+from wcd.daemon.control import create_control_app
+from wcd.daemon.openai_api import create_openai_app
+from wcd.daemon.scheduler import Scheduler
+
+log = logging.getLogger("wcd")
+EXIT_CONFIG = 2
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_path: str | None):
+        self.settings = settings
+        self.config_path = config_path
+        self.notifier = systemd.Notifier()
+        self.state = {"state": "starting"}
+        self.scheduler = Scheduler(settings, on_change=self._changed)
+        self._changed_flag = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
+        control = await self._serve_control()
+        self.notifier.ready("control socket up; workers warming")
+        openai = await self._serve_openai()
+        await self.scheduler.start()
+        self.state["state"] = "ready"
+        log.info("wcd ready: control %s, OpenAI API http://%s:%d, %d workers", control,
+                 self.settings.http.host, openai, len(self.settings.workers))
+        async with self._background():
+            await self._stop.wait()
+        await self._shutdown()
+        return 0
+
+    @contextlib.asynccontextmanager
+    async def _background(self):
+        tasks = [asyncio.create_task(self._report_status(), name="status")]
+        interval = systemd.watchdog_interval_s()
+        if interval:
+            tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve_control(self) -> str:
+        runner = web.AppRunner(create_control_app(self.scheduler, self.state),
+                               access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        passed = systemd.listen_fds()
+        if passed:
+            site = web.SockSite(runner, passed[0])
+            await site.start()
+            return f"fd {passed[0].fileno()} (socket activation)"
+        path = Path(self.settings.control.socket)
+        _prepare_socket_path(path)
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, 0o660)
+        return str(path)
+
+    async def _serve_openai(self) -> int:
+        app = create_openai_app(self.scheduler)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=self.settings.policy.drain_timeout_s)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, self.settings.http.host, self.settings.http.port,
+                           reuse_address=True)
+        await site.start()
+        return runner.addresses[0][1]
+
+    def _changed(self) -> None:
+        self._changed_flag.set()
+
+    async def _report_status(self) -> None:
+        """STATUS= for systemctl status, at most once a second."""
+        while True:
+            await self._changed_flag.wait()
+            self._changed_flag.clear()
+            self.notifier.status(self.scheduler.status_line())
+            await asyncio.sleep(1.0)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Runs on the loop it vouches for: a stuck loop stops the pings.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _reload(self) -> None:
+        self.notifier.reloading()
+        self.state["state"] = "reloading"
+        try:
+            settings = await asyncio.to_thread(load_settings, self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+        else:
+            self.settings = settings
+            self.scheduler.reload(settings)
+        self.state["state"] = "ready"
+        self.notifier.ready(self.scheduler.status_line())
+
+    async def _shutdown(self) -> None:
+        self.state["state"] = "stopping"
+        self.notifier.stopping()
+        log.info("stopping: draining requests, then workers")
+        # Requests in flight finish (bounded by drain_timeout); new ones get 503.
+        await self.scheduler.stop()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        log.info("stopped")
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """A private directory (0750) and no stale socket from a crashed run."""
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    if path.is_socket():
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: left over
+        else:
+            raise SystemExit(f"wcd: another daemon listens on {path}")
+        finally:
+            probe.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wcd", description="warm worker controller for vLLM")
+    parser.add_argument("--config", help="config file (default: $WCD_CONFIG, "
+                                         "/etc/wcd/wcd.yaml, built-in defaults)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config and exit")
+    args = parser.parse_args(argv)
+    config_path = find_config(args.config)
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        print(f"wcd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"wcd: {config_path or 'built-in defaults'}: ok")
+        return 0
+    systemd.setup_logging(settings.log_level)
+    return uvloop.run(_run(settings, config_path))
+
+
+async def _run(settings: Settings, config_path: str | None) -> int:
+    return await Daemon(settings, config_path).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,593 @@
+"""Which model lives on which worker: the one task that owns worker and model
+state.
+
+Everything that changes that state (a request wanting a model, a request
+finishing, a swap asked for over the control socket, a worker dying, a
+swap finishing, the keep-alive clock) is a message on the owner's inbox, so no
+decision is taken on a stale read. Long work (starting a worker, swapping)
+runs in tasks the owner starts and owns; they report back through the inbox.
+
+A swap drains first: the slot takes no new requests, and the swap starts once
+the in-flight ones have finished (or at once when forced, or after the drain
+timeout, the worker then aborting what is left).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from wcd.daemon import errors, policy
+from wcd.daemon.catalog import Catalog, ModelEntry
+from wcd.daemon.config import Settings, WorkerSettings
+from wcd.daemon.policy import (DRAINING, FAILED, IDLE, RESTARTING, SERVING, STARTING,
+                               SWAPPING, SlotView)
+from wcd.daemon.worker_process import WorkerError, WorkerGone, WorkerOptions, WorkerProcess
+from wcd.workers import protocol as p
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class Lease:
+    """A request's hold on a worker serving its model."""
+
+    model: str
+    worker: WorkerProcess
+    slot: int
+
+
+@dataclass
+class _Waiter:
+    entry: ModelEntry
+    future: asyncio.Future
+
+
+@dataclass
+class _Operation:
+    """A control operation (swap, load, unload) on one slot."""
+
+    kind: str  # "swap" or "unload"
+    entry: ModelEntry | None
+    force: bool
+    progress: Progress | None
+    future: asyncio.Future | None
+    drain_started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Slot:
+    index: int
+    settings: WorkerSettings
+    worker: WorkerProcess | None = None
+    state: str = STARTING
+    model: ModelEntry | None = None  # served, or being brought in
+    active: int = 0
+    last_used: float = 0.0
+    restarts: int = 0
+    incarnation: int = 0
+    pending_op: _Operation | None = None  # waits for the drain
+    waiters: list[_Waiter] = field(default_factory=list)
+    last_swap: dict | None = None
+    restore: ModelEntry | None = None  # what to bring back after a restart
+
+    def view(self) -> SlotView:
+        return SlotView(self.index, self.state, self.model.name if self.model else None,
+                        self.active, self.last_used)
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, *, on_change: Callable[[], None] | None = None,
+                 worker_env: dict[str, str] | None = None):
+        self.settings = settings
+        self.catalog = Catalog(settings)
+        self._on_change = on_change or (lambda: None)
+        self._worker_env = worker_env
+        self._slots = [_Slot(i, w) for i, w in enumerate(settings.workers)]
+        self._pending: deque[_Waiter] = deque()
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._tasks: set[asyncio.Task] = set()
+        self._owner: asyncio.Task | None = None
+        self._stopping = False
+        self.started = time.time()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._owner = asyncio.create_task(self._run(), name="scheduler")
+        for slot in self._slots:
+            self._spawn(self._start_worker(slot, slot.incarnation), f"start-worker-{slot.index}")
+        self._spawn(self._tick(), "keep-alive")
+
+    async def stop(self) -> None:
+        """Drain in-flight requests (bounded), then stop every worker."""
+        self._post("stop")
+        deadline = time.monotonic() + self.settings.policy.drain_timeout_s
+        while any(s.active for s in self._slots) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        workers = [s.worker for s in self._slots if s.worker is not None]
+        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+        if self._owner is not None:
+            self._owner.cancel()
+            await asyncio.gather(self._owner, return_exceptions=True)
+
+    def reload(self, settings: Settings) -> None:
+        """New models, roots and policy; running workers stay warm."""
+        if settings.workers != self.settings.workers:
+            log.warning("reload: a change of workers takes effect at the next restart")
+        self._post("reload", settings)
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def _post(self, kind: str, *args: Any) -> None:
+        self._inbox.put_nowait((kind, args))
+
+    # ---- the API other tasks use ----------------------------------------------------------
+
+    def resolve_name(self, name: str) -> str:
+        return self.catalog.resolve(name).name
+
+    @contextlib.asynccontextmanager
+    async def lease(self, model: str) -> AsyncIterator[Lease]:
+        entry = self.catalog.resolve(model)
+        future = asyncio.get_running_loop().create_future()
+        self._post("acquire", _Waiter(entry, future))
+        try:
+            slot_index, incarnation, worker = await asyncio.wait_for(
+                future, self.settings.policy.queue_wait_s)
+        except asyncio.TimeoutError:
+            raise errors.Unavailable(
+                f"model {entry.name!r} was not ready within "
+                f"{self.settings.policy.queue_wait_s:g} s", retry_after_s=10) from None
+        try:
+            yield Lease(entry.name, worker, slot_index)
+        finally:
+            self._post("release", slot_index, incarnation)
+
+    async def operate(self, kind: str, model: str | None, *, worker: int | None = None,
+                      force: bool = False, progress: Progress | None = None) -> dict:
+        """swap / load / unload; returns the final event ({"event": "done", ...})."""
+        entry = self.catalog.resolve(model) if model is not None else None
+        if worker is not None and not 0 <= worker < len(self._slots):
+            raise errors.BadRequest(f"there is no worker {worker} (have "
+                                    f"{len(self._slots)})", param="worker")
+        future = asyncio.get_running_loop().create_future()
+        self._post("operate", kind, entry, worker, force, progress, future)
+        return await future
+
+    def views(self) -> list[dict]:
+        return [self._worker_view(s) for s in self._slots]
+
+    def model_views(self) -> list[dict]:
+        served = {s.model.name: s for s in self._slots if s.model is not None}
+        entries = {e.name: e for e in self.catalog.configured()}
+        entries.update({s.model.name: s.model for s in served.values()})
+        views = []
+        for name, entry in entries.items():
+            slot = served.get(name)
+            state = "available"
+            if slot is not None:
+                state = SERVING if slot.state == SERVING else "loading"
+            views.append({"name": name, "path": entry.path, "state": state,
+                          "worker": slot.index if slot else None, "bytes": entry.disk_bytes(),
+                          "where": "serving" if state == SERVING else "disk",
+                          "configured": entry.configured})
+        return views
+
+    def status_line(self) -> str:
+        ready = sum(s.state not in (STARTING, RESTARTING, FAILED) for s in self._slots)
+        serving = ", ".join(s.model.name for s in self._slots
+                            if s.model is not None and s.state == SERVING) or "nothing"
+        return f"workers {ready}/{len(self._slots)} ready; serving {serving}"
+
+    def waiting(self) -> int:
+        return len(self._pending) + sum(len(s.waiters) for s in self._slots)
+
+    def _worker_view(self, slot: _Slot) -> dict:
+        return {"index": slot.index, "device": slot.settings.device,
+                "pid": slot.worker.pid if slot.worker else None,
+                "state": slot.state, "model": slot.model.name if slot.model else None,
+                "active": slot.active, "restarts": slot.restarts,
+                "rss_bytes": _rss(slot.worker.pid) if slot.worker else None,
+                "last_swap": slot.last_swap}
+
+    # ---- the owner ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        handlers = {
+            "acquire": self._on_acquire, "release": self._on_release,
+            "operate": self._on_operate, "op_finished": self._on_op_finished,
+            "worker_started": self._on_worker_started, "worker_died": self._on_worker_died,
+            "drain_timeout": self._on_drain_timeout, "tick": self._on_tick,
+            "reload": self._on_reload, "stop": self._on_stop,
+        }
+        while True:
+            kind, args = await self._inbox.get()
+            try:
+                handlers[kind](*args)
+            except Exception:
+                log.exception("scheduler: handling %s failed", kind)
+            self._schedule_pending()
+            self._on_change()
+
+    def _on_acquire(self, waiter: _Waiter) -> None:
+        if self._stopping:
+            _fail(waiter.future, errors.Unavailable("wcd is stopping", retry_after_s=30))
+            return
+        queued = sum(w.entry.name == waiter.entry.name for w in self._all_waiters())
+        if queued >= self.settings.policy.queue_max:
+            _fail(waiter.future, errors.Unavailable(
+                f"{queued} requests already wait for {waiter.entry.name!r}", retry_after_s=5))
+            return
+        self._pending.append(waiter)
+
+    def _on_release(self, index: int, incarnation: int) -> None:
+        slot = self._slots[index]
+        if slot.incarnation != incarnation:
+            return  # a lease on a worker that has since been replaced
+        slot.active -= 1
+        slot.last_used = time.monotonic()
+        if slot.state == DRAINING and slot.active == 0:
+            self._begin_op(slot)
+
+    def _on_operate(self, kind, entry, worker, force, progress, future) -> None:
+        if self._stopping:
+            _fail(future, errors.Unavailable("wcd is stopping", retry_after_s=30))
+            return
+        if kind == "unload":
+            slot = next((s for s in self._slots if s.model is not None and entry is not None
+                         and s.model.name == entry.name), None)
+            if slot is None:
+                _done(future, progress, {"event": "done", "model": None, "worker": None,
+                                         "path": "noop", "phases": {}, "total_s": 0.0})
+                return
+        else:
+            slot = self._slot_for(entry, worker, kind)
+            if slot is None:
+                _fail(future, errors.Conflict("every worker is busy; try again shortly"))
+                return
+            if slot.model is not None and slot.model.name == entry.name and \
+                    slot.state == SERVING:
+                _done(future, progress, {"event": "done", "model": entry.name,
+                                         "worker": slot.index, "path": "noop", "phases": {},
+                                         "total_s": 0.0})
+                return
+        if slot.state not in (IDLE, SERVING):
+            _fail(future, errors.Conflict(f"worker {slot.index} is {slot.state}; "
+                                          "try again when it is done"))
+            return
+        self._drain_then(slot, _Operation("unload" if kind == "unload" else "swap",
+                                          None if kind == "unload" else entry, force,
+                                          progress, future))
+
+    def _slot_for(self, entry: ModelEntry, worker: int | None, kind: str) -> _Slot | None:
+        if worker is not None:
+            return self._slots[worker]
+        views = [s.view() for s in self._slots]
+        current = policy.serving_slot(views, entry.name)
+        chosen = current or policy.choose_slot(views, entry.name)
+        return self._slots[chosen.index] if chosen else None
+
+    def _drain_then(self, slot: _Slot, op: _Operation) -> None:
+        """Stop routing to the slot; run `op` once its requests are done."""
+        if op.progress:
+            op.progress({"event": "accepted", "model": op.entry.name if op.entry else None,
+                         "worker": slot.index})
+        slot.pending_op = op
+        slot.state = DRAINING
+        if slot.active == 0 or op.force:
+            self._begin_op(slot)
+        else:
+            self._spawn(self._drain_timer(slot, slot.incarnation, op), "drain-timer")
+
+    async def _drain_timer(self, slot: _Slot, incarnation: int, op: _Operation) -> None:
+        await asyncio.sleep(self.settings.policy.drain_timeout_s)
+        self._post("drain_timeout", slot.index, incarnation, op)
+
+    def _on_drain_timeout(self, index: int, incarnation: int, op: _Operation) -> None:
+        slot = self._slots[index]
+        if slot.incarnation == incarnation and slot.pending_op is op and slot.state == DRAINING:
+            log.warning("worker %d: drain timed out with %d requests in flight; aborting them",
+                        index, slot.active)
+            op.force = True
+            self._begin_op(slot)
+
+    def _begin_op(self, slot: _Slot) -> None:
+        op, slot.pending_op = slot.pending_op, None
+        drained = time.perf_counter() - op.drain_started
+        slot.state = SWAPPING
+        previous = slot.model
+        slot.model = op.entry if op.kind == "swap" else previous
+        self._spawn(self._run_op(slot, slot.incarnation, slot.worker, op, drained, previous),
+                    f"{op.kind}-{slot.index}")
+
+    async def _run_op(self, slot: _Slot, incarnation: int, worker: WorkerProcess,
+                      op: _Operation, drained: float, previous: ModelEntry | None) -> None:
+        def on_phase(phase: p.Phase) -> None:
+            seconds = phase.seconds + (drained if phase.phase == "drain" else 0.0)
+            if op.progress:
+                op.progress({"event": "phase", "phase": phase.phase, "seconds": seconds})
+
+        policy_ = self.settings.policy
+        try:
+            if op.kind == "swap":
+                result = await worker.swap(op.entry.spec(), drain_timeout_s=policy_.drain_timeout_s,
+                                           force=op.force, on_phase=on_phase)
+            else:
+                result = await worker.unload(drain_timeout_s=policy_.drain_timeout_s,
+                                             force=op.force, on_phase=on_phase)
+        except WorkerError as exc:
+            self._post("op_finished", slot.index, incarnation, op, None, exc, previous)
+            return
+        phases = dict(result.phases)
+        phases["drain"] = phases.get("drain", 0.0) + drained
+        event = {"event": "done", "model": result.model, "worker": slot.index,
+                 "path": result.path, "phases": phases, "total_s": result.total_s + drained}
+        self._post("op_finished", slot.index, incarnation, op, event, None, previous)
+
+    def _on_op_finished(self, index: int, incarnation: int, op: _Operation, event: dict | None,
+                        error: WorkerError | None, previous: ModelEntry | None) -> None:
+        slot = self._slots[index]
+        if slot.incarnation != incarnation:
+            _fail(op.future, errors.WorkerFailed(f"worker {index} died during the {op.kind}"),
+                  progress=op.progress)
+            return
+        if error is None:
+            slot.model = op.entry if op.kind == "swap" else None
+            slot.last_used = time.monotonic()
+            slot.last_swap = {k: event[k] for k in ("model", "path", "phases", "total_s")}
+            log.info("worker %d: %s %s -> %s (%s) in %.3f s: %s", index, op.kind,
+                     previous.name if previous else None, event["model"], event["path"],
+                     event["total_s"], _phases(event["phases"]))
+            _done(op.future, op.progress, event)
+        else:
+            slot.model = previous if error.serving == (previous and previous.name) else None
+            failure = errors.from_worker(error.error)
+            log.warning("worker %d: %s to %s failed: %s (serving %s)", index, op.kind,
+                        op.entry.name if op.entry else None, error.error.message,
+                        error.serving)
+            if isinstance(error, WorkerGone):
+                # worker_died restarts it and re-queues what waited.
+                _fail(op.future, errors.WorkerFailed(f"worker {index} died during the "
+                                                     f"{op.kind}"), progress=op.progress)
+                return
+            _fail(op.future, failure, progress=op.progress, serving=error.serving)
+            self._fail_waiters(slot, lambda w: op.entry and w.entry.name == op.entry.name,
+                               failure)
+        slot.state = SERVING if slot.model is not None else IDLE
+        self._grant(slot)
+
+    # ---- requests waiting for a model -------------------------------------------------------
+
+    def _all_waiters(self):
+        yield from self._pending
+        for slot in self._slots:
+            yield from slot.waiters
+
+    def _schedule_pending(self) -> None:
+        """Give every waiting request a place: a slot serving its model, or a
+        slot that will bring it in. Those with neither keep waiting."""
+        still = deque()
+        while self._pending:
+            waiter = self._pending.popleft()
+            if waiter.future.done():
+                continue
+            slot = self._place(waiter.entry)
+            if slot is None:
+                still.append(waiter)
+            else:
+                slot.waiters.append(waiter)
+                self._grant(slot)
+        self._pending = still
+
+    def _place(self, entry: ModelEntry) -> _Slot | None:
+        if self._stopping:
+            return None
+        views = [s.view() for s in self._slots]
+        current = policy.serving_slot(views, entry.name)
+        if current is not None:
+            return self._slots[current.index]
+        if any(w.entry.name == entry.name for s in self._slots for w in s.waiters):
+            return None  # already coming in somewhere
+        chosen = policy.choose_slot(views, entry.name)
+        if chosen is None:
+            return None
+        slot = self._slots[chosen.index]
+        # Serverless load: the slot's other waiters (for its current model)
+        # are served first by the drain; the swap starts when they are done.
+        self._drain_then(slot, _Operation("swap", entry, False, None, None))
+        return slot
+
+    def _grant(self, slot: _Slot) -> None:
+        if slot.state != SERVING or slot.model is None:
+            return
+        for waiter in slot.waiters:
+            if waiter.future.done():
+                continue
+            if waiter.entry.name == slot.model.name:
+                slot.active += 1
+                slot.last_used = time.monotonic()
+                waiter.future.set_result((slot.index, slot.incarnation, slot.worker))
+            else:
+                self._pending.append(waiter)
+        slot.waiters = []
+
+    def _fail_waiters(self, slot: _Slot, match, failure: Exception) -> None:
+        keep = []
+        for waiter in slot.waiters:
+            if match(waiter):
+                _fail(waiter.future, failure)
+            else:
+                keep.append(waiter)
+        slot.waiters = keep
+
+    # ---- worker life ------------------------------------------------------------------------
+
+    async def _start_worker(self, slot: _Slot, incarnation: int, delay: float = 0.0) -> None:
+        await asyncio.sleep(delay)
+        settings = slot.settings
+        options = WorkerOptions(index=slot.index, device=settings.kind,
+                                cuda_device=settings.cuda_index,
+                                ready_timeout_s=self.settings.policy.worker_ready_timeout_s,
+                                stop_timeout_s=self.settings.policy.stop_timeout_s,
+                                env=self._worker_env)
+        try:
+            worker = await WorkerProcess.start(options)
+        except (WorkerGone, asyncio.TimeoutError, OSError) as exc:
+            log.error("worker %d failed to start: %s", slot.index, exc)
+            self._post("worker_died", slot.index, incarnation, None)
+            return
+        self._post("worker_started", slot.index, incarnation, worker)
+
+    def _on_worker_started(self, index: int, incarnation: int, worker: WorkerProcess) -> None:
+        slot = self._slots[index]
+        if self._stopping or slot.incarnation != incarnation:
+            self._spawn(worker.stop(), "stop-stale-worker")
+            return
+        slot.worker = worker
+        slot.state = IDLE
+        slot.model = None
+        slot.active = 0
+        self._spawn(self._watch(slot, incarnation, worker), f"watch-worker-{index}")
+        restore = slot.restore or self._preload_for(slot)
+        slot.restore = None
+        if restore is not None:
+            self._drain_then(slot, _Operation("swap", restore, False, None, None))
+
+    def _preload_for(self, slot: _Slot) -> ModelEntry | None:
+        """Preloads go one per worker, in order, on the workers' first start."""
+        if slot.restarts or slot.index >= len(self.settings.preload):
+            return None
+        try:
+            return self.catalog.resolve(self.settings.preload[slot.index])
+        except errors.ModelNotFound:
+            return None
+
+    async def _watch(self, slot: _Slot, incarnation: int, worker: WorkerProcess) -> None:
+        """Health: the process's exit, and pings (answered even mid-build)."""
+        policy_ = self.settings.policy
+        exited = asyncio.create_task(worker.process.wait())
+        try:
+            while not exited.done():
+                await asyncio.wait({exited}, timeout=policy_.health_interval_s)
+                if exited.done():
+                    break
+                try:
+                    await worker.ping(policy_.health_timeout_s)
+                except asyncio.TimeoutError:
+                    log.error("worker %d (pid %s) did not answer a ping in %.0f s; killing it",
+                              slot.index, worker.pid, policy_.health_timeout_s)
+                    await worker.kill()
+                except WorkerGone:
+                    break
+            code = await exited
+        finally:
+            exited.cancel()
+        self._post("worker_died", slot.index, incarnation, code)
+
+    def _on_worker_died(self, index: int, incarnation: int, code: int | None) -> None:
+        slot = self._slots[index]
+        if self._stopping or slot.incarnation != incarnation:
+            return
+        log.error("worker %d died (exit code %s) serving %s; restarting", index, code,
+                  slot.model.name if slot.model else None)
+        slot.restore = slot.model or slot.restore
+        if slot.pending_op is not None:
+            _fail(slot.pending_op.future, errors.WorkerFailed(f"worker {index} died"))
+            slot.pending_op = None
+        # Requests that waited on this slot go back to the queue.
+        self._pending.extend(w for w in slot.waiters if not w.future.done())
+        slot.waiters = []
+        slot.incarnation += 1
+        slot.restarts += 1
+        slot.state = RESTARTING
+        slot.model = None
+        slot.active = 0
+        slot.worker = None
+        delay = policy.restart_delay(slot.restarts, self.settings.policy.restart_backoff_min_s,
+                                     self.settings.policy.restart_backoff_max_s)
+        self._spawn(self._start_worker(slot, slot.incarnation, delay), f"restart-worker-{index}")
+
+    # ---- clock, reload, stop ------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._post("tick")
+
+    def _on_tick(self) -> None:
+        now = time.monotonic()
+        for view in policy.expired([s.view() for s in self._slots], now, self._keep_alive):
+            slot = self._slots[view.index]
+            log.info("worker %d: %s idle past its keep-alive; unloading", slot.index, view.model)
+            self._drain_then(slot, _Operation("unload", None, False, None, None))
+
+    def _keep_alive(self, name: str) -> float:
+        slot = next(s for s in self._slots if s.model is not None and s.model.name == name)
+        if slot.model.keep_alive_s is not None:
+            return slot.model.keep_alive_s
+        return self.settings.policy.keep_alive_s
+
+    def _on_reload(self, settings: Settings) -> None:
+        self.settings = settings
+        self.catalog = Catalog(settings)
+        log.info("configuration reloaded: %d models", len(self.catalog.configured()))
+
+    def _on_stop(self) -> None:
+        self._stopping = True
+        failure = errors.Unavailable("wcd is stopping", retry_after_s=30)
+        for waiter in list(self._all_waiters()):
+            _fail(waiter.future, failure)
+        self._pending.clear()
+        for slot in self._slots:
+            slot.waiters = []
+
+
+def _fail(future: asyncio.Future | None, error: Exception, *, progress: Progress | None = None,
+          serving: str | None = None) -> None:
+    if progress is not None and isinstance(error, errors.WcdError):
+        progress({"event": "error", "error": error.body()["error"], "serving": serving})
+    if future is not None and not future.done():
+        future.set_exception(error)
+
+
+def _done(future: asyncio.Future | None, progress: Progress | None, event: dict) -> None:
+    if progress is not None:
+        progress(event)
+    if future is not None and not future.done():
+        future.set_result(event)
+
+
+def _phases(phases: dict[str, float]) -> str:
+    return " ".join(f"{k}={v * 1000:.1f}ms" for k, v in phases.items())
+
+
+def _rss(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
