@@ -108,7 +108,8 @@ async def _operation(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model, worker, force = _operation_args(body)
     scheduler = request.app[SCHEDULER]
-    scheduler.resolve_name(model)  # unknown model: a 404 before any streaming
+    # An unknown model (404) or worker (400) is refused before any streaming.
+    scheduler.check_operation(model, worker)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     events: asyncio.Queue = asyncio.Queue()

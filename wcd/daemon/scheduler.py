@@ -165,13 +165,18 @@ class Scheduler:
         finally:
             self._post("release", slot_index, incarnation)
 
-    async def operate(self, kind: str, model: str | None, *, worker: int | None = None,
-                      force: bool = False, progress: Progress | None = None) -> dict:
-        """swap / load / unload; returns the final event ({"event": "done", ...})."""
-        entry = self.catalog.resolve(model) if model is not None else None
+    def check_operation(self, model: str, worker: int | None) -> ModelEntry:
+        """What an operation would refuse at once: an unknown model or worker."""
+        entry = self.catalog.resolve(model)
         if worker is not None and not 0 <= worker < len(self._slots):
             raise errors.BadRequest(f"there is no worker {worker} (have "
                                     f"{len(self._slots)})", param="worker")
+        return entry
+
+    async def operate(self, kind: str, model: str, *, worker: int | None = None,
+                      force: bool = False, progress: Progress | None = None) -> dict:
+        """swap / load / unload; returns the final event ({"event": "done", ...})."""
+        entry = self.check_operation(model, worker)
         future = asyncio.get_running_loop().create_future()
         self._post("operate", kind, entry, worker, force, progress, future)
         return await future
