@@ -187,7 +187,7 @@ def test_unknown_engine_arg_names_the_arg(loop, worker, demo_models):
 def test_failure_after_release_brings_previous_model_back(
         loop, worker, demo_models, reference, tmp_path):
     """Weights whose names the architecture lacks pass every cheap check and
-    fail inside vLLM's loader, after the engine was already touched."""
+    fail inside vLLM's loader, after the previous engine was released."""
     loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
     path = _copy(demo_models, tmp_path)
     from safetensors.torch import load_file, save_file

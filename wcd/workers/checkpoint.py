@@ -41,6 +41,7 @@ class Checkpoint:
     config: dict[str, Any]
     weight_files: tuple[Path, ...]
     weights_key: str  # changes when any weight file is replaced or rewritten
+    layout: str  # digest of every tensor's name, dtype and shape
 
     @property
     def architecture(self) -> str:
@@ -48,9 +49,11 @@ class Checkpoint:
         return archs[0]
 
     def shape_key(self, engine_args: dict[str, Any]) -> str:
-        """Equal keys mean the live engine can take these weights in place."""
+        """Equal keys mean the live engine can take these weights in place.
+        The tensor layout is part of it: vLLM's in-place reload leaves layers
+        half-loaded when a name does not fit, while a rebuild fails cleanly."""
         config = {k: v for k, v in self.config.items() if k not in _SHAPE_NEUTRAL_KEYS}
-        return _digest({"config": config, "engine_args": engine_args})
+        return _digest({"config": config, "engine_args": engine_args, "layout": self.layout})
 
     def frontend_key(self) -> str:
         """Equal keys mean the tokenizer, chat template and generation config match."""
@@ -92,15 +95,17 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     weight_files = tuple(sorted(directory.glob("*.safetensors")))
     if not weight_files:
         raise CheckpointError(f"{directory} has no *.safetensors weights")
+    tensors = {}
     for file in weight_files:
-        _check_safetensors(file)
+        tensors.update(_check_safetensors(file))
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files]
-    return Checkpoint(directory, config, weight_files, _digest(stats))
+    return Checkpoint(directory, config, weight_files, _digest(stats), _digest(tensors))
 
 
-def _check_safetensors(file: Path) -> None:
+def _check_safetensors(file: Path) -> dict[str, list]:
     """A safetensors file is an 8-byte header length, a JSON header, then data
-    whose extent the header states: a truncated download shows here."""
+    whose extent the header states: a truncated download shows here. Returns
+    {tensor name: [dtype, shape]}."""
     size = file.stat().st_size
     try:
         with file.open("rb") as f:
@@ -115,3 +120,4 @@ def _check_safetensors(file: Path) -> None:
     if 8 + header_len + end > size:
         raise CheckpointError(
             f"{file} is truncated: {size} bytes, header says {8 + header_len + end}")
+    return {k: [t["dtype"], t["shape"]] for k, t in header.items() if k != "__metadata__"}

@@ -174,8 +174,10 @@ class EngineHost:
                 self._load_weights(served.engine, previous.checkpoint.read_weights())
                 served.plan = previous
             except Exception:
-                log.exception("could not bring %s back; releasing it", previous.spec.name)
-                self.release()
+                # A reload that failed part-way can leave layers unloaded: only a
+                # fresh engine is known good.
+                log.exception("could not reload %s in place; rebuilding it", previous.spec.name)
+                self._restore_by_rebuild(previous)
             raise SwapFailed(error, self.model) from exc
         with clock.phase("warm"):
             pass  # graph, caches and kernels are the ones that were serving
@@ -195,18 +197,23 @@ class EngineHost:
                 self._warm(self.served.engine)
         except Exception as exc:
             error = _as_model_error(plan.spec.name, exc)
-            self.release()
             if previous is not None:
                 log.warning("rebuild for %s failed (%s); rebuilding %s",
                             plan.spec.name, error, previous.spec.name)
-                try:
-                    self.served = self._build(previous, self._engine_config(previous))
-                except Exception:
-                    log.exception("could not bring %s back", previous.spec.name)
-                    self.release()
+                self._restore_by_rebuild(previous)
+            else:
+                self.release()
             raise SwapFailed(error, self.model) from exc
         with clock.phase("ready"):
             pass
+
+    def _restore_by_rebuild(self, previous: Plan) -> None:
+        self.release()
+        try:
+            self.served = self._build(previous, self._engine_config(previous))
+        except Exception:
+            log.exception("could not bring %s back", previous.spec.name)
+            self.release()
 
     def _engine_config(self, plan: Plan):
         args = {**plan.engine_args, **FORCED_ENGINE_ARGS, "model": str(plan.checkpoint.path)}

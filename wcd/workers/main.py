@@ -82,7 +82,9 @@ class Worker:
         try:
             while (command := self.channel.recv()) is not None:
                 if isinstance(command, p.Ping):
-                    self.channel.send(p.Pong(command.seq, self.host.model, self.busy))
+                    # len() of a set is atomic under the GIL: no lock with the main thread.
+                    self.channel.send(p.Pong(command.seq, self.host.model, self.busy,
+                                             len(self.inflight)))
                 else:
                     self.commands.put(command)
         except (OSError, p.ProtocolError) as exc:

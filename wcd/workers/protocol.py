@@ -118,6 +118,7 @@ class Pong(msgspec.Struct, tag="pong", frozen=True):
     seq: int
     model: str | None
     busy: str | None  # the operation under way ("swap", "unload"), if any
+    running: int = 0  # requests in the engine: shows that an abort took effect
 
 
 class Phase(msgspec.Struct, tag="phase", frozen=True):
