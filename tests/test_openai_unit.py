@@ -130,10 +130,10 @@ def run_async(test):
 
 
 @contextlib.asynccontextmanager
-async def serve(scheduler: FakeScheduler, keys: tuple[str, ...] = (), metrics_handler=None):
+async def serve(scheduler: FakeScheduler, keys: tuple[str, ...] = (), metrics=None):
     scheduler.settings = SimpleNamespace(http=HttpSettings(api_keys=keys))
     # A plain AppRunner, as the daemon's: nothing here may rely on test-only settings.
-    runner = web.AppRunner(create_openai_app(scheduler, metrics_handler))
+    runner = web.AppRunner(create_openai_app(scheduler, metrics))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
@@ -384,15 +384,13 @@ def test_openapi_in_repo_is_current():
 
 @run_async
 async def test_open_endpoints_and_openapi():
-    async def metrics(request):
-        return web.Response(text="wcd_up 1\n")
-
-    async with serve(FakeScheduler(), keys=("k",), metrics_handler=metrics) as url, \
+    async with serve(FakeScheduler(), keys=("k",)) as url, \
             aiohttp.ClientSession() as session:
         async with session.get(url + "/health") as health:
             assert (health.status, await health.json()) == (200, {"status": "ok"})
         async with session.get(url + "/metrics") as served:
-            assert (served.status, await served.text()) == (200, "wcd_up 1\n")
+            assert served.status == 200
+            assert served.headers["Content-Type"].startswith("text/plain")
         async with session.get(url + "/openapi.json") as doc:
             document = await doc.json()
     app_routes = {"/v1/models", "/v1/models/{id}", "/v1/completions", "/v1/chat/completions",
@@ -402,11 +400,23 @@ async def test_open_endpoints_and_openapi():
 
 
 @run_async
-async def test_metrics_absent_without_handler():
+async def test_metrics_count_requests_tokens_and_latency():
+    """Unit test with the fake scheduler: what one good and one refused
+    request leave in /metrics."""
     async with serve(FakeScheduler()) as url, aiohttp.ClientSession() as session:
-        async with session.get(url + "/metrics") as response:
-            assert response.status == 404
-            assert "error" in await response.json()
+        status, _, _ = await post(url, "/v1/completions", {"model": "alias", "prompt": "hi"})
+        assert status == 200
+        status, _, _ = await post(url, "/v1/completions", {"model": "alias", "n": "x"})
+        assert status == 400
+        async with session.get(url + "/metrics") as served:
+            text = await served.text()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    # Labelled with the canonical name the alias resolved to.
+    assert samples['wcd_requests_total{model="demo",outcome="200"}'] == 1
+    assert samples['wcd_requests_total{model="",outcome="400"}'] == 1
+    assert samples['wcd_tokens_total{kind="completion",model="demo"}'] == 2
+    assert samples['wcd_time_to_first_token_seconds_count{model="demo"}'] == 1
 
 
 # ---- errors ----------------------------------------------------------------------------

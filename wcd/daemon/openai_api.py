@@ -21,7 +21,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ import wcd
 from wcd.daemon import errors
 from wcd.daemon import openai_types as t
 from wcd.daemon.http_errors import error_middleware
+from wcd.daemon.metrics import Metrics, RequestTimer
 from wcd.daemon.worker_process import WorkerError
 from wcd.workers import protocol as p
 
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
     from wcd.daemon.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-
-MetricsHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_BODY_BYTES = 32 << 20
 OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
@@ -51,8 +50,7 @@ _LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf, which JSON cannot carry
 _encode = msgspec.json.Encoder().encode
 
 
-def create_openai_app(scheduler: Scheduler,
-                      metrics_handler: MetricsHandler | None = None) -> web.Application:
+def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None) -> web.Application:
     """API keys are read from scheduler.settings per request, so a reload
     (SIGHUP) changes them."""
     app = web.Application(
@@ -60,11 +58,11 @@ def create_openai_app(scheduler: Scheduler,
         # A client that goes away cancels its handler, which aborts its request in
         # the worker; set on the app so it holds whichever runner serves it.
         handler_args={"handler_cancellation": True})
-    api = _Api(scheduler)
+    metrics = metrics or Metrics()
+    api = _Api(scheduler, metrics)
     app.router.add_get("/health", _health)
     app.router.add_get("/openapi.json", _openapi)
-    if metrics_handler is not None:
-        app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics", metrics.handler)
     app.router.add_get("/v1/models", api.list_models)
     app.router.add_get("/v1/models/{id:.+}", api.get_model)
     app.router.add_post("/v1/completions", api.completions)
@@ -146,8 +144,9 @@ class _Job:
 
 
 class _Api:
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, metrics: Metrics):
         self.scheduler = scheduler
+        self.metrics = metrics
         self.started = int(time.time())
 
     async def list_models(self, request: web.Request) -> web.Response:
@@ -167,16 +166,34 @@ class _Api:
                        worker=view.get("worker"))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        job = _Job.of(await _decode(request, t.CompletionRequest), "cmpl")
-        return await self._serve(request, job, _CompletionFormat(job))
+        return await self._timed(request, t.CompletionRequest, "cmpl", _CompletionFormat)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        job = _Job.of(await _decode(request, t.ChatCompletionRequest), "chatcmpl")
-        return await self._serve(request, job, _ChatFormat(job))
+        return await self._timed(request, t.ChatCompletionRequest, "chatcmpl", _ChatFormat)
 
-    async def _serve(self, request: web.Request, job: _Job, fmt: _Format) -> web.StreamResponse:
+    async def _timed(self, request: web.Request, shape: type, prefix: str,
+                     format_: type) -> web.StreamResponse:
+        timer = self.metrics.request_timer()
+        try:
+            job = _Job.of(await _decode(request, shape), prefix)
+            response = await self._serve(request, job, format_(job), timer)
+        except asyncio.CancelledError:
+            timer.finish("cancelled")
+            raise
+        except errors.WcdError as exc:
+            timer.finish(str(exc.status))
+            raise
+        except BaseException:
+            timer.finish("500")
+            raise
+        timer.finish("200")
+        return response
+
+    async def _serve(self, request: web.Request, job: _Job, fmt: _Format,
+                     timer: RequestTimer) -> web.StreamResponse:
         async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
-                _outputs(lease.worker, job.requests(lease.model))) as outputs:
+                timer.observe(_outputs(lease.worker, job.requests(lease.model)))) as outputs:
+            timer.model = lease.model
             if job.stream:
                 return await _stream(request, job, fmt, outputs)
             tally = _Tally(job.n)

@@ -27,6 +27,7 @@ from typing import Any
 from wcd.daemon import errors, policy
 from wcd.daemon.catalog import Catalog, ModelEntry
 from wcd.daemon.config import Settings, WorkerSettings
+from wcd.daemon.metrics import Metrics
 from wcd.daemon.policy import (DRAINING, FAILED, IDLE, RESTARTING, SERVING, STARTING,
                                SWAPPING, SlotView)
 from wcd.daemon.worker_process import WorkerError, WorkerGone, WorkerOptions, WorkerProcess
@@ -71,7 +72,8 @@ class _Slot:
     worker: WorkerProcess | None = None
     state: str = STARTING
     model: ModelEntry | None = None  # served, or being brought in
-    active: int = 0
+    active: int = 0  # leases the daemon has handed out
+    running: int = 0  # requests the worker reported at its last health ping
     last_used: float = 0.0
     restarts: int = 0
     incarnation: int = 0
@@ -87,8 +89,10 @@ class _Slot:
 
 class Scheduler:
     def __init__(self, settings: Settings, *, on_change: Callable[[], None] | None = None,
-                 worker_env: dict[str, str] | None = None):
+                 worker_env: dict[str, str] | None = None, metrics: Metrics | None = None):
         self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.metrics.track(self.waiting, self.resident)
         self.catalog = Catalog(settings)
         self._on_change = on_change or (lambda: None)
         self._worker_env = worker_env
@@ -206,6 +210,11 @@ class Scheduler:
                             if s.model is not None and s.state == SERVING) or "nothing"
         return f"workers {ready}/{len(self._slots)} ready; serving {serving}"
 
+    def resident(self) -> list[tuple[int, str]]:
+        """(worker index, model) for every model a worker serves."""
+        return [(s.index, s.model.name) for s in self._slots
+                if s.model is not None and s.state == SERVING]
+
     def waiting(self) -> int:
         return len(self._pending) + sum(len(s.waiters) for s in self._slots)
 
@@ -213,7 +222,7 @@ class Scheduler:
         return {"index": slot.index, "device": slot.settings.device,
                 "pid": slot.worker.pid if slot.worker else None,
                 "state": slot.state, "model": slot.model.name if slot.model else None,
-                "active": slot.active, "restarts": slot.restarts,
+                "active": slot.active, "running": slot.running, "restarts": slot.restarts,
                 "rss_bytes": _rss(slot.worker.pid) if slot.worker else None,
                 "last_swap": slot.last_swap}
 
@@ -362,12 +371,14 @@ class Scheduler:
             slot.model = op.entry if op.kind == "swap" else None
             slot.last_used = time.monotonic()
             slot.last_swap = {k: event[k] for k in ("model", "path", "phases", "total_s")}
+            self.metrics.swap_done(event["model"], event)
             log.info("worker %d: %s %s -> %s (%s) in %.3f s: %s", index, op.kind,
                      previous.name if previous else None, event["model"], event["path"],
                      event["total_s"], _phases(event["phases"]))
             _done(op.future, op.progress, event)
         else:
             slot.model = previous if error.serving == (previous and previous.name) else None
+            self.metrics.swap_failed(op.entry.name if op.entry else None)
             failure = errors.from_worker(error.error)
             log.warning("worker %d: %s to %s failed: %s (serving %s)", index, op.kind,
                         op.entry.name if op.entry else None, error.error.message,
@@ -499,7 +510,8 @@ class Scheduler:
                 if exited.done():
                     break
                 try:
-                    await worker.ping(policy_.health_timeout_s)
+                    pong = await worker.ping(policy_.health_timeout_s)
+                    slot.running = pong.running
                 except asyncio.TimeoutError:
                     log.error("worker %d (pid %s) did not answer a ping in %.0f s; killing it",
                               slot.index, worker.pid, policy_.health_timeout_s)
@@ -526,6 +538,7 @@ class Scheduler:
         slot.waiters = []
         slot.incarnation += 1
         slot.restarts += 1
+        self.metrics.restarts.labels(str(index)).inc()
         slot.state = RESTARTING
         slot.model = None
         slot.active = 0

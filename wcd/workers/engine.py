@@ -266,9 +266,12 @@ class EngineHost:
             raise ModelError(p.NOT_LOADED, f"model {request.model!r} is not served by this "
                                            f"worker (serving {self.model!r})")
         try:
-            params = _sampling_params({**served.sampling_defaults, **request.sampling})
+            sampling = {**served.sampling_defaults, **request.sampling}
+            params = _sampling_params(sampling)
             params.output_kind = RequestOutputKind.DELTA
             engine_input = self._render(served.engine, request)
+            _fit_max_tokens(served.engine.model_config.max_model_len, engine_input, params,
+                            asked="max_tokens" in sampling)
             served.engine.add_request(request.request_id, engine_input, params)
         except ModelError:
             raise
@@ -363,6 +366,24 @@ def _unknown_arg(exc: TypeError) -> str:
         arg = message.rsplit("argument", 1)[1].strip()
         return f"{arg} is not a vLLM engine argument"
     return message
+
+
+def _fit_max_tokens(max_model_len: int, engine_input, params: SamplingParams,
+                    asked: bool) -> None:
+    """As vLLM's OpenAI server does: no max_tokens means the rest of the
+    context, and max_tokens past the context is refused (vLLM's offline
+    engine would default to 16 and silently stop at the context's end). A
+    prompt that alone is too long is left to vLLM's own check and message."""
+    prompt = engine_input.get("prompt_token_ids") if isinstance(engine_input, dict) else None
+    if prompt is None or len(prompt) >= max_model_len:
+        return
+    if not asked:
+        params.max_tokens = max_model_len - len(prompt)
+    elif params.max_tokens is not None and len(prompt) + params.max_tokens > max_model_len:
+        raise ModelError(p.BAD_ARGS, (
+            f"'max_tokens' is too large: {params.max_tokens}. This model's maximum context "
+            f"length is {max_model_len} tokens and your request has {len(prompt)} input "
+            f"tokens ({params.max_tokens} > {max_model_len} - {len(prompt)})"))
 
 
 def _first_line(exc: BaseException) -> str:
