@@ -17,40 +17,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import os
 import platform
 import shlex
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import matplotlib
 import numpy as np
 
+from common import (CACHE, ENGINE_ARGS, MODELS, ROOT, command_line, machine, pct, shown,
+                    vllm_server, vllm_server_command, write_section)
 from wcd.daemon.worker_process import WorkerOptions, WorkerProcess
 from wcd.workers import protocol as p
 
 matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".cache"
 SECTION = "## Swap (bench/swap.py)"
-ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 512, "max_num_batched_tokens": 512,
-               "kv_cache_memory_bytes": 67108864, "seed": 0}
 SAME, REBUILD = "same_shape", "rebuild"
 SAME_PAIR, REBUILD_PAIR = ("small-b", "small-a"), ("wide-a", "small-a")
 RSS_CYCLE = ("small-b", "wide-a", "small-a")
-COLD_TIMEOUT_S = 600.0
 MB = 1_000_000
 
 
@@ -86,82 +77,17 @@ class Results:
 # ---- (a) cold start ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cold_command(port: str) -> list[str]:
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", "models/small-a", "--port", port, "--dtype", "bfloat16",
-            "--max-model-len", "512", "--max-num-batched-tokens", "512",
-            "--kv-cache-memory-bytes", "67108864", "--seed", "0"]
-
-
 async def cold_start_s(log_path: Path) -> float:
     """Seconds from launching a fresh vLLM API server to its first completion."""
-    port = free_port()
-    # The baseline is vLLM as shipped: its EngineCore in a separate process.
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    with log_path.open("wb") as log:
-        started = time.perf_counter()
-        server = await asyncio.create_subprocess_exec(
-            *cold_command(str(port)), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        await first_completion(server, port, log_path)
-        return time.perf_counter() - started
-    finally:
-        await stop_group(server)
-
-
-async def first_completion(server: asyncio.subprocess.Process, port: int,
-                           log_path: Path) -> None:
-    body = {"model": "models/small-a", "prompt": "hello world", "max_tokens": 8,
-            "temperature": 0}
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    deadline = time.monotonic() + COLD_TIMEOUT_S
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        while time.monotonic() < deadline:
-            if server.returncode is not None:
-                raise RuntimeError(f"vLLM exited with {server.returncode} before its first "
-                                   f"completion:\n{tail(log_path)}")
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with session.post(url, json=body) as response:
-                    if response.status == 200:
-                        return
-                    if response.status < 500:  # up, but refusing: waiting cannot help
-                        raise RuntimeError(f"vLLM answered {response.status}: "
-                                           f"{await response.text()}")
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"vLLM gave no completion within {COLD_TIMEOUT_S:.0f} s:\n"
-                       f"{tail(log_path)}")
-
-
-async def stop_group(server: asyncio.subprocess.Process) -> None:
-    """SIGTERM, SIGKILL after 30 s; then SIGKILL to whatever the server left in
-    its process group (its EngineCore), so no vLLM outlives the measurement."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(server.wait(), 30)
-    except asyncio.TimeoutError:
-        print("  vLLM did not stop within 30 s of SIGTERM; killing it")
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
-    await server.wait()
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    async with vllm_server("small-a", log_path) as (_, seconds):
+        return seconds
 
 
 # ---- (b) and (c) warm swaps ----------------------------------------------------------
 
 
 def spec(name: str) -> p.ModelSpec:
-    return p.ModelSpec(name, str(ROOT / "models" / name), ENGINE_ARGS)
+    return p.ModelSpec(name, str(MODELS / name), ENGINE_ARGS)
 
 
 async def swap_and_serve(worker: WorkerProcess, name: str,
@@ -228,10 +154,6 @@ async def warm(args: argparse.Namespace, cold_s: list[float],
 # ---- figures -----------------------------------------------------------------------
 
 
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q))
-
-
 def phases_of(series: list[Timed]) -> list[str]:
     seen = {name for timed in series for name in timed.done.phases}
     return [*[ph for ph in p.SWAP_PHASES if ph in seen], *sorted(seen - set(p.SWAP_PHASES))]
@@ -279,25 +201,6 @@ def goals(results: Results) -> list[Goal]:
 # ---- report ------------------------------------------------------------------------
 
 
-def machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f
-                    if line.startswith("model name")), platform.processor() or "unknown CPU")
-    with open("/proc/meminfo") as f:
-        mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
-    return f"{cpu}, {os.cpu_count()} cores, {mem_kib / 2**20:.1f} GiB RAM"
-
-
-def shown(path: str) -> str:
-    """A path as a reader at the repository root would type it."""
-    resolved = Path(path).absolute()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
-
-
-def command_line() -> str:
-    return shlex.join([shown(sys.executable), shown(sys.argv[0]), *sys.argv[1:]])
-
-
 def phase_table(results: Results) -> list[str]:
     same, rebuild = results.swaps[SAME], results.swaps[REBUILD]
     rows = ["| phase | same_shape p50 | same_shape p90 | rebuild p50 | rebuild p90 |",
@@ -332,7 +235,7 @@ def section(results: Results, plot_link: str) -> str:
         f"Command: `{command_line()}` (`make bench`). Engine args for every model: "
         f"`{json.dumps(ENGINE_ARGS)}`.", "",
         "### Cold start (baseline)", "",
-        f"`{shlex.join(['python', *cold_command('PORT')[1:]])}` "
+        f"`{shlex.join(['python', *vllm_server_command('small-a', 'PORT')[1:]])}` "
         "with vLLM's default multiprocessing, from launch to its first successful "
         f"`POST /v1/completions`: {cold} (median {cold_median(results):.1f} s over "
         f"{len(results.cold_s)} run(s)).", "",
@@ -358,19 +261,6 @@ def section(results: Results, plot_link: str) -> str:
         f"![per-phase p50 of each swap path]({plot_link})", "",
     ]
     return "\n".join(lines)
-
-
-def replace_section(text: str, new: str) -> str:
-    """`new` in place of the old swap section; every other section stays."""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        head = text.rstrip("\n") + "\n\n" if text.strip() else "# Benchmarks\n\n"
-        return head + new
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-               len(lines))
-    rest = "".join(lines[end:])
-    return "".join(lines[:start]) + new + ("\n" + rest if rest else "")
 
 
 def plot(results: Results, path: Path) -> None:
@@ -442,9 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.plot)
     text = section(results, os.path.relpath(args.plot, args.benchmarks.parent))
     print("\n" + text)
-    existing = args.benchmarks.read_text() if args.benchmarks.exists() else ""
-    args.benchmarks.parent.mkdir(parents=True, exist_ok=True)
-    args.benchmarks.write_text(replace_section(existing, text))
+    write_section(args.benchmarks, SECTION, text)
     print(f"wrote {shown(str(args.benchmarks))} and {shown(str(args.plot))}")
     return 0
 

@@ -1,0 +1,143 @@
+"""What the benchmarks share: vLLM's own API server as the baseline, the
+machine description, percentiles, and BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+MODELS = ROOT / "models"
+# The demo engine args (etc/wcd.yaml's defaults), for wcd and the baseline alike.
+ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 512, "max_num_batched_tokens": 512,
+               "kv_cache_memory_bytes": 67108864, "seed": 0}
+SERVER_TIMEOUT_S = 600.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def vllm_server_command(model: str, port: str) -> list[str]:
+    """vLLM's own OpenAI server for a demo model, with wcd's engine args."""
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", f"models/{model}", "--served-model-name", model, "--port", port]
+    for key, value in ENGINE_ARGS.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+@contextlib.asynccontextmanager
+async def vllm_server(model: str, log_path: Path):
+    """A fresh vLLM API server as shipped (EngineCore in its own process);
+    yields (port, seconds from launch to its first completion)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        started = time.perf_counter()
+        server = await asyncio.create_subprocess_exec(
+            *vllm_server_command(model, str(port)), cwd=ROOT, env=env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        await first_completion(f"http://127.0.0.1:{port}", model, log_path,
+                               lambda: server.returncode)
+        yield port, time.perf_counter() - started
+    finally:
+        await stop_group(server)
+
+
+async def first_completion(url: str, model: str, log_path: Path, exited) -> None:
+    """Polls until `url` answers a completion; `exited()` is the server's exit
+    code, or None while it runs."""
+    body = {"model": model, "prompt": "hello world", "max_tokens": 8, "temperature": 0}
+    deadline = time.monotonic() + SERVER_TIMEOUT_S
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        while time.monotonic() < deadline:
+            if exited() is not None:
+                raise RuntimeError(f"the server exited with {exited()} before its first "
+                                   f"completion:\n{tail(log_path)}")
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with session.post(url + "/v1/completions", json=body) as response:
+                    if response.status == 200:
+                        return
+                    if response.status < 500 and response.status != 404:
+                        raise RuntimeError(f"the server answered {response.status}: "
+                                           f"{await response.text()}")
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"no completion within {SERVER_TIMEOUT_S:.0f} s:\n{tail(log_path)}")
+
+
+async def stop_group(server: asyncio.subprocess.Process) -> None:
+    """SIGTERM, SIGKILL after 30 s; then SIGKILL to whatever the server left in
+    its process group (vLLM's EngineCore), so nothing outlives the measurement."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(server.wait(), 30)
+    except asyncio.TimeoutError:
+        print("  the server did not stop within 30 s of SIGTERM; killing it")
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    await server.wait()
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def machine() -> str:
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("model name")), platform.processor() or "unknown CPU")
+    with open("/proc/meminfo") as f:
+        mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    return f"{cpu}, {os.cpu_count()} cores, {mem_kib / 2**20:.1f} GiB RAM"
+
+
+def shown(path: str) -> str:
+    """A path as a reader at the repository root would type it."""
+    resolved = Path(path).absolute()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
+def command_line() -> str:
+    return shlex.join([shown(sys.executable), shown(sys.argv[0]), *sys.argv[1:]])
+
+
+def write_section(benchmarks: Path, title: str, new: str) -> None:
+    """`new` (starting with `title`) in place of the old section of that title
+    in BENCHMARKS.md; every other section stays."""
+    text = benchmarks.read_text() if benchmarks.exists() else ""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
+    if start is None:
+        head = text.rstrip("\n") + "\n\n" if text.strip() else "# Benchmarks\n\n"
+        updated = head + new
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        rest = "".join(lines[end:])
+        updated = "".join(lines[:start]) + new + ("\n" + rest if rest else "")
+    benchmarks.parent.mkdir(parents=True, exist_ok=True)
+    benchmarks.write_text(updated)
