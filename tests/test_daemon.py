@@ -205,5 +205,9 @@ def test_socket_activation_passes_the_control_socket(tmp_path, demo_models):
         assert done.returncode == 0, daemon.log_text()
         assert json.loads(done.stdout)["pid"] == daemon.process.pid  # exec'd in place
         assert not (tmp_path / "unused.sock").exists()
+        # The worker is most likely still warming: the swap waits for it.
+        swapped = daemon.wcctl("swap", "small-b", "--json")
+        assert swapped.returncode == 0, swapped.stderr
+        assert json.loads(swapped.stdout)["model"] == "small-b"
     finally:
         assert daemon.stop() == 0

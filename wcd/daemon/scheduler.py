@@ -62,7 +62,7 @@ class _Operation:
     force: bool
     progress: Progress | None
     future: asyncio.Future | None
-    drain_started: float = field(default_factory=time.perf_counter)
+    drain_started: float = 0.0  # set when its slot starts draining
 
 
 @dataclass
@@ -78,6 +78,7 @@ class _Slot:
     restarts: int = 0
     incarnation: int = 0
     pending_op: _Operation | None = None  # waits for the drain
+    deferred_op: _Operation | None = None  # waits for the worker to start
     waiters: list[_Waiter] = field(default_factory=list)
     last_swap: dict | None = None
     restore: ModelEntry | None = None  # what to bring back after a restart
@@ -277,7 +278,7 @@ class Scheduler:
                                          "path": "noop", "phases": {}, "total_s": 0.0})
                 return
         else:
-            slot = self._slot_for(entry, worker, kind)
+            slot = self._slot_for(entry, worker, kind) or self._warming_slot()
             if slot is None:
                 _fail(future, errors.Conflict("every worker is busy; try again shortly"))
                 return
@@ -287,13 +288,23 @@ class Scheduler:
                                          "worker": slot.index, "path": "noop", "phases": {},
                                          "total_s": 0.0})
                 return
+        op = _Operation("unload" if kind == "unload" else "swap",
+                        None if kind == "unload" else entry, force, progress, future)
+        if slot.state in (STARTING, RESTARTING) and op.kind == "swap" \
+                and slot.deferred_op is None:
+            # Right after start (or a crash) the worker is still warming:
+            # the swap runs as soon as it is ready, instead of the preload.
+            slot.deferred_op = op
+            return
         if slot.state not in (IDLE, SERVING):
             _fail(future, errors.Conflict(f"worker {slot.index} is {slot.state}; "
                                           "try again when it is done"))
             return
-        self._drain_then(slot, _Operation("unload" if kind == "unload" else "swap",
-                                          None if kind == "unload" else entry, force,
-                                          progress, future))
+        self._drain_then(slot, op)
+
+    def _warming_slot(self) -> _Slot | None:
+        return next((s for s in self._slots if s.state in (STARTING, RESTARTING)
+                     and s.deferred_op is None), None)
 
     def _slot_for(self, entry: ModelEntry, worker: int | None, kind: str) -> _Slot | None:
         if worker is not None:
@@ -309,6 +320,7 @@ class Scheduler:
             op.progress({"event": "accepted", "model": op.entry.name if op.entry else None,
                          "worker": slot.index})
         slot.pending_op = op
+        op.drain_started = time.perf_counter()
         slot.state = DRAINING
         if slot.active == 0 or op.force:
             self._begin_op(slot)
@@ -488,8 +500,11 @@ class Scheduler:
         self._spawn(self._watch(slot, incarnation, worker), f"watch-worker-{index}")
         restore = slot.restore or self._preload_for(slot)
         slot.restore = None
-        if restore is not None:
-            self._drain_then(slot, _Operation("swap", restore, False, None, None))
+        op, slot.deferred_op = slot.deferred_op, None
+        if op is None and restore is not None:
+            op = _Operation("swap", restore, False, None, None)
+        if op is not None:
+            self._drain_then(slot, op)
 
     def _preload_for(self, slot: _Slot) -> ModelEntry | None:
         """Preloads go one per worker, in order, on the workers' first start."""
@@ -580,6 +595,9 @@ class Scheduler:
         self._pending.clear()
         for slot in self._slots:
             slot.waiters = []
+            if slot.deferred_op is not None:
+                _fail(slot.deferred_op.future, failure, progress=slot.deferred_op.progress)
+                slot.deferred_op = None
 
 
 def _fail(future: asyncio.Future | None, error: Exception, *, progress: Progress | None = None,

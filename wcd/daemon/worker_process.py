@@ -102,6 +102,7 @@ class WorkerProcess:
             self.ready = await asyncio.wait_for(asyncio.shield(self._ready),
                                                 self.options.ready_timeout_s)
         except BaseException:
+            self._ready.cancel()  # nobody waits for it any more
             await self.kill()
             raise
         log.info("worker %d ready: pid %d, %s, vLLM %s, %.1f s", self.options.index,
