@@ -167,6 +167,17 @@ def test_notifier_survives_a_missing_manager(backend, short_tmp, monkeypatch, ca
     assert len([r for r in caplog.records if "sd_notify" in r.getMessage()]) == 1
 
 
+def test_notifier_never_blocks_on_a_manager_that_stops_reading(notify_socket):
+    """A receiver whose queue is full drops messages; the sender (the daemon's
+    event loop) goes on at once."""
+    notifier = sd.Notifier()
+    started = time.monotonic()
+    for _ in range(5000):
+        notifier.status("x" * 1000)
+    assert time.monotonic() - started < 5
+    assert notify_socket.recv(4096) == b"STATUS=" + b"x" * 1000
+
+
 # --- watchdog ------------------------------------------------------------------
 
 @pytest.mark.parametrize("usec, pid, expected", [

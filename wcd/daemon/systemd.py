@@ -1,8 +1,11 @@
 """systemd integration: sd_notify, the watchdog, socket activation, the journal.
 
-systemd-python is used where it is installed (the `systemd` extra); where it
-is not, the stdlib does the same through the documented wire protocols, so wcd
-runs under systemd either way and everything here is a no-op outside it.
+systemd-python is used where it is installed (the `systemd` extra) for the
+journal and socket activation; where it is not, the stdlib does the same
+through the documented wire protocols, so wcd runs under systemd either way
+and everything here is a no-op outside it. Notifications always use wcd's own
+non-blocking sender: libsystemd's sd_notify blocks while the receiver's queue
+is full, and the daemon's loop must never wait on the service manager.
 """
 
 from __future__ import annotations
@@ -31,14 +34,13 @@ def _optional(module: str) -> ModuleType | None:
 class Notifier:
     """sd_notify(3) messages to the service manager.
 
-    Sends are best effort: systemd going away must never take the daemon down,
-    so a failure is logged once, at debug, and otherwise ignored.
+    Sends are best effort and never block: systemd going away or falling
+    behind must never stall or take down the daemon, so a failed or dropped
+    message is logged once, at debug, and otherwise ignored.
     """
 
     def __init__(self) -> None:
         self._address = os.environ.get("NOTIFY_SOCKET") or None
-        library = _optional("systemd.daemon")
-        self._send = library.notify if library else self._send_stdlib
         self._failure_logged = False
 
     @property
@@ -68,16 +70,17 @@ class Notifier:
             return
         try:
             self._send(state)
-        except OSError as e:
+        except OSError as e:  # BlockingIOError included: the receiver is full
             if not self._failure_logged:
                 log.debug("sd_notify to %s failed: %s", self._address, e)
                 self._failure_logged = True
 
-    def _send_stdlib(self, state: str) -> None:
+    def _send(self, state: str) -> None:
         address = self._address
         if address.startswith("@"):  # abstract namespace, as sd_notify reads it
             address = "\0" + address[1:]
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                           | socket.SOCK_NONBLOCK) as sock:
             sock.sendto(state.encode(), address)
 
 
