@@ -9,7 +9,6 @@ an exit status a script can branch on (see the EXIT_* constants).
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import socket
@@ -81,23 +80,28 @@ def find_socket(candidates: list[str]) -> str:
     raise DaemonUnreachable("daemon not running: no control socket at " + ", ".join(candidates))
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
-        self.unix_socket: socket.socket | None = None
+class Response:
+    """An HTTP/1.0 answer read straight off the socket. HTTP/1.0 keeps the
+    body unchunked and ends it by closing, so a streamed NDJSON body is read
+    line by line; and http.client alone would cost more start-up time than
+    the whole round trip to the daemon."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        # http.client drops self.sock when the response says "close"; the
-        # stream still reads from it, and the deadline needs to reach it.
-        self.sock = self.unix_socket = sock
+    def __init__(self, file):
+        self.file = file
+        status_line = file.readline(65536).decode("latin-1")
+        version, _, rest = status_line.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/") or not code.isdigit():
+            raise ConnectionError(f"bad status line {status_line[:60]!r}")
+        self.status, self.reason = int(code), reason.strip()
+        while file.readline(65536) not in (b"\r\n", b"\n", b""):
+            pass  # headers: nothing in them is needed
+
+    def read(self) -> bytes:
+        return self.file.read()
+
+    def readline(self) -> bytes:
+        return self.file.readline()
 
 
 class Client:
@@ -107,36 +111,35 @@ class Client:
         self.socket_path = socket_path
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
-        self.conn = UnixHTTPConnection(socket_path, timeout_s)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
     def get(self, path: str) -> dict:
-        with self._request("GET", path) as response:
-            return _decode(self._read(response.read))
+        return _decode(self._read(self._request("GET", path).read))
 
     def stream(self, path: str, body: dict) -> Iterator[dict]:
         """The events of an NDJSON answer, each as soon as its line arrives."""
-        with self._request("POST", path, body) as response:
-            while line := self._read(response.readline):
-                if line.strip():
-                    yield _decode(line)
+        response = self._request("POST", path, body)
+        while line := self._read(response.readline):
+            if line.strip():
+                yield _decode(line)
 
-    def _request(self, method: str, path: str, body: dict | None = None):
+    def _request(self, method: str, path: str, body: dict | None = None) -> Response:
         self._connect()
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"Accept": "application/json, application/x-ndjson"}
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
-        self._read(lambda: self.conn.request(method, path, payload, headers))
-        response = self._read(self.conn.getresponse)
+        payload = b"" if body is None else json.dumps(body).encode()
+        head = (f"{method} {path} HTTP/1.0\r\nHost: wcd\r\n"
+                "Accept: application/json, application/x-ndjson\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
+        self._read(lambda: self.sock.sendall(head.encode() + payload))
+        response = self._read(lambda: Response(self.sock.makefile("rb")))
         if response.status >= 300:
-            with response:
-                raise http_error(response.status, response.reason, self._read(response.read))
+            raise http_error(response.status, response.reason, self._read(response.read))
         return response
 
     def _connect(self) -> None:
         path = self.socket_path
+        self.sock.settimeout(self.timeout_s)
         try:
-            self.conn.connect()
+            self.sock.connect(path)
         except FileNotFoundError:
             raise DaemonUnreachable(f"daemon not running: no control socket at {path}") from None
         except ConnectionRefusedError:
@@ -158,12 +161,12 @@ class Client:
                 raise TimeoutError
             # Socket timeouts are per call: giving each call what is left of
             # the deadline makes --timeout a bound on the whole command.
-            self.conn.unix_socket.settimeout(remaining)
+            self.sock.settimeout(remaining)
             return step()
         except TimeoutError:
             raise OperationFailed(
                 f"no result from the daemon within {self.timeout_s:g} s") from None
-        except (http.client.HTTPException, ConnectionError) as e:
+        except ConnectionError as e:
             detail = str(e) or type(e).__name__
             raise OperationFailed(f"lost the connection to the daemon ({detail})") from None
 

@@ -123,7 +123,12 @@ class WorkerProcess:
                                    f"{self.process.pid}) exited with code {code}: {reason}"))
 
     def _dispatch(self, event: p.Event) -> None:
-        if isinstance(event, (p.Output, p.RequestFailed)):
+        if isinstance(event, p.Outputs):
+            for output in event.items:
+                queue = self._requests.get(output.request_id)
+                if queue is not None:
+                    queue.put_nowait(output)
+        elif isinstance(event, p.RequestFailed):
             queue = self._requests.get(event.request_id)
             if queue is not None:
                 queue.put_nowait(event)

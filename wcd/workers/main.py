@@ -133,10 +133,12 @@ class Worker:
         self.inflight.add(command.request_id)
 
     def _step(self) -> None:
-        for output in self.host.step():
+        outputs = self.host.step()
+        for output in outputs:
             if output.finished:
                 self.inflight.discard(output.request_id)
-            self.channel.send(output)
+        if outputs:
+            self.channel.send(p.Outputs(outputs))
 
     def _abort(self, request_ids: list[str], reason: str | None) -> None:
         ids = [rid for rid in request_ids if rid in self.inflight]

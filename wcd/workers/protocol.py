@@ -164,6 +164,13 @@ class Output(msgspec.Struct, tag="output", frozen=True):
     logprobs: list[dict[str, Any]] | None = None
 
 
+class Outputs(msgspec.Struct, tag="outputs", frozen=True):
+    """Everything one engine step produced: one message per step, not per
+    request, so concurrent streams cost one write and one wake-up."""
+
+    items: list[Output]
+
+
 class RequestFailed(msgspec.Struct, tag="request_failed", frozen=True):
     request_id: str
     error: ErrorInfo
@@ -178,7 +185,7 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     device_allocated_bytes: int
 
 
-Event = Union[Ready, Pong, Phase, OpDone, OpFailed, Output, RequestFailed, Stats]
+Event = Union[Ready, Pong, Phase, OpDone, OpFailed, Outputs, RequestFailed, Stats]
 
 SWAP_PHASES = ("resolve", "drain", "release", "fetch", "build", "warm", "ready")
 
