@@ -35,7 +35,8 @@ def write_config(directory: Path, models: Path, **overrides) -> Path:
                    for name in ("small-a", "small-b", "wide-a")},
         "preload": ["small-a"],
         "policy": {"health_interval": "1s", "health_timeout": "5s", "drain_timeout": "20s",
-                   "restart_backoff_min": "0.5s", "queue_wait": "120s"},
+                   "restart_backoff_min": "0.5s", "queue_wait": "120s",
+                   "host_cache_bytes": 64 << 20},
     }
     for key, value in overrides.items():
         config[key] = value

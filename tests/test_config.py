@@ -63,7 +63,7 @@ def test_shipped_config_loads():
     assert settings.models["wide-a"].path == str(REPO / "models" / "wide-a")
     assert settings.preload == ("small-a",)
     assert [w.device for w in settings.workers] == ["cpu"]
-    assert settings.policy == config.PolicySettings()
+    assert settings.policy == config.PolicySettings(host_cache_bytes=256 << 20)
     assert (settings.http.host, settings.http.port) == ("127.0.0.1", 8000)
     assert settings.engine_args(settings.models["small-a"]) == {
         "dtype": "bfloat16",
@@ -324,3 +324,11 @@ def test_worker_helpers(tree):
     assert (cpu.kind, cpu.cuda_index) == ("cpu", None)
     assert (gpu1.kind, gpu1.cuda_index) == ("cuda", 1)
     assert gpu0.cuda_index == 0
+
+
+def test_parked_models_are_refused_until_implemented(tmp_path):
+    path = tmp_path / "wcd.yaml"
+    path.write_text("policy:\n  max_parked: 2\n")
+    with pytest.raises(config.ConfigError) as raised:
+        config.load_settings(str(path))
+    assert "max_parked" in str(raised.value) and "not implemented" in str(raised.value)

@@ -63,6 +63,23 @@ def test_swap_on_both_paths_reports_phases(daemon):
     assert daemon.json("ps")["workers"][0]["model"] == "wide-a"
 
 
+def test_ps_shows_models_held_in_host_memory(daemon):
+    """After the swaps above, the worker holds snapshots of what it served."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        held = {m["name"]: m for m in daemon.json("ps")["models"]}
+        if held.get("small-a", {}).get("where") == "host":
+            break
+        time.sleep(0.3)
+    assert held["small-a"]["where"] == "host" and held["small-a"]["bytes"] > 1_000_000
+    assert held["wide-a"]["where"] == "serving"
+    shown = daemon.wcctl("ps").stdout
+    assert "WHERE" in shown and "host" in shown
+    for name in ("small-a", "wide-a"):
+        final = daemon.json("swap", name)
+        assert (final["path"], final["weights"]) == ("rebuild", "host_cache")
+
+
 def test_load_and_unload(daemon):
     assert daemon.json("unload", "wide-a")["path"] == "unload"
     assert daemon.json("ps")["workers"][0]["model"] is None

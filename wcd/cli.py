@@ -250,6 +250,13 @@ def workers_table(workers: list[dict]) -> str:
     return table(["WORKER", "DEVICE", "PID", "STATE", "MODEL", "RSS", "LAST SWAP"], rows)
 
 
+def ps_tables(doc: dict) -> str:
+    """Workers, then the models held anywhere but on disk."""
+    text = workers_table(doc.get("workers", []))
+    held = doc.get("models") or []
+    return text + ("\n\n" + models_table(held) if held else "")
+
+
 def models_table(models: list[dict]) -> str:
     rows = [[m["name"], m["state"], m["where"], dash(m.get("worker")), fmt_bytes(m.get("bytes")),
              m["path"]] for m in models]
@@ -289,7 +296,9 @@ def done_summary(event: dict) -> str:
         "unload": f"{model} unloaded" + ("" if worker is None else f" from worker {worker}"),
         "prefetch": f"{model} prefetched into host memory",
     }
-    head = heads.get(path, f"{who} now serves {model} ({path})")
+    source = {"host_cache": ", from host memory", "disk": ", from disk"}.get(
+        event.get("weights"), "")
+    head = heads.get(path, f"{who} now serves {model} ({path}{source})")
     phases = event.get("phases") or {}
     tail = f": {fmt_phases(phases)}" if phases else ""
     return f"{head} in {event.get('total_s', 0):.3f} s{tail}"
@@ -350,7 +359,7 @@ def print_json(doc: dict) -> None:
 # --- commands -----------------------------------------------------------------
 
 QUERIES = {
-    "ps": ("/v1/workers", lambda doc: workers_table(doc.get("workers", []))),
+    "ps": ("/v1/workers", lambda doc: ps_tables(doc)),
     "models": ("/v1/models", lambda doc: models_table(doc.get("models", []))),
     "status": ("/v1/status", status_summary),
 }

@@ -374,7 +374,7 @@ def _parse_policy(section: _Reader) -> PolicySettings:
     d = PolicySettings()
     policy = PolicySettings(
         keep_alive_s=section.get("keep_alive", parse_duration, d.keep_alive_s),
-        max_parked=section.get("max_parked", _count, d.max_parked),
+        max_parked=section.get("max_parked", _not_yet, d.max_parked),
         host_cache_bytes=section.get("host_cache_bytes", _count, d.host_cache_bytes),
         queue_max=section.get("queue_max", _count, d.queue_max),
         queue_wait_s=section.get("queue_wait", parse_duration, d.queue_wait_s),
@@ -413,6 +413,12 @@ def _int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise _Invalid(f"expected int, got {_type(value)}")
     return value
+
+
+def _not_yet(value: object) -> int:
+    if _count(value):
+        raise _Invalid("parked models are not implemented yet; only 0 is accepted")
+    return 0
 
 
 def _count(value: object) -> int:

@@ -96,7 +96,9 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def _workers(request: web.Request) -> web.Response:
-    return web.json_response({"workers": request.app[SCHEDULER].views()})
+    scheduler = request.app[SCHEDULER]
+    held = [m for m in scheduler.model_views() if m["where"] != "disk"]
+    return web.json_response({"workers": scheduler.views(), "models": held})
 
 
 async def _models(request: web.Request) -> web.Response:

@@ -74,6 +74,7 @@ class _Slot:
     model: ModelEntry | None = None  # served, or being brought in
     active: int = 0  # leases the daemon has handed out
     running: int = 0  # requests the worker reported at its last health ping
+    cached: dict[str, int] = field(default_factory=dict)  # host cache: model -> bytes
     last_used: float = 0.0
     restarts: int = 0
     incarnation: int = 0
@@ -194,15 +195,17 @@ class Scheduler:
         entries = {e.name: e for e in self.catalog.configured()}
         entries.update({s.model.name: s.model for s in served.values()})
         views = []
+        cached = {name: size for s in self._slots for name, size in s.cached.items()}
         for name, entry in entries.items():
             slot = served.get(name)
             state = "available"
             if slot is not None:
                 state = SERVING if slot.state == SERVING else "loading"
+            where = "serving" if state == SERVING else "host" if name in cached else "disk"
             views.append({"name": name, "path": entry.path, "state": state,
-                          "worker": slot.index if slot else None, "bytes": entry.disk_bytes(),
-                          "where": "serving" if state == SERVING else "disk",
-                          "configured": entry.configured})
+                          "worker": slot.index if slot else None,
+                          "bytes": cached.get(name) or entry.disk_bytes(),
+                          "where": where, "configured": entry.configured})
         return views
 
     def status_line(self) -> str:
@@ -369,7 +372,8 @@ class Scheduler:
         phases = dict(result.phases)
         phases["drain"] = phases.get("drain", 0.0) + drained
         event = {"event": "done", "model": result.model, "worker": slot.index,
-                 "path": result.path, "phases": phases, "total_s": result.total_s + drained}
+                 "path": result.path, "weights": result.weights, "phases": phases,
+                 "total_s": result.total_s + drained}
         self._post("op_finished", slot.index, incarnation, op, event, None, previous)
 
     def _on_op_finished(self, index: int, incarnation: int, op: _Operation, event: dict | None,
@@ -478,6 +482,7 @@ class Scheduler:
         options = WorkerOptions(index=slot.index, device=settings.kind,
                                 cuda_device=settings.cuda_index,
                                 ready_timeout_s=self.settings.policy.worker_ready_timeout_s,
+                                host_cache_bytes=self.settings.policy.host_cache_bytes,
                                 stop_timeout_s=self.settings.policy.stop_timeout_s,
                                 env=self._worker_env)
         try:
@@ -527,6 +532,7 @@ class Scheduler:
                 try:
                     pong = await worker.ping(policy_.health_timeout_s)
                     slot.running = pong.running
+                    slot.cached = {c.name: c.bytes for c in pong.cached}
                 except asyncio.TimeoutError:
                     log.error("worker %d (pid %s) did not answer a ping in %.0f s; killing it",
                               slot.index, worker.pid, policy_.health_timeout_s)
@@ -556,7 +562,8 @@ class Scheduler:
         self.metrics.restarts.labels(str(index)).inc()
         slot.state = RESTARTING
         slot.model = None
-        slot.active = 0
+        slot.active = slot.running = 0
+        slot.cached = {}  # the cache died with the process
         slot.worker = None
         delay = policy.restart_delay(slot.restarts, self.settings.policy.restart_backoff_min_s,
                                      self.settings.policy.restart_backoff_max_s)

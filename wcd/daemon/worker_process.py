@@ -43,6 +43,7 @@ class WorkerOptions:
     index: int = 0
     device: str = "cpu"  # "cpu" or "cuda"
     cuda_device: int | None = None  # physical GPU index, for CUDA_VISIBLE_DEVICES
+    host_cache_bytes: int = 0  # budget of the worker's weight snapshots
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 20.0
     python: str = sys.executable
@@ -91,6 +92,7 @@ class WorkerProcess:
                 self.options.python, "-m", "wcd.workers.main",
                 "--fd", str(child_sock.fileno()), "--device", self.options.device,
                 "--index", str(self.options.index),
+                "--host-cache-bytes", str(self.options.host_cache_bytes),
                 pass_fds=(child_sock.fileno(),), env=env, start_new_session=False)
         finally:
             child_sock.close()

@@ -33,6 +33,8 @@ from vllm.v1.engine.llm_engine import LLMEngine
 from wcd.workers import protocol as p
 from wcd.workers import vllm_seams
 from wcd.workers.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from wcd.workers.weights import (CHECKPOINT, KERNEL, HostCache, Snapshot, copy_into,
+                                 kernel_format_holds)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,11 @@ class Plan:
     engine_args: dict[str, Any]
     shape_key: str
 
+    @property
+    def cache_key(self) -> str:
+        """Snapshots are valid for these files, this config and these engine args."""
+        return f"{self.checkpoint.weights_key}-{self.shape_key}"
+
 
 @dataclass
 class Served:
@@ -108,8 +115,10 @@ class Served:
 class EngineHost:
     """Owns at most one engine. Not thread-safe: the worker's main thread only."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache: HostCache) -> None:
         self.served: Served | None = None
+        self.cache = cache
+        self.weights_source: str | None = None  # of the last swap: "host_cache" or "disk"
 
     @property
     def model(self) -> str | None:
@@ -134,14 +143,36 @@ class EngineHost:
         with clock.phase("resolve"):
             plan = self.resolve(spec)
             same_shape = self.served is not None and self.served.plan.shape_key == plan.shape_key
-            config = None if same_shape else self._engine_config(plan)
+            snapshot = self.cache.get(plan.cache_key)
+            config = None if same_shape else self._engine_config(plan, dummy=bool(snapshot))
         with clock.phase("drain"):
             drain()
+        self.weights_source = "host_cache" if snapshot else "disk"
         if same_shape:
-            self._swap_in_place(plan, clock)
+            self._swap_in_place(plan, snapshot, clock)
             return "same_shape"
-        self._rebuild(plan, config, clock)
+        self._rebuild(plan, config, snapshot, clock)
         return "rebuild"
+
+    def snapshot_served(self) -> bool:
+        """Snapshot the served model's parameters into the host cache unless
+        there already; True when one was taken."""
+        served = self.served
+        if served is None or not self.cache.enabled or served.plan.cache_key in self.cache:
+            return False
+        model = vllm_seams.live_model(served.engine)
+        if kernel_format_holds(model):
+            format_, tensors = KERNEL, dict(model.named_parameters())
+        else:
+            format_, tensors = CHECKPOINT, dict(served.plan.checkpoint.read_weights())
+        return self.cache.take(served.plan.cache_key, served.name, format_,
+                               tensors) is not None
+
+    def _apply(self, engine: LLMEngine, snapshot: Snapshot) -> None:
+        if snapshot.format == KERNEL:
+            copy_into(vllm_seams.live_model(engine), snapshot)
+        else:
+            self._load_weights(engine, snapshot.tensors.items())
 
     def unload(self, clock: PhaseClock, drain: Callable[[], None]) -> None:
         with clock.phase("drain"):
@@ -149,17 +180,20 @@ class EngineHost:
         with clock.phase("release"):
             self.release()
 
-    def _swap_in_place(self, plan: Plan, clock: PhaseClock) -> None:
+    def _swap_in_place(self, plan: Plan, snapshot: Snapshot | None, clock: PhaseClock) -> None:
         served = self.served
         previous = served.plan
         with clock.phase("release"):
             served.engine.reset_prefix_cache()
         try:
             with clock.phase("fetch"):
-                weights = list(plan.checkpoint.read_weights())
+                weights = None if snapshot else list(plan.checkpoint.read_weights())
             with clock.phase("build"):
-                self._load_weights(served.engine, weights)
-                del weights
+                if snapshot:
+                    self._apply(served.engine, snapshot)
+                else:
+                    self._load_weights(served.engine, weights)
+                    del weights
                 frontend_key = plan.checkpoint.frontend_key()
                 if frontend_key != served.frontend_key:
                     vllm_seams.switch_frontend(served.engine, self._engine_config(plan))
@@ -171,8 +205,7 @@ class EngineHost:
             log.warning("swap to %s failed in place (%s); reloading %s",
                         plan.spec.name, error, previous.spec.name)
             try:
-                self._load_weights(served.engine, previous.checkpoint.read_weights())
-                served.plan = previous
+                self._restore_in_place(served, previous)
             except Exception:
                 # A reload that failed part-way can leave layers unloaded: only a
                 # fresh engine is known good.
@@ -184,15 +217,28 @@ class EngineHost:
         with clock.phase("ready"):
             served.engine.reset_prefix_cache()
 
-    def _rebuild(self, plan: Plan, config, clock: PhaseClock) -> None:
+    def _restore_in_place(self, served: Served, previous: Plan) -> None:
+        snapshot = self.cache.get(previous.cache_key)
+        if snapshot:
+            self._apply(served.engine, snapshot)
+        else:
+            self._load_weights(served.engine, previous.checkpoint.read_weights())
+        served.plan = previous
+
+    def _rebuild(self, plan: Plan, config, snapshot: Snapshot | None,
+                 clock: PhaseClock) -> None:
         previous = self.served.plan if self.served else None
         with clock.phase("release"):
             self.release()
         try:
             with clock.phase("fetch"):
-                pass  # vLLM's loader reads the checkpoint inside build
+                pass  # from disk, vLLM's loader reads the checkpoint inside build
             with clock.phase("build"):
+                # From the cache: vLLM's dummy load format builds the engine
+                # without reading the checkpoint, then the snapshot is copied in.
                 self.served = self._build(plan, config)
+                if snapshot:
+                    self._apply(self.served.engine, snapshot)
             with clock.phase("warm"):
                 self._warm(self.served.engine)
         except Exception as exc:
@@ -209,14 +255,20 @@ class EngineHost:
 
     def _restore_by_rebuild(self, previous: Plan) -> None:
         self.release()
+        snapshot = self.cache.get(previous.cache_key)
         try:
-            self.served = self._build(previous, self._engine_config(previous))
+            self.served = self._build(previous,
+                                      self._engine_config(previous, dummy=bool(snapshot)))
+            if snapshot:
+                self._apply(self.served.engine, snapshot)
         except Exception:
             log.exception("could not bring %s back", previous.spec.name)
             self.release()
 
-    def _engine_config(self, plan: Plan):
+    def _engine_config(self, plan: Plan, dummy: bool = False):
         args = {**plan.engine_args, **FORCED_ENGINE_ARGS, "model": str(plan.checkpoint.path)}
+        if dummy:
+            args["load_format"] = "dummy"
         try:
             return EngineArgs(**args).create_engine_config()
         except TypeError as exc:
@@ -250,6 +302,7 @@ class EngineHost:
         """Drop the engine and give its memory back."""
         served, self.served = self.served, None
         if served is not None:
+            vllm_seams.unpin_compiled_model(served.engine)
             with vllm_seams.collections_deferred():
                 served.engine.engine_core.shutdown()
             del served

@@ -65,12 +65,16 @@ class Channel:
 
 
 class Worker:
-    def __init__(self, channel: Channel, device: str):
+    def __init__(self, channel: Channel, device: str, host_cache_bytes: int = 0):
         from wcd.workers.engine import EngineHost
+        from wcd.workers.weights import HostCache
 
         self.channel = channel
         self.device = device
-        self.host = EngineHost()
+        self.host = EngineHost(HostCache(host_cache_bytes, pinned=device == "cuda"))
+        # What the reader thread reports in pongs: replaced whole by the main
+        # thread, never mutated, so the reader never sees it half-changed.
+        self.cached: list[p.CachedModel] = []
         self.commands: queue.Queue[p.Command] = queue.Queue()
         self.deferred: collections.deque[p.Command] = collections.deque()
         self.inflight: set[str] = set()
@@ -84,7 +88,7 @@ class Worker:
                 if isinstance(command, p.Ping):
                     # len() of a set is atomic under the GIL: no lock with the main thread.
                     self.channel.send(p.Pong(command.seq, self.host.model, self.busy,
-                                             len(self.inflight)))
+                                             len(self.inflight), self.cached))
                 else:
                     self.commands.put(command)
         except (OSError, p.ProtocolError) as exc:
@@ -182,12 +186,22 @@ class Worker:
         except SwapFailed as exc:
             self._failed(command.op_id, exc.error.info(), clock)
         else:
+            weights = None if path == "noop" else self.host.weights_source
             self.channel.send(p.OpDone(command.op_id, self.host.model, path,
-                                       clock.phases, clock.total()))
-            log.info("swap %s -> %s: %s in %.3f s %s", started, self.host.model, path,
-                     clock.total(), _phases(clock.phases))
+                                       clock.phases, clock.total(), weights))
+            log.info("swap %s -> %s: %s from %s in %.3f s %s", started, self.host.model, path,
+                     weights, clock.total(), _phases(clock.phases))
+            self._snapshot()
         finally:
             self.busy = None
+
+    def _snapshot(self) -> None:
+        """After the swap is reported, so its caller does not wait for it."""
+        started = time.perf_counter()
+        if self.host.snapshot_served():
+            log.info("host cache: snapshot of %s in %.3f s", self.host.model,
+                     time.perf_counter() - started)
+        self.cached = self.host.cache.contents()
 
     def _already_serving(self, spec: p.ModelSpec) -> bool:
         served = self.host.served
@@ -270,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--host-cache-bytes", type=int, default=0)
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -288,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     vllm_seams.apply()
     _init_device(args.device)
     vllm_seams.freeze_import_heap()
-    worker = Worker(channel, args.device)
+    worker = Worker(channel, args.device, args.host_cache_bytes)
     channel.send(p.Ready(os.getpid(), args.device, p.PROTOCOL_VERSION, vllm.__version__,
                          str(torch.__version__), time.perf_counter() - started))
     threading.Thread(target=worker.read_forever, name="wcd-reader", daemon=True).start()

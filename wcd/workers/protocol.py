@@ -114,11 +114,19 @@ class Ready(msgspec.Struct, tag="ready", frozen=True):
     startup_s: float
 
 
+class CachedModel(msgspec.Struct, frozen=True):
+    """A model snapshot held in a worker's host cache."""
+
+    name: str
+    bytes: int
+
+
 class Pong(msgspec.Struct, tag="pong", frozen=True):
     seq: int
     model: str | None
     busy: str | None  # the operation under way ("swap", "unload"), if any
     running: int = 0  # requests in the engine: shows that an abort took effect
+    cached: list[CachedModel] = []  # the host cache, most recently used last
 
 
 class Phase(msgspec.Struct, tag="phase", frozen=True):
@@ -130,13 +138,15 @@ class Phase(msgspec.Struct, tag="phase", frozen=True):
 
 
 class OpDone(msgspec.Struct, tag="op_done", frozen=True):
-    """A swap/unload finished. `path` is "same_shape", "rebuild", "noop" or "unload"."""
+    """A swap/unload finished. `path` is "same_shape", "rebuild", "noop" or
+    "unload"; `weights` where the weights came from: "host_cache" or "disk"."""
 
     op_id: int
     model: str | None
     path: str
     phases: dict[str, float]
     total_s: float
+    weights: str | None = None
 
 
 class OpFailed(msgspec.Struct, tag="op_failed", frozen=True):

@@ -1,0 +1,76 @@
+"""Unit tests of the host cache's bookkeeping with plain torch modules: the
+kernel-format copy (the CUDA path) keeps parameter storage, the pool reuses
+freed ranges, eviction is least recently used under the budget."""
+
+from __future__ import annotations
+
+import torch
+
+from wcd.workers.weights import KERNEL, HostCache, copy_into, kernel_format_holds
+
+KB = 1024
+
+
+def module(seed: int, width: int = 16) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, 4))
+
+
+def snapshot_of(cache: HostCache, key: str, model: torch.nn.Module):
+    return cache.take(key, key, KERNEL, dict(model.named_parameters()))
+
+
+def test_copy_into_restores_values_and_keeps_storage():
+    cache = HostCache(64 * KB, pinned=False)
+    a, b = module(1), module(2)
+    assert kernel_format_holds(a)
+    snapshot = snapshot_of(cache, "a", a)
+    pointers = [p.data_ptr() for p in b.parameters()]
+    copied = copy_into(b, snapshot)
+    assert copied == sum(p.numel() * p.element_size() for p in a.parameters())
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert [p.data_ptr() for p in b.parameters()] == pointers  # graphs stay valid
+
+
+def test_snapshot_is_a_copy_not_a_view_of_the_live_model():
+    cache = HostCache(64 * KB, pinned=False)
+    a = module(1)
+    snapshot = snapshot_of(cache, "a", a)
+    with torch.no_grad():
+        a[0].weight.add_(1.0)
+    assert not torch.equal(snapshot.tensors["0.weight"], a[0].weight)
+
+
+def test_lru_eviction_and_reuse_of_freed_ranges():
+    one = sum(p.numel() * p.element_size() for p in module(0).parameters())
+    cache = HostCache(int(2.5 * one) + 4 * KB, pinned=False)  # room for two
+    for key in ("a", "b"):
+        assert snapshot_of(cache, key, module(ord(key))) is not None
+    assert cache.get("a") is not None  # a is now the most recently used
+    assert snapshot_of(cache, "c", module(3)) is not None
+    assert [c.name for c in cache.contents()] == ["a", "c"]  # b was evicted
+    assert cache.evictions == 1 and cache.get("b") is None
+    cache.drop("a")
+    assert snapshot_of(cache, "d", module(4)) is not None  # fits where a was
+    assert [c.name for c in cache.contents()] == ["c", "d"]
+
+
+def test_too_large_or_no_budget_is_refused():
+    big = module(0, width=256)
+    assert HostCache(1 * KB, pinned=False).take("x", "x", KERNEL,
+                                                dict(big.named_parameters())) is None
+    disabled = HostCache(0, pinned=False)
+    assert not disabled.enabled
+    assert disabled.take("x", "x", KERNEL, dict(big.named_parameters())) is None
+
+
+def test_mismatched_snapshot_is_refused():
+    cache = HostCache(64 * KB, pinned=False)
+    snapshot = snapshot_of(cache, "a", module(1))
+    try:
+        copy_into(module(2, width=8), snapshot)
+    except ValueError as exc:
+        assert "does not match" in str(exc)
+    else:
+        raise AssertionError("copied a snapshot into a model of another shape")

