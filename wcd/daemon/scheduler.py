@@ -75,6 +75,7 @@ class _Slot:
     active: int = 0  # leases the daemon has handed out
     running: int = 0  # requests the worker reported at its last health ping
     cached: dict[str, int] = field(default_factory=dict)  # host cache: model -> bytes
+    device_bytes: int = 0  # allocated on the worker's GPU, at its last health ping
     last_used: float = 0.0
     restarts: int = 0
     incarnation: int = 0
@@ -228,6 +229,7 @@ class Scheduler:
                 "state": slot.state, "model": slot.model.name if slot.model else None,
                 "active": slot.active, "running": slot.running, "restarts": slot.restarts,
                 "rss_bytes": _rss(slot.worker.pid) if slot.worker else None,
+                "device_bytes": slot.device_bytes,
                 "last_swap": slot.last_swap}
 
     # ---- the owner ----------------------------------------------------------------------
@@ -533,6 +535,7 @@ class Scheduler:
                     pong = await worker.ping(policy_.health_timeout_s)
                     slot.running = pong.running
                     slot.cached = {c.name: c.bytes for c in pong.cached}
+                    slot.device_bytes = pong.device_bytes
                 except asyncio.TimeoutError:
                     log.error("worker %d (pid %s) did not answer a ping in %.0f s; killing it",
                               slot.index, worker.pid, policy_.health_timeout_s)

@@ -37,6 +37,9 @@ class Shape:
 SHAPES = {
     "small": Shape(256, 512, 2, 4, 2),
     "wide": Shape(384, 768, 3, 6, 2),
+    # GPU benchmarks (bench/gpu.py): ~1.5 GB and ~1.6 GB in bf16.
+    "big": Shape(2048, 5504, 16, 32, 8),
+    "bigwide": Shape(2560, 6912, 12, 40, 8),
 }
 DEFAULT_NAMES = ("small-a", "small-b", "wide-a")
 
@@ -113,7 +116,9 @@ def write_model(directory: Path, name: str, tokenizer) -> Path:
         torch_dtype="bfloat16",
     )
     torch.manual_seed(seed_of(name))
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    # Random init of a GPU-sized model takes minutes on a CPU, seconds on a GPU.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
     out = directory / name
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

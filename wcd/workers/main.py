@@ -88,7 +88,8 @@ class Worker:
                 if isinstance(command, p.Ping):
                     # len() of a set is atomic under the GIL: no lock with the main thread.
                     self.channel.send(p.Pong(command.seq, self.host.model, self.busy,
-                                             len(self.inflight), self.cached))
+                                             len(self.inflight), self.cached,
+                                             self._device_bytes()))
                 else:
                     self.commands.put(command)
         except (OSError, p.ProtocolError) as exc:
@@ -230,12 +231,15 @@ class Worker:
         log.warning("swap failed: %s: %s (serving %s)", error.kind, error.message,
                     self.host.model)
 
-    def _stats(self, op_id: int) -> p.Stats:
+    def _device_bytes(self) -> int:
+        # The caching allocator's counters: a cheap read, safe from any thread.
         import torch
 
-        allocated = torch.cuda.memory_allocated() if self.device == "cuda" else 0
+        return torch.cuda.memory_allocated() if self.device == "cuda" else 0
+
+    def _stats(self, op_id: int) -> p.Stats:
         return p.Stats(op_id, os.getpid(), rss_bytes(), self.host.model,
-                       self.host.unfinished_count(), allocated)
+                       self.host.unfinished_count(), self._device_bytes())
 
     def shutdown(self) -> None:
         self._abort(sorted(self.inflight), reason="the worker is shutting down")

@@ -127,6 +127,7 @@ class Pong(msgspec.Struct, tag="pong", frozen=True):
     busy: str | None  # the operation under way ("swap", "unload"), if any
     running: int = 0  # requests in the engine: shows that an abort took effect
     cached: list[CachedModel] = []  # the host cache, most recently used last
+    device_bytes: int = 0  # torch.cuda.memory_allocated(); 0 on CPU
 
 
 class Phase(msgspec.Struct, tag="phase", frozen=True):
