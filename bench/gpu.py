@@ -328,7 +328,11 @@ def report(directory: Path) -> None:
         "the bytecode hook table after their engine is dropped; wcd now drops both "
         "(vllm_seams.unpin_compiled_model), which gave back the KV cache and the "
         "compiled model (3.45 → 1.45 GiB after one release), but about one weights' worth "
-        "of allocations per rebuild is still held from C++ and not yet found.", "",
+        "per rebuild is still held: a later probe with the allocator's history showed "
+        "the blocks are the linear layers' original weight storages (allocated in "
+        "vLLM's `create_weights`, linear.py:201), alive with no Python tensor left, so "
+        "held from C++; dropping Dynamo's globals, `torch._dynamo.reset()` and "
+        "inductor's code cache did not free them. Same-shape swaps allocate nothing.", "",
         "### Goals", "", "| goal | target | measured | |", "| --- | --- | --- | --- |",
         *[f"| {what} | {target} | {got} | {'met' if ok else '**missed**'} |"
           for what, target, got, ok in [
