@@ -51,3 +51,4 @@ serve: venv models
 bench: venv models
 	$(PY) bench/swap.py $(BENCH_ARGS)
 	$(PY) bench/serve.py $(BENCH_ARGS)
+	$(PY) bench/soak.py $(BENCH_ARGS)

@@ -45,7 +45,7 @@ def vllm_server_command(model: str, port: str) -> list[str]:
 @contextlib.asynccontextmanager
 async def vllm_server(model: str, log_path: Path):
     """A fresh vLLM API server as shipped (EngineCore in its own process);
-    yields (port, seconds from launch to its first completion)."""
+    yields (port, seconds from launch to its first completion, its process group)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ async def vllm_server(model: str, log_path: Path):
     try:
         await first_completion(f"http://127.0.0.1:{port}", model, log_path,
                                lambda: server.returncode)
-        yield port, time.perf_counter() - started
+        yield port, time.perf_counter() - started, server.pid
     finally:
         await stop_group(server)
 

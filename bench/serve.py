@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import time
@@ -71,6 +72,11 @@ class Load:
 
     def itl(self, q: float) -> float:
         return pct([g for s in self.samples for g in s.gaps_s], q)
+
+    @classmethod
+    def merged(cls, rounds: list[Load]) -> Load:
+        return cls([s for r in rounds for s in r.samples], [f for r in rounds for f in r.failures],
+                   sum(r.wall_s for r in rounds))
 
 
 async def stream_completion(session: aiohttp.ClientSession, url: str, model: str,
@@ -178,7 +184,10 @@ async def wcd_daemon(directory: Path):
                                                                   "wide-a")},
         "preload": ["small-a"],
         "log_level": "warning",
-        "policy": {"queue_wait": "300s"},
+        # The benchmark stops the daemon's process group while the baseline runs;
+        # a health ping in flight across that pause must not count as a hang.
+        "policy": {"queue_wait": "300s", "health_timeout": "600s",
+                   "host_cache_bytes": 256 << 20},
     }
     (directory / "wcd.yaml").write_text(yaml.safe_dump(config))
     notify = NotifyListener(directory / "notify.sock")
@@ -188,7 +197,7 @@ async def wcd_daemon(directory: Path):
         started = time.perf_counter()
         process = await asyncio.create_subprocess_exec(
             str(ROOT / ".venv" / "bin" / "wcd"), "--config", str(directory / "wcd.yaml"),
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
         ready_s = await asyncio.wait_for(notify.ready_at(), 60) - started
         url = f"http://127.0.0.1:{port}"
@@ -311,11 +320,14 @@ def section(r: Results) -> str:
         f"Measured {now:%Y-%m-%d %H:%M} UTC on {machine()}; Python "
         f"{platform.python_version()}. Command: `{command_line()}` (`make bench`).", "",
         f"Model small-a, engine args `{json.dumps(ENGINE_ARGS)}` for both servers. "
-        f"{a.clients} concurrent streaming clients, {a.requests} completions of "
-        f"{a.max_tokens} tokens (greedy, `ignore_eos`), against vLLM's own "
+        f"{a.clients} concurrent streaming clients, {a.rounds} rounds of {a.requests} "
+        f"completions of {a.max_tokens} tokens (greedy, `ignore_eos`) per server, the "
+        "servers taking turns round by round (both up, the idle one stopped with "
+        "SIGSTOP, as vLLM is for everything else), so drift "
+        "in the shared machine's speed lands on both: vLLM's own "
         "`python -m vllm.entrypoints.openai.api_server` (EngineCore in its own process, "
-        f"as shipped; cold start to first completion {r.vllm_cold_s:.1f} s), then wcd "
-        "(one CPU worker), one after the other on the same machine.", "",
+        f"as shipped; cold start to first completion {r.vllm_cold_s:.1f} s) and wcd "
+        "(one CPU worker).", "",
         *load_table(r), "",
         "### Requests that make wcd swap", "",
         f"TTFT of a 4-token request for a model no worker serves, small-a serving before "
@@ -348,7 +360,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=64,
-                        help="completions per server in the load test (default 64)")
+                        help="completions per server and round (default 64)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="load rounds per server, taken in turn (default 3)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--alternating", type=int, default=200,
                         help="alternating-model requests (default 200)")
@@ -357,38 +371,77 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         ".cache/bench-quick/")
     args = parser.parse_args(argv)
     if args.quick:
-        args.requests, args.alternating, args.swap_rounds = 16, 20, 2
+        args.requests, args.alternating, args.swap_rounds, args.rounds = 16, 20, 2, 1
     out = CACHE / "bench-quick" if args.quick else ROOT
     args.benchmarks = out / "BENCHMARKS.md"
     return args
 
 
+def only_running(groups: dict[str, int], running: str) -> None:
+    """SIGCONT one server's process group and SIGSTOP the others', so an idle
+    server's background threads take nothing from the measured one."""
+    for name, group in groups.items():
+        os.killpg(group, signal.SIGCONT if name == running else signal.SIGSTOP)
+
+
+async def interleaved(args: argparse.Namespace, servers: dict[str, tuple[str, int]]
+                      ) -> dict[str, Load]:
+    """Rounds of the same load on each server in turn (the other stopped), so
+    drift in the machine's speed (it is shared) lands on both alike."""
+    groups = {name: group for name, (_, group) in servers.items()}
+    rounds: dict[str, list[Load]] = {name: [] for name in servers}
+    try:
+        for i in range(args.rounds + 1):
+            for name, (url, _) in servers.items():
+                only_running(groups, name)
+                load = await run_load(url, ["small-a"], args.clients, args.requests,
+                                      args.max_tokens)
+                if not i:
+                    # Warm-up, as large as a round: vLLM compiles for batch
+                    # sizes it meets first (a first round ran at a third of
+                    # its later speed).
+                    continue
+                rounds[name].append(load)
+                print(f"  round {i} {name}: {load.tokens_per_s():.1f} tokens/s, "
+                      f"TTFT p50 {load.ttft(50) * 1000:.1f} ms", flush=True)
+    finally:
+        for group in groups.values():
+            os.killpg(group, signal.SIGCONT)
+    return {name: Load.merged(loads) for name, loads in rounds.items()}
+
+
 async def bench(args: argparse.Namespace) -> Results:
     print("vLLM api_server: starting")
-    async with vllm_server("small-a", CACHE / "bench-serve-vllm.log") as (port, cold_s):
-        print(f"  first completion after {cold_s:.1f} s; load test")
-        url = f"http://127.0.0.1:{port}"
-        await run_load(url, ["small-a"], args.clients, args.clients, args.max_tokens)  # warm-up
-        vllm = await run_load(url, ["small-a"], args.clients, args.requests, args.max_tokens)
-    print(f"  {vllm.tokens_per_s():.1f} tokens/s, TTFT p50 {vllm.ttft(50) * 1000:.1f} ms")
-    print("wcd: starting")
-    async with wcd_daemon(CACHE / "bench-serve") as wcd:
-        print(f"  READY=1 after {wcd.ready_s:.3f} s; load test")
-        await run_load(wcd.url, ["small-a"], args.clients, args.clients, args.max_tokens)
-        ours = await run_load(wcd.url, ["small-a"], args.clients, args.requests,
-                              args.max_tokens)
-        print(f"  {ours.tokens_per_s():.1f} tokens/s, TTFT p50 {ours.ttft(50) * 1000:.1f} ms")
-        figures = await asyncio.to_thread(daemon_figures, wcd, args.swap_rounds)
-        await swap_latency(wcd, "wide-a", 1)  # compile the wide shape once, untimed
-        same = await swap_latency(wcd, "small-b", args.swap_rounds)
-        rebuild = await swap_latency(wcd, "wide-a", args.swap_rounds)
-        print(f"  swap TTFT p50: same shape {pct(same, 50):.3f} s, rebuild "
-              f"{pct(rebuild, 50):.3f} s; alternating requests")
-        alternating = await run_load(wcd.url, ["small-a", "small-b"], args.clients,
-                                     args.alternating, 8)
-        if alternating.failures or ours.failures:
-            print("  failures:", *(alternating.failures + ours.failures)[:5], sep="\n    ")
-            print(tail(wcd.log))
+    async with vllm_server("small-a", CACHE / "bench-serve-vllm.log") as (port, cold_s,
+                                                                        vllm_group):
+        print(f"  first completion after {cold_s:.1f} s; wcd: starting")
+        os.killpg(vllm_group, signal.SIGSTOP)  # stopped whenever it is not measured
+        try:
+            async with wcd_daemon(CACHE / "bench-serve") as wcd:
+                print(f"  READY=1 after {wcd.ready_s:.3f} s; load test")
+                loads = await interleaved(args, {
+                    "vllm": (f"http://127.0.0.1:{port}", vllm_group),
+                    "wcd": (wcd.url, wcd.process.pid)})
+                os.killpg(vllm_group, signal.SIGSTOP)
+                return await wcd_figures(args, wcd, cold_s, loads)
+        finally:
+            os.killpg(vllm_group, signal.SIGCONT)
+
+
+async def wcd_figures(args: argparse.Namespace, wcd: Wcd, cold_s: float,
+                      loads: dict[str, Load]) -> Results:
+    vllm, ours = loads["vllm"], loads["wcd"]
+    figures = await asyncio.to_thread(daemon_figures, wcd, args.swap_rounds)
+    await swap_latency(wcd, "wide-a", 1)  # compile the wide shape once, untimed
+    same = await swap_latency(wcd, "small-b", args.swap_rounds)
+    rebuild = await swap_latency(wcd, "wide-a", args.swap_rounds)
+    print(f"  swap TTFT p50: same shape {pct(same, 50):.3f} s, rebuild "
+          f"{pct(rebuild, 50):.3f} s; alternating requests")
+    alternating = await run_load(wcd.url, ["small-a", "small-b"], args.clients,
+                                 args.alternating, 8)
+    if alternating.failures or ours.failures:
+        print("  failures:", *(alternating.failures + ours.failures)[:5], sep="\n    ")
+        print(tail(wcd.log))
     return Results(cold_s, vllm, ours, figures, same, rebuild, ours.ttft(50), alternating,
                    args)
 

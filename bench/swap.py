@@ -79,7 +79,7 @@ class Results:
 
 async def cold_start_s(log_path: Path) -> float:
     """Seconds from launching a fresh vLLM API server to its first completion."""
-    async with vllm_server("small-a", log_path) as (_, seconds):
+    async with vllm_server("small-a", log_path) as (_, seconds, _group):
         return seconds
 
 
