@@ -24,6 +24,7 @@ import platform
 import shlex
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ SECTION = "## Swap (bench/swap.py)"
 SAME, REBUILD = "same_shape", "rebuild"
 SAME_PAIR, REBUILD_PAIR = ("small-b", "small-a"), ("wide-a", "small-a")
 RSS_CYCLE = ("small-b", "wide-a", "small-a")
+HOST_CACHE = 256 << 20
 MB = 1_000_000
 
 
@@ -133,7 +135,9 @@ async def warm(args: argparse.Namespace, cold_s: list[float],
                load_before: tuple[float, float, float]) -> Results:
     # vLLM's INFO lines for every rebuild would bury the progress lines.
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-    worker = await WorkerProcess.start(WorkerOptions(env=env))
+    # With etc/wcd.yaml's host cache: after the first round every swap's
+    # weights come from host memory, as they do in service.
+    worker = await WorkerProcess.start(WorkerOptions(env=env, host_cache_bytes=HOST_CACHE))
     try:
         print(f"worker ready in {worker.ready.startup_s:.1f} s; loading small-a")
         first_load = await swap_and_serve(worker, "small-a", REBUILD)
@@ -188,7 +192,10 @@ def goals(results: Results) -> list[Goal]:
     same = pct(end_to_end(results.swaps[SAME]), 50)
     rebuild = pct(end_to_end(results.swaps[REBUILD]), 50)
     growth = rss_figures(results.rss)["growth"]
+    in_worker = pct([t.done.total_s for t in results.swaps[SAME]], 50)
     return [
+        Goal("same-shape swap from the host cache p50, in the worker", "≤ 0.02 s",
+             f"{in_worker:.4f} s", in_worker <= 0.02),
         Goal("same-shape swap p50, end to end", "≤ 0.05 s (≥ 400× cold)",
              f"{same:.4f} s ({speedup(results, SAME):.0f}×)", same <= 0.05),
         Goal("different-shape swap p50, shape compiled once", "≤ 0.5 s (≥ 48× cold)",
@@ -199,6 +206,11 @@ def goals(results: Results) -> list[Goal]:
 
 
 # ---- report ------------------------------------------------------------------------
+
+
+def weights_sources(results: Results) -> str:
+    sources = Counter(t.done.weights for series in results.swaps.values() for t in series)
+    return ", ".join(f"{n} from {source}" for source, n in sources.items())
 
 
 def phase_table(results: Results) -> list[str]:
@@ -245,7 +257,9 @@ def section(results: Results, plot_link: str) -> str:
         f"compiled each shape once: {warmup}. Then {swaps} same-shape swaps "
         f"(small-a ↔ small-b) and {swaps} different-shape swaps (small-a ↔ wide-a), "
         "each followed by one greedy 8-token generation, outside the timing, to prove the "
-        "model serves. Phases as the worker times them; end to end is the caller's wall "
+        "model serves. The worker has a 256 MiB host cache (etc/wcd.yaml's), so the timed "
+        f"swaps take their weights from host memory ({weights_sources(results)}). "
+        "Phases as the worker times them; end to end is the caller's wall "
         "time around `WorkerProcess.swap`.", "",
         *phase_table(results), "",
         f"Speed-up over the cold start (cold median / end-to-end p50): same shape "

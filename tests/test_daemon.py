@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -228,3 +232,51 @@ def test_socket_activation_passes_the_control_socket(tmp_path, demo_models):
         assert json.loads(swapped.stdout)["model"] == "small-b"
     finally:
         assert daemon.stop() == 0
+
+
+def _status_line_as(uid: int, path: str) -> str:
+    """GET /v1/status over the control socket from a child that dropped to
+    `uid` before connecting: SO_PEERCRED reports the connecting process."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(path)
+            sock.sendall(b"GET /v1/status HTTP/1.0\r\nHost: wcd\r\n\r\n")
+            os.write(write, sock.makefile("rb").readline())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        line = pipe.read().decode()
+    os.waitpid(child, 0)
+    return line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_control_socket_refuses_peers_outside_the_allow_list(demo_models):
+    # Under /tmp itself, so the other user can reach the socket: the
+    # allow-list, not the path, is what must refuse it.
+    directory = Path(tempfile.mkdtemp(prefix="wcd-peers-"))
+    directory.chmod(0o755)
+    config = write_config(directory, demo_models, preload=[])
+    data = yaml.safe_load(config.read_text())
+    data["control"]["allow_gids"] = [0]
+    config.write_text(yaml.safe_dump(data))
+    daemon = Daemon(config, notify=False)
+    try:
+        deadline = time.monotonic() + 60
+        while daemon.wcctl("status").returncode and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.chmod(daemon.socket, 0o666)  # past the file mode, to the peer check
+        assert " 403 " in _status_line_as(65534, daemon.socket)
+        assert " 200 " in _status_line_as(0, daemon.socket)
+        assert "refused GET /v1/status from pid" in daemon.log_text()
+    finally:
+        code = daemon.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    assert code == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import socket
 import time
 import urllib.error
@@ -13,6 +14,7 @@ import urllib.request
 
 import openai
 import pytest
+import yaml
 
 from conftest import CHATS, GREEDY, PROMPTS
 from daemon_harness import Daemon, write_config
@@ -218,3 +220,53 @@ def test_metrics_reflect_what_was_served(daemon):
     assert samples['wcd_swap_phase_duration_seconds_count{path="rebuild",phase="build"}'] >= 1
     assert samples["wcd_queue_requests"] == 0
     assert sum(v for k, v in samples.items() if k.startswith("wcd_resident_models{")) == 1
+
+
+def _reload(daemon, **policy) -> None:
+    config = yaml.safe_load(daemon.config.read_text())
+    config["policy"].update(policy)
+    daemon.config.write_text(yaml.safe_dump(config))
+    before = daemon.log_text().count("configuration reloaded")
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while daemon.log_text().count("configuration reloaded") == before:
+        assert time.monotonic() < deadline, daemon.log_text()
+        time.sleep(0.1)
+
+
+def _post_with_headers(daemon, body: dict):
+    request = urllib.request.Request(
+        daemon.url + "/v1/completions", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer test-key"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.load(exc)
+
+
+def test_requests_past_the_queue_bounds_get_503_with_retry_after(daemon, client):
+    """While small-a streams, a request for wide-a waits for small-a's drain:
+    past queue_wait it is answered 503, and one past queue_max at once."""
+    _reload(daemon, queue_wait="300ms", queue_max=1)
+    stream = client.completions.create(model="small-a", prompt="x", max_tokens=480,
+                                       temperature=1.0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    try:
+        next(iter(stream))
+        body = {"model": "wide-a", "prompt": "x", "max_tokens": 2}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(_post_with_headers, daemon, body)
+            time.sleep(0.1)
+            second = pool.submit(_post_with_headers, daemon, body)
+            answers = [first.result(), second.result()]
+    finally:
+        stream.close()
+        _reload(daemon, queue_wait="120s", queue_max=64)
+    messages = []
+    for status, headers, reply in answers:
+        assert status == 503 and int(headers["Retry-After"]) > 0, reply
+        messages.append(reply["error"]["message"])
+    assert "not ready within 0.3 s" in messages[0]
+    assert "already wait" in messages[1]
+    assert client.completions.create(model="small-a", prompt="x", max_tokens=2).choices

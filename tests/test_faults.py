@@ -1,0 +1,112 @@
+"""Faults against a real daemon (real worker, vLLM on CPU): workers killed
+mid-stream and mid-swap, the daemon stopped during a swap. Every client gets
+an answer (an error, never a hang), the worker comes back, nothing is orphaned."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+from conftest import ROOT
+from daemon_harness import Daemon, alive, write_config
+
+pytestmark = pytest.mark.vllm
+LONG = {"max_tokens": 480, "temperature": 1.0, "stream": True,
+        "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, demo_models):
+    directory = tmp_path_factory.mktemp("wcd-faults")
+    daemon = Daemon(write_config(directory, demo_models))
+    daemon.wait_serving("small-a")
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def client(daemon):
+    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="none", max_retries=0,
+                         timeout=60)
+
+
+def worker(daemon) -> dict:
+    return daemon.json("ps")["workers"][0]
+
+
+def wait_state(daemon, state: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (view := worker(daemon))["state"] != state:
+        assert time.monotonic() < deadline, (view, daemon.log_text())
+        time.sleep(0.05)
+    return view
+
+
+def swap_in_background(daemon, model: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "wcd.cli", "--socket", daemon.socket,
+                             "swap", model], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_worker_killed_mid_stream_ends_the_stream_with_an_error(daemon, client):
+    stream = client.completions.create(model="small-a", prompt="hello", **LONG)
+    chunks = iter(stream)
+    next(chunks)
+    pid = worker(daemon)["pid"]
+    started = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError) as raised:
+        for _ in chunks:
+            pass
+    assert time.monotonic() - started < 30  # an answer, not a hang
+    assert "exited" in str(raised.value) or "died" in str(raised.value)
+    view = daemon.wait_serving("small-a")
+    assert view["pid"] != pid and view["restarts"] == 1
+    reply = client.completions.create(model="small-a", prompt="hello", max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+
+
+def test_worker_killed_mid_swap_fails_the_swap_and_comes_back(daemon, client):
+    """The swap to wide-a waits for small-a's stream to drain; the worker dies
+    meanwhile. The swap's caller and the stream's client both get errors; the
+    worker restarts with the model it served."""
+    stream = client.completions.create(model="small-a", prompt="hello", **LONG)
+    chunks = iter(stream)
+    next(chunks)
+    swap = swap_in_background(daemon, "wide-a")
+    pid = wait_state(daemon, "draining")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = swap.communicate(timeout=60)
+    assert swap.returncode == 1 and "died" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+    with pytest.raises(openai.APIError):
+        for _ in chunks:
+            pass
+    view = daemon.wait_serving("small-a")
+    assert view["pid"] != pid and not alive(pid)
+
+
+def test_sigterm_during_a_swap_drains_then_stops_cleanly(daemon, client):
+    """Last in the module: it stops the module's daemon. The stream in flight
+    finishes (drained), the pending swap is refused, nothing is orphaned."""
+    stream = client.completions.create(model="small-a", prompt="hello",
+                                       **{**LONG, "max_tokens": 200})
+    chunks = iter(stream)
+    next(chunks)
+    swap = swap_in_background(daemon, "wide-a")
+    wait_state(daemon, "draining")
+    workers = daemon.worker_pids()
+    daemon.process.send_signal(signal.SIGTERM)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] == "length"  # the request in flight was served to its end
+    _, stderr = swap.communicate(timeout=60)
+    assert swap.returncode != 0 and stderr.strip(), stderr
+    assert daemon.process.wait(90) == 0, daemon.log_text()
+    for pid in workers:
+        assert not alive(pid)
