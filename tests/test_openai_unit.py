@@ -93,15 +93,28 @@ class FakeScheduler:
     MODELS = {"demo": {"state": "serving", "worker": 0, "path": "/models/demo"},
               "org/other": {"state": "available", "worker": None, "path": "/models/other"}}
     ALIASES = {"alias": "demo", "/models/demo": "demo"}
+    WORKERS = [{"index": 0, "device": "cpu", "pid": 4001, "state": "serving", "model": "demo"}]
+    SWAPS = [{"time": 1.0, "worker": 0, "model": "demo", "path": "same_shape",
+              "weights": "host_cache", "phases": {"build": 0.01}, "total_s": 0.01}]
 
     def __init__(self, worker: FakeWorker | None = None, fail: Exception | None = None):
         self.worker = worker or FakeWorker()
         self.fail = fail
         self.leased: list[str] = []
         self.released = 0
+        self.started = 0.0
 
     def model_views(self) -> list[dict]:
         return [{"name": name, **view} for name, view in self.MODELS.items()]
+
+    def views(self) -> list[dict]:
+        return self.WORKERS
+
+    def waiting(self) -> int:
+        return 3
+
+    def recent_swaps(self) -> list[dict]:
+        return self.SWAPS
 
     def resolve_name(self, name: str) -> str:
         name = self.ALIASES.get(name, name)
@@ -133,7 +146,7 @@ def run_async(test):
 async def serve(scheduler: FakeScheduler, keys: tuple[str, ...] = (), metrics=None):
     scheduler.settings = SimpleNamespace(http=HttpSettings(api_keys=keys))
     # A plain AppRunner, as the daemon's: nothing here may rely on test-only settings.
-    runner = web.AppRunner(create_openai_app(scheduler, metrics))
+    runner = web.AppRunner(create_openai_app(scheduler, metrics, state={"state": "ready"}))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
@@ -394,9 +407,33 @@ async def test_open_endpoints_and_openapi():
         async with session.get(url + "/openapi.json") as doc:
             document = await doc.json()
     app_routes = {"/v1/models", "/v1/models/{id}", "/v1/completions", "/v1/chat/completions",
-                  "/health", "/metrics", "/openapi.json"}
+                  "/health", "/metrics", "/openapi.json", "/", "/status.json"}
     assert set(document["paths"]) == app_routes
     assert document == json.loads(json.dumps(openapi_document()))
+
+
+@run_async
+async def test_status_page_and_document_need_no_key():
+    """The page is served as is; the document is the control API's /v1/status
+    plus recent_swaps, from the scheduler's views."""
+    async with serve(FakeScheduler(), keys=("k",)) as url, \
+            aiohttp.ClientSession() as session:
+        async with session.get(url + "/") as page:
+            assert page.status == 200
+            assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+            assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+            html = await page.text()
+        async with session.get(url + "/status.json") as served:
+            assert served.status == 200
+            status = await served.json()
+    assert 'fetch("status.json"' in html
+    assert "<link" not in html and "src=" not in html  # self-contained
+    assert status["state"] == "ready" and status["queue"] == {"waiting": 3}
+    assert status["workers"] == FakeScheduler.WORKERS
+    assert [m["name"] for m in status["models"]] == ["demo", "org/other"]
+    assert status["recent_swaps"] == FakeScheduler.SWAPS
+    assert set(status) == {"version", "pid", "uptime_s", "state", "workers", "models",
+                           "queue", "recent_swaps"}
 
 
 @run_async

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-import wcd
 from wcd.daemon import errors
 from wcd.daemon.http_errors import error_middleware, read_json
 from wcd.daemon.scheduler import Scheduler
+from wcd.daemon.status import status_document
 
 log = logging.getLogger(__name__)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -86,13 +86,8 @@ def _supplementary_groups(pid: int) -> set[int]:
 
 
 async def _status(request: web.Request) -> web.Response:
-    scheduler = request.app[SCHEDULER]
-    return web.json_response({
-        "version": wcd.__version__, "pid": os.getpid(),
-        "uptime_s": time.time() - scheduler.started, "state": request.app[STATE]["state"],
-        "workers": scheduler.views(), "models": scheduler.model_views(),
-        "queue": {"waiting": scheduler.waiting()},
-    })
+    return web.json_response(status_document(request.app[SCHEDULER],
+                                             request.app[STATE]["state"]))
 
 
 async def _workers(request: web.Request) -> web.Response:

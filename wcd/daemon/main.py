@@ -91,7 +91,7 @@ class Daemon:
         return str(path)
 
     async def _serve_openai(self) -> int:
-        app = create_openai_app(self.scheduler, self.scheduler.metrics)
+        app = create_openai_app(self.scheduler, self.scheduler.metrics, state=self.state)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                shutdown_timeout=self.settings.policy.drain_timeout_s)
         await runner.setup()

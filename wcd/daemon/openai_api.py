@@ -33,6 +33,7 @@ from wcd.daemon import errors
 from wcd.daemon import openai_types as t
 from wcd.daemon.http_errors import error_middleware
 from wcd.daemon.metrics import Metrics, RequestTimer
+from wcd.daemon.status import status_document, status_page
 from wcd.daemon.worker_process import WorkerError
 from wcd.workers import protocol as p
 
@@ -42,27 +43,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
-OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+# Open like /metrics: the status page and its document show workers and models,
+# never a request's content.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/", "/status.json"})
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 _LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf, which JSON cannot carry
 _encode = msgspec.json.Encoder().encode
+# The page is inline only: nothing it loads or sends may leave this daemon.
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                 "style-src 'unsafe-inline'; connect-src 'self'"}
 
 
-def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None) -> web.Application:
+def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None, *,
+                      state: dict) -> web.Application:
     """API keys are read from scheduler.settings per request, so a reload
-    (SIGHUP) changes them."""
+    (SIGHUP) changes them. `state` is the daemon's, as for the control app."""
     app = web.Application(
         middlewares=[error_middleware, _auth_middleware(scheduler)], client_max_size=MAX_BODY_BYTES,
         # A client that goes away cancels its handler, which aborts its request in
         # the worker; set on the app so it holds whichever runner serves it.
         handler_args={"handler_cancellation": True})
     metrics = metrics or Metrics()
-    api = _Api(scheduler, metrics)
+    api = _Api(scheduler, metrics, state)
     app.router.add_get("/health", _health)
     app.router.add_get("/openapi.json", _openapi)
     app.router.add_get("/metrics", metrics.handler)
+    app.router.add_get("/", _page)
+    app.router.add_get("/status.json", api.status)
     app.router.add_get("/v1/models", api.list_models)
     app.router.add_get("/v1/models/{id:.+}", api.get_model)
     app.router.add_post("/v1/completions", api.completions)
@@ -112,6 +121,11 @@ def _openapi_bytes() -> bytes:
     return _encode(openapi_document())
 
 
+async def _page(request: web.Request) -> web.Response:
+    return web.Response(body=status_page(), content_type="text/html", charset="utf-8",
+                        headers=_PAGE_HEADERS)
+
+
 # ---- the API --------------------------------------------------------------------
 
 
@@ -144,10 +158,14 @@ class _Job:
 
 
 class _Api:
-    def __init__(self, scheduler: Scheduler, metrics: Metrics):
+    def __init__(self, scheduler: Scheduler, metrics: Metrics, state: dict):
         self.scheduler = scheduler
         self.metrics = metrics
+        self.state = state
         self.started = int(time.time())
+
+    async def status(self, request: web.Request) -> web.Response:
+        return _json(status_document(self.scheduler, self.state["state"]))
 
     async def list_models(self, request: web.Request) -> web.Response:
         views = self.scheduler.model_views()
@@ -498,8 +516,9 @@ def openapi_document() -> dict:
                 "OpenAI-compatible completions and chat completions served by wcd's warm "
                 "vLLM workers. A request for a known model that is not loaded waits while "
                 "it loads. When API keys are configured, every endpoint but /health, "
-                "/metrics and /openapi.json needs `Authorization: Bearer KEY`. Request "
-                "fields wcd cannot honour are refused with a 400 naming them."),
+                "/metrics, /openapi.json and the status page (/ and /status.json) needs "
+                "`Authorization: Bearer KEY`. Request fields wcd cannot honour are "
+                "refused with a 400 naming them."),
         },
         "servers": [{"url": "http://127.0.0.1:8000"}],
         "components": {
@@ -531,6 +550,16 @@ def openapi_document() -> dict:
                 "security": []}},
             "/openapi.json": {"get": {**_operation("openapi", "This document", {
                 "description": "OpenAPI 3.1",
+                "content": {"application/json": {"schema": {"type": "object"}}}}, ()),
+                "security": []}},
+            "/": {"get": {**_operation("statusPage", "Status page: workers, models, swaps", {
+                "description": "A self-contained HTML page polling /status.json",
+                "content": {"text/html": {"schema": {"type": "string"}}}}, ()),
+                "security": []}},
+            "/status.json": {"get": {**_operation("status", "The daemon's status", {
+                "description": "What the control API's /v1/status returns: version, pid, "
+                               "uptime_s, state, workers, models, queue, and recent_swaps "
+                               "(the last 20 swaps with their phase timings, oldest first)",
                 "content": {"application/json": {"schema": {"type": "object"}}}}, ()),
                 "security": []}},
         },

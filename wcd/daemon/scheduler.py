@@ -36,6 +36,7 @@ from wcd.workers import protocol as p
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
+RECENT_SWAPS = 20  # a status page's worth of history; older swaps are in the log
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Scheduler:
         self._worker_env = worker_env
         self._slots = [_Slot(i, w) for i, w in enumerate(settings.workers)]
         self._pending: deque[_Waiter] = deque()
+        self._swaps: deque[dict] = deque(maxlen=RECENT_SWAPS)
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()
         self._owner: asyncio.Task | None = None
@@ -222,6 +224,10 @@ class Scheduler:
 
     def waiting(self) -> int:
         return len(self._pending) + sum(len(s.waiters) for s in self._slots)
+
+    def recent_swaps(self) -> list[dict]:
+        """The last RECENT_SWAPS finished swaps and unloads, oldest first."""
+        return list(self._swaps)
 
     def _worker_view(self, slot: _Slot) -> dict:
         return {"index": slot.index, "device": slot.settings.device,
@@ -389,6 +395,8 @@ class Scheduler:
             slot.model = op.entry if op.kind == "swap" else None
             slot.last_used = time.monotonic()
             slot.last_swap = {k: event[k] for k in ("model", "path", "phases", "total_s")}
+            self._swaps.append({"time": time.time(), "worker": index, **{
+                k: event[k] for k in ("model", "path", "weights", "phases", "total_s")}})
             self.metrics.swap_done(event["model"], event)
             log.info("worker %d: %s %s -> %s (%s) in %.3f s: %s", index, op.kind,
                      previous.name if previous else None, event["model"], event["path"],

@@ -1,0 +1,77 @@
+"""The status page end to end: a real daemon with a real worker on CPU, one
+swap, and the page as headless Chromium renders it (its JavaScript fetching
+/status.json and drawing the tables and the swap chart)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+
+from daemon_harness import Daemon, write_config
+
+pytestmark = pytest.mark.vllm
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",
+                                               "google-chrome"))), None)
+# Enough virtual time for the page's first poll and render, and a second one.
+HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+
+
+class Elements(HTMLParser):
+    """Every element's attributes, to find what the page's script drew."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.found: list[tuple[str, dict]] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.found.append((tag, dict(attrs)))
+
+    def having(self, **data: str) -> list[dict]:
+        wanted = {f"data-{key}": value for key, value in data.items()}
+        return [attrs for _, attrs in self.found if wanted.items() <= attrs.items()]
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, *HEADLESS, *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, demo_models):
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary (apt-get install chromium)")
+    daemon = Daemon(write_config(tmp_path_factory.mktemp("wcd"), demo_models))
+    daemon.wait_serving("small-a")
+    swapped = daemon.wcctl("swap", "small-b")
+    assert swapped.returncode == 0, swapped.stderr
+    yield daemon
+    daemon.stop()
+
+
+def test_page_shows_workers_models_and_swaps(daemon):
+    done = chromium("--dump-dom", daemon.url + "/")
+    assert done.returncode == 0, done.stderr[-3000:]
+    dom = Elements(done.stdout)
+    assert dom.having(worker="0", state="serving", model="small-b"), done.stdout
+    assert dom.having(model="small-b", where="serving")
+    assert dom.having(model="small-a", where="host")  # the swap left it in host memory
+    bars = dom.having(worker="0", model="small-b")
+    assert any("bar" in attrs.get("class", "") for attrs in bars), done.stdout
+    assert dom.having(phase="build") and dom.having(phase="resolve")
+    assert "0 requests waiting" in done.stdout
+    # Drawn from a fetched document, not the "not reachable" of a failed poll.
+    assert re.search(r'id="summary" class="muted">[^<]* · ready · pid \d+', done.stdout)
+
+
+def test_page_screenshot(daemon, tmp_path):
+    shot = tmp_path / "status.png"
+    done = chromium(f"--screenshot={shot}", "--window-size=1200,900", daemon.url + "/")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert shot.stat().st_size > 0
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
