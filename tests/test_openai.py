@@ -220,6 +220,9 @@ def test_metrics_reflect_what_was_served(daemon):
     assert samples['wcd_swap_phase_duration_seconds_count{path="rebuild",phase="build"}'] >= 1
     assert samples["wcd_queue_requests"] == 0
     assert sum(v for k, v in samples.items() if k.startswith("wcd_resident_models{")) == 1
+    assert samples['wcd_weight_loads_total{source="disk"}'] >= 2
+    assert samples['wcd_weight_loads_total{source="host_cache"}'] >= 1
+    assert samples["wcd_host_cache_bytes"] > 1_000_000
 
 
 def _reload(daemon, **policy) -> None:

@@ -49,11 +49,15 @@ class Metrics:
                                     buckets=_SWAP_BUCKETS, registry=r)
         self.restarts = Counter("wcd_worker_restarts", "Worker processes restarted",
                                 ["worker"], registry=r)
+        self.weight_loads = Counter("wcd_weight_loads",
+                                    "Swaps by where their weights came from: host_cache "
+                                    "(a hit) or disk (a miss)", ["source"], registry=r)
 
     def track(self, queue_length: Callable[[], int],
-              resident: Callable[[], list[tuple[int, str]]]) -> None:
+              resident: Callable[[], list[tuple[int, str]]],
+              cached_bytes: Callable[[], int]) -> None:
         """Gauges read at scrape time from the state's owner."""
-        self.registry.register(_StateCollector(queue_length, resident))
+        self.registry.register(_StateCollector(queue_length, resident, cached_bytes))
 
     async def handler(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),
@@ -65,6 +69,8 @@ class Metrics:
         for phase, seconds in event["phases"].items():
             self.swap_phase.labels(phase, path).observe(seconds)
         self.swap_total.labels(path).observe(event["total_s"])
+        if event.get("weights"):
+            self.weight_loads.labels(event["weights"]).inc()
 
     def swap_failed(self, model: str | None) -> None:
         self.swaps.labels(model or "", "", "failed").inc()
@@ -113,9 +119,11 @@ class RequestTimer:
 
 class _StateCollector:
     def __init__(self, queue_length: Callable[[], int],
-                 resident: Callable[[], list[tuple[int, str]]]):
+                 resident: Callable[[], list[tuple[int, str]]],
+                 cached_bytes: Callable[[], int]):
         self.queue_length = queue_length
         self.resident = resident
+        self.cached_bytes = cached_bytes
 
     def collect(self):
         yield GaugeMetricFamily("wcd_queue_requests", "Requests waiting for a model",
@@ -125,3 +133,6 @@ class _StateCollector:
         for worker, model in self.resident():
             models.add_metric([model, str(worker)], 1)
         yield models
+        yield GaugeMetricFamily("wcd_host_cache_bytes",
+                                "Bytes of model snapshots in the workers' host caches",
+                                value=self.cached_bytes())

@@ -229,6 +229,8 @@ async def _decode(request: web.Request, shape: type):
         raise errors.BadRequest(message, param=param) from None
     except msgspec.DecodeError as exc:
         raise errors.BadRequest(f"the body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec checks strings' UTF-8 as it decodes them
+        raise errors.BadRequest(f"the body is not valid UTF-8: {exc}") from None
 
 
 _AT = re.compile(r"`\$\.?([^`]*)`$")

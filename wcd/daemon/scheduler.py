@@ -96,7 +96,7 @@ class Scheduler:
                  worker_env: dict[str, str] | None = None, metrics: Metrics | None = None):
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.metrics.track(self.waiting, self.resident)
+        self.metrics.track(self.waiting, self.resident, self.cached_bytes)
         self.catalog = Catalog(settings)
         self._on_change = on_change or (lambda: None)
         self._worker_env = worker_env
@@ -221,6 +221,9 @@ class Scheduler:
         """(worker index, model) for every model a worker serves."""
         return [(s.index, s.model.name) for s in self._slots
                 if s.model is not None and s.state == SERVING]
+
+    def cached_bytes(self) -> int:
+        return sum(sum(s.cached.values()) for s in self._slots)
 
     def waiting(self) -> int:
         return len(self._pending) + sum(len(s.waiters) for s in self._slots)
@@ -613,9 +616,14 @@ class Scheduler:
         self._pending.clear()
         for slot in self._slots:
             slot.waiters = []
-            if slot.deferred_op is not None:
-                _fail(slot.deferred_op.future, failure, progress=slot.deferred_op.progress)
-                slot.deferred_op = None
+            # Swaps not yet begun are refused: the requests in flight finish
+            # (stop() waits for them), and the slot goes back to serving them.
+            for op in (slot.deferred_op, slot.pending_op):
+                if op is not None:
+                    _fail(op.future, failure, progress=op.progress)
+            slot.deferred_op = slot.pending_op = None
+            if slot.state == DRAINING:
+                slot.state = SERVING if slot.model is not None else IDLE
 
 
 def _fail(future: asyncio.Future | None, error: Exception, *, progress: Progress | None = None,
