@@ -3,6 +3,7 @@ our own NOTIFY_SOCKET listener, and wcctl as a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,8 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import yaml
 
 from conftest import ENGINE_ARGS, ROOT
@@ -146,3 +149,21 @@ def alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+@contextlib.contextmanager
+def serving(directory: Path, models: Path, env: dict | None = None,
+            **overrides) -> Iterator[Daemon]:
+    """A daemon serving its preload (small-a), stopped on the way out whatever
+    happened: a module's shared daemon."""
+    daemon = Daemon(write_config(directory, models, **overrides), env=env)
+    try:
+        daemon.wait_serving("small-a")
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def openai_client(daemon: Daemon, api_key: str = "none", timeout: float = 300) -> openai.OpenAI:
+    return openai.OpenAI(base_url=daemon.url + "/v1", api_key=api_key, max_retries=0,
+                         timeout=timeout)

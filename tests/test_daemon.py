@@ -18,19 +18,16 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from daemon_harness import Daemon, alive, write_config
+from daemon_harness import Daemon, alive, serving, write_config
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, demo_models):
-    directory = tmp_path_factory.mktemp("wcd")
-    daemon = Daemon(write_config(directory, demo_models),
-                    env={"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": ""})
-    daemon.wait_serving("small-a")
-    yield daemon
-    daemon.stop()
+    with serving(tmp_path_factory.mktemp("wcd"), demo_models,
+                 env={"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": ""}) as daemon:
+        yield daemon
 
 
 def test_ready_status_and_watchdog_are_notified(daemon):

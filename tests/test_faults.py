@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from conftest import ROOT
-from daemon_harness import Daemon, alive, write_config
+from daemon_harness import alive, openai_client, serving
 
 pytestmark = pytest.mark.vllm
 LONG = {"max_tokens": 480, "temperature": 1.0, "stream": True,
@@ -23,17 +23,13 @@ LONG = {"max_tokens": 480, "temperature": 1.0, "stream": True,
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, demo_models):
-    directory = tmp_path_factory.mktemp("wcd-faults")
-    daemon = Daemon(write_config(directory, demo_models))
-    daemon.wait_serving("small-a")
-    yield daemon
-    daemon.stop()
+    with serving(tmp_path_factory.mktemp("wcd-faults"), demo_models) as daemon:
+        yield daemon
 
 
 @pytest.fixture(scope="module")
 def client(daemon):
-    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="none", max_retries=0,
-                         timeout=60)
+    return openai_client(daemon, timeout=60)
 
 
 def worker(daemon) -> dict:
@@ -90,6 +86,24 @@ def test_worker_killed_mid_swap_fails_the_swap_and_comes_back(daemon, client):
             pass
     view = daemon.wait_serving("small-a")
     assert view["pid"] != pid and not alive(pid)
+
+
+def test_a_swap_asked_for_during_another_waits_its_turn(daemon, client):
+    """Not a fault: a control swap while the worker drains for another one is
+    queued behind it instead of refused."""
+    stream = client.completions.create(model="small-a", prompt="hello",
+                                       **{**LONG, "max_tokens": 100})
+    chunks = iter(stream)
+    next(chunks)
+    first = swap_in_background(daemon, "wide-a")
+    wait_state(daemon, "draining")
+    second = swap_in_background(daemon, "small-b")
+    for _ in chunks:
+        pass  # the request in flight ends, so the drain does
+    for swap in (first, second):
+        _, stderr = swap.communicate(timeout=120)
+        assert swap.returncode == 0, stderr
+    assert worker(daemon)["model"] == "small-b"
 
 
 def test_sigterm_during_a_swap_drains_then_stops_cleanly(daemon, client):

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon_harness import Daemon, write_config
+from daemon_harness import serving
 
 pytestmark = pytest.mark.vllm
 
@@ -67,11 +67,8 @@ RAW = st.one_of(
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, demo_models):
-    directory = tmp_path_factory.mktemp("wcd-hostile")
-    daemon = Daemon(write_config(directory, demo_models))
-    daemon.wait_serving("small-a")
-    yield daemon
-    daemon.stop()
+    with serving(tmp_path_factory.mktemp("wcd-hostile"), demo_models) as daemon:
+        yield daemon
 
 
 def send(daemon, path: str, body: bytes) -> tuple[int, bytes]:

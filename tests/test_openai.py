@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -17,32 +16,21 @@ import pytest
 import yaml
 
 from conftest import CHATS, GREEDY, PROMPTS
-from daemon_harness import Daemon, write_config
+from daemon_harness import free_port, openai_client, serving
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, demo_models):
-    directory = tmp_path_factory.mktemp("wcd-openai")
-    config = write_config(directory, demo_models, http={
-        "host": "127.0.0.1", "port": _free_port(), "api_keys": ["test-key"]})
-    daemon = Daemon(config)
-    daemon.wait_serving("small-a")
-    yield daemon
-    daemon.stop()
+    http = {"host": "127.0.0.1", "port": free_port(), "api_keys": ["test-key"]}
+    with serving(tmp_path_factory.mktemp("wcd-openai"), demo_models, http=http) as daemon:
+        yield daemon
 
 
 @pytest.fixture(scope="module")
 def client(daemon):
-    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="test-key", max_retries=0,
-                         timeout=300)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return openai_client(daemon, api_key="test-key")
 
 
 def post(daemon, path: str, body: bytes | dict, key: str | None = "test-key"):

@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from daemon_harness import Daemon, write_config
+from daemon_harness import serving
 
 pytestmark = pytest.mark.vllm
 
@@ -46,12 +46,10 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
 def daemon(tmp_path_factory, demo_models):
     if CHROMIUM is None:
         pytest.skip("no chromium binary (apt-get install chromium)")
-    daemon = Daemon(write_config(tmp_path_factory.mktemp("wcd"), demo_models))
-    daemon.wait_serving("small-a")
-    swapped = daemon.wcctl("swap", "small-b")
-    assert swapped.returncode == 0, swapped.stderr
-    yield daemon
-    daemon.stop()
+    with serving(tmp_path_factory.mktemp("wcd"), demo_models) as daemon:
+        swapped = daemon.wcctl("swap", "small-b")
+        assert swapped.returncode == 0, swapped.stderr
+        yield daemon
 
 
 def test_page_shows_workers_models_and_swaps(daemon):

@@ -81,7 +81,7 @@ class _Slot:
     restarts: int = 0
     incarnation: int = 0
     pending_op: _Operation | None = None  # waits for the drain
-    deferred_op: _Operation | None = None  # waits for the worker to start
+    deferred_op: _Operation | None = None  # waits for the slot: its start or current swap
     waiters: list[_Waiter] = field(default_factory=list)
     last_swap: dict | None = None
     restore: ModelEntry | None = None  # what to bring back after a restart
@@ -292,9 +292,10 @@ class Scheduler:
                                          "path": "noop", "phases": {}, "total_s": 0.0})
                 return
         else:
-            slot = self._slot_for(entry, worker, kind) or self._warming_slot()
+            slot = self._slot_for(entry, worker, kind) or self._busy_slot()
             if slot is None:
-                _fail(future, errors.Conflict("every worker is busy; try again shortly"))
+                _fail(future, errors.Conflict("every worker already has a swap waiting; "
+                                              "try again shortly"))
                 return
             if slot.model is not None and slot.model.name == entry.name and \
                     slot.state == SERVING:
@@ -304,20 +305,20 @@ class Scheduler:
                 return
         op = _Operation("unload" if kind == "unload" else "swap",
                         None if kind == "unload" else entry, force, progress, future)
-        if slot.state in (STARTING, RESTARTING) and op.kind == "swap" \
-                and slot.deferred_op is None:
-            # Right after start (or a crash) the worker is still warming:
-            # the swap runs as soon as it is ready, instead of the preload.
+        if slot.state in (IDLE, SERVING):
+            self._drain_then(slot, op)
+        elif slot.deferred_op is None:
+            # The worker is warming (after start or a crash: the op replaces the
+            # preload or restore) or busy with another swap: the op runs next.
             slot.deferred_op = op
-            return
-        if slot.state not in (IDLE, SERVING):
-            _fail(future, errors.Conflict(f"worker {slot.index} is {slot.state}; "
-                                          "try again when it is done"))
-            return
-        self._drain_then(slot, op)
+        else:
+            _fail(future, errors.Conflict(f"worker {slot.index} is {slot.state} with "
+                                          "another operation waiting; try again shortly"))
 
-    def _warming_slot(self) -> _Slot | None:
-        return next((s for s in self._slots if s.state in (STARTING, RESTARTING)
+    def _busy_slot(self) -> _Slot | None:
+        """A slot that cannot take an operation now but can queue one."""
+        return next((s for s in self._slots if s.state in (STARTING, RESTARTING, DRAINING,
+                                                            SWAPPING)
                      and s.deferred_op is None), None)
 
     def _slot_for(self, entry: ModelEntry, worker: int | None, kind: str) -> _Slot | None:
@@ -422,6 +423,9 @@ class Scheduler:
                                failure)
         slot.state = SERVING if slot.model is not None else IDLE
         self._grant(slot)
+        if slot.deferred_op is not None:
+            op, slot.deferred_op = slot.deferred_op, None
+            self._drain_then(slot, op)
 
     # ---- requests waiting for a model -------------------------------------------------------
 
