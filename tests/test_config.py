@@ -4,6 +4,8 @@ naming the file and the key."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -332,3 +334,14 @@ def test_parked_models_are_refused_until_implemented(tmp_path):
     with pytest.raises(config.ConfigError) as raised:
         config.load_settings(str(path))
     assert "max_parked" in str(raised.value) and "not implemented" in str(raised.value)
+
+
+def test_the_daemon_imports_no_torch_or_vllm():
+    """Heavy imports live in workers only: the daemon starts in well under a
+    second and stays up when a worker's stack breaks."""
+    code = ("import sys, wcd.daemon.main; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'vllm', 'transformers', 'numpy'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import ENGINE_ARGS, GREEDY, PROMPTS, ROOT
+from daemon_harness import alive
 from wcd.daemon.worker_process import WorkerError, WorkerGone, WorkerOptions, WorkerProcess
 from wcd.workers import protocol as p
 
@@ -301,17 +302,9 @@ def test_worker_exits_when_its_parent_dies(demo_models):
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and _alive(worker_pid):
+    while time.monotonic() < deadline and alive(worker_pid):
         time.sleep(0.2)
-    assert not _alive(worker_pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not alive(worker_pid)
 
 
 def test_vllm_seams_still_fit_this_vllm():
