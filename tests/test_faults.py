@@ -4,8 +4,10 @@ an answer (an error, never a hang), the worker comes back, nothing is orphaned."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -86,6 +88,33 @@ def test_worker_killed_mid_swap_fails_the_swap_and_comes_back(daemon, client):
             pass
     view = daemon.wait_serving("small-a")
     assert view["pid"] != pid and not alive(pid)
+
+
+def _worker_state(daemon) -> tuple[str, int | None]:
+    """The worker's state straight off the control socket: polled every few
+    milliseconds, it catches a swap's sub-second build."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(daemon.socket)
+    with sock, sock.makefile("rb") as answer:
+        sock.sendall(b"GET /v1/workers HTTP/1.0\r\nHost: wcd\r\n\r\n")
+        body = answer.read().split(b"\r\n\r\n", 1)[1]
+    view = json.loads(body)["workers"][0]
+    return view["state"], view["pid"]
+
+
+def test_worker_killed_while_it_builds_fails_the_swap_and_comes_back(daemon):
+    daemon.wait_serving("small-a")
+    swap = swap_in_background(daemon, "wide-a")
+    deadline = time.monotonic() + 30
+    while (state := _worker_state(daemon))[0] != "swapping":
+        assert time.monotonic() < deadline and swap.poll() is None, "never saw the swap"
+        time.sleep(0.002)
+    os.kill(state[1], signal.SIGKILL)
+    _, stderr = swap.communicate(timeout=60)
+    assert swap.returncode == 1 and "died" in stderr, stderr
+    # Back with what served before: the model it was swapping to may have killed it.
+    view = daemon.wait_serving("small-a")
+    assert view["pid"] != state[1] and not alive(state[1])
 
 
 def test_a_swap_asked_for_during_another_waits_its_turn(daemon, client):

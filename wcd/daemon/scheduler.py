@@ -85,6 +85,7 @@ class _Slot:
     waiters: list[_Waiter] = field(default_factory=list)
     last_swap: dict | None = None
     restore: ModelEntry | None = None  # what to bring back after a restart
+    swapping_from: ModelEntry | None = None  # what served before the swap under way
 
     def view(self) -> SlotView:
         return SlotView(self.index, self.state, self.model.name if self.model else None,
@@ -358,7 +359,7 @@ class Scheduler:
         op, slot.pending_op = slot.pending_op, None
         drained = time.perf_counter() - op.drain_started
         slot.state = SWAPPING
-        previous = slot.model
+        previous = slot.swapping_from = slot.model
         slot.model = op.entry if op.kind == "swap" else previous
         self._spawn(self._run_op(slot, slot.incarnation, slot.worker, op, drained, previous),
                     f"{op.kind}-{slot.index}")
@@ -568,7 +569,10 @@ class Scheduler:
             return
         log.error("worker %d died (exit code %s) serving %s; restarting", index, code,
                   slot.model.name if slot.model else None)
-        slot.restore = slot.model or slot.restore
+        # A worker that died swapping comes back with what served before: the
+        # model it was swapping to may be what killed it.
+        served = slot.swapping_from if slot.state == SWAPPING else slot.model
+        slot.restore = served or slot.restore
         if slot.pending_op is not None:
             _fail(slot.pending_op.future, errors.WorkerFailed(f"worker {index} died"))
             slot.pending_op = None
