@@ -42,13 +42,14 @@ class Daemon:
         self.scheduler = Scheduler(settings, on_change=self._changed)
         self._changed_flag = asyncio.Event()
         self._stop = asyncio.Event()
+        self._reload_wanted = asyncio.Event()
         self._runners: list[web.AppRunner] = []
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_wanted.set)
         control = await self._serve_control()
         self.notifier.ready("control socket up; workers warming")
         openai = await self._serve_openai()
@@ -63,7 +64,8 @@ class Daemon:
 
     @contextlib.asynccontextmanager
     async def _background(self):
-        tasks = [asyncio.create_task(self._report_status(), name="status")]
+        tasks = [asyncio.create_task(self._report_status(), name="status"),
+                 asyncio.create_task(self._reloader(), name="reload")]
         interval = systemd.watchdog_interval_s()
         if interval:
             tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
@@ -117,6 +119,13 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+    async def _reloader(self) -> None:
+        """One reload at a time; SIGHUPs arriving meanwhile make one more."""
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            await self._reload()
 
     async def _reload(self) -> None:
         self.notifier.reloading()
