@@ -33,17 +33,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def vllm_server_command(model: str, port: str) -> list[str]:
-    """vLLM's own OpenAI server for a demo model, with wcd's engine args."""
+def vllm_server_command(model: str, port: str, path: Path | None = None,
+                        engine_args: dict = ENGINE_ARGS) -> list[str]:
+    """vLLM's own OpenAI server for a model (a demo model unless `path` says
+    where), with wcd's engine args."""
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", f"models/{model}", "--served-model-name", model, "--port", port]
-    for key, value in ENGINE_ARGS.items():
+            "--model", str(path or f"models/{model}"), "--served-model-name", model,
+            "--port", port]
+    for key, value in engine_args.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
 
 
 @contextlib.asynccontextmanager
-async def vllm_server(model: str, log_path: Path):
+async def vllm_server(model: str, log_path: Path, path: Path | None = None,
+                      engine_args: dict = ENGINE_ARGS):
     """A fresh vLLM API server as shipped (EngineCore in its own process);
     yields (port, seconds from launch to its first completion, its process group)."""
     port = free_port()
@@ -52,7 +56,7 @@ async def vllm_server(model: str, log_path: Path):
     with log_path.open("wb") as log:
         started = time.perf_counter()
         server = await asyncio.create_subprocess_exec(
-            *vllm_server_command(model, str(port)), cwd=ROOT, env=env,
+            *vllm_server_command(model, str(port), path, engine_args), cwd=ROOT, env=env,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:

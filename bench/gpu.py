@@ -15,6 +15,8 @@ wcd.workers.demo_models.
 - cold: a fresh process to its first output with vLLM's own `LLM`.
 - sleep: vLLM's sleep mode on the same model, the peer baseline: level 1
   sleep and wake; level 2 sleep, wake with reload_weights of the sibling.
+- throughput: the same streamed load (bench/serve.py's clients) against vLLM's
+  own API server and then wcd's OpenAI endpoint, each serving big-a alone.
 
 Writes DIR/gpu-PART.json per part. Back on the development machine,
 `python bench/gpu.py --report DIR` turns them into the "## GPU (bench/gpu.py)"
@@ -261,6 +263,45 @@ def run_wcd(models: Path, out: Path) -> dict:
     return result
 
 
+# ---- throughput: vLLM's API server, then wcd, one model each ------------------------
+
+LOAD = {"clients": 16, "requests": 256, "max_tokens": 128}
+
+
+def run_throughput(models: Path, out: Path) -> dict:
+    import asyncio
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import vllm_server
+    from serve import run_load
+
+    async def measure(url: str, model: str) -> dict:
+        await run_load(url, [model], LOAD["clients"], LOAD["clients"], LOAD["max_tokens"])
+        load = await run_load(url, [model], **LOAD)
+        return {"tokens_per_s": load.tokens_per_s(), "requests_per_s": load.requests_per_s(),
+                "ttft_p50_s": load.ttft(50), "itl_p50_s": load.itl(50),
+                "itl_p99_s": load.itl(99), "failures": load.failures[:5],
+                "failed": len(load.failures), "wall_s": load.wall_s}
+
+    async def vllm_side() -> dict:
+        async with vllm_server(SAME[0], out / "vllm-server.log", models / SAME[0],
+                               ENGINE_ARGS) as (port, _, _):
+            return await measure(f"http://127.0.0.1:{port}", SAME[0])
+
+    result = {"load": LOAD}
+    log("throughput: vLLM api_server")
+    result["vllm"] = asyncio.run(vllm_side())
+    log("throughput: vLLM", result["vllm"])
+    wcd = Wcd(out / "wcd-throughput", models)
+    try:
+        wcd.wait_serving(SAME[0])
+        result["wcd"] = asyncio.run(measure(f"http://127.0.0.1:{wcd.port}", SAME[0]))
+        log("throughput: wcd", result["wcd"])
+    finally:
+        wcd.stop()
+    return result
+
+
 # ---- report (on the development machine) ---------------------------------------------
 
 
@@ -393,7 +434,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--report", type=Path, help="write BENCHMARKS.md from a run's JSON")
     parser.add_argument("--models", type=Path, default=Path("/tmp/wcd-gpu-models"))
-    parser.add_argument("--parts", default="wcd,cold,sleep")
+    parser.add_argument("--parts", default="wcd,cold,sleep,throughput")
     args = parser.parse_args()
     if args.report:
         report(args.report)
@@ -402,7 +443,8 @@ def main() -> int:
     make_models(args.models)
     runners = {"wcd": lambda: run_wcd(args.models, args.out),
                "cold": lambda: run_cold(args.models),
-               "sleep": lambda: run_sleep(args.models)}
+               "sleep": lambda: run_sleep(args.models),
+               "throughput": lambda: run_throughput(args.models, args.out)}
     for part in args.parts.split(","):
         result = runners[part]()
         result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

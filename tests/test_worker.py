@@ -314,3 +314,33 @@ def test_vllm_seams_still_fit_this_vllm():
          "from wcd.workers import vllm_seams; vllm_seams.apply(); vllm_seams.check(); "
          "print('seams ok')"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert "seams ok" in done.stdout, done.stderr[-3000:]
+
+
+VLLM_GC_CALLS_DURING_A_BUILD = """
+import gc
+from vllm.utils import gc_utils
+from wcd.workers import vllm_seams
+
+gc.freeze()
+frozen = gc.get_freeze_count()
+engine_objects = [[] for _ in range(1000)]  # allocated by a build, after the import freeze
+with vllm_seams.collections_deferred():
+    assert not gc.isenabled()
+    gc_utils.freeze_gc_heap()  # EngineCore.__init__, CUDA Worker.compile_or_warm_up_model
+    with gc_utils.freeze_gc_for_cudagraph_capture():
+        pass
+    gc.unfreeze()  # EngineCore.shutdown
+print("frozen", frozen, gc.get_freeze_count(), "enabled", gc.isenabled())
+"""
+
+
+def test_vllm_gc_freezes_do_not_pin_an_engine():
+    """vLLM's freeze_gc_heap inside a build would put the engine in the
+    permanent generation, where no collection reaches it after release (its
+    weights stayed on the H100); inside collections_deferred the frozen heap
+    stays what the worker froze, and collection is back on afterwards."""
+    done = subprocess.run([sys.executable, "-c", VLLM_GC_CALLS_DURING_A_BUILD],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, before, after, _, enabled = done.stdout.split()
+    assert after == before and enabled == "True", done.stdout

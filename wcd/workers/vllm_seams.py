@@ -36,7 +36,6 @@ def apply() -> None:
     if _applied:
         return
     _mend_aot_compile_cache_load()
-    _keep_startup_heap_unfrozen()
     _register_kernel_overrides_once()
     _key_compile_cache_by_graph()
     _applied = True
@@ -73,24 +72,24 @@ def _finalize_nothing(vllm_config) -> None:
     del vllm_config
 
 
-# ---- seam 2: the startup heap freeze -----------------------------------------------
-# vllm 0.26/0.32: EngineCore.__init__ calls freeze_gc_heap() (three full
-# collections, then gc.freeze()) because a server process builds one engine and
-# serves it forever. A warm worker builds many: the collections cost ~1.5 s
-# per build here, and frozen objects of an old engine would outlive it until
-# EngineCore.shutdown's gc.unfreeze(). The worker owns gc policy instead.
-
-
-def _keep_startup_heap_unfrozen() -> None:
-    from vllm.v1.engine import core
-
-    if not hasattr(core, "freeze_gc_heap"):
-        raise SeamBroken("vllm.v1.engine.core.freeze_gc_heap is gone")
-    core.freeze_gc_heap = _no_freeze
-
-
-def _no_freeze() -> None:
-    pass
+# ---- seam 2: vLLM's gc policy -----------------------------------------------------
+# vllm 0.26/0.32 tune the collector for one engine that serves until the
+# process exits:
+# - EngineCore.__init__ and, on CUDA, Worker.compile_or_warm_up_model call
+#   freeze_gc_heap() (three full collections, then gc.freeze()), moving the
+#   engine's weights, KV cache and graphs into the permanent generation, which
+#   no collection scans and gc.get_objects() does not list;
+# - CUDA graph capture freezes around itself, and its gc.unfreeze() thaws the
+#   worker's own import-heap freeze with it;
+# - base_loader runs two full collections per load; shutdown unfreezes the
+#   whole heap and collects it.
+# In a warm worker a frozen engine outlives its release: on the H100 every
+# released engine kept its weights (1.39 GiB of a 1.43 GB model) until the
+# compile_or_warm_up_model freeze was found. So the worker owns gc policy:
+# builds and teardowns run with vLLM's collect, freeze and unfreeze as no-ops
+# and automatic collection off (what capture's freeze is for: no collection
+# mid-capture); the worker freezes its import heap once and collects once
+# after each release.
 
 
 def freeze_import_heap() -> None:
@@ -103,16 +102,22 @@ def freeze_import_heap() -> None:
 
 @contextlib.contextmanager
 def collections_deferred() -> Iterator[None]:
-    """Run an engine build or teardown with vLLM's own gc calls skipped:
-    base_loader runs two full collections per load, EngineCore.shutdown
-    unfreezes the whole heap and collects it. The worker collects once, where
-    memory must really come back, with the import heap still frozen."""
-    saved = gc.collect, gc.unfreeze
-    gc.collect, gc.unfreeze = _collect_nothing, _no_freeze
+    """Run an engine build or teardown with vLLM's own gc calls skipped and no
+    automatic collection; the heap's frozen part is the same after as before."""
+    saved = gc.collect, gc.freeze, gc.unfreeze
+    was_enabled = gc.isenabled()
+    gc.collect, gc.freeze, gc.unfreeze = _collect_nothing, _no_freeze, _no_freeze
+    gc.disable()
     try:
         yield
     finally:
-        gc.collect, gc.unfreeze = saved
+        gc.collect, gc.freeze, gc.unfreeze = saved
+        if was_enabled:
+            gc.enable()
+
+
+def _no_freeze() -> None:
+    pass
 
 
 def _collect_nothing(generation: int = 2) -> int:
@@ -205,6 +210,7 @@ def check() -> None:
     """Raise SeamBroken if vLLM no longer looks the way the seams expect."""
     import vllm
     from vllm.compilation import decorators
+    from vllm.utils import gc_utils
     from vllm.v1.engine import core
     from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -213,8 +219,8 @@ def check() -> None:
     source = inspect.getsource(decorators._try_load_aot_compiled_fn)
     if "torch.compiler.load_compiled_function" not in source:
         raise SeamBroken("AOT compile cache load no longer goes through torch.compiler")
-    if "freeze_gc_heap()" not in inspect.getsource(core.EngineCore.__init__):
-        raise SeamBroken("EngineCore.__init__ no longer calls freeze_gc_heap")
+    if "gc.freeze()" not in inspect.getsource(gc_utils.freeze_gc_heap):
+        raise SeamBroken("freeze_gc_heap no longer freezes through gc.freeze")
     ignored = _ignored_hash_factors()
     if '"hf_config"' in ignored or '"model",' in ignored:
         raise SeamBroken("ModelConfig.compute_hash no longer hashes hf_config and the path")
