@@ -15,6 +15,8 @@ wcd.workers.demo_models.
 - cold: a fresh process to its first output with vLLM's own `LLM`.
 - sleep: vLLM's sleep mode on the same model, the peer baseline: level 1
   sleep and wake; level 2 sleep, wake with reload_weights of the sibling.
+- parked: a daemon that parks up to two engines on the GPU: swaps back to a
+  parked engine (with CUDA graphs, and eager) after the rebuilds.
 - throughput: the same streamed load (bench/serve.py's clients) against vLLM's
   own API server and then wcd's OpenAI endpoint, each serving big-a alone.
 
@@ -132,7 +134,7 @@ def run_sleep(models: Path) -> dict:
 
 
 class Wcd:
-    def __init__(self, directory: Path, models: Path):
+    def __init__(self, directory: Path, models: Path, **policy):
         directory.mkdir(parents=True, exist_ok=True)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -148,7 +150,8 @@ class Wcd:
                        "bigwide-eager": {"path": str(models / OTHER), "enforce_eager": True}},
             "preload": [SAME[0]],
             "policy": {"host_cache_bytes": 8 * GiB, "worker_ready_timeout": "600s",
-                       "queue_wait": "600s", "drain_timeout": "60s", "health_timeout": "60s"},
+                       "queue_wait": "600s", "drain_timeout": "60s", "health_timeout": "60s",
+                       **policy},
         }
         path = directory / "wcd.yaml"
         path.write_text(json.dumps(config))  # JSON is YAML
@@ -258,6 +261,45 @@ def run_wcd(models: Path, out: Path) -> dict:
     except Exception as exc:  # report what was measured, and why it stopped
         result["error"] = f"{exc}\n{wcd.tail()}"
         log("wcd part failed:", result["error"][-3000:])
+    finally:
+        result["exit_code"] = wcd.stop()
+    return result
+
+
+# ---- parked engines -------------------------------------------------------------------
+
+PARKED_SEQUENCE = [(OTHER, "rebuild, big-a parked"), (SAME[0], "unpark big-a"),
+                   (OTHER, "unpark bigwide-a"), ("bigwide-eager", "rebuild, eager"),
+                   (SAME[0], "unpark big-a"), ("bigwide-eager", "unpark eager (KV re-allocated)")]
+
+
+def run_parked(models: Path, out: Path) -> dict:
+    """A daemon that parks up to two engines: swaps back to a parked one
+    against the rebuilds they replace, outputs checked, memory per swap."""
+    result: dict = {"swaps": [], "failures": []}
+    wcd = Wcd(out / "wcd-parked", models, max_parked=2, park_min_free_bytes=8 * GiB)
+    answers: dict[str, str] = {}
+    try:
+        wcd.wait_serving(SAME[0])
+        answers[SAME[0]] = wcd.complete(SAME[0])
+        for model, label in PARKED_SEQUENCE:
+            wall, event = wcd.wcctl("swap", model)
+            text = wcd.complete(model)
+            same = answers.setdefault(model, text) == text
+            if not same:
+                result["failures"].append(f"{model} answered differently after {label}")
+            parked = [m["name"] for m in wcd.wcctl("models")[1]["models"]
+                      if m["where"] == "device"]
+            row = {"label": label, "model": model, "path": event["path"],
+                   "wcctl_s": wall, "worker_s": event["total_s"], "phases": event["phases"],
+                   "same_output": same, "parked": parked, "device_bytes": wcd.device_bytes()}
+            result["swaps"].append(row)
+            log(f"parked: {label}: {event['path']} worker {event['total_s']:.3f} s "
+                f"wcctl {wall:.3f} s parked={parked} same_output={same} "
+                f"allocated {row['device_bytes'] / GiB:.2f} GiB")
+    except Exception as exc:  # report what was measured, and why it stopped
+        result["error"] = f"{exc}\n{wcd.tail()}"
+        log("parked part failed:", result["error"][-3000:])
     finally:
         result["exit_code"] = wcd.stop()
     return result
@@ -461,7 +503,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--report", type=Path, help="write BENCHMARKS.md from a run's JSON")
     parser.add_argument("--models", type=Path, default=Path("/tmp/wcd-gpu-models"))
-    parser.add_argument("--parts", default="wcd,cold,sleep,throughput")
+    parser.add_argument("--parts", default="wcd,cold,sleep,throughput,parked")
     args = parser.parse_args()
     if args.report:
         report(args.report)
@@ -471,7 +513,8 @@ def main() -> int:
     runners = {"wcd": lambda: run_wcd(args.models, args.out),
                "cold": lambda: run_cold(args.models),
                "sleep": lambda: run_sleep(args.models),
-               "throughput": lambda: run_throughput(args.models, args.out)}
+               "throughput": lambda: run_throughput(args.models, args.out),
+               "parked": lambda: run_parked(args.models, args.out)}
     for part in args.parts.split(","):
         result = runners[part]()
         result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

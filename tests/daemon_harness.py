@@ -27,14 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(directory: Path, models: Path, **overrides) -> Path:
+def write_config(directory: Path, model_root: Path, **overrides) -> Path:
     config = {
         "control": {"socket": str(directory / "control.sock")},
         "http": {"host": "127.0.0.1", "port": free_port()},
         "workers": [{"device": "cpu"}],
-        "model_roots": [str(models)],
+        "model_roots": [str(model_root)],
         "defaults": dict(ENGINE_ARGS),
-        "models": {name: {"path": str(models / name)}
+        "models": {name: {"path": str(model_root / name)}
                    for name in ("small-a", "small-b", "wide-a")},
         "preload": ["small-a"],
         "policy": {"health_interval": "1s", "health_timeout": "5s", "drain_timeout": "20s",
@@ -152,11 +152,11 @@ def alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def serving(directory: Path, models: Path, env: dict | None = None,
+def serving(directory: Path, model_root: Path, env: dict | None = None,
             **overrides) -> Iterator[Daemon]:
     """A daemon serving its preload (small-a), stopped on the way out whatever
     happened: a module's shared daemon."""
-    daemon = Daemon(write_config(directory, models, **overrides), env=env)
+    daemon = Daemon(write_config(directory, model_root, **overrides), env=env)
     try:
         daemon.wait_serving("small-a")
         yield daemon

@@ -323,17 +323,39 @@ def test_find_config_order(tmp_path, monkeypatch):
 def test_worker_helpers(tree):
     settings = load_settings(write(tree, "workers: [{device: cpu}, {device: 'cuda:1'}, {device: cuda:0}]\n"))
     cpu, gpu1, gpu0 = settings.workers
-    assert (cpu.kind, cpu.cuda_index) == ("cpu", None)
-    assert (gpu1.kind, gpu1.cuda_index) == ("cuda", 1)
-    assert gpu0.cuda_index == 0
+    assert (cpu.kind, cpu.cuda_indices) == ("cpu", ())
+    assert (gpu1.kind, gpu1.cuda_indices) == ("cuda", (1,))
+    assert gpu0.cuda_indices == (0,)
 
 
-def test_parked_models_are_refused_until_implemented(tmp_path):
+def test_a_tensor_parallel_group_takes_consecutive_devices(tree):
+    settings = load_settings(write(tree, "workers:\n  - {device: 'cuda:0', tensor_parallel_size: 2}\n"
+                                         "  - {device: 'cuda:2'}\n  - {device: cpu, tensor_parallel_size: 2}\n"))
+    group, single, cpu_group = settings.workers
+    assert group.cuda_indices == (0, 1) and single.cuda_indices == (2,)
+    assert cpu_group.tensor_parallel_size == 2 and cpu_group.cuda_indices == ()
+
+
+@pytest.mark.parametrize("workers, message", [
+    ("[{device: 'cuda:0', tensor_parallel_size: 2}, {device: 'cuda:1'}]",
+     "cuda:1 is given to another worker already"),
+    ("[{device: cpu, tensor_parallel_size: 0}]", "expected an int >= 1, got 0"),
+])
+def test_bad_tensor_parallel_groups_are_refused(tree, workers, message):
+    with pytest.raises(config.ConfigError) as raised:
+        load_settings(write(tree, f"workers: {workers}\n"))
+    assert message in str(raised.value)
+
+
+def test_parking_policy(tmp_path):
     path = tmp_path / "wcd.yaml"
-    path.write_text("policy:\n  max_parked: 2\n")
+    path.write_text("policy:\n  max_parked: 2\n  park_min_free_bytes: 1024\n")
+    policy = config.load_settings(str(path)).policy
+    assert (policy.max_parked, policy.park_min_free_bytes) == (2, 1024)
+    path.write_text("policy:\n  max_parked: -1\n")
     with pytest.raises(config.ConfigError) as raised:
         config.load_settings(str(path))
-    assert "max_parked" in str(raised.value) and "not implemented" in str(raised.value)
+    assert "max_parked" in str(raised.value)
 
 
 def test_the_daemon_imports_no_torch_or_vllm():

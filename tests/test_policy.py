@@ -4,8 +4,8 @@ from wcd.daemon.policy import (DRAINING, IDLE, RESTARTING, SERVING, STARTING, SW
                                SlotView, choose_slot, expired, restart_delay, serving_slot)
 
 
-def slot(index, state=SERVING, model=None, active=0, last_used=0.0):
-    return SlotView(index, state, model, active, last_used)
+def slot(index, state=SERVING, model=None, active=0, last_used=0.0, tp=1, parked=()):
+    return SlotView(index, state, model, active, last_used, tp, parked)
 
 
 def test_serving_slot_finds_the_model_where_it_is_or_is_coming():
@@ -30,6 +30,20 @@ def test_choose_slot_takes_the_least_recently_used_idle_one():
 def test_choose_slot_waits_when_every_worker_is_busy():
     slots = [slot(0, SWAPPING, "a"), slot(1, STARTING), slot(2, RESTARTING)]
     assert choose_slot(slots, "b") is None
+
+
+def test_choose_slot_only_takes_workers_of_the_models_tensor_parallel_size():
+    slots = [slot(0, IDLE), slot(1, SERVING, "big", last_used=5.0, tp=2),
+             slot(2, SERVING, "other", last_used=1.0, tp=2)]
+    assert choose_slot(slots, "huge", tensor_parallel_size=2).index == 2
+    assert choose_slot(slots, "small").index == 0
+    assert choose_slot(slots, "giant", tensor_parallel_size=4) is None
+
+
+def test_choose_slot_goes_where_the_model_is_parked():
+    slots = [slot(0, IDLE), slot(1, SERVING, "a", last_used=9.0, parked=("b",))]
+    assert choose_slot(slots, "b").index == 1
+    assert choose_slot(slots, "c").index == 0
 
 
 def test_expired_honours_keep_alive_and_activity():

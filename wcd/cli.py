@@ -243,8 +243,19 @@ def fmt_last_swap(swap: dict | None) -> str:
     return f"{swap.get('model')} ({swap.get('path')}) {swap.get('total_s', 0):.3f} s"
 
 
+def fmt_device(worker: dict) -> str:
+    tp = worker.get("tensor_parallel_size", 1)
+    return worker["device"] + (f" tp={tp}" if tp > 1 else "")
+
+
+def fmt_pids(worker: dict) -> str:
+    """The worker's pid, then its group's followers."""
+    return ",".join(str(pid) for pid in [worker.get("pid"), *worker.get("group_pids", [])]
+                    if pid is not None) or "-"
+
+
 def workers_table(workers: list[dict]) -> str:
-    rows = [[str(w["index"]), w["device"], dash(w.get("pid")), w["state"], dash(w.get("model")),
+    rows = [[str(w["index"]), fmt_device(w), fmt_pids(w), w["state"], dash(w.get("model")),
              fmt_bytes(w.get("rss_bytes")), fmt_last_swap(w.get("last_swap"))]
             for w in workers]
     return table(["WORKER", "DEVICE", "PID", "STATE", "MODEL", "RSS", "LAST SWAP"], rows)
@@ -263,7 +274,7 @@ def models_table(models: list[dict]) -> str:
     return table(["MODEL", "STATE", "WHERE", "WORKER", "SIZE", "PATH"], rows)
 
 
-WHERE_WORDS = {"serving": "serving", "parked": "parked", "host": "in host memory",
+WHERE_WORDS = {"serving": "serving", "device": "parked on the device", "host": "in host memory",
                "disk": "on disk"}
 
 
@@ -296,7 +307,8 @@ def done_summary(event: dict) -> str:
         "unload": f"{model} unloaded" + ("" if worker is None else f" from worker {worker}"),
         "prefetch": f"{model} prefetched into host memory",
     }
-    source = {"host_cache": ", from host memory", "disk": ", from disk"}.get(
+    source = {"host_cache": ", from host memory", "disk": ", from disk",
+              "parked": ", parked on the device"}.get(
         event.get("weights"), "")
     head = heads.get(path, f"{who} now serves {model} ({path}{source})")
     phases = event.get("phases") or {}

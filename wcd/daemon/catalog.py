@@ -26,6 +26,10 @@ class ModelEntry:
     keep_alive_s: float | None  # None: the policy's default
     configured: bool
 
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.engine_args.get("tensor_parallel_size", 1))
+
     def spec(self) -> p.ModelSpec:
         return p.ModelSpec(self.name, self.path, self.engine_args)
 

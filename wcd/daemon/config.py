@@ -69,15 +69,22 @@ class HttpSettings:
 
 @dataclass(frozen=True)
 class WorkerSettings:
+    """One worker, or with tensor_parallel_size N > 1 a group of N processes
+    (on CUDA, devices cuda:K .. cuda:K+N-1 for device cuda:K)."""
+
     device: str = "cpu"
+    tensor_parallel_size: int = 1
 
     @property
     def kind(self) -> str:
         return self.device.split(":", 1)[0]
 
     @property
-    def cuda_index(self) -> int | None:
-        return int(self.device.split(":", 1)[1]) if self.kind == "cuda" else None
+    def cuda_indices(self) -> tuple[int, ...]:
+        if self.kind != "cuda":
+            return ()
+        first = int(self.device.split(":", 1)[1])
+        return tuple(range(first, first + self.tensor_parallel_size))
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ class ModelSettings:
 @dataclass(frozen=True)
 class PolicySettings:
     keep_alive_s: float = 0.0  # 0 = keep forever; idle models unloaded after this
-    max_parked: int = 0
+    max_parked: int = 0  # swapped-out engines kept on each worker's device
+    park_min_free_bytes: int = 2 << 30  # parked engines yield to keep this free
     host_cache_bytes: int = 0
     queue_max: int = 64  # requests waiting for a model, per model
     queue_wait_s: float = 60.0  # longest a request waits for its model before 503
@@ -278,10 +286,10 @@ class _Reader:
 _TOP_KEYS = ("control", "http", "workers", "model_roots", "defaults", "models", "preload", "policy", "log_level")
 _CONTROL_KEYS = ("socket", "allow_uids", "allow_gids")
 _HTTP_KEYS = ("host", "port", "api_keys")
-_WORKER_KEYS = ("device",)
+_WORKER_KEYS = ("device", "tensor_parallel_size")
 _MODEL_KEYS = ("path", "keep_alive")
 _POLICY_KEYS = (
-    "keep_alive", "max_parked", "host_cache_bytes", "queue_max", "queue_wait", "drain_timeout",
+    "keep_alive", "max_parked", "park_min_free_bytes", "host_cache_bytes", "queue_max", "queue_wait", "drain_timeout",
     "health_interval", "health_timeout", "restart_backoff_min", "restart_backoff_max",
     "worker_ready_timeout", "stop_timeout",
 )
@@ -322,9 +330,13 @@ def _parse_workers(top: _Reader, name: str) -> tuple[WorkerSettings, ...]:
     workers: list[WorkerSettings] = []
     for index, entry in enumerate(entries):
         section = _Reader(entry, top.source, top.key(f"{name}[{index}]"), _WORKER_KEYS)
-        worker = WorkerSettings(device=section.get("device", _device, "cpu"))
-        if worker.kind == "cuda" and worker in workers:
-            section.fail("device", f"{worker.device} is given to another worker already")
+        worker = WorkerSettings(
+            device=section.get("device", _device, "cpu"),
+            tensor_parallel_size=section.get("tensor_parallel_size", _positive_int, 1))
+        taken = {i for other in workers for i in other.cuda_indices}
+        if taken & set(worker.cuda_indices):
+            section.fail("device", f"cuda:{min(taken & set(worker.cuda_indices))} is given to "
+                                   "another worker already")
         workers.append(worker)
     return tuple(workers)
 
@@ -374,7 +386,8 @@ def _parse_policy(section: _Reader) -> PolicySettings:
     d = PolicySettings()
     policy = PolicySettings(
         keep_alive_s=section.get("keep_alive", parse_duration, d.keep_alive_s),
-        max_parked=section.get("max_parked", _not_yet, d.max_parked),
+        max_parked=section.get("max_parked", _count, d.max_parked),
+        park_min_free_bytes=section.get("park_min_free_bytes", _count, d.park_min_free_bytes),
         host_cache_bytes=section.get("host_cache_bytes", _count, d.host_cache_bytes),
         queue_max=section.get("queue_max", _count, d.queue_max),
         queue_wait_s=section.get("queue_wait", parse_duration, d.queue_wait_s),
@@ -415,16 +428,17 @@ def _int(value: object) -> int:
     return value
 
 
-def _not_yet(value: object) -> int:
-    if _count(value):
-        raise _Invalid("parked models are not implemented yet; only 0 is accepted")
-    return 0
-
-
 def _count(value: object) -> int:
     number = _int(value)
     if number < 0:
         raise _Invalid(f"expected an int >= 0, got {number}")
+    return number
+
+
+def _positive_int(value: object) -> int:
+    number = _int(value)
+    if number < 1:
+        raise _Invalid(f"expected an int >= 1, got {number}")
     return number
 
 

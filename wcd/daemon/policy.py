@@ -19,6 +19,8 @@ class SlotView:
     model: str | None  # served, or being swapped to
     active: int  # requests in flight
     last_used: float
+    tensor_parallel_size: int = 1  # of the worker (group)
+    parked: tuple[str, ...] = ()  # models parked on the worker's device
 
 
 def serving_slot(slots: Sequence[SlotView], model: str) -> SlotView | None:
@@ -27,10 +29,16 @@ def serving_slot(slots: Sequence[SlotView], model: str) -> SlotView | None:
                  and s.state != DRAINING), None)
 
 
-def choose_slot(slots: Sequence[SlotView], model: str) -> SlotView | None:
-    """Where to bring `model` in: an empty worker first, else the least recently
-    used one, preferring those with no request in flight. None: all busy."""
-    candidates = [s for s in slots if s.state in (IDLE, SERVING)]
+def choose_slot(slots: Sequence[SlotView], model: str,
+                tensor_parallel_size: int = 1) -> SlotView | None:
+    """Where to bring `model` in: among workers of its tensor-parallel size, one
+    that has it parked, else an empty one, else the least recently used one,
+    preferring those with no request in flight. None: all busy."""
+    candidates = [s for s in slots if s.state in (IDLE, SERVING)
+                  and s.tensor_parallel_size == tensor_parallel_size]
+    parked = [s for s in candidates if model in s.parked]
+    if parked:
+        return min(parked, key=lambda s: s.active > 0)
     empty = [s for s in candidates if s.model is None]
     if empty:
         return empty[0]

@@ -76,6 +76,7 @@ class _Slot:
     active: int = 0  # leases the daemon has handed out
     running: int = 0  # requests the worker reported at its last health ping
     cached: dict[str, int] = field(default_factory=dict)  # host cache: model -> bytes
+    parked: dict[str, int] = field(default_factory=dict)  # on the device: model -> bytes
     device_bytes: int = 0  # allocated on the worker's GPU, at its last health ping
     last_used: float = 0.0
     restarts: int = 0
@@ -89,7 +90,8 @@ class _Slot:
 
     def view(self) -> SlotView:
         return SlotView(self.index, self.state, self.model.name if self.model else None,
-                        self.active, self.last_used)
+                        self.active, self.last_used, self.settings.tensor_parallel_size,
+                        tuple(self.parked))
 
 
 class Scheduler:
@@ -161,6 +163,7 @@ class Scheduler:
     @contextlib.asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[Lease]:
         entry = self.catalog.resolve(model)
+        self._check_fits(entry, None)
         future = asyncio.get_running_loop().create_future()
         self._post("acquire", _Waiter(entry, future))
         try:
@@ -181,7 +184,20 @@ class Scheduler:
         if worker is not None and not 0 <= worker < len(self._slots):
             raise errors.BadRequest(f"there is no worker {worker} (have "
                                     f"{len(self._slots)})", param="worker")
+        self._check_fits(entry, worker)
         return entry
+
+    def _check_fits(self, entry: ModelEntry, worker: int | None) -> None:
+        """A model asks a tensor-parallel size; only workers of that size serve it.
+        (Worker settings are fixed for the daemon's life, so reading them here,
+        outside the scheduler task, reads no state that can change.)"""
+        sizes = {s.settings.tensor_parallel_size for s in self._slots
+                 if worker is None or s.index == worker}
+        if entry.tensor_parallel_size not in sizes:
+            where = f"worker {worker} has" if worker is not None else "workers have"
+            raise errors.ModelUnusable(
+                f"model {entry.name!r} asks tensor_parallel_size "
+                f"{entry.tensor_parallel_size}; the {where} {sorted(sizes)}")
 
     async def operate(self, kind: str, model: str, *, worker: int | None = None,
                       force: bool = False, progress: Progress | None = None) -> dict:
@@ -200,15 +216,19 @@ class Scheduler:
         entries.update({s.model.name: s.model for s in served.values()})
         views = []
         cached = {name: size for s in self._slots for name, size in s.cached.items()}
+        parked = {name: (s.index, size) for s in self._slots for name, size in s.parked.items()}
         for name, entry in entries.items():
             slot = served.get(name)
             state = "available"
             if slot is not None:
                 state = SERVING if slot.state == SERVING else "loading"
-            where = "serving" if state == SERVING else "host" if name in cached else "disk"
+            where = ("serving" if state == SERVING else "device" if name in parked
+                     else "host" if name in cached else "disk")
+            worker = slot.index if slot else parked[name][0] if name in parked else None
             views.append({"name": name, "path": entry.path, "state": state,
-                          "worker": slot.index if slot else None,
-                          "bytes": cached.get(name) or entry.disk_bytes(),
+                          "worker": worker,
+                          "bytes": (parked[name][1] if where == "device" else cached.get(name))
+                          or entry.disk_bytes(),
                           "where": where, "configured": entry.configured})
         return views
 
@@ -234,8 +254,11 @@ class Scheduler:
         return list(self._swaps)
 
     def _worker_view(self, slot: _Slot) -> dict:
+        ready = slot.worker.ready if slot.worker else None
         return {"index": slot.index, "device": slot.settings.device,
+                "tensor_parallel_size": slot.settings.tensor_parallel_size,
                 "pid": slot.worker.pid if slot.worker else None,
+                "group_pids": list(ready.group_pids) if ready else [],
                 "state": slot.state, "model": slot.model.name if slot.model else None,
                 "active": slot.active, "running": slot.running, "restarts": slot.restarts,
                 "rss_bytes": _rss(slot.worker.pid) if slot.worker else None,
@@ -327,7 +350,7 @@ class Scheduler:
             return self._slots[worker]
         views = [s.view() for s in self._slots]
         current = policy.serving_slot(views, entry.name)
-        chosen = current or policy.choose_slot(views, entry.name)
+        chosen = current or policy.choose_slot(views, entry.name, entry.tensor_parallel_size)
         return self._slots[chosen.index] if chosen else None
 
     def _drain_then(self, slot: _Slot, op: _Operation) -> None:
@@ -460,7 +483,7 @@ class Scheduler:
             return self._slots[current.index]
         if any(w.entry.name == entry.name for s in self._slots for w in s.waiters):
             return None  # already coming in somewhere
-        chosen = policy.choose_slot(views, entry.name)
+        chosen = policy.choose_slot(views, entry.name, entry.tensor_parallel_size)
         if chosen is None:
             return None
         slot = self._slots[chosen.index]
@@ -498,9 +521,12 @@ class Scheduler:
         await asyncio.sleep(delay)
         settings = slot.settings
         options = WorkerOptions(index=slot.index, device=settings.kind,
-                                cuda_device=settings.cuda_index,
+                                cuda_devices=settings.cuda_indices,
+                                tensor_parallel_size=settings.tensor_parallel_size,
                                 ready_timeout_s=self.settings.policy.worker_ready_timeout_s,
                                 host_cache_bytes=self.settings.policy.host_cache_bytes,
+                                max_parked=self.settings.policy.max_parked,
+                                park_min_free_bytes=self.settings.policy.park_min_free_bytes,
                                 stop_timeout_s=self.settings.policy.stop_timeout_s,
                                 env=self._worker_env)
         try:
@@ -551,6 +577,7 @@ class Scheduler:
                     pong = await worker.ping(policy_.health_timeout_s)
                     slot.running = pong.running
                     slot.cached = {c.name: c.bytes for c in pong.cached}
+                    slot.parked = {c.name: c.bytes for c in pong.parked}
                     slot.device_bytes = pong.device_bytes
                 except asyncio.TimeoutError:
                     log.error("worker %d (pid %s) did not answer a ping in %.0f s; killing it",
@@ -585,7 +612,8 @@ class Scheduler:
         slot.state = RESTARTING
         slot.model = None
         slot.active = slot.running = 0
-        slot.cached = {}  # the cache died with the process
+        slot.cached = {}  # the cache and parked engines died with the process
+        slot.parked = {}
         slot.worker = None
         delay = policy.restart_delay(slot.restarts, self.settings.policy.restart_backoff_min_s,
                                      self.settings.policy.restart_backoff_max_s)

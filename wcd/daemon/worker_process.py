@@ -42,8 +42,11 @@ class WorkerGone(WorkerError):
 class WorkerOptions:
     index: int = 0
     device: str = "cpu"  # "cpu" or "cuda"
-    cuda_device: int | None = None  # physical GPU index, for CUDA_VISIBLE_DEVICES
+    cuda_devices: tuple[int, ...] = ()  # physical GPU indices, for CUDA_VISIBLE_DEVICES
+    tensor_parallel_size: int = 1  # > 1: the worker leads a group of that many processes
     host_cache_bytes: int = 0  # budget of the worker's weight snapshots
+    max_parked: int = 0  # swapped-out engines the worker keeps on its device
+    park_min_free_bytes: int = 0  # parked engines yield to keep this much free
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 20.0
     python: str = sys.executable
@@ -85,14 +88,21 @@ class WorkerProcess:
     async def _spawn(self) -> None:
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ if self.options.env is None else self.options.env)
-        if self.options.cuda_device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.options.cuda_device)
+        if self.options.cuda_devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.options.cuda_devices))
+        elif self.options.tensor_parallel_size > 1:
+            # The group's ranks share the CPU: each gets its part of the cores.
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                      // self.options.tensor_parallel_size)))
         try:
             self.process = await asyncio.create_subprocess_exec(
                 self.options.python, "-m", "wcd.workers.main",
                 "--fd", str(child_sock.fileno()), "--device", self.options.device,
                 "--index", str(self.options.index),
                 "--host-cache-bytes", str(self.options.host_cache_bytes),
+                "--tp", str(self.options.tensor_parallel_size),
+                "--max-parked", str(self.options.max_parked),
+                "--park-min-free-bytes", str(self.options.park_min_free_bytes),
                 pass_fds=(child_sock.fileno(),), env=env, start_new_session=False)
         finally:
             child_sock.close()

@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,8 @@ from wcd.workers.weights import (CHECKPOINT, KERNEL, HostCache, Snapshot, copy_i
 
 log = logging.getLogger(__name__)
 
-# Engine args wcd sets itself: the engine must live in this process.
+# Engine args wcd sets itself: the engine lives in this process (with a
+# worker group, its other ranks in the group's followers).
 FORCED_ENGINE_ARGS = {"distributed_executor_backend": "uni", "disable_log_stats": True}
 
 
@@ -112,12 +114,35 @@ class Served:
         return self.plan.spec.name
 
 
-class EngineHost:
-    """Owns at most one engine. Not thread-safe: the worker's main thread only."""
+@dataclass(frozen=True)
+class Parking:
+    """Swapped-out engines kept on the device: at most `max_parked`, and only
+    while the device keeps `min_free_bytes` free (the serving model's needs
+    come first: parked engines are released, oldest first, to keep it)."""
 
-    def __init__(self, cache: HostCache) -> None:
+    max_parked: int = 0
+    min_free_bytes: int = 0
+
+
+class EngineHost:
+    """Serves one engine and keeps parked ones. Not thread-safe: the worker's
+    main thread only."""
+
+    def __init__(self, cache: HostCache, group=None, parking: Parking = Parking()) -> None:
+        """`group`: a workers.group.WarmGroup whose warm followers hold the other
+        tensor-parallel ranks; None for one process."""
         self.served: Served | None = None
+        self.parked: OrderedDict[str, Served] = OrderedDict()  # oldest first
+        self.parking = parking if group is None else Parking()
+        self.group = group
         self.cache = cache
+        self.tensor_parallel_size = group.world_size if group else 1
+        self.forced_args = dict(FORCED_ENGINE_ARGS)
+        if group is not None:
+            from wcd.workers.group import GroupExecutor
+
+            self.forced_args.update(distributed_executor_backend=GroupExecutor,
+                                    tensor_parallel_size=group.world_size)
         self.weights_source: str | None = None  # of the last swap: "host_cache" or "disk"
 
     @property
@@ -135,6 +160,10 @@ class EngineHost:
         for key in ("model", *FORCED_ENGINE_ARGS):
             if key in engine_args:
                 raise ModelError(p.BAD_ARGS, f"{spec.name}: engine arg {key!r} is set by wcd")
+        tp = engine_args.pop("tensor_parallel_size", 1)
+        if tp != self.tensor_parallel_size:
+            raise ModelError(p.BAD_ARGS, f"{spec.name}: tensor_parallel_size {tp} on a worker "
+                                         f"of tensor_parallel_size {self.tensor_parallel_size}")
         return Plan(spec, checkpoint, engine_args, checkpoint.shape_key(engine_args))
 
     def swap(self, spec: p.ModelSpec, clock: PhaseClock, drain: Callable[[], None]) -> str:
@@ -142,11 +171,18 @@ class EngineHost:
         was touched, SwapFailed when the served model had to be brought back."""
         with clock.phase("resolve"):
             plan = self.resolve(spec)
-            same_shape = self.served is not None and self.served.plan.shape_key == plan.shape_key
-            snapshot = self.cache.get(plan.cache_key)
-            config = None if same_shape else self._engine_config(plan, dummy=bool(snapshot))
+            parked = self._parked_for(plan)
+            same_shape = (parked is None and self.served is not None
+                          and self.served.plan.shape_key == plan.shape_key)
+            snapshot = None if parked else self.cache.get(plan.cache_key)
+            config = None if same_shape or parked else self._engine_config(
+                plan, dummy=bool(snapshot))
         with clock.phase("drain"):
             drain()
+        if parked:
+            self.weights_source = "parked"
+            self._unpark(parked, clock)
+            return "unpark"
         self.weights_source = "host_cache" if snapshot else "disk"
         if same_shape:
             self._swap_in_place(plan, snapshot, clock)
@@ -229,7 +265,7 @@ class EngineHost:
                  clock: PhaseClock) -> None:
         previous = self.served.plan if self.served else None
         with clock.phase("release"):
-            self.release()
+            self._park_or_release()
         try:
             with clock.phase("fetch"):
                 pass  # from disk, vLLM's loader reads the checkpoint inside build
@@ -241,6 +277,7 @@ class EngineHost:
                     self._apply(self.served.engine, snapshot)
             with clock.phase("warm"):
                 self._warm(self.served.engine)
+            self._keep_headroom()
         except Exception as exc:
             error = _as_model_error(plan.spec.name, exc)
             if previous is not None:
@@ -255,6 +292,10 @@ class EngineHost:
 
     def _restore_by_rebuild(self, previous: Plan) -> None:
         self.release()
+        parked = self._parked_for(previous)
+        if parked is not None:
+            self._unpark(parked, PhaseClock(lambda name, seconds: None))
+            return
         snapshot = self.cache.get(previous.cache_key)
         try:
             self.served = self._build(previous,
@@ -266,7 +307,7 @@ class EngineHost:
             self.release()
 
     def _engine_config(self, plan: Plan, dummy: bool = False):
-        args = {**plan.engine_args, **FORCED_ENGINE_ARGS, "model": str(plan.checkpoint.path)}
+        args = {**plan.engine_args, **self.forced_args, "model": str(plan.checkpoint.path)}
         if dummy:
             args["load_format"] = "dummy"
         try:
@@ -299,8 +340,19 @@ class EngineHost:
             engine.step()
 
     def release(self) -> None:
-        """Drop the engine and give its memory back."""
+        """Drop the served engine and give its memory back."""
         served, self.served = self.served, None
+        self._dispose(served)
+
+    def release_all(self) -> None:
+        self.release()
+        while self.parked:
+            self._dispose(self.parked.popitem(last=False)[1])
+
+    def _dispose(self, served: Served | None) -> None:
+        # Other engines in this process still use the distributed groups.
+        if self.group is None:
+            vllm_seams.keep_distributed_state(bool(self.parked))
         if served is not None:
             vllm_seams.unpin_compiled_model(served.engine)
             with vllm_seams.collections_deferred():
@@ -310,6 +362,66 @@ class EngineHost:
             vllm_seams.cleanup_failed_build()
         vllm_seams.release_engine_memory()
         _trim_heap()
+
+    # ---- parked engines ------------------------------------------------------------
+
+    def _parked_for(self, plan: Plan) -> Served | None:
+        """The parked engine of this model, if its files and args still match
+        (else it is stale and goes)."""
+        parked = self.parked.get(plan.spec.name)
+        if parked is None or parked.plan.cache_key == plan.cache_key:
+            return parked
+        del self.parked[plan.spec.name]
+        self._dispose(parked)
+        return None
+
+    def _park_or_release(self) -> None:
+        """Swap the served engine out: parked (weights and compiled model kept,
+        KV cache released where its addresses are not captured) if the
+        policy allows, else released."""
+        served = self.served
+        if served is None or self.parking.max_parked == 0 or \
+                vllm_seams.free_device_bytes() < self.parking.min_free_bytes:
+            self.release()
+            return
+        self.served = None
+        served.engine.reset_prefix_cache()
+        vllm_seams.release_kv_cache(served.engine)
+        self.parked[served.name] = served
+        while len(self.parked) > self.parking.max_parked:
+            self._dispose(self.parked.popitem(last=False)[1])
+        vllm_seams.release_engine_memory()
+
+    def _unpark(self, parked: Served, clock: PhaseClock) -> None:
+        previous = self.model
+        with clock.phase("release"):
+            del self.parked[parked.name]
+            self._park_or_release()
+        with clock.phase("build"):
+            try:
+                vllm_seams.restore_kv_cache(parked.engine)
+            except Exception as exc:
+                self._dispose(parked)
+                back = self.parked.get(previous) if previous else None
+                if back is not None:
+                    self._unpark(back, PhaseClock(lambda name, seconds: None))
+                raise SwapFailed(_as_model_error(parked.name, exc), self.model) from exc
+            parked.engine.reset_prefix_cache()
+            self.served = parked
+        self._keep_headroom()
+
+    def _keep_headroom(self) -> None:
+        """The serving model came in: parked engines go, oldest first, while
+        the device has less than the headroom free."""
+        while self.parked and vllm_seams.free_device_bytes() < self.parking.min_free_bytes:
+            name, served = self.parked.popitem(last=False)
+            log.info("releasing parked %s: device below its free-memory headroom", name)
+            self._dispose(served)
+
+    def parked_contents(self) -> list[p.CachedModel]:
+        return [p.CachedModel(name, sum(f.stat().st_size
+                                        for f in served.plan.checkpoint.weight_files))
+                for name, served in self.parked.items()]
 
     # ---- requests ----------------------------------------------------------------
 

@@ -1,7 +1,11 @@
 """A warm worker process: imports torch and vLLM once, then serves protocol
 commands from its parent over an inherited socket, forever.
 
-    python -m wcd.workers.main --fd N [--device cpu|cuda] [--index I]
+    python -m wcd.workers.main --fd N [--device cpu|cuda] [--index I] [--tp N]
+
+With --tp N > 1 the worker leads a tensor-parallel group (workers/group.py):
+it starts N-1 warm followers before reporting Ready, and exits if one dies,
+so the daemon restarts the whole group.
 
 Threads: a reader answers Ping at once (even while an engine builds, so a
 slow build is never taken for a hang) and queues every other command; the main
@@ -65,16 +69,20 @@ class Channel:
 
 
 class Worker:
-    def __init__(self, channel: Channel, device: str, host_cache_bytes: int = 0):
-        from wcd.workers.engine import EngineHost
+    def __init__(self, channel: Channel, device: str, host_cache_bytes: int = 0, group=None,
+                 parking=None):
+        from wcd.workers.engine import EngineHost, Parking
         from wcd.workers.weights import HostCache
 
         self.channel = channel
         self.device = device
-        self.host = EngineHost(HostCache(host_cache_bytes, pinned=device == "cuda"))
+        self.group = group
+        self.host = EngineHost(HostCache(host_cache_bytes, pinned=device == "cuda"), group,
+                               parking or Parking())
         # What the reader thread reports in pongs: replaced whole by the main
         # thread, never mutated, so the reader never sees it half-changed.
         self.cached: list[p.CachedModel] = []
+        self.parked: list[p.CachedModel] = []
         self.commands: queue.Queue[p.Command] = queue.Queue()
         self.deferred: collections.deque[p.Command] = collections.deque()
         self.inflight: set[str] = set()
@@ -89,7 +97,7 @@ class Worker:
                     # len() of a set is atomic under the GIL: no lock with the main thread.
                     self.channel.send(p.Pong(command.seq, self.host.model, self.busy,
                                              len(self.inflight), self.cached,
-                                             self._device_bytes()))
+                                             self._device_bytes(), self.parked))
                 else:
                     self.commands.put(command)
         except (OSError, p.ProtocolError) as exc:
@@ -188,6 +196,7 @@ class Worker:
             self._failed(command.op_id, exc.error.info(), clock)
         else:
             weights = None if path == "noop" else self.host.weights_source
+            self.parked = self.host.parked_contents()
             self.channel.send(p.OpDone(command.op_id, self.host.model, path,
                                        clock.phases, clock.total(), weights))
             log.info("swap %s -> %s: %s from %s in %.3f s %s", started, self.host.model, path,
@@ -227,6 +236,7 @@ class Worker:
         return PhaseClock(lambda name, s: self.channel.send(p.Phase(op_id, name, s)))
 
     def _failed(self, op_id: int, error: p.ErrorInfo, clock) -> None:
+        self.parked = self.host.parked_contents()
         self.channel.send(p.OpFailed(op_id, error, self.host.model, clock.phases))
         log.warning("swap failed: %s: %s (serving %s)", error.kind, error.message,
                     self.host.model)
@@ -243,7 +253,9 @@ class Worker:
 
     def shutdown(self) -> None:
         self._abort(sorted(self.inflight), reason="the worker is shutting down")
-        self.host.release()
+        self.host.release_all()
+        if self.group is not None:
+            self.group.close()
 
 
 def _weights_key(spec: p.ModelSpec) -> str | None:
@@ -275,6 +287,28 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _start_group(size: int):
+    from wcd.workers.group import WarmGroup
+
+    group = WarmGroup(size)
+    threading.Thread(target=_exit_when_a_follower_dies, args=(group,), name="wcd-group-watch",
+                     daemon=True).start()
+    log.info("tensor-parallel group of %d: followers %s warm in %.1f s", size,
+             [peer.pid for peer in group.peers], group.start_s)
+    return group
+
+
+def _exit_when_a_follower_dies(group) -> None:
+    """A rank gone mid-collective would block the others forever: the whole
+    group goes, and the daemon restarts it."""
+    import multiprocessing.connection
+
+    multiprocessing.connection.wait([peer.process.sentinel for peer in group.peers])
+    if not group.closing:
+        log.error("a follower of the group died; exiting so the group restarts")
+        os._exit(1)
+
+
 def _init_device(device: str) -> None:
     import torch
 
@@ -289,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--host-cache-bytes", type=int, default=0)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel group size")
+    parser.add_argument("--max-parked", type=int, default=0)
+    parser.add_argument("--park-min-free-bytes", type=int, default=0)
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -306,10 +343,17 @@ def main(argv: list[str] | None = None) -> int:
 
     vllm_seams.apply()
     _init_device(args.device)
+    group = _start_group(args.tp) if args.tp > 1 else None
     vllm_seams.freeze_import_heap()
-    worker = Worker(channel, args.device, args.host_cache_bytes)
+    # Snapshots hold one process's parameters; a group's ranks each hold a shard.
+    cache_bytes = args.host_cache_bytes if group is None else 0
+    from wcd.workers.engine import Parking
+
+    worker = Worker(channel, args.device, cache_bytes, group,
+                    Parking(args.max_parked, args.park_min_free_bytes))
     channel.send(p.Ready(os.getpid(), args.device, p.PROTOCOL_VERSION, vllm.__version__,
-                         str(torch.__version__), time.perf_counter() - started))
+                         str(torch.__version__), time.perf_counter() - started,
+                         [peer.pid for peer in group.peers] if group else []))
     threading.Thread(target=worker.read_forever, name="wcd-reader", daemon=True).start()
     try:
         worker.serve_forever()

@@ -112,10 +112,12 @@ class Ready(msgspec.Struct, tag="ready", frozen=True):
     vllm_version: str
     torch_version: str
     startup_s: float
+    group_pids: list[int] = []  # the followers of a tensor-parallel group
 
 
 class CachedModel(msgspec.Struct, frozen=True):
-    """A model snapshot held in a worker's host cache."""
+    """A model a worker holds besides the one it serves: a snapshot in its
+    host cache, or a parked engine on its device."""
 
     name: str
     bytes: int
@@ -128,6 +130,7 @@ class Pong(msgspec.Struct, tag="pong", frozen=True):
     running: int = 0  # requests in the engine: shows that an abort took effect
     cached: list[CachedModel] = []  # the host cache, most recently used last
     device_bytes: int = 0  # torch.cuda.memory_allocated(); 0 on CPU
+    parked: list[CachedModel] = []  # engines parked on the device, oldest first
 
 
 class Phase(msgspec.Struct, tag="phase", frozen=True):
@@ -139,8 +142,9 @@ class Phase(msgspec.Struct, tag="phase", frozen=True):
 
 
 class OpDone(msgspec.Struct, tag="op_done", frozen=True):
-    """A swap/unload finished. `path` is "same_shape", "rebuild", "noop" or
-    "unload"; `weights` where the weights came from: "host_cache" or "disk"."""
+    """A swap/unload finished. `path` is "same_shape", "rebuild", "unpark",
+    "noop" or "unload"; `weights` where the weights came from: "host_cache",
+    "disk" or "parked" (on the device)."""
 
     op_id: int
     model: str | None

@@ -38,6 +38,7 @@ def apply() -> None:
     _mend_aot_compile_cache_load()
     _register_kernel_overrides_once()
     _key_compile_cache_by_graph()
+    _guard_distributed_teardown()
     _applied = True
 
 
@@ -215,6 +216,93 @@ def _clear_cublas_workspaces() -> None:
         clear()
 
 
+# ---- seam 9: distributed state kept across engines ----------------------------------
+# vllm 0.32: EngineCore.shutdown calls cleanup_dist_env_and_memory() (imported
+# by name into vllm.v1.engine.core), which destroys the model-parallel groups,
+# vLLM's world group and torch.distributed's default group. A TP worker group
+# (workers/group.py) keeps its processes and their groups across models, and
+# init_distributed_environment / ensure_model_parallel_initialized skip
+# creation when the groups exist. So while a group owns this process's
+# distributed state, the teardown only resets vLLM's env cache (its other
+# work); the group destroys the state itself when it closes.
+_keep_distributed = False
+
+
+def keep_distributed_state(keep: bool) -> None:
+    global _keep_distributed
+    _keep_distributed = keep
+
+
+def _guard_distributed_teardown() -> None:
+    import vllm.distributed
+    from vllm.distributed import parallel_state
+    from vllm.v1.engine import core
+
+    original = parallel_state.cleanup_dist_env_and_memory
+
+    def cleanup_dist_env_and_memory(shutdown_ray: bool = False):
+        if not _keep_distributed:
+            return original(shutdown_ray)
+        import vllm.envs
+
+        vllm.envs.disable_envs_cache()
+        return None
+
+    cleanup_dist_env_and_memory.__wrapped__ = original
+    for module in (core, parallel_state, vllm.distributed):
+        module.cleanup_dist_env_and_memory = cleanup_dist_env_and_memory
+
+
+# ---- seam 10: a parked engine's KV cache -------------------------------------------
+# vllm 0.32 / 0.26: the model runner allocates the KV cache once
+# (initialize_kv_cache -> initialize_kv_cache_tensors, with the config and
+# kernel block sizes it keeps) and binds it to the runner's kv_caches list and
+# to each attention layer's `kv_cache`. A parked engine gives those tensors up
+# and gets new ones when it serves again; its scheduler's blocks were freed by
+# reset_prefix_cache, so nothing points into the old ones. Where full CUDA
+# graphs captured attention, the KV cache's addresses are inside the graphs:
+# such an engine keeps its KV cache while parked.
+
+
+def release_kv_cache(engine) -> bool:
+    """True if the KV cache went."""
+    mode = engine.vllm_config.compilation_config.cudagraph_mode
+    if torch.cuda.is_available() and mode is not None and mode.has_full_cudagraphs():
+        return False
+    engine.collective_rpc(_release_worker_kv_cache)
+    return True
+
+
+def _release_worker_kv_cache(worker) -> None:
+    runner = worker.model_runner
+    runner.kv_caches.clear()
+    for layer in runner.compilation_config.static_forward_context.values():
+        if isinstance(getattr(layer, "kv_cache", None), torch.Tensor):
+            layer.kv_cache = torch.tensor([])
+
+
+def restore_kv_cache(engine) -> None:
+    engine.collective_rpc(_restore_worker_kv_cache)
+
+
+def _restore_worker_kv_cache(worker) -> None:
+    runner = worker.model_runner
+    if not runner.kv_caches:
+        runner.initialize_kv_cache_tensors(runner.kv_cache_config, runner._kernel_block_sizes)
+
+
+def free_device_bytes() -> int:
+    """What the device has free: CUDA's own count, or the host's available
+    memory for the CPU backend."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 # ---- check -------------------------------------------------------------------------
 
 
@@ -236,8 +324,15 @@ def check() -> None:
     ignored = _ignored_hash_factors()
     if '"hf_config"' in ignored or '"model",' in ignored:
         raise SeamBroken("ModelConfig.compute_hash no longer hashes hf_config and the path")
-    if "cleanup_dist_env_and_memory" not in inspect.getsource(core.EngineCore.shutdown):
+    if "cleanup_dist_env_and_memory()" not in inspect.getsource(core.EngineCore.shutdown):
         raise SeamBroken("EngineCore.shutdown no longer tears down distributed state")
+    from vllm.distributed import parallel_state
+
+    teardown = inspect.getsource(parallel_state.cleanup_dist_env_and_memory.__wrapped__)
+    if "disable_envs_cache" not in teardown:
+        raise SeamBroken("cleanup_dist_env_and_memory no longer resets the env cache")
+    if "if _WORLD is None" not in inspect.getsource(parallel_state.init_distributed_environment):
+        raise SeamBroken("init_distributed_environment no longer keeps an existing world")
     for name in ("collective_rpc", "reset_prefix_cache", "add_request", "step", "abort_request"):
         if not hasattr(LLMEngine, name):
             raise SeamBroken(f"LLMEngine.{name} is gone")
@@ -245,6 +340,11 @@ def check() -> None:
 
     if not hasattr(GPUModelRunner, "get_model"):
         raise SeamBroken("GPUModelRunner.get_model is gone")
+    allocate = inspect.getsource(GPUModelRunner.initialize_kv_cache)
+    if "self._kernel_block_sizes = kernel_block_sizes" not in allocate or \
+            "self.kv_cache_config = kv_cache_config" not in allocate:
+        raise SeamBroken("initialize_kv_cache no longer keeps what a parked engine's "
+                         "KV cache needs to come back")
     from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
 
     if "_bytecode_hook_handle" not in inspect.getsource(TorchCompileWithNoGuardsWrapper):
@@ -292,10 +392,16 @@ _COMPILED_STATE = ("_compiled_callable", "aot_compiled_fn", "_compiled_bytecode"
 
 
 def unpin_compiled_model(engine) -> None:
+    """On every rank: collective_rpc runs it in this process (uni executor) or
+    on each rank of a worker group."""
+    engine.collective_rpc(unpin_worker_model)
+
+
+def unpin_worker_model(worker) -> None:
     from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
 
     reload_table = _layerwise_reload_table()
-    for module in live_model(engine).modules():
+    for module in worker.model_runner.get_model().modules():
         reload_table.pop(module, None)
         if isinstance(module, TorchCompileWithNoGuardsWrapper):
             handle = getattr(module, "_bytecode_hook_handle", None)

