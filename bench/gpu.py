@@ -17,6 +17,8 @@ wcd.workers.demo_models.
   sleep and wake; level 2 sleep, wake with reload_weights of the sibling.
 - parked: a daemon that parks up to two engines on the GPU: swaps back to a
   parked engine (with CUDA graphs, and eager) after the rebuilds.
+- tp (2 GPUs): a TP=2 worker group; swaps keep both processes; big-a's
+  answer against vLLM's own TP=2 run.
 - throughput: the same streamed load (bench/serve.py's clients) against vLLM's
   own API server and then wcd's OpenAI endpoint, each serving big-a alone.
 
@@ -74,8 +76,9 @@ import sys, time, json
 started = float(sys.argv[1])
 from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[2], **json.loads(sys.argv[3]))
-out = llm.generate(["hello world"], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
-print("WCD-RESULT", json.dumps({"first_output_s": time.time() - started}), flush=True)
+out = llm.generate(["hello world"], SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+print("WCD-RESULT", json.dumps({"first_output_s": time.time() - started,
+                               "text": out[0].outputs[0].text}), flush=True)
 """
 
 SLEEP = """
@@ -134,7 +137,8 @@ def run_sleep(models: Path) -> dict:
 
 
 class Wcd:
-    def __init__(self, directory: Path, models: Path, **policy):
+    def __init__(self, directory: Path, models: Path, workers: list | None = None,
+                 defaults: dict | None = None, **policy):
         directory.mkdir(parents=True, exist_ok=True)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -143,9 +147,9 @@ class Wcd:
         config = {
             "control": {"socket": self.socket},
             "http": {"host": "127.0.0.1", "port": self.port},
-            "workers": [{"device": "cuda:0"}],
+            "workers": workers or [{"device": "cuda:0"}],
             "model_roots": [str(models)],
-            "defaults": ENGINE_ARGS,
+            "defaults": defaults or ENGINE_ARGS,
             "models": {**{n: {"path": str(models / n)} for n in (*SAME, OTHER)},
                        "bigwide-eager": {"path": str(models / OTHER), "enforce_eager": True}},
             "preload": [SAME[0]],
@@ -300,6 +304,52 @@ def run_parked(models: Path, out: Path) -> dict:
     except Exception as exc:  # report what was measured, and why it stopped
         result["error"] = f"{exc}\n{wcd.tail()}"
         log("parked part failed:", result["error"][-3000:])
+    finally:
+        result["exit_code"] = wcd.stop()
+    return result
+
+
+# ---- tensor parallel: a TP=2 group on two GPUs --------------------------------------
+
+TP_ARGS = {**ENGINE_ARGS, "tensor_parallel_size": 2}
+TP_SEQUENCE = [(SAME[1], "same shape, in place"), (OTHER, "rebuild"), (SAME[0], "rebuild")]
+
+
+def run_tp(models: Path, out: Path) -> dict:
+    """wcd with one TP=2 worker group on cuda:0-1: swaps keep both processes;
+    big-a's answer against vLLM's own LLM(tensor_parallel_size=2)."""
+    result: dict = {"swaps": [], "failures": []}
+    log("tp: vLLM's own TP=2 run of big-a")
+    result["vllm"] = fresh_process(COLD, str(time.time()), str(models / SAME[0]),
+                                   json.dumps(TP_ARGS))
+    log("tp: vLLM", result["vllm"] if "error" not in result["vllm"] else
+        result["vllm"]["error"][-500:])
+    wcd = Wcd(out / "wcd-tp", models, workers=[{"device": "cuda:0", "tensor_parallel_size": 2}],
+              defaults=TP_ARGS)
+    try:
+        ready = wcd.wait_serving(SAME[0])
+        result["start_to_serving_s"] = time.perf_counter() - wcd.started
+        pids = [ready["pid"], *ready["group_pids"]]
+        result["pids"] = pids
+        answers = {SAME[0]: wcd.complete(SAME[0])}
+        result["big_a_equals_vllm"] = answers[SAME[0]] == result["vllm"].get("text")
+        for model, label in TP_SEQUENCE:
+            wall, event = wcd.wcctl("swap", model)
+            text = wcd.complete(model)
+            same = answers.setdefault(model, text) == text
+            worker = wcd.worker()
+            kept = [worker["pid"], *worker["group_pids"]] == pids
+            if not (same and kept):
+                result["failures"].append(f"{label}: same_output={same} pids_kept={kept}")
+            result["swaps"].append({"label": label, "model": model, "path": event["path"],
+                                    "worker_s": event["total_s"], "wcctl_s": wall,
+                                    "phases": event["phases"], "same_output": same,
+                                    "pids_kept": kept})
+            log(f"tp: {label}: {model} {event['path']} worker {event['total_s']:.3f} s "
+                f"same_output={same} pids_kept={kept}")
+    except Exception as exc:
+        result["error"] = f"{exc}\n{wcd.tail()}"
+        log("tp part failed:", result["error"][-3000:])
     finally:
         result["exit_code"] = wcd.stop()
     return result
@@ -514,7 +564,8 @@ def main() -> int:
                "cold": lambda: run_cold(args.models),
                "sleep": lambda: run_sleep(args.models),
                "throughput": lambda: run_throughput(args.models, args.out),
-               "parked": lambda: run_parked(args.models, args.out)}
+               "parked": lambda: run_parked(args.models, args.out),
+               "tp": lambda: run_tp(args.models, args.out)}
     for part in args.parts.split(","):
         result = runners[part]()
         result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
