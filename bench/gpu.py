@@ -292,11 +292,12 @@ def run_parked(models: Path, out: Path) -> dict:
             same = answers.setdefault(model, text) == text
             if not same:
                 result["failures"].append(f"{model} answered differently after {label}")
+            allocated = wcd.device_bytes()  # after a ping, which also reports what is parked
             parked = [m["name"] for m in wcd.wcctl("models")[1]["models"]
                       if m["where"] == "device"]
             row = {"label": label, "model": model, "path": event["path"],
                    "wcctl_s": wall, "worker_s": event["total_s"], "phases": event["phases"],
-                   "same_output": same, "parked": parked, "device_bytes": wcd.device_bytes()}
+                   "same_output": same, "parked": parked, "device_bytes": allocated}
             result["swaps"].append(row)
             log(f"parked: {label}: {event['path']} worker {event['total_s']:.3f} s "
                 f"wcctl {wall:.3f} s parked={parked} same_output={same} "

@@ -360,7 +360,7 @@ class EngineHost:
             del served
         else:
             vllm_seams.cleanup_failed_build()
-        vllm_seams.release_engine_memory()
+        vllm_seams.release_engine_memory(others_alive=self.served is not None or bool(self.parked))
         _trim_heap()
 
     # ---- parked engines ------------------------------------------------------------
@@ -386,11 +386,11 @@ class EngineHost:
             return
         self.served = None
         served.engine.reset_prefix_cache()
-        vllm_seams.release_kv_cache(served.engine)
         self.parked[served.name] = served
         while len(self.parked) > self.parking.max_parked:
             self._dispose(self.parked.popitem(last=False)[1])
-        vllm_seams.release_engine_memory()
+        if vllm_seams.release_kv_cache(served.engine):
+            vllm_seams.release_engine_memory(others_alive=True, collect=False)
 
     def _unpark(self, parked: Served, clock: PhaseClock) -> None:
         previous = self.model

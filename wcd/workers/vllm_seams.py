@@ -192,17 +192,23 @@ def _key_compile_cache_by_graph() -> None:
 # and torch's per-stream cuBLAS workspaces with it.
 
 
-def release_engine_memory() -> None:
-    """After the last reference to an engine is gone: collect, drop vLLM's cached
-    graph pool, and return freed blocks to the device."""
-    gc.collect()
+def release_engine_memory(others_alive: bool = False, collect: bool = True) -> None:
+    """After the last reference to an engine is gone (or a parked engine gave up
+    its KV cache): collect, drop vLLM's cached graph pool so the next capture
+    gets its own, and return freed blocks to the device. cuBLAS workspaces go
+    only when no engine is left: captured graphs hold their addresses (a parked
+    engine's graphs replayed into freed workspace: illegal memory access on the
+    H100)."""
+    if collect:
+        gc.collect()
     from vllm.platforms import current_platform
 
     if hasattr(type(current_platform), "_global_graph_pool"):
         type(current_platform)._global_graph_pool = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
-        _clear_cublas_workspaces()
+        if not others_alive:
+            _clear_cublas_workspaces()
         torch.cuda.empty_cache()
 
 
