@@ -155,6 +155,7 @@ class Wcd:
             "preload": [SAME[0]],
             "policy": {"host_cache_bytes": 8 * GiB, "worker_ready_timeout": "600s",
                        "queue_wait": "600s", "drain_timeout": "60s", "health_timeout": "60s",
+                       "health_interval": "1s",  # pings carry the memory figures read here
                        **policy},
         }
         path = directory / "wcd.yaml"

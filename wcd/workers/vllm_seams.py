@@ -260,10 +260,12 @@ def _guard_distributed_teardown() -> None:
 
 
 # ---- seam 10: a parked engine's KV cache -------------------------------------------
-# vllm 0.32 / 0.26: the model runner allocates the KV cache once
-# (initialize_kv_cache -> initialize_kv_cache_tensors, with the config and
-# kernel block sizes it keeps) and binds it to the runner's kv_caches list and
-# to each attention layer's `kv_cache`. A parked engine gives those tensors up
+# vllm 0.32 / 0.26: the model runner allocates the KV cache once (0.32:
+# initialize_kv_cache -> initialize_kv_cache_tensors; 0.26's CUDA runner:
+# initialize_kv_cache -> attn_utils.init_kv_cache, as its sleep-mode wake-up
+# path re-binds), keeping the config and kernel block sizes, and binds it to
+# the runner's kv_caches list and to each attention layer's `kv_cache`; the
+# block zeroer, where built, keeps its addresses and is rebuilt. A parked engine gives those tensors up
 # and gets new ones when it serves again; its scheduler's blocks were freed by
 # reset_prefix_cache, so nothing points into the old ones. Where full CUDA
 # graphs captured attention, the KV cache's addresses are inside the graphs:
@@ -293,8 +295,21 @@ def restore_kv_cache(engine) -> None:
 
 def _restore_worker_kv_cache(worker) -> None:
     runner = worker.model_runner
-    if not runner.kv_caches:
+    if runner.kv_caches:
+        return
+    if hasattr(runner, "initialize_kv_cache_tensors"):  # vllm 0.32's runners
         runner.initialize_kv_cache_tensors(runner.kv_cache_config, runner._kernel_block_sizes)
+    else:  # vllm 0.26's CUDA runner, v1/worker/gpu/model_runner.py
+        from vllm.v1.worker.gpu.attn_utils import init_kv_cache
+
+        init_kv_cache(runner.kv_caches, runner.compilation_config.static_forward_context,
+                      runner.kv_cache_config, runner.attn_groups, runner.device,
+                      runner.cache_config.cache_dtype, runner.kernel_block_sizes,
+                      runner.vllm_config)
+        runner.post_kv_cache_wake_up()
+    # The block zeroer keeps the KV cache's addresses.
+    if getattr(runner, "kv_block_zeroer", None) is not None:
+        runner._init_kv_zero_meta()
 
 
 def free_device_bytes() -> int:
