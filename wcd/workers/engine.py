@@ -342,24 +342,30 @@ class EngineHost:
     def release(self) -> None:
         """Drop the served engine and give its memory back."""
         served, self.served = self.served, None
-        self._dispose(served)
+        self._shut_down(served)
+        del served  # the last reference: the collection below must find it garbage
+        self._free_memory()
 
     def release_all(self) -> None:
         self.release()
         while self.parked:
-            self._dispose(self.parked.popitem(last=False)[1])
+            self._shut_down(self.parked.popitem(last=False)[1])
+        self._free_memory()
 
-    def _dispose(self, served: Served | None) -> None:
+    def _shut_down(self, served: Served | None) -> None:
+        """Shut an engine down; its memory comes back at _free_memory, once
+        the caller holds no reference to it."""
         # Other engines in this process still use the distributed groups.
         if self.group is None:
-            vllm_seams.keep_distributed_state(bool(self.parked))
-        if served is not None:
-            vllm_seams.unpin_compiled_model(served.engine)
-            with vllm_seams.collections_deferred():
-                served.engine.engine_core.shutdown()
-            del served
-        else:
+            vllm_seams.keep_distributed_state(self.served is not None or bool(self.parked))
+        if served is None:
             vllm_seams.cleanup_failed_build()
+            return
+        vllm_seams.unpin_compiled_model(served.engine)
+        with vllm_seams.collections_deferred():
+            served.engine.engine_core.shutdown()
+
+    def _free_memory(self) -> None:
         vllm_seams.release_engine_memory(others_alive=self.served is not None or bool(self.parked))
         _trim_heap()
 
@@ -372,7 +378,9 @@ class EngineHost:
         if parked is None or parked.plan.cache_key == plan.cache_key:
             return parked
         del self.parked[plan.spec.name]
-        self._dispose(parked)
+        self._shut_down(parked)
+        del parked
+        self._free_memory()
         return None
 
     def _park_or_release(self) -> None:
@@ -387,10 +395,11 @@ class EngineHost:
         self.served = None
         served.engine.reset_prefix_cache()
         self.parked[served.name] = served
+        evicted = len(self.parked) > self.parking.max_parked
         while len(self.parked) > self.parking.max_parked:
-            self._dispose(self.parked.popitem(last=False)[1])
-        if vllm_seams.release_kv_cache(served.engine):
-            vllm_seams.release_engine_memory(others_alive=True, collect=False)
+            self._shut_down(self.parked.popitem(last=False)[1])
+        if vllm_seams.release_kv_cache(served.engine) or evicted:
+            vllm_seams.release_engine_memory(others_alive=True, collect=evicted)
 
     def _unpark(self, parked: Served, clock: PhaseClock) -> None:
         previous = self.model
@@ -401,7 +410,7 @@ class EngineHost:
             try:
                 vllm_seams.restore_kv_cache(parked.engine)
             except Exception as exc:
-                self._dispose(parked)
+                self._shut_down(parked)  # freed at the next collection
                 back = self.parked.get(previous) if previous else None
                 if back is not None:
                     self._unpark(back, PhaseClock(lambda name, seconds: None))
@@ -416,7 +425,9 @@ class EngineHost:
         while self.parked and vllm_seams.free_device_bytes() < self.parking.min_free_bytes:
             name, served = self.parked.popitem(last=False)
             log.info("releasing parked %s: device below its free-memory headroom", name)
-            self._dispose(served)
+            self._shut_down(served)
+            del served
+            self._free_memory()
 
     def parked_contents(self) -> list[p.CachedModel]:
         return [p.CachedModel(name, sum(f.stat().st_size
