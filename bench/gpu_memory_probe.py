@@ -22,10 +22,21 @@ def main():
     host = EngineHost(HostCache(0, pinned=True))
     args = {"dtype": "bfloat16", "max_model_len": 1024, "kv_cache_memory_bytes": 2 << 30,
             "gpu_memory_utilization": 0.5, "seed": 0, **json.loads(sys.argv[2])}
+    from vllm.v1.engine.llm_engine import LLMEngine
     for name in sys.argv[1].split(","):
-        host.swap(p.ModelSpec(name, f"/tmp/wcd-gpu-models/{name}", args), PhaseClock(lambda *a: None), lambda: None)
-        print("serving", name, torch.cuda.memory_allocated())
-        host.release(); print("released", name, torch.cuda.memory_allocated())
+        eager = name.endswith("+eager")
+        name = name.removesuffix("+eager")
+        spec = p.ModelSpec(name, f"/tmp/wcd-gpu-models/{name}", {**args, "enforce_eager": eager})
+        host.swap(spec, PhaseClock(lambda *a: None), lambda: None)
+        gc.collect()
+        engines = [o for o in gc.get_objects() if isinstance(o, LLMEngine)]
+        print("serving", name, "eager" if eager else "graphs", torch.cuda.memory_allocated(),
+              "engines alive", len(engines))
+        for old in (e for e in engines if e is not host.served.engine):
+            for r in gc.get_referrers(old):
+                if r is not engines:
+                    print("  old engine held by", type(r).__name__, str(r)[:200])
+        del engines
     host.release()
     print("after release", torch.cuda.memory_allocated())
     live = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_cuda]
