@@ -365,6 +365,14 @@ class EngineHost:
         with vllm_seams.collections_deferred():
             served.engine.engine_core.shutdown()
 
+    def collect_after_build(self) -> None:
+        """A build runs with collection off, and it replaces vLLM's per-process
+        references (current config, runner globals) that may still have held
+        the engine before: collect once the swap is reported, not at the next
+        release. (On the H100, the previous engine's weights stayed allocated
+        until the next release.)"""
+        vllm_seams.release_engine_memory(others_alive=True)
+
     def _free_memory(self) -> None:
         vllm_seams.release_engine_memory(others_alive=self.served is not None or bool(self.parked))
         _trim_heap()

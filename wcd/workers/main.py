@@ -202,6 +202,8 @@ class Worker:
             log.info("swap %s -> %s: %s from %s in %.3f s %s", started, self.host.model, path,
                      weights, clock.total(), _phases(clock.phases))
             self._snapshot()
+            if path == "rebuild":
+                self.host.collect_after_build()
         finally:
             self.busy = None
 
