@@ -30,6 +30,7 @@ section of BENCHMARKS.md and bench/gpu-swaps.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -218,6 +219,18 @@ class Wcd:
             return self.process.wait()
 
 
+@contextlib.contextmanager
+def daemon_part(wcd: Wcd, result: dict, part: str):
+    """Keep what a part measured and why it stopped; the daemon stops either way."""
+    try:
+        yield
+    except Exception as exc:
+        result["error"] = f"{exc}\n{wcd.tail()}"
+        log(f"{part} part failed:", result["error"][-3000:])
+    finally:
+        result["exit_code"] = wcd.stop()
+
+
 def run_wcd(models: Path, out: Path) -> dict:
     result: dict = {"swaps": [], "failures": []}
     wcd = Wcd(out / "wcd-run", models)
@@ -239,7 +252,7 @@ def run_wcd(models: Path, out: Path) -> dict:
             f"build {event['phases'].get('build', 0):.3f} s same_output={same}")
         return row
 
-    try:
+    with daemon_part(wcd, result, "wcd"):
         ready = wcd.wait_serving(SAME[0])
         result["start_to_serving_s"] = time.perf_counter() - wcd.started
         result["first_load"] = ready.get("last_swap")
@@ -263,11 +276,6 @@ def run_wcd(models: Path, out: Path) -> dict:
         result["unload"] = {"wcctl_s": wall, "phases": event["phases"]}
         result["device_bytes_after_unload"] = wcd.device_bytes()
         result["worker"] = wcd.worker()
-    except Exception as exc:  # report what was measured, and why it stopped
-        result["error"] = f"{exc}\n{wcd.tail()}"
-        log("wcd part failed:", result["error"][-3000:])
-    finally:
-        result["exit_code"] = wcd.stop()
     return result
 
 
@@ -284,7 +292,7 @@ def run_parked(models: Path, out: Path) -> dict:
     result: dict = {"swaps": [], "failures": []}
     wcd = Wcd(out / "wcd-parked", models, max_parked=2, park_min_free_bytes=8 * GiB)
     answers: dict[str, str] = {}
-    try:
+    with daemon_part(wcd, result, "parked"):
         wcd.wait_serving(SAME[0])
         answers[SAME[0]] = wcd.complete(SAME[0])
         for model, label in PARKED_SEQUENCE:
@@ -303,11 +311,6 @@ def run_parked(models: Path, out: Path) -> dict:
             log(f"parked: {label}: {event['path']} worker {event['total_s']:.3f} s "
                 f"wcctl {wall:.3f} s parked={parked} same_output={same} "
                 f"allocated {row['device_bytes'] / GiB:.2f} GiB")
-    except Exception as exc:  # report what was measured, and why it stopped
-        result["error"] = f"{exc}\n{wcd.tail()}"
-        log("parked part failed:", result["error"][-3000:])
-    finally:
-        result["exit_code"] = wcd.stop()
     return result
 
 
@@ -328,7 +331,7 @@ def run_tp(models: Path, out: Path) -> dict:
         result["vllm"]["error"][-500:])
     wcd = Wcd(out / "wcd-tp", models, workers=[{"device": "cuda:0", "tensor_parallel_size": 2}],
               defaults=TP_ARGS)
-    try:
+    with daemon_part(wcd, result, "tp"):
         ready = wcd.wait_serving(SAME[0])
         result["start_to_serving_s"] = time.perf_counter() - wcd.started
         pids = [ready["pid"], *ready["group_pids"]]
@@ -349,11 +352,6 @@ def run_tp(models: Path, out: Path) -> dict:
                                     "pids_kept": kept})
             log(f"tp: {label}: {model} {event['path']} worker {event['total_s']:.3f} s "
                 f"same_output={same} pids_kept={kept}")
-    except Exception as exc:
-        result["error"] = f"{exc}\n{wcd.tail()}"
-        log("tp part failed:", result["error"][-3000:])
-    finally:
-        result["exit_code"] = wcd.stop()
     return result
 
 
