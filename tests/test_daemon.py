@@ -88,9 +88,13 @@ def test_load_and_unload(daemon):
     assert daemon.json("ps")["workers"][0]["model"] == "small-a"
 
 
-def test_prefetch_reads_the_checkpoint(daemon):
+def test_prefetch_reads_the_checkpoint_then_the_swap_serves_it(daemon):
     final = daemon.json("prefetch", "wide-a")
     assert final["path"] == "prefetch" and final["bytes"] > 1_000_000
+    assert daemon.json("ps")["workers"][0]["model"] == "small-a"  # untouched by prefetch
+    done = daemon.json("swap", "wide-a")
+    assert (done["model"], done["path"]) == ("wide-a", "rebuild")
+    assert daemon.json("swap", "small-a")["model"] == "small-a"
 
 
 @pytest.mark.parametrize("args, code, words", [
