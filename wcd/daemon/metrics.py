@@ -50,8 +50,9 @@ class Metrics:
         self.restarts = Counter("wcd_worker_restarts", "Worker processes restarted",
                                 ["worker"], registry=r)
         self.weight_loads = Counter("wcd_weight_loads",
-                                    "Swaps by where their weights came from: host_cache "
-                                    "(a hit) or disk (a miss)", ["source"], registry=r)
+                                    "Swaps by where their weights came from: parked (on the "
+                                    "device), host_cache (a hit) or disk (a miss)", ["source"],
+                                    registry=r)
 
     def track(self, queue_length: Callable[[], int],
               resident: Callable[[], list[tuple[int, str]]],
