@@ -18,7 +18,6 @@ and says which.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from vllm.v1.engine.llm_engine import LLMEngine
 
 from wcd.workers import protocol as p
 from wcd.workers import vllm_seams
+from wcd.workers.process import trim_heap
 from wcd.workers.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from wcd.workers.weights import (CHECKPOINT, KERNEL, HostCache, Snapshot, copy_into,
                                  kernel_format_holds)
@@ -349,15 +349,18 @@ class EngineHost:
     def release_all(self) -> None:
         self.release()
         while self.parked:
-            self._shut_down(self.parked.popitem(last=False)[1])
-        self._free_memory()
+            self._release_parked()
+
+    @property
+    def _engines_alive(self) -> bool:
+        return self.served is not None or bool(self.parked)
 
     def _shut_down(self, served: Served | None) -> None:
         """Shut an engine down; its memory comes back at _free_memory, once
         the caller holds no reference to it."""
         # Other engines in this process still use the distributed groups.
         if self.group is None:
-            vllm_seams.keep_distributed_state(self.served is not None or bool(self.parked))
+            vllm_seams.keep_distributed_state(self._engines_alive)
         if served is None:
             vllm_seams.cleanup_failed_build()
             return
@@ -374,8 +377,8 @@ class EngineHost:
         vllm_seams.release_engine_memory(others_alive=True)
 
     def _free_memory(self) -> None:
-        vllm_seams.release_engine_memory(others_alive=self.served is not None or bool(self.parked))
-        _trim_heap()
+        vllm_seams.release_engine_memory(others_alive=self._engines_alive)
+        trim_heap()
 
     # ---- parked engines ------------------------------------------------------------
 
@@ -385,11 +388,16 @@ class EngineHost:
         parked = self.parked.get(plan.spec.name)
         if parked is None or parked.plan.cache_key == plan.cache_key:
             return parked
-        del self.parked[plan.spec.name]
-        self._shut_down(parked)
         del parked
-        self._free_memory()
+        self._release_parked(plan.spec.name)
         return None
+
+    def _release_parked(self, name: str | None = None) -> None:
+        """Release a parked engine: `name`'s, else the oldest."""
+        served = self.parked.pop(name) if name else self.parked.popitem(last=False)[1]
+        self._shut_down(served)
+        del served
+        self._free_memory()
 
     def _park_or_release(self) -> None:
         """Swap the served engine out: parked (weights and compiled model kept,
@@ -403,11 +411,10 @@ class EngineHost:
         self.served = None
         served.engine.reset_prefix_cache()
         self.parked[served.name] = served
-        evicted = len(self.parked) > self.parking.max_parked
         while len(self.parked) > self.parking.max_parked:
-            self._shut_down(self.parked.popitem(last=False)[1])
-        if vllm_seams.release_kv_cache(served.engine) or evicted:
-            vllm_seams.release_engine_memory(others_alive=True, collect=evicted)
+            self._release_parked()
+        if vllm_seams.release_kv_cache(served.engine):
+            vllm_seams.release_engine_memory(others_alive=True, collect=False)
 
     def _unpark(self, parked: Served, clock: PhaseClock) -> None:
         previous = self.model
@@ -431,11 +438,9 @@ class EngineHost:
         """The serving model came in: parked engines go, oldest first, while
         the device has less than the headroom free."""
         while self.parked and vllm_seams.free_device_bytes() < self.parking.min_free_bytes:
-            name, served = self.parked.popitem(last=False)
-            log.info("releasing parked %s: device below its free-memory headroom", name)
-            self._shut_down(served)
-            del served
-            self._free_memory()
+            log.info("releasing parked %s: device below its free-memory headroom",
+                     next(iter(self.parked)))
+            self._release_parked()
 
     def parked_contents(self) -> list[p.CachedModel]:
         return [p.CachedModel(name, sum(f.stat().st_size
@@ -589,9 +594,3 @@ def _pydantic_line(error: dict) -> str:
     where = ".".join(str(part) for part in error.get("loc", ()) if part)
     message = error.get("msg", "")
     return f"{where}: {message}" if where else message
-
-
-def _trim_heap() -> None:
-    """Return freed heap pages to the OS, so RSS shows what a release freed."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

