@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import openai
 import pytest
@@ -46,6 +47,20 @@ def wait_state(daemon, state: str, timeout: float = 60) -> dict:
     return view
 
 
+@contextmanager
+def paused(pid: int):
+    """The worker stopped, so a stream it serves stays in flight however fast
+    this machine generates: a swap asked for meanwhile must wait to drain."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def swap_in_background(daemon, model: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "wcd.cli", "--socket", daemon.socket,
                              "swap", model], cwd=ROOT, stdout=subprocess.PIPE,
@@ -77,9 +92,11 @@ def test_worker_killed_mid_swap_fails_the_swap_and_comes_back(daemon, client):
     stream = client.completions.create(model="small-a", prompt="hello", **LONG)
     chunks = iter(stream)
     next(chunks)
-    swap = swap_in_background(daemon, "wide-a")
-    pid = wait_state(daemon, "draining")["pid"]
-    os.kill(pid, signal.SIGKILL)
+    pid = worker(daemon)["pid"]
+    with paused(pid):
+        swap = swap_in_background(daemon, "wide-a")
+        wait_state(daemon, "draining")
+        os.kill(pid, signal.SIGKILL)
     _, stderr = swap.communicate(timeout=60)
     assert swap.returncode == 1 and "died" in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1
@@ -124,9 +141,11 @@ def test_a_swap_asked_for_during_another_waits_its_turn(daemon, client):
                                        **{**LONG, "max_tokens": 100})
     chunks = iter(stream)
     next(chunks)
-    first = swap_in_background(daemon, "wide-a")
-    wait_state(daemon, "draining")
-    second = swap_in_background(daemon, "small-b")
+    with paused(worker(daemon)["pid"]):
+        first = swap_in_background(daemon, "wide-a")
+        wait_state(daemon, "draining")
+        second = swap_in_background(daemon, "small-b")
+        time.sleep(1)  # for the second swap to reach the daemon while it drains
     for _ in chunks:
         pass  # the request in flight ends, so the drain does
     for swap in (first, second):
@@ -142,10 +161,11 @@ def test_sigterm_during_a_swap_drains_then_stops_cleanly(daemon, client):
                                        **{**LONG, "max_tokens": 200})
     chunks = iter(stream)
     next(chunks)
-    swap = swap_in_background(daemon, "wide-a")
-    wait_state(daemon, "draining")
-    workers = daemon.worker_pids()
-    daemon.process.send_signal(signal.SIGTERM)
+    with paused(worker(daemon)["pid"]):
+        swap = swap_in_background(daemon, "wide-a")
+        wait_state(daemon, "draining")
+        workers = daemon.worker_pids()
+        daemon.process.send_signal(signal.SIGTERM)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finish[-1] == "length"  # the request in flight was served to its end
     _, stderr = swap.communicate(timeout=60)
