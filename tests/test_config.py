@@ -334,12 +334,22 @@ def test_a_tensor_parallel_group_takes_consecutive_devices(tree):
     group, single, cpu_group = settings.workers
     assert group.cuda_indices == (0, 1) and single.cuda_indices == (2,)
     assert cpu_group.tensor_parallel_size == 2 and cpu_group.cuda_indices == ()
+    assert group.serves == (2,) and single.serves == (1,)
+
+
+def test_a_group_may_serve_smaller_tensor_parallel_sizes(tree):
+    settings = load_settings(write(tree, "workers:\n  - {device: 'cuda:0', tensor_parallel_size: 4,"
+                                         " serves_tensor_parallel_sizes: [4, 1, 2]}\n"))
+    assert settings.workers[0].serves == (1, 2, 4)
 
 
 @pytest.mark.parametrize("workers, message", [
     ("[{device: 'cuda:0', tensor_parallel_size: 2}, {device: 'cuda:1'}]",
      "cuda:1 is given to another worker already"),
     ("[{device: cpu, tensor_parallel_size: 0}]", "expected an int >= 1, got 0"),
+    ("[{device: cpu, tensor_parallel_size: 2, serves_tensor_parallel_sizes: [1, 4]}]",
+     "workers[0].serves_tensor_parallel_sizes: sizes above the worker's tensor_parallel_size 2: [4]"),
+    ("[{device: cpu, serves_tensor_parallel_sizes: 1}]", "expected a list, got"),
 ])
 def test_bad_tensor_parallel_groups_are_refused(tree, workers, message):
     with pytest.raises(config.ConfigError) as raised:

@@ -4,8 +4,9 @@ from wcd.daemon.policy import (DRAINING, IDLE, RESTARTING, SERVING, STARTING, SW
                                SlotView, choose_slot, expired, restart_delay, serving_slot)
 
 
-def slot(index, state=SERVING, model=None, active=0, last_used=0.0, tp=1, parked=()):
-    return SlotView(index, state, model, active, last_used, tp, parked)
+def slot(index, state=SERVING, model=None, active=0, last_used=0.0, tp=1, parked=(),
+         serves=None):
+    return SlotView(index, state, model, active, last_used, tp, parked, serves or (tp,))
 
 
 def test_serving_slot_finds_the_model_where_it_is_or_is_coming():
@@ -38,6 +39,20 @@ def test_choose_slot_only_takes_workers_of_the_models_tensor_parallel_size():
     assert choose_slot(slots, "huge", tensor_parallel_size=2).index == 2
     assert choose_slot(slots, "small").index == 0
     assert choose_slot(slots, "giant", tensor_parallel_size=4) is None
+
+
+def test_a_group_that_serves_smaller_models_is_chosen_after_the_workers_that_fit():
+    """A TP=2 group configured to serve TP=1 too: it takes a TP=1 model when it
+    is empty or the only choice, and is evicted last among equals."""
+    group = dict(tp=2, serves=(1, 2))
+    assert choose_slot([slot(0, IDLE, **group), slot(1, IDLE)], "small").index == 1
+    assert choose_slot([slot(0, IDLE, **group), slot(1, model="a", last_used=1.0)],
+                       "small").index == 0
+    assert choose_slot([slot(0, model="big", last_used=1.0, **group),
+                        slot(1, model="a", last_used=9.0)], "small").index == 1
+    assert choose_slot([slot(0, model="big", **group), slot(1, model="a", active=2)],
+                       "small").index == 0
+    assert choose_slot([slot(0, model="a", **group)], "small").index == 0
 
 
 def test_choose_slot_goes_where_the_model_is_parked():

@@ -5,14 +5,17 @@ Two views of one mechanism, both real vLLM on CPU with TP=2:
   before any model, then wcd's EngineHost swaps small-a -> small-b (in place)
   -> wide-a -> small-a (rebuilds); the torch.distributed default group and
   vLLM's world and TP groups must be the very objects of the first build, on
-  both ranks;
+  both ranks. Then the group re-partitions: small-a and small-b at TP=1 on
+  the leader alone, and small-a at TP=2 again, in the same two processes;
 - the daemon with a `tensor_parallel_size: 2` worker, driven by wcctl and the
   OpenAI endpoint: outputs equal vLLM's own TP=2 run, both PIDs survive swaps,
-  a model of another TP size is refused, a follower's death restarts the group.
+  a model of a TP size the worker is not configured for is refused, one it is
+  configured for re-partitions the group, a follower's death restarts the group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,7 +32,11 @@ pytestmark = pytest.mark.vllm
 
 TP_ARGS = {**ENGINE_ARGS, "tensor_parallel_size": 2}
 TP_PROMPTS = PROMPTS[:2]
-SEQUENCE = ["small-a", "small-b", "wide-a", "small-a"]
+# (model, tensor_parallel_size, path the swap takes)
+SEQUENCE = [("small-a", 2, "rebuild"), ("small-b", 2, "same_shape"), ("wide-a", 2, "rebuild"),
+            ("small-a", 2, "rebuild"), ("small-a", 1, "rebuild"), ("small-b", 1, "same_shape"),
+            ("small-a", 2, "rebuild")]
+KEPT_WORLD = 4  # the first steps, in one world
 # 2 cores: one OpenMP thread per rank. vLLM's automatic binding wants a NUMA
 # node per rank, so its own run binds rank r to core r (VLLM_CPU_OMP_THREADS_BIND
 # is a compile-cache factor, so wcd's ranks run without it).
@@ -42,10 +49,26 @@ def tp_reference(demo_models) -> dict:
     spec = {"models": {name: {"path": str(demo_models / name), "engine_args": TP_ARGS}
                        for name in ("small-a", "small-b", "wide-a")},
             "prompts": TP_PROMPTS, "sampling": GREEDY}
-    saved = dict(os.environ)
-    os.environ.update(REFERENCE_THREADS)
-    try:
+    with environ(REFERENCE_THREADS):
         return run_reference(spec)
+
+
+@pytest.fixture(scope="module")
+def tp1_reference(demo_models) -> dict:
+    """vLLM's TP=1 run with the one thread a group's rank has."""
+    spec = {"models": {name: {"path": str(demo_models / name), "engine_args": ENGINE_ARGS}
+                       for name in ("small-a", "small-b")},
+            "prompts": TP_PROMPTS, "sampling": GREEDY}
+    with environ(THREADS):
+        return run_reference(spec)
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -65,25 +88,38 @@ def leader_run(demo_models) -> dict:
     return json.loads(line.split(" ", 1)[1])
 
 
-def test_group_outputs_equal_vllm_tp2(leader_run, tp_reference):
-    for step in leader_run["steps"]:
-        expected = [r["token_ids"] for r in tp_reference[step["model"]]["prompts"]]
-        assert step["token_ids"] == expected, step["model"]
-    assert [s["path"] for s in leader_run["steps"]] == [
-        "rebuild", "same_shape", "rebuild", "rebuild"]
+def test_group_outputs_equal_vllm_at_each_tensor_parallel_size(leader_run, tp_reference,
+                                                                tp1_reference):
+    for step, (model, tp, path) in zip(leader_run["steps"], SEQUENCE, strict=True):
+        reference = tp_reference if tp == 2 else tp1_reference
+        expected = [r["token_ids"] for r in reference[model]["prompts"]]
+        assert step["token_ids"] == expected, (model, tp)
+        assert step["path"] == path, (model, tp)
 
 
 def test_group_keeps_processes_and_distributed_groups_across_swaps(leader_run):
     before = leader_run["before_first_build"]
     assert before["leader"]["dist_initialized"] is False
     first = leader_run["steps"][0]["state"]
-    for step in leader_run["steps"]:
+    for step in leader_run["steps"][:KEPT_WORLD]:
         state = step["state"]
         assert state["pids"] == before["pids"], "a rank was restarted"
         for now, then in zip([state["leader"], *state["followers"]],
                              [first["leader"], *first["followers"]]):
             for key in ("default_pg_id", "world_group_id", "tp_group_id", "tp_cpu_group_id"):
                 assert now[key] == then[key] is not None, (step["model"], key)
+
+
+def test_group_re_partitions_in_the_same_processes(leader_run):
+    """TP=1: the leader alone in a world of its own, the follower out of any;
+    TP=2 again: one world of both, in the same two processes."""
+    pids = leader_run["before_first_build"]["pids"]
+    for step, (model, tp, _) in zip(leader_run["steps"][KEPT_WORLD:], SEQUENCE[KEPT_WORLD:]):
+        state = step["state"]
+        assert state["pids"] == pids, "a rank was restarted"
+        assert state["leader"]["world_size"] == tp, (model, tp)
+        follower = state["followers"][0]
+        assert follower["world_size"] == (2 if tp == 2 else None), (model, tp)
 
 
 def leader(models: str) -> dict:
@@ -101,8 +137,9 @@ def leader(models: str) -> dict:
     host = EngineHost(HostCache(0, pinned=False), group)
     result = {"before_first_build": group.state(), "steps": []}
     try:
-        for name in SEQUENCE:
-            spec = p.ModelSpec(name, f"{models}/{name}", TP_ARGS)
+        for name, tp, _ in SEQUENCE:
+            spec = p.ModelSpec(name, f"{models}/{name}",
+                               {**ENGINE_ARGS, "tensor_parallel_size": tp})
             path = host.swap(spec, PhaseClock(lambda phase, s: None), drain=lambda: None)
             result["steps"].append({
                 "model": name, "path": path, "state": group.state(),
@@ -131,8 +168,10 @@ def _generate(host, model: str, prompt: str) -> list[int]:
 def daemon(tmp_path_factory, demo_models, tp_reference):
     models = {name: {"path": str(demo_models / name)} for name in ("small-a", "small-b", "wide-a")}
     models["small-a-tp1"] = {"path": str(demo_models / "small-a"), "tensor_parallel_size": 1}
+    models["small-a-tp4"] = {"path": str(demo_models / "small-a"), "tensor_parallel_size": 4}
     with serving(tmp_path_factory.mktemp("wcd-tp"), demo_models,
-                 workers=[{"device": "cpu", "tensor_parallel_size": 2}],
+                 workers=[{"device": "cpu", "tensor_parallel_size": 2,
+                           "serves_tensor_parallel_sizes": [1, 2]}],
                  defaults=TP_ARGS, models=models) as daemon:
         yield daemon
 
@@ -161,16 +200,31 @@ def test_daemon_group_swaps_keep_pids_and_match_vllm(daemon, tp_reference):
         assert group_pids(daemon) == pids
 
 
-def test_model_of_another_tensor_parallel_size_is_refused(daemon):
+def test_model_of_a_tensor_parallel_size_no_worker_serves_is_refused(daemon):
     client = openai_client(daemon)
     import openai
 
     with pytest.raises(openai.UnprocessableEntityError) as refused:
-        client.completions.create(model="small-a-tp1", prompt="hi", max_tokens=2)
-    assert "tensor_parallel_size 1" in str(refused.value)
-    done = daemon.wcctl("swap", "small-a-tp1")
+        client.completions.create(model="small-a-tp4", prompt="hi", max_tokens=2)
+    assert "tensor_parallel_size 4; the workers serve [1, 2]" in str(refused.value)
+    done = daemon.wcctl("swap", "small-a-tp4")
     assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "tensor_parallel_size" in done.stderr
+
+
+def test_a_tp1_model_re_partitions_the_group_in_its_processes(daemon, tp_reference,
+                                                              tp1_reference):
+    """`serves_tensor_parallel_sizes: [1, 2]`: a request for a TP=1 model is
+    served by the group's leader alone, and a TP=2 model by both again, with
+    no process restarted."""
+    pids = group_pids(daemon)
+    expected = [r["text"] for r in tp1_reference["small-a"]["prompts"]]
+    assert completions(daemon, "small-a-tp1") == expected
+    assert "cpu tp=2 (model tp=1)" in daemon.wcctl("ps").stdout
+    done = daemon.json("swap", "wide-a")
+    assert (done["model"], done["path"]) == ("wide-a", "rebuild")
+    assert completions(daemon, "wide-a") == [r["text"] for r in tp_reference["wide-a"]["prompts"]]
+    assert group_pids(daemon) == pids
 
 
 def test_a_dead_follower_restarts_the_whole_group(daemon, tp_reference):

@@ -244,8 +244,11 @@ def fmt_last_swap(swap: dict | None) -> str:
 
 
 def fmt_device(worker: dict) -> str:
+    """The device and group size; a group serving a smaller model says so."""
     tp = worker.get("tensor_parallel_size", 1)
-    return worker["device"] + (f" tp={tp}" if tp > 1 else "")
+    using = worker.get("model_tensor_parallel_size") or tp
+    return worker["device"] + (f" tp={tp}" if tp > 1 else "") + (
+        f" (model tp={using})" if using != tp else "")
 
 
 def fmt_pids(worker: dict) -> str:

@@ -70,10 +70,16 @@ class HttpSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     """One worker, or with tensor_parallel_size N > 1 a group of N processes
-    (on CUDA, devices cuda:K .. cuda:K+N-1 for device cuda:K)."""
+    (on CUDA, devices cuda:K .. cuda:K+N-1 for device cuda:K), serving models
+    of the tensor-parallel sizes in `serves` (default N alone)."""
 
     device: str = "cpu"
     tensor_parallel_size: int = 1
+    serves_tensor_parallel_sizes: tuple[int, ...] = ()
+
+    @property
+    def serves(self) -> tuple[int, ...]:
+        return self.serves_tensor_parallel_sizes or (self.tensor_parallel_size,)
 
     @property
     def kind(self) -> str:
@@ -286,7 +292,7 @@ class _Reader:
 _TOP_KEYS = ("control", "http", "workers", "model_roots", "defaults", "models", "preload", "policy", "log_level")
 _CONTROL_KEYS = ("socket", "allow_uids", "allow_gids")
 _HTTP_KEYS = ("host", "port", "api_keys")
-_WORKER_KEYS = ("device", "tensor_parallel_size")
+_WORKER_KEYS = ("device", "tensor_parallel_size", "serves_tensor_parallel_sizes")
 _MODEL_KEYS = ("path", "keep_alive")
 _POLICY_KEYS = (
     "keep_alive", "max_parked", "park_min_free_bytes", "host_cache_bytes", "queue_max", "queue_wait", "drain_timeout",
@@ -330,9 +336,15 @@ def _parse_workers(top: _Reader, name: str) -> tuple[WorkerSettings, ...]:
     workers: list[WorkerSettings] = []
     for index, entry in enumerate(entries):
         section = _Reader(entry, top.source, top.key(f"{name}[{index}]"), _WORKER_KEYS)
-        worker = WorkerSettings(
-            device=section.get("device", _device, "cpu"),
-            tensor_parallel_size=section.get("tensor_parallel_size", _positive_int, 1))
+        size = section.get("tensor_parallel_size", _positive_int, 1)
+        serves = section.get("serves_tensor_parallel_sizes", _list_of(_positive_int), ())
+        if any(m > size for m in serves):
+            section.fail("serves_tensor_parallel_sizes",
+                         f"sizes above the worker's tensor_parallel_size {size}: "
+                         f"{sorted(m for m in serves if m > size)}")
+        worker = WorkerSettings(device=section.get("device", _device, "cpu"),
+                                tensor_parallel_size=size,
+                                serves_tensor_parallel_sizes=tuple(sorted(set(serves))))
         taken = {i for other in workers for i in other.cuda_indices}
         if taken & set(worker.cuda_indices):
             section.fail("device", f"cuda:{min(taken & set(worker.cuda_indices))} is given to "

@@ -21,6 +21,7 @@ class SlotView:
     last_used: float
     tensor_parallel_size: int = 1  # of the worker (group)
     parked: tuple[str, ...] = ()  # models parked on the worker's device
+    serves: tuple[int, ...] = (1,)  # tensor-parallel sizes of the models it may serve
 
 
 def serving_slot(slots: Sequence[SlotView], model: str) -> SlotView | None:
@@ -31,20 +32,22 @@ def serving_slot(slots: Sequence[SlotView], model: str) -> SlotView | None:
 
 def choose_slot(slots: Sequence[SlotView], model: str,
                 tensor_parallel_size: int = 1) -> SlotView | None:
-    """Where to bring `model` in: among workers of its tensor-parallel size, one
-    that has it parked, else an empty one, else the least recently used one,
-    preferring those with no request in flight. None: all busy."""
+    """Where to bring `model` in: among workers that serve its tensor-parallel
+    size, one that has it parked, else an empty one, else the least recently
+    used one, preferring those with no request in flight. Among equals the
+    smallest worker, so a group stays free for the models that need all of
+    it. None: all busy."""
     candidates = [s for s in slots if s.state in (IDLE, SERVING)
-                  and s.tensor_parallel_size == tensor_parallel_size]
+                  and tensor_parallel_size in s.serves]
     parked = [s for s in candidates if model in s.parked]
     if parked:
         return min(parked, key=lambda s: s.active > 0)
     empty = [s for s in candidates if s.model is None]
     if empty:
-        return empty[0]
+        return min(empty, key=lambda s: s.tensor_parallel_size)
     if not candidates:
         return None
-    return min(candidates, key=lambda s: (s.active > 0, s.last_used))
+    return min(candidates, key=lambda s: (s.active > 0, s.tensor_parallel_size, s.last_used))
 
 
 def expired(slots: Sequence[SlotView], now: float,

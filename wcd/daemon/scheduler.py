@@ -91,7 +91,7 @@ class _Slot:
     def view(self) -> SlotView:
         return SlotView(self.index, self.state, self.model.name if self.model else None,
                         self.active, self.last_used, self.settings.tensor_parallel_size,
-                        tuple(self.parked))
+                        tuple(self.parked), self.settings.serves)
 
 
 class Scheduler:
@@ -188,13 +188,13 @@ class Scheduler:
         return entry
 
     def _check_fits(self, entry: ModelEntry, worker: int | None) -> None:
-        """A model asks a tensor-parallel size; only workers of that size serve it.
-        (Worker settings are fixed for the daemon's life, so reading them here,
-        outside the scheduler task, reads no state that can change.)"""
-        sizes = {s.settings.tensor_parallel_size for s in self._slots
-                 if worker is None or s.index == worker}
+        """A model asks a tensor-parallel size; only workers that serve that size
+        take it. (Worker settings are fixed for the daemon's life, so reading
+        them here, outside the scheduler task, reads no state that can change.)"""
+        sizes = {size for s in self._slots if worker is None or s.index == worker
+                 for size in s.settings.serves}
         if entry.tensor_parallel_size not in sizes:
-            where = f"worker {worker} has" if worker is not None else "workers have"
+            where = f"worker {worker} serves" if worker is not None else "workers serve"
             raise errors.ModelUnusable(
                 f"model {entry.name!r} asks tensor_parallel_size "
                 f"{entry.tensor_parallel_size}; the {where} {sorted(sizes)}")
@@ -257,6 +257,9 @@ class Scheduler:
         ready = slot.worker.ready if slot.worker else None
         return {"index": slot.index, "device": slot.settings.device,
                 "tensor_parallel_size": slot.settings.tensor_parallel_size,
+                "serves_tensor_parallel_sizes": list(slot.settings.serves),
+                "model_tensor_parallel_size": (slot.model.tensor_parallel_size
+                                               if slot.model else None),
                 "pid": slot.worker.pid if slot.worker else None,
                 "group_pids": list(ready.group_pids) if ready else [],
                 "state": slot.state, "model": slot.model.name if slot.model else None,

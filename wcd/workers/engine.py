@@ -93,8 +93,12 @@ class Plan:
 
     spec: p.ModelSpec
     checkpoint: Checkpoint
-    engine_args: dict[str, Any]
+    engine_args: dict[str, Any]  # tensor_parallel_size always among them
     shape_key: str
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.engine_args["tensor_parallel_size"]
 
     @property
     def cache_key(self) -> str:
@@ -136,13 +140,7 @@ class EngineHost:
         self.parking = parking if group is None else Parking()
         self.group = group
         self.cache = cache
-        self.tensor_parallel_size = group.world_size if group else 1
-        self.forced_args = dict(FORCED_ENGINE_ARGS)
-        if group is not None:
-            from wcd.workers.group import GroupExecutor
-
-            self.forced_args.update(distributed_executor_backend=GroupExecutor,
-                                    tensor_parallel_size=group.world_size)
+        self.max_tensor_parallel_size = group.size if group else 1
         self.weights_source: str | None = None  # of the last swap: "host_cache" or "disk"
 
     @property
@@ -160,10 +158,10 @@ class EngineHost:
         for key in ("model", *FORCED_ENGINE_ARGS):
             if key in engine_args:
                 raise ModelError(p.BAD_ARGS, f"{spec.name}: engine arg {key!r} is set by wcd")
-        tp = engine_args.pop("tensor_parallel_size", 1)
-        if tp != self.tensor_parallel_size:
-            raise ModelError(p.BAD_ARGS, f"{spec.name}: tensor_parallel_size {tp} on a worker "
-                                         f"of tensor_parallel_size {self.tensor_parallel_size}")
+        tp = engine_args.setdefault("tensor_parallel_size", 1)
+        if not isinstance(tp, int) or not 1 <= tp <= self.max_tensor_parallel_size:
+            raise ModelError(p.BAD_ARGS, f"{spec.name}: tensor_parallel_size {tp!r} on a worker "
+                                         f"of tensor_parallel_size {self.max_tensor_parallel_size}")
         return Plan(spec, checkpoint, engine_args, checkpoint.shape_key(engine_args))
 
     def swap(self, spec: p.ModelSpec, clock: PhaseClock, drain: Callable[[], None]) -> str:
@@ -307,7 +305,11 @@ class EngineHost:
             self.release()
 
     def _engine_config(self, plan: Plan, dummy: bool = False):
-        args = {**plan.engine_args, **self.forced_args, "model": str(plan.checkpoint.path)}
+        args = {**plan.engine_args, **FORCED_ENGINE_ARGS, "model": str(plan.checkpoint.path)}
+        if plan.tensor_parallel_size > 1:
+            from wcd.workers.group import GroupExecutor
+
+            args["distributed_executor_backend"] = GroupExecutor
         if dummy:
             args["load_format"] = "dummy"
         try:
@@ -319,6 +321,8 @@ class EngineHost:
             raise ModelError(kind, f"{plan.spec.name}: {_first_line(exc)}") from exc
 
     def _build(self, plan: Plan, config) -> Served:
+        if self.group is not None:
+            self.group.form(plan.tensor_parallel_size)
         with vllm_seams.collections_deferred():
             engine = LLMEngine.from_vllm_config(config, disable_log_stats=True)
         return Served(plan, engine, plan.checkpoint.frontend_key(),

@@ -31,6 +31,15 @@ EngineCore.shutdown -> cleanup_dist_env_and_memory on the leader (followers
 have no EngineCore); while a group owns the distributed state that call keeps
 it (vllm_seams.keep_distributed_state), and the group destroys it when it
 closes.
+
+Re-partitioning: a group of N processes also serves models of a smaller
+tensor-parallel size m, on the leader and the first m-1 followers (the rest
+wait, warm). vLLM cannot run a TP=m engine in a world of N ranks, so when the
+size changes every member destroys the world (form) and the next build forms
+one of m ranks on a fresh init port: the processes stay, the communicator is
+re-created (on CUDA, NCCL's init: ~0.5 s). m = 1 is vLLM's "uni" executor in
+the leader, which forms and destroys its own one-rank world like any TP=1
+worker.
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ def dist_state() -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "dist_initialized": initialised,
+        "world_size": dist.get_world_size() if initialised else None,
         "default_pg_id": id(dist.distributed_c10d._get_default_group()) if initialised else None,
         "world_group_id": id(ps._WORLD) if ps._WORLD is not None else None,
         "tp_group_id": id(ps._TP) if ps._TP is not None else None,
@@ -166,6 +176,10 @@ class Follower:
     def _on_state(self) -> dict:
         return dist_state()
 
+    def _on_dissolve(self) -> dict:
+        destroy_dist_state()
+        return dist_state()
+
     def _on_exit(self) -> None:
         destroy_dist_state()
 
@@ -189,24 +203,22 @@ class WarmGroup:
 
     current: ClassVar[WarmGroup | None] = None
 
-    def __init__(self, world_size: int = 2, follower_env: dict[str, str] | None = None,
+    def __init__(self, size: int = 2, follower_env: dict[str, str] | None = None,
                  rpc_timeout_s: float = 600.0):
         if WarmGroup.current is not None:
             raise GroupError("this process already leads a group")
-        from vllm.utils.network_utils import get_distributed_init_method, get_open_port
-
-        self.world_size = world_size
+        self.size = size  # processes, the leader included
+        # Ranks of the torch.distributed world the group owns; 1: none (no
+        # engine yet, or a TP=1 engine with its own world).
+        self.world_size = 1
+        self.init_method: str | None = None
         self.rpc_timeout_s = rpc_timeout_s
-        # One init method for the group's life: the world is formed once, at
-        # the first build, and every later build finds it already there.
-        self.init_method = get_distributed_init_method("127.0.0.1", get_open_port())
-        self.dist_owned = False  # set once the first build formed the world
         self.peers: list[_Peer] = []
         self.closing = False
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(follower_env or {})}
         context = multiprocessing.get_context("spawn")
         started = time.perf_counter()
-        for rank in range(1, world_size):
+        for rank in range(1, size):
             parent, child = context.Pipe()
             process = context.Process(target=_follower_main, args=(child, rank, env),
                                       name=f"wcd-group-rank{rank}", daemon=True)
@@ -231,19 +243,26 @@ class WarmGroup:
         except (EOFError, OSError) as exc:
             raise GroupError(f"rank {peer.rank} (pid {peer.pid}) went away") from exc
 
-    def post(self, message: tuple) -> None:
+    @property
+    def members(self) -> list[_Peer]:
+        """The followers in the current world."""
+        return self.peers[:self.world_size - 1]
+
+    def post(self, message: tuple, peers: list[_Peer] | None = None) -> None:
+        """To the current world's followers, or to `peers`."""
         frame = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        for peer in self.peers:
+        for peer in self.members if peers is None else peers:
             try:
                 peer.conn.send_bytes(frame)
             except OSError as exc:
                 raise GroupError(f"rank {peer.rank} (pid {peer.pid}) went away") from exc
 
-    def gather(self, timeout: float | None = None) -> list[Any]:
-        """One reply per follower, in rank order; the first error raises
-        (after every reply is read, so the pipes stay in step)."""
+    def gather(self, timeout: float | None = None,
+               peers: list[_Peer] | None = None) -> list[Any]:
+        """One reply per follower posted to, in rank order; the first error
+        raises (after every reply is read, so the pipes stay in step)."""
         results, errors = [], []
-        for peer in self.peers:
+        for peer in self.members if peers is None else peers:
             tag, value = self._recv(peer, timeout)
             if tag == "ok":
                 results.append(value)
@@ -256,19 +275,49 @@ class WarmGroup:
     # -- state
 
     def follower_state(self) -> list[dict]:
-        self.post(("state",))
-        return self.gather()
+        self.post(("state",), self.peers)
+        return self.gather(peers=self.peers)
 
     def state(self) -> dict:
         return {"leader": dist_state(), "followers": self.follower_state(),
                 "pids": [os.getpid(), *(p.pid for p in self.peers)]}
 
+    def form(self, size: int) -> None:
+        """Make the world the next engine, of tensor-parallel size `size`,
+        needs; called with no engine alive. A world of another size goes
+        first; the new one forms at the engine's build, on a fresh port (the
+        old world's store may still hold the old one)."""
+        if size > self.size:
+            raise GroupError(f"tensor_parallel_size {size} on a group of {self.size}")
+        if size == self.world_size:
+            return
+        self.dissolve()
+        if size > 1:
+            from vllm.utils.network_utils import get_distributed_init_method, get_open_port
+
+            self.init_method = get_distributed_init_method("127.0.0.1", get_open_port())
+            self.world_size = size
+            vllm_seams.keep_distributed_state(True)
+
+    def dissolve(self) -> None:
+        """Every member destroys the group's world; the processes stay."""
+        if self.world_size == 1:
+            return
+        members = self.members
+        self.world_size = 1
+        vllm_seams.keep_distributed_state(False)
+        self.post(("dissolve",), members)
+        try:
+            destroy_dist_state()
+        finally:
+            self.gather(peers=members)
+
     def close(self) -> None:
         """Stop the followers and destroy the distributed state."""
         self.closing = True
         with contextlib.suppress(Exception):
-            self.post(("exit",))
-        if self.dist_owned:
+            self.post(("exit",), self.peers)
+        if self.world_size > 1:
             destroy_dist_state()  # collective with the followers' exit
             vllm_seams.keep_distributed_state(False)
         for peer in self.peers:
@@ -295,7 +344,7 @@ class GroupExecutor(Executor):
             raise GroupError("no WarmGroup in this process")
         if self.parallel_config.world_size != group.world_size:
             raise GroupError(f"world size {self.parallel_config.world_size} does not "
-                             f"match the group's {group.world_size}")
+                             f"match the group's world of {group.world_size}")
         self.group = group
         self.driver_worker = None
         # Followers first: init_device meets the other ranks in collectives.
@@ -314,8 +363,6 @@ class GroupExecutor(Executor):
         finally:
             group.gather()
         current_platform.update_block_size_for_backend(self.vllm_config)
-        group.dist_owned = True
-        vllm_seams.keep_distributed_state(True)
 
     def collective_rpc(self, method: str | Callable, timeout: float | None = None,
                        args: tuple = (), kwargs: dict | None = None,
@@ -355,7 +402,7 @@ class GroupExecutor(Executor):
         return self.collective_rpc("take_draft_token_ids", single_value=True)
 
     def check_health(self) -> None:
-        for peer in self.group.peers:
+        for peer in self.group.members:
             if not peer.process.is_alive():
                 raise GroupError(f"rank {peer.rank} (pid {peer.pid}) is dead")
 
