@@ -152,7 +152,8 @@ class Wcd:
             "model_roots": [str(models)],
             "defaults": defaults or ENGINE_ARGS,
             "models": {**{n: {"path": str(models / n)} for n in (*SAME, OTHER)},
-                       "bigwide-eager": {"path": str(models / OTHER), "enforce_eager": True}},
+                       "bigwide-eager": {"path": str(models / OTHER), "enforce_eager": True},
+                       TP1: {"path": str(models / SAME[0]), "tensor_parallel_size": 1}},
             "preload": [SAME[0]],
             "policy": {"host_cache_bytes": 8 * GiB, "worker_ready_timeout": "600s",
                        "queue_wait": "600s", "drain_timeout": "60s", "health_timeout": "60s",
@@ -317,7 +318,10 @@ def run_parked(models: Path, out: Path) -> dict:
 # ---- tensor parallel: a TP=2 group on two GPUs --------------------------------------
 
 TP_ARGS = {**ENGINE_ARGS, "tensor_parallel_size": 2}
-TP_SEQUENCE = [(SAME[1], "same shape, in place"), (OTHER, "rebuild"), (SAME[0], "rebuild")]
+TP1 = f"{SAME[0]}-tp1"  # big-a at TP=1: the group re-partitions for it
+TP_SEQUENCE = [(SAME[1], "same shape, in place"), (OTHER, "rebuild"), (SAME[0], "rebuild"),
+               (TP1, "to TP=1"), (SAME[0], "back to TP=2"), (TP1, "to TP=1 again"),
+               (SAME[0], "back to TP=2 again")]
 
 
 def run_tp(models: Path, out: Path) -> dict:
@@ -329,8 +333,9 @@ def run_tp(models: Path, out: Path) -> dict:
                                    json.dumps(TP_ARGS))
     log("tp: vLLM", result["vllm"] if "error" not in result["vllm"] else
         result["vllm"]["error"][-500:])
-    wcd = Wcd(out / "wcd-tp", models, workers=[{"device": "cuda:0", "tensor_parallel_size": 2}],
-              defaults=TP_ARGS)
+    wcd = Wcd(out / "wcd-tp", models, defaults=TP_ARGS,
+              workers=[{"device": "cuda:0", "tensor_parallel_size": 2,
+                        "serves_tensor_parallel_sizes": [1, 2]}])
     with daemon_part(wcd, result, "tp"):
         ready = wcd.wait_serving(SAME[0])
         result["start_to_serving_s"] = time.perf_counter() - wcd.started
@@ -431,6 +436,11 @@ def tp_lines(r: dict) -> list[str]:
         *[f"| {row['label']}: {row['model']} | {row['path']} | {row['worker_s']:.2f} | "
           f"{'same' if row['same_output'] else '**differs**'} | "
           f"{'yes' if row['pids_kept'] else '**no**'} |" for row in r["swaps"]], "",
+        f"`{TP1}` is big-a at `tensor_parallel_size: 1` on the same group "
+        "(`serves_tensor_parallel_sizes: [1, 2]`): the group destroys its NCCL world "
+        "and the leader serves alone; back at TP=2 a new world forms in the same two "
+        "processes. \"output: same\" compares each model's answer with its first one "
+        "in this part.", "",
         "A group runs without the host cache (snapshots are per process), so its "
         "same-shape swap reloads from disk, and the tensors travel to the follower "
         "through its pipe: 5 s for 1.43 GB here, the next thing to make fast.", "",

@@ -227,9 +227,27 @@ def test_a_tp1_model_re_partitions_the_group_in_its_processes(daemon, tp_referen
     assert group_pids(daemon) == pids
 
 
-def test_a_dead_follower_restarts_the_whole_group(daemon, tp_reference):
+def test_a_follower_dead_mid_stream_ends_the_stream_and_restarts_the_group(daemon,
+                                                                          tp_reference):
+    """Killed while the group generates, so the leader may be inside a
+    collective with it: the stream ends with an error, never a hang."""
+    import openai
+
     leader_pid, follower_pid = group_pids(daemon)
+    stream = openai_client(daemon, timeout=60).completions.create(
+        model="wide-a", prompt="hello", max_tokens=400, stream=True,
+        extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    # The leader stopped first, so the stream is in flight on any machine.
+    os.kill(leader_pid, signal.SIGSTOP)
     os.kill(follower_pid, signal.SIGKILL)
+    os.kill(leader_pid, signal.SIGCONT)
+    started = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _ in chunks:
+            pass
+    assert time.monotonic() - started < 30
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and alive(leader_pid):
         time.sleep(0.2)

@@ -291,7 +291,10 @@ class WarmGroup:
             raise GroupError(f"tensor_parallel_size {size} on a group of {self.size}")
         if size == self.world_size:
             return
+        started, previous = time.perf_counter(), self.world_size
         self.dissolve()
+        log.info("group: re-partitioned for a TP=%d engine (world of %d destroyed in %.3f s)",
+                 size, previous, time.perf_counter() - started)
         if size > 1:
             from vllm.utils.network_utils import get_distributed_init_method, get_open_port
 
