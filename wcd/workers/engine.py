@@ -221,10 +221,14 @@ class EngineHost:
             served.engine.reset_prefix_cache()
         try:
             with clock.phase("fetch"):
-                weights = None if snapshot else list(plan.checkpoint.read_weights())
+                # A group's ranks read the files themselves, in build.
+                weights = None if snapshot or plan.tensor_parallel_size > 1 \
+                    else list(plan.checkpoint.read_weights())
             with clock.phase("build"):
                 if snapshot:
                     self._apply(served.engine, snapshot)
+                elif weights is None:
+                    self._load_in_each_rank(served.engine, plan)
                 else:
                     self._load_weights(served.engine, weights)
                     del weights
@@ -255,6 +259,8 @@ class EngineHost:
         snapshot = self.cache.get(previous.cache_key)
         if snapshot:
             self._apply(served.engine, snapshot)
+        elif previous.tensor_parallel_size > 1:
+            self._load_in_each_rank(served.engine, previous)
         else:
             self._load_weights(served.engine, previous.checkpoint.read_weights())
         served.plan = previous
@@ -333,6 +339,13 @@ class EngineHost:
         engine.collective_rpc("reload_weights",
                               kwargs={"weights_iterator": iter(weights),
                                       "is_checkpoint_format": True})
+
+    @staticmethod
+    def _load_in_each_rank(engine: LLMEngine, plan: Plan) -> None:
+        """Every rank reads the checkpoint (from the page cache after the
+        first) rather than every tensor crossing the leader's pipe to each
+        follower: 5 s for 1.43 GB that way on the H100s."""
+        engine.collective_rpc(_reload_from_files, args=(str(plan.checkpoint.path),))
 
     @staticmethod
     def _warm(engine: LLMEngine) -> None:
@@ -540,6 +553,13 @@ def _logprobs(completion) -> list[dict[str, Any]] | None:
                     for tid, lp in sorted(top.items(), key=lambda kv: kv[1].rank or 0)],
         })
     return entries
+
+
+def _reload_from_files(worker, path: str) -> None:
+    """Runs in each rank of a group (sent by reference: every rank imports
+    this module)."""
+    worker.reload_weights(weights_iterator=open_checkpoint(path).read_weights(),
+                          is_checkpoint_format=True)
 
 
 def _as_model_error(name: str, exc: Exception) -> ModelError:
