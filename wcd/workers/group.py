@@ -35,7 +35,7 @@ closes.
 Re-partitioning: a group of N processes also serves models of a smaller
 tensor-parallel size m, on the leader and the first m-1 followers (the rest
 wait, warm). vLLM cannot run a TP=m engine in a world of N ranks, so when the
-size changes every member destroys the world (form) and the next build forms
+size changes every member destroys the world (dissolve) and the next build forms
 one of m ranks on a fresh init port: the processes stay, the communicator is
 re-created (on CUDA, NCCL's init: ~0.5 s). m = 1 is vLLM's "uni" executor in
 the leader, which forms and destroys its own one-rank world like any TP=1
@@ -291,10 +291,7 @@ class WarmGroup:
             raise GroupError(f"tensor_parallel_size {size} on a group of {self.size}")
         if size == self.world_size:
             return
-        started, previous = time.perf_counter(), self.world_size
         self.dissolve()
-        log.info("group: re-partitioned for a TP=%d engine (world of %d destroyed in %.3f s)",
-                 size, previous, time.perf_counter() - started)
         if size > 1:
             from vllm.utils.network_utils import get_distributed_init_method, get_open_port
 
@@ -306,7 +303,7 @@ class WarmGroup:
         """Every member destroys the group's world; the processes stay."""
         if self.world_size == 1:
             return
-        members = self.members
+        started, members = time.perf_counter(), self.members
         self.world_size = 1
         vllm_seams.keep_distributed_state(False)
         self.post(("dissolve",), members)
@@ -314,6 +311,8 @@ class WarmGroup:
             destroy_dist_state()
         finally:
             self.gather(peers=members)
+        log.info("group: world of %d destroyed in %.3f s to re-partition", len(members) + 1,
+                 time.perf_counter() - started)
 
     def close(self) -> None:
         """Stop the followers and destroy the distributed state."""
