@@ -54,3 +54,4 @@ bench: venv models
 	$(PY) bench/swap.py $(BENCH_ARGS)
 	$(PY) bench/serve.py $(BENCH_ARGS)
 	$(PY) bench/soak.py $(BENCH_ARGS)
+	$(PY) bench/tp.py
