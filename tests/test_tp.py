@@ -122,6 +122,15 @@ def test_group_re_partitions_in_the_same_processes(leader_run):
         assert follower["world_size"] == (2 if tp == 2 else None), (model, tp)
 
 
+def test_a_failed_re_partition_brings_the_tp2_model_back(leader_run, tp_reference):
+    failed = leader_run["failed_re_partition"]
+    assert (failed["kind"], failed["serving"]) == ("out_of_memory", "small-a")
+    assert failed["state"]["pids"] == leader_run["before_first_build"]["pids"]
+    assert [s["world_size"] for s in (failed["state"]["leader"], *failed["state"]["followers"])] \
+        == [2, 2]
+    assert failed["token_ids"] == [r["token_ids"] for r in tp_reference["small-a"]["prompts"]]
+
+
 def leader(models: str) -> dict:
     """Runs as a script: a wcd worker's engine side, with a TP=2 group."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -144,10 +153,28 @@ def leader(models: str) -> dict:
             result["steps"].append({
                 "model": name, "path": path, "state": group.state(),
                 "token_ids": [_generate(host, name, prompt) for prompt in TP_PROMPTS]})
+        result["failed_re_partition"] = _fail_a_re_partition(host, group, models)
         host.release()
     finally:
         group.close()
     return result
+
+
+def _fail_a_re_partition(host, group, models: str) -> dict:
+    """A TP=1 build that runs out of memory after the TP=2 engine was released
+    and its world destroyed: the TP=2 model must come back in a new world."""
+    from wcd.workers import protocol as p
+    from wcd.workers.engine import PhaseClock, SwapFailed
+
+    spec = p.ModelSpec("small-a-oom", f"{models}/small-a",
+                       {**ENGINE_ARGS, "tensor_parallel_size": 1,
+                        "kv_cache_memory_bytes": 1 << 45})
+    try:
+        host.swap(spec, PhaseClock(lambda phase, s: None), drain=lambda: None)
+    except SwapFailed as failed:
+        return {"kind": failed.error.kind, "serving": failed.serving, "state": group.state(),
+                "token_ids": [_generate(host, "small-a", prompt) for prompt in TP_PROMPTS]}
+    return {"kind": None}
 
 
 def _generate(host, model: str, prompt: str) -> list[int]:
