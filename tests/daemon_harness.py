@@ -37,7 +37,7 @@ def write_config(directory: Path, model_root: Path, **overrides) -> Path:
         "models": {name: {"path": str(model_root / name)}
                    for name in ("small-a", "small-b", "wide-a")},
         "preload": ["small-a"],
-        "policy": {"health_interval": "1s", "health_timeout": "5s", "drain_timeout": "20s",
+        "policy": {"health_interval": "250ms", "health_timeout": "5s", "drain_timeout": "20s",
                    "restart_backoff_min": "0.5s", "queue_wait": "120s",
                    "host_cache_bytes": 64 << 20},
     }
@@ -149,6 +149,20 @@ def alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+@contextlib.contextmanager
+def paused(pid: int):
+    """The worker stopped, so a stream it serves stays in flight however fast
+    this machine generates: a swap asked for meanwhile must wait to drain."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 @contextlib.contextmanager

@@ -11,13 +11,12 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import openai
 import pytest
 
 from conftest import ROOT
-from daemon_harness import alive, openai_client, serving
+from daemon_harness import alive, openai_client, paused, serving
 
 pytestmark = pytest.mark.vllm
 LONG = {"max_tokens": 480, "temperature": 1.0, "stream": True,
@@ -45,20 +44,6 @@ def wait_state(daemon, state: str, timeout: float = 60) -> dict:
         assert time.monotonic() < deadline, (view, daemon.log_text())
         time.sleep(0.05)
     return view
-
-
-@contextmanager
-def paused(pid: int):
-    """The worker stopped, so a stream it serves stays in flight however fast
-    this machine generates: a swap asked for meanwhile must wait to drain."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
 
 def swap_in_background(daemon, model: str) -> subprocess.Popen:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import CHATS, GREEDY, PROMPTS
-from daemon_harness import free_port, openai_client, serving
+from daemon_harness import free_port, openai_client, paused, serving
 
 pytestmark = pytest.mark.vllm
 
@@ -246,7 +246,10 @@ def test_requests_past_the_queue_bounds_get_503_with_retry_after(daemon, client)
     try:
         next(iter(stream))
         body = {"model": "wide-a", "prompt": "x", "max_tokens": 2}
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # The worker stopped: small-a's stream stays in flight, so wide-a's
+        # swap waits for its drain however fast this machine generates.
+        with paused(daemon.json("ps")["workers"][0]["pid"]), \
+                concurrent.futures.ThreadPoolExecutor(2) as pool:
             first = pool.submit(_post_with_headers, daemon, body)
             time.sleep(0.1)
             second = pool.submit(_post_with_headers, daemon, body)
