@@ -15,13 +15,13 @@ Two views of one mechanism, both real vLLM on CPU with TP=2:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 
@@ -49,7 +49,7 @@ def tp_reference(demo_models) -> dict:
     spec = {"models": {name: {"path": str(demo_models / name), "engine_args": TP_ARGS}
                        for name in ("small-a", "small-b", "wide-a")},
             "prompts": TP_PROMPTS, "sampling": GREEDY}
-    with environ(REFERENCE_THREADS):
+    with mock.patch.dict(os.environ, REFERENCE_THREADS):
         return run_reference(spec)
 
 
@@ -59,19 +59,8 @@ def tp1_reference(demo_models) -> dict:
     spec = {"models": {name: {"path": str(demo_models / name), "engine_args": ENGINE_ARGS}
                        for name in ("small-a", "small-b")},
             "prompts": TP_PROMPTS, "sampling": GREEDY}
-    with environ(THREADS):
+    with mock.patch.dict(os.environ, THREADS):
         return run_reference(spec)
-
-
-@contextlib.contextmanager
-def environ(values: dict[str, str]):
-    saved = dict(os.environ)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 # ---- the leader alone -------------------------------------------------------------
