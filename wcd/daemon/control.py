@@ -1,20 +1,25 @@
 """The control API: HTTP/JSON over a Unix socket, for wcctl.
 
-Peers are identified by SO_PEERCRED and checked against the configured
-allow-lists (the daemon's own user and root always pass). Long operations
-stream their progress as NDJSON: an "accepted" line, a "phase" line per
-finished phase, then one "done" or "error" line.
+Peers are identified by what the kernel recorded when they connected
+(SO_PEERCRED, SO_PEERGROUPS) and checked against the configured allow-lists
+(the daemon's own user and root always pass). A peer the kernel cannot vouch
+for, on any socket that is not AF_UNIX, is refused. Long operations stream
+their progress as NDJSON: an "accepted" line, a "phase" line per finished
+phase, then one "done" or "error" line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import json
 import logging
 import os
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -28,6 +33,11 @@ log = logging.getLogger(__name__)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 STATE = web.AppKey("state", dict)
 _PEERCRED = struct.Struct("3i")
+# Python's socket module may lack the constant; 59 on every Linux architecture.
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_GID = struct.Struct("I")  # gid_t
+_GROUPS_FIRST_GUESS = 64
+_libc = ctypes.CDLL(None, use_errno=True)
 _OPERATIONS = ("swap", "load", "unload", "prefetch")
 
 
@@ -44,15 +54,45 @@ def create_control_app(scheduler: Scheduler, state: dict) -> web.Application:
     return app
 
 
-def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                            _PEERCRED.size))
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gids: frozenset[int]  # primary and supplementary, as they were at connect()
 
 
-def peer_allowed(uid: int, gids: set[int], allow_uids, allow_gids) -> bool:
+def peer_of(sock) -> Peer:
+    """Who is at the other end of a connected AF_UNIX socket.
+
+    Both options read the credentials the kernel captured at connect(), so a
+    peer that exits and whose pid is reused cannot lend another process its
+    groups (as reading /proc/PID/status at request time could)."""
+    pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                     _PEERCRED.size))
+    return Peer(pid, uid, frozenset({gid}) | peer_groups(sock.fileno()))
+
+
+def peer_groups(fd: int) -> frozenset[int]:
+    """The peer's supplementary groups (SO_PEERGROUPS, Linux 4.13+).
+
+    Through libc: Python's getsockopt caps the buffer at 1024 bytes (256
+    groups) and hides the size the kernel asks for when it answers ERANGE."""
+    size = ctypes.c_uint(_GROUPS_FIRST_GUESS * _GID.size)
+    while True:
+        buffer = ctypes.create_string_buffer(size.value)
+        if _libc.getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, buffer,
+                            ctypes.byref(size)) == 0:
+            return frozenset(gid for (gid,) in _GID.iter_unpack(buffer.raw[:size.value]))
+        code = ctypes.get_errno()
+        if code == errno.ENOPROTOOPT:
+            # An older kernel: only the primary group counts, which refuses
+            # more peers, never fewer.
+            return frozenset()
+        if code != errno.ERANGE:  # ERANGE has set `size` to what the groups need
+            raise OSError(code, os.strerror(code))
+
+
+def peer_allowed(uid: int, gids: frozenset[int], allow_uids, allow_gids) -> bool:
     if not allow_uids and not allow_gids:
         return True  # the socket's own mode and group are the gate
     return uid in (0, os.getuid()) or uid in allow_uids or bool(gids & set(allow_gids))
@@ -60,29 +100,23 @@ def peer_allowed(uid: int, gids: set[int], allow_uids, allow_gids) -> bool:
 
 @web.middleware
 async def _peer_middleware(request: web.Request, handler):
-    creds = peer_credentials(request)
-    if creds is not None:
-        pid, uid, gid = creds
-        control = request.app[SCHEDULER].settings.control
-        if not peer_allowed(uid, {gid} | _supplementary_groups(pid), control.allow_uids,
-                            control.allow_gids):
-            log.warning("control: refused %s %s from pid %d uid %d gid %d", request.method,
-                        request.path, pid, uid, gid)
-            raise errors.Forbidden(f"uid {uid} may not use this wcd (control.allow_uids / "
-                                   "allow_gids)")
-        if request.method == "POST":
-            log.info("control: %s from pid %d uid %d", request.path, pid, uid)
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        # A TCP socket passed by socket activation, say: no kernel-vouched
+        # peer, so nobody on it may act as the daemon's user would.
+        log.warning("control: refused %s %s from %s: not a Unix socket", request.method,
+                    request.path, request.remote)
+        raise errors.Forbidden("the control API answers only on a Unix socket")
+    peer = peer_of(sock)
+    control = request.app[SCHEDULER].settings.control
+    if not peer_allowed(peer.uid, peer.gids, control.allow_uids, control.allow_gids):
+        log.warning("control: refused %s %s from pid %d uid %d groups %s", request.method,
+                    request.path, peer.pid, peer.uid, sorted(peer.gids))
+        raise errors.Forbidden(f"uid {peer.uid} may not use this wcd (control.allow_uids / "
+                               "allow_gids)")
+    if request.method == "POST":
+        log.info("control: %s from pid %d uid %d", request.path, peer.pid, peer.uid)
     return await handler(request)
-
-
-def _supplementary_groups(pid: int) -> set[int]:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                return {int(g) for g in line.split()[1:]}
-    except (OSError, ValueError):
-        pass
-    return set()
 
 
 async def _status(request: web.Request) -> web.Response:

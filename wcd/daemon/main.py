@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -153,7 +154,12 @@ class Daemon:
 
 def _prepare_socket_path(path: Path) -> None:
     """A private directory (0750) and no stale socket from a crashed run."""
-    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"wcd: cannot create the control socket directory {path.parent}: "
+                         f"{exc.strerror or exc}") from None
+    _check_socket_directory(path.parent)
     if path.is_socket():
         probe = socket.socket(socket.AF_UNIX)
         try:
@@ -164,6 +170,25 @@ def _prepare_socket_path(path: Path) -> None:
             raise SystemExit(f"wcd: another daemon listens on {path}")
         finally:
             probe.close()
+
+
+def _check_socket_directory(directory: Path) -> None:
+    """Whoever may write the socket's directory may replace the socket, and
+    wcctl would then talk to them: a directory someone else created first
+    (/tmp/wcd-UID, say) or opened to group or others is refused. A symlink
+    counts too: its owner can put another in its place. 0755 (systemd's
+    RuntimeDirectoryMode) is fine; only group and other *write* is a risk."""
+    trusted = {0, os.getuid()}  # root may do anything to the daemon anyway
+    link, target = directory.lstat(), directory.stat()
+    if (link.st_uid in trusted and target.st_uid in trusted
+            and not target.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        return
+    owner = link.st_uid if link.st_uid not in trusted else target.st_uid
+    raise SystemExit(
+        f"wcd: refusing the control socket directory {directory}: owned by uid {owner}, "
+        f"mode {stat.S_IMODE(target.st_mode):04o}; it must belong to this daemon's user "
+        f"(uid {os.getuid()}) or root and not be writable by group or others. Remove it "
+        "(wcd creates it with mode 0750) or set control.socket to a private directory")
 
 
 def main(argv: list[str] | None = None) -> int:
