@@ -9,9 +9,11 @@ end-to-end tests against the real daemon live elsewhere.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -47,6 +49,12 @@ FAILED = {"event": "error", "serving": "small-a",
           "error": {"message": "out of device memory", "type": "insufficient_storage",
                     "code": "out_of_memory"}}
 
+# A name an API client chose: ESC and BEL set the terminal's title, a newline
+# forges a line, a C1 CSI clears the screen.
+HOSTILE = "evil\x1b]0;pwned\x07\nWATCHDOG_USEC=1\x9b2J"
+HOSTILE_SHOWN = "evil\\x1b]0;pwned\\x07\\nWATCHDOG_USEC=1\\x9b2J"
+CONTROL_CHARACTER = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # all but line ends
+
 
 def error_body(message: str, code: str | None) -> dict:
     return {"error": {"message": message, "type": "invalid_request_error", "param": "model",
@@ -60,18 +68,18 @@ class FakeDaemon:
         self.socket = socket_path
         self.requests: list[tuple[str, dict | None]] = []
         self.gate = threading.Event()  # the "gated" model's swap waits for it
+        # What each query answers; a test may replace one.
+        self.documents = {"/v1/status": STATUS, "/v1/workers": {"workers": WORKERS},
+                          "/v1/models": {"models": MODELS}}
         app = web.Application()
-        app.router.add_get("/v1/status", self.document(STATUS))
-        app.router.add_get("/v1/workers", self.document({"workers": WORKERS}))
-        app.router.add_get("/v1/models", self.document({"models": MODELS}))
+        for path in self.documents:
+            app.router.add_get(path, self.document)
         app.router.add_post("/v1/{op}", self.operation)
         self.app = app
 
-    def document(self, doc: dict):
-        async def handler(request: web.Request) -> web.Response:
-            self.requests.append((request.path, None))
-            return web.json_response(doc)
-        return handler
+    async def document(self, request: web.Request) -> web.Response:
+        self.requests.append((request.path, None))
+        return web.json_response(self.documents[request.path])
 
     async def operation(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -84,6 +92,8 @@ class FakeDaemon:
             return web.json_response(error_body("worker 9 does not exist", None), status=400)
         if model == "crash":
             return web.json_response(error_body("scheduler failed", None), status=500)
+        if model == "hostile":
+            return web.json_response(error_body(f"no model {HOSTILE}", None), status=400)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
 
@@ -372,3 +382,63 @@ def test_summary_line_per_path(event, line):
     from wcd.cli import done_summary  # stdlib only, safe to import in-process
 
     assert done_summary({"event": "done", "model": "small-b", "worker": 0, **event}) == line
+
+
+# --- strings from the daemon reach the terminal escaped ---------------------------
+
+def test_models_table_escapes_control_characters(fake_daemon):
+    hostile = {**MODELS[0], "name": HOSTILE, "path": "/srv/\x1b[2J"}
+    fake_daemon.documents["/v1/models"] = {"models": [hostile, MODELS[1]]}
+    done = wcctl("models", "--socket", fake_daemon.socket)
+    assert done.returncode == 0, done.stderr
+    assert not CONTROL_CHARACTER.search(done.stdout)
+    header, first, second = done.stdout.splitlines()  # the newline forged no line
+    assert first.split() == [HOSTILE_SHOWN, "serving", "serving", "0", "250.0", "MiB",
+                             "/srv/\\x1b[2J"]
+    # Columns are measured as shown, escapes included.
+    column = header.index("STATE")
+    assert first[column:].startswith("serving") and second[column:].startswith("available")
+
+
+def test_status_summary_escapes_control_characters(fake_daemon):
+    workers = [{**WORKERS[0], "model": HOSTILE}]
+    fake_daemon.documents["/v1/status"] = {**STATUS, "workers": workers, "state": "ready\r"}
+    done = wcctl("status", "--socket", fake_daemon.socket)
+    assert done.returncode == 0, done.stderr
+    assert not CONTROL_CHARACTER.search(done.stdout)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "wcd 0.1.0 (pid 4000): ready\\r, up 1 h 02 m"
+    assert lines[3] == f"serving: {HOSTILE_SHOWN} on worker 0"
+
+
+def test_json_output_keeps_the_daemon_strings_as_they_are(fake_daemon):
+    fake_daemon.documents["/v1/models"] = {"models": [{**MODELS[0], "name": HOSTILE}]}
+    done = wcctl("models", "--json", "--socket", fake_daemon.socket)
+    assert done.returncode == 0, done.stderr
+    assert not CONTROL_CHARACTER.search(done.stdout)  # JSON's own escapes
+    assert json.loads(done.stdout)["models"][0]["name"] == HOSTILE
+
+
+def test_error_line_escapes_control_characters(fake_daemon):
+    done = wcctl("load", "hostile", "--socket", fake_daemon.socket)
+    assert done.returncode == 2
+    assert one_error_line(done) == f"wcctl: no model {HOSTILE_SHOWN}"
+
+
+def test_done_summary_escapes_the_model_the_daemon_names(fake_daemon):
+    done = wcctl("load", "red\x1b[31m", "--socket", fake_daemon.socket)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("worker 0 now serves red\\x1b[31m (same_shape) in ")
+
+
+def test_progress_line_escapes_phase_names():
+    from wcd.cli import Progress  # stdlib only, safe to import in-process
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    progress = Progress("swap", "m", terminal, enabled=True)
+    progress.on_event({"event": "phase", "phase": "build\x1b[2J", "seconds": 0.001})
+    assert terminal.getvalue() == "\r\x1b[Kswap m: build\\x1b[2J 1.0 ms"

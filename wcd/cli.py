@@ -4,6 +4,10 @@ Standard library only and no wcd imports that pull in aiohttp or msgspec, so
 it starts in well under 100 ms. It speaks HTTP/1.1 with JSON over the daemon's
 Unix control socket. Every failure becomes one `wcctl: ...` line on stderr and
 an exit status a script can branch on (see the EXIT_* constants).
+
+Strings from the daemon (model names, paths, error messages) may come from
+any API client, so every line for a person goes through `emit`, which shows
+control characters escaped; `--json` output is escaped by JSON itself.
 """
 
 from __future__ import annotations
@@ -195,6 +199,25 @@ def http_error(status: int, reason: str, raw: bytes) -> CliError:
 
 # --- formatting ---------------------------------------------------------------
 
+# C0, DEL and C1: what a terminal may act on (cursor moves, title changes,
+# line breaks that forge output). Shown as repr shows them.
+_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
+_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped; escaping twice changes nothing."""
+    return text.translate(_ESCAPES)
+
+
+def emit(lines: list[str], stream=None) -> None:
+    """Write lines for a person: wcctl's text output all leaves through here,
+    but for the progress line, which `Progress` escapes the same way."""
+    stream = stream or sys.stdout
+    for line in lines:
+        stream.write(printable(line) + "\n")
+
+
 def fmt_seconds(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -231,10 +254,11 @@ def dash(value) -> str:
     return "-" if value is None else str(value)
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
-                     for r in [header, *rows])
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    # Measured as they will be shown, so escaped cells keep the columns aligned.
+    rows = [header, *([printable(cell) for cell in row] for row in rows)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def fmt_last_swap(swap: dict | None) -> str:
@@ -257,21 +281,21 @@ def fmt_pids(worker: dict) -> str:
                     if pid is not None) or "-"
 
 
-def workers_table(workers: list[dict]) -> str:
+def workers_table(workers: list[dict]) -> list[str]:
     rows = [[str(w["index"]), fmt_device(w), fmt_pids(w), w["state"], dash(w.get("model")),
              fmt_bytes(w.get("rss_bytes")), fmt_last_swap(w.get("last_swap"))]
             for w in workers]
     return table(["WORKER", "DEVICE", "PID", "STATE", "MODEL", "RSS", "LAST SWAP"], rows)
 
 
-def ps_tables(doc: dict) -> str:
+def ps_tables(doc: dict) -> list[str]:
     """Workers, then the models held anywhere but on disk."""
-    text = workers_table(doc.get("workers", []))
+    lines = workers_table(doc.get("workers", []))
     held = doc.get("models") or []
-    return text + ("\n\n" + models_table(held) if held else "")
+    return lines + (["", *models_table(held)] if held else [])
 
 
-def models_table(models: list[dict]) -> str:
+def models_table(models: list[dict]) -> list[str]:
     rows = [[m["name"], m["state"], m["where"], dash(m.get("worker")), fmt_bytes(m.get("bytes")),
              m["path"]] for m in models]
     return table(["MODEL", "STATE", "WHERE", "WORKER", "SIZE", "PATH"], rows)
@@ -286,7 +310,7 @@ def counts(items: list[str], words: dict[str, str] | None = None) -> str:
     return ", ".join(f"{n} {words.get(k, k)}" for k, n in Counter(items).items())
 
 
-def status_summary(doc: dict) -> str:
+def status_summary(doc: dict) -> list[str]:
     workers, models = doc.get("workers", []), doc.get("models", [])
     serving = [f"{w['model']} on worker {w['index']}" for w in workers if w.get("model")]
     lines = [
@@ -299,7 +323,7 @@ def status_summary(doc: dict) -> str:
         "serving: " + ("; ".join(serving) or "nothing"),
         f"queue: {doc.get('queue', {}).get('waiting', 0)} waiting",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def done_summary(event: dict) -> str:
@@ -358,6 +382,7 @@ class Progress:
             width = os.get_terminal_size(self.stream.fileno()).columns
         except OSError:
             width = 0  # unknown, as is a terminal that reports 0 columns
+        text = printable(text)
         if width > 1:
             # A line wider than the terminal wraps, and "\r" then rewrites
             # only its last row.
@@ -374,7 +399,7 @@ def print_json(doc: dict) -> None:
 # --- commands -----------------------------------------------------------------
 
 QUERIES = {
-    "ps": ("/v1/workers", lambda doc: ps_tables(doc)),
+    "ps": ("/v1/workers", ps_tables),
     "models": ("/v1/models", lambda doc: models_table(doc.get("models", []))),
     "status": ("/v1/status", status_summary),
 }
@@ -386,7 +411,7 @@ def cmd_query(client: Client, args) -> None:
     if args.json:
         print_json(doc)
     else:
-        print(render(doc))
+        emit(render(doc))
 
 
 def operation_body(args) -> dict:
@@ -417,7 +442,7 @@ def cmd_operation(client: Client, args) -> None:
     if final["event"] == "error":
         raise OperationFailed(error_event_message(args.command, args.model, final))
     if not args.json:
-        print(done_summary(final))
+        emit([done_summary(final)])
 
 
 COMMANDS = {**{name: cmd_query for name in QUERIES},
@@ -495,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         run(argv)
         sys.stdout.flush()
     except CliError as e:
-        print(f"wcctl: {e}", file=sys.stderr)
+        emit([f"wcctl: {e}"], sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("wcctl: interrupted", file=sys.stderr)
