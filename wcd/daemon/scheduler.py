@@ -9,7 +9,9 @@ runs in tasks the owner starts and owns; they report back through the inbox.
 
 A swap drains first: the slot takes no new requests, and the swap starts once
 the in-flight ones have finished (or at once when forced, or after the drain
-timeout, the worker then aborting what is left).
+timeout, the worker then aborting what is left). A swap that requests asked
+for (on demand) and that none of them waits for any more is dropped while it
+drains, so a client that gives up costs the others nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,7 @@ from wcd.workers import protocol as p
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
+StartWorker = Callable[[WorkerOptions], Awaitable[WorkerProcess]]
 RECENT_SWAPS = 20  # a status page's worth of history; older swaps are in the log
 
 
@@ -63,7 +66,9 @@ class _Operation:
     force: bool
     progress: Progress | None
     future: asyncio.Future | None
+    on_demand: bool = False  # asked for by requests, not by an operator
     drain_started: float = 0.0  # set when its slot starts draining
+    drain_timer: asyncio.Task | None = None
 
 
 @dataclass
@@ -79,7 +84,10 @@ class _Slot:
     parked: dict[str, int] = field(default_factory=dict)  # on the device: model -> bytes
     device_bytes: int = 0  # allocated on the worker's GPU, at its last health ping
     last_used: float = 0.0
-    restarts: int = 0
+    loaded_at: float = 0.0  # when the served model's swap finished
+    restarts: int = 0  # over the daemon's life
+    failures: int = 0  # deaths in a row, for the restart backoff
+    up_since: float | None = None  # when the worker became ready
     incarnation: int = 0
     pending_op: _Operation | None = None  # waits for the drain
     deferred_op: _Operation | None = None  # waits for the slot: its start or current swap
@@ -88,27 +96,33 @@ class _Slot:
     restore: ModelEntry | None = None  # what to bring back after a restart
     swapping_from: ModelEntry | None = None  # what served before the swap under way
 
-    def view(self) -> SlotView:
+    def view(self, waiting: int) -> SlotView:
+        incoming = self.pending_op.entry if self.pending_op else None
         return SlotView(self.index, self.state, self.model.name if self.model else None,
                         self.active, self.last_used, self.settings.tensor_parallel_size,
-                        tuple(self.parked), self.settings.serves)
+                        tuple(self.parked), self.settings.serves, self.loaded_at, waiting,
+                        incoming.name if incoming else None)
 
 
 class Scheduler:
     def __init__(self, settings: Settings, *, on_change: Callable[[], None] | None = None,
-                 worker_env: dict[str, str] | None = None, metrics: Metrics | None = None):
+                 worker_env: dict[str, str] | None = None, metrics: Metrics | None = None,
+                 start_worker: StartWorker = WorkerProcess.start):
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.metrics.track(self.waiting, self.resident, self.cached_bytes)
         self.catalog = Catalog(settings)
         self._on_change = on_change or (lambda: None)
         self._worker_env = worker_env
+        self._start_worker_process = start_worker
         self._slots = [_Slot(i, w) for i, w in enumerate(settings.workers)]
         self._pending: deque[_Waiter] = deque()
         self._swaps: deque[dict] = deque(maxlen=RECENT_SWAPS)
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()
         self._owner: asyncio.Task | None = None
+        self._wake: asyncio.TimerHandle | None = None  # looks at the queue again
+        self._wake_at = 0.0
         self._stopping = False
         self.started = time.time()
 
@@ -126,6 +140,8 @@ class Scheduler:
         deadline = time.monotonic() + self.settings.policy.drain_timeout_s
         while any(s.active for s in self._slots) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self._wake is not None:
+            self._wake.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -164,19 +180,35 @@ class Scheduler:
     async def lease(self, model: str) -> AsyncIterator[Lease]:
         entry = self.catalog.resolve(model)
         self._check_fits(entry, None)
-        future = asyncio.get_running_loop().create_future()
-        self._post("acquire", _Waiter(entry, future))
-        try:
-            slot_index, incarnation, worker = await asyncio.wait_for(
-                future, self.settings.policy.queue_wait_s)
-        except asyncio.TimeoutError:
-            raise errors.Unavailable(
-                f"model {entry.name!r} was not ready within "
-                f"{self.settings.policy.queue_wait_s:g} s", retry_after_s=10) from None
+        slot_index, incarnation, worker = await self._wait_for_slot(entry)
         try:
             yield Lease(entry.name, worker, slot_index)
         finally:
             self._post("release", slot_index, incarnation)
+
+    async def _wait_for_slot(self, entry: ModelEntry) -> tuple[int, int, WorkerProcess]:
+        future = asyncio.get_running_loop().create_future()
+        self._post("acquire", _Waiter(entry, future))
+        wait_s = self.settings.policy.queue_wait_s
+        try:
+            async with asyncio.timeout(wait_s):
+                return await future
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            self._abandon(future)
+            if isinstance(exc, TimeoutError):
+                raise errors.Unavailable(f"model {entry.name!r} was not ready within "
+                                         f"{wait_s:g} s", retry_after_s=10) from None
+            raise
+
+    def _abandon(self, future: asyncio.Future) -> None:
+        """A request stopped waiting: it timed out or its client left. Granted
+        at that very moment, its lease is given back; else the scheduler hears
+        now that one waiter less wants its model."""
+        if future.done() and not future.cancelled() and future.exception() is None:
+            slot_index, incarnation, _ = future.result()
+            self._post("release", slot_index, incarnation)
+        else:
+            self._post("waiter_gone")
 
     def check_operation(self, model: str, worker: int | None) -> ModelEntry:
         """What an operation would refuse at once: an unknown model or worker."""
@@ -247,7 +279,7 @@ class Scheduler:
         return sum(sum(s.cached.values()) for s in self._slots)
 
     def waiting(self) -> int:
-        return len(self._pending) + sum(len(s.waiters) for s in self._slots)
+        return sum(not w.future.done() for w in self._all_waiters())
 
     def recent_swaps(self) -> list[dict]:
         """The last RECENT_SWAPS finished swaps and unloads, oldest first."""
@@ -276,6 +308,7 @@ class Scheduler:
             "operate": self._on_operate, "op_finished": self._on_op_finished,
             "worker_started": self._on_worker_started, "worker_died": self._on_worker_died,
             "drain_timeout": self._on_drain_timeout, "tick": self._on_tick,
+            "waiter_gone": self._on_waiter_gone, "wake": lambda: None,
             "reload": self._on_reload, "stop": self._on_stop,
         }
         while True:
@@ -291,7 +324,8 @@ class Scheduler:
         if self._stopping:
             _fail(waiter.future, errors.Unavailable("wcd is stopping", retry_after_s=30))
             return
-        queued = sum(w.entry.name == waiter.entry.name for w in self._all_waiters())
+        queued = sum(w.entry.name == waiter.entry.name and not w.future.done()
+                     for w in self._all_waiters())
         if queued >= self.settings.policy.queue_max:
             _fail(waiter.future, errors.Unavailable(
                 f"{queued} requests already wait for {waiter.entry.name!r}", retry_after_s=5))
@@ -351,7 +385,7 @@ class Scheduler:
     def _slot_for(self, entry: ModelEntry, worker: int | None, kind: str) -> _Slot | None:
         if worker is not None:
             return self._slots[worker]
-        views = [s.view() for s in self._slots]
+        views = self._views()
         current = policy.serving_slot(views, entry.name)
         chosen = current or policy.choose_slot(views, entry.name, entry.tensor_parallel_size)
         return self._slots[chosen.index] if chosen else None
@@ -367,7 +401,8 @@ class Scheduler:
         if slot.active == 0 or op.force:
             self._begin_op(slot)
         else:
-            self._spawn(self._drain_timer(slot, slot.incarnation, op), "drain-timer")
+            op.drain_timer = self._spawn(self._drain_timer(slot, slot.incarnation, op),
+                                         "drain-timer")
 
     async def _drain_timer(self, slot: _Slot, incarnation: int, op: _Operation) -> None:
         await asyncio.sleep(self.settings.policy.drain_timeout_s)
@@ -383,6 +418,7 @@ class Scheduler:
 
     def _begin_op(self, slot: _Slot) -> None:
         op, slot.pending_op = slot.pending_op, None
+        _stop_drain_timer(op)
         drained = time.perf_counter() - op.drain_started
         slot.state = SWAPPING
         previous = slot.swapping_from = slot.model
@@ -424,7 +460,7 @@ class Scheduler:
             return
         if error is None:
             slot.model = op.entry if op.kind == "swap" else None
-            slot.last_used = time.monotonic()
+            slot.last_used = slot.loaded_at = time.monotonic()
             slot.last_swap = {k: event[k] for k in ("model", "path", "phases", "total_s")}
             self._swaps.append({"time": time.time(), "worker": index, **{
                 k: event[k] for k in ("model", "path", "weights", "phases", "total_s")}})
@@ -450,6 +486,10 @@ class Scheduler:
                                failure)
         slot.state = SERVING if slot.model is not None else IDLE
         self._grant(slot)
+        self._run_deferred(slot)
+
+    def _run_deferred(self, slot: _Slot) -> None:
+        """The operation that waited for the slot's swap to be over."""
         if slot.deferred_op is not None:
             op, slot.deferred_op = slot.deferred_op, None
             self._drain_then(slot, op)
@@ -461,39 +501,107 @@ class Scheduler:
         for slot in self._slots:
             yield from slot.waiters
 
+    def _views(self) -> list[SlotView]:
+        waiting: dict[str, int] = {}
+        for waiter in self._all_waiters():
+            if not waiter.future.done():
+                waiting[waiter.entry.name] = waiting.get(waiter.entry.name, 0) + 1
+        return [s.view(waiting.get(s.model.name, 0) if s.model else 0) for s in self._slots]
+
     def _schedule_pending(self) -> None:
         """Give every waiting request a place: a slot serving its model, or a
         slot that will bring it in. Those with neither keep waiting."""
         still = deque()
+        unplaced: set[str] = set()  # nothing changes for their model in this pass
         while self._pending:
             waiter = self._pending.popleft()
             if waiter.future.done():
                 continue
-            slot = self._place(waiter.entry)
+            try:
+                slot = None if waiter.entry.name in unplaced else self._place(waiter.entry)
+            except errors.WcdError as exc:
+                _fail(waiter.future, exc)
+                continue
             if slot is None:
+                unplaced.add(waiter.entry.name)
                 still.append(waiter)
             else:
                 slot.waiters.append(waiter)
                 self._grant(slot)
         self._pending = still
+        if still:
+            self._wake_when_evictable()
 
     def _place(self, entry: ModelEntry) -> _Slot | None:
         if self._stopping:
             return None
-        views = [s.view() for s in self._slots]
+        views = self._views()
         current = policy.serving_slot(views, entry.name)
         if current is not None:
             return self._slots[current.index]
-        if any(w.entry.name == entry.name for s in self._slots for w in s.waiters):
-            return None  # already coming in somewhere
-        chosen = policy.choose_slot(views, entry.name, entry.tensor_parallel_size)
+        if not self.settings.policy.on_demand:
+            if self._expected(entry.name):
+                return None
+            raise errors.ModelNotFound(
+                f"model {entry.name!r} is not loaded and on-demand loading is off "
+                "(policy.on_demand)", param="model")
+        chosen = policy.choose_slot(views, entry.name, entry.tensor_parallel_size,
+                                    now=time.monotonic(),
+                                    min_resident_s=self.settings.policy.min_resident_s)
         if chosen is None:
             return None
         slot = self._slots[chosen.index]
-        # Serverless load: the slot's other waiters (for its current model)
-        # are served first by the drain; the swap starts when they are done.
-        self._drain_then(slot, _Operation("swap", entry, False, None, None))
+        # The swap starts once the slot's requests in flight are done.
+        self._drain_then(slot, _Operation("swap", entry, False, None, None, on_demand=True))
         return slot
+
+    def _expected(self, name: str) -> bool:
+        """Whether a worker will serve `name` without a request asking: a swap
+        queued for a busy worker, or a model restored or preloaded at start."""
+        for slot in self._slots:
+            coming = [slot.deferred_op.entry if slot.deferred_op else None, slot.restore]
+            if slot.state == STARTING:
+                coming.append(self._preload_for(slot))
+            if any(entry is not None and entry.name == name for entry in coming):
+                return True
+        return False
+
+    def _wake_when_evictable(self) -> None:
+        """Requests kept waiting by a model's minimum residence are looked at
+        again when it ends, not at the next unrelated event."""
+        now = time.monotonic()
+        at = policy.next_evictable_at(self._views(), now,
+                                      self.settings.policy.min_resident_s)
+        if at is None or (self._wake is not None and now < self._wake_at <= at):
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_at = at
+        self._wake = asyncio.get_running_loop().call_later(at - now, self._post, "wake")
+
+    def _on_waiter_gone(self) -> None:
+        self._pending = deque(w for w in self._pending if not w.future.done())
+        for slot in self._slots:
+            slot.waiters = [w for w in slot.waiters if not w.future.done()]
+        self._cancel_unwanted_swaps()
+
+    def _cancel_unwanted_swaps(self) -> None:
+        """An on-demand swap not begun yet that no request waits for any more is
+        dropped: its slot serves its model again. (One under way in the worker
+        finishes: stopping it midway would cost more than it saves.)"""
+        wanted = {w.entry.name for w in self._all_waiters() if not w.future.done()}
+        for slot in self._slots:
+            op = slot.pending_op
+            if slot.state != DRAINING or op is None or not op.on_demand or \
+                    op.entry.name in wanted:
+                continue
+            log.info("worker %d: nobody waits for %s any more; keeping %s", slot.index,
+                     op.entry.name, slot.model.name if slot.model else None)
+            _stop_drain_timer(op)
+            slot.pending_op = None
+            slot.state = SERVING if slot.model is not None else IDLE
+            self._grant(slot)
+            self._run_deferred(slot)
 
     def _grant(self, slot: _Slot) -> None:
         if slot.state != SERVING or slot.model is None:
@@ -533,7 +641,7 @@ class Scheduler:
                                 stop_timeout_s=self.settings.policy.stop_timeout_s,
                                 env=self._worker_env)
         try:
-            worker = await WorkerProcess.start(options)
+            worker = await self._start_worker_process(options)
         except (WorkerGone, asyncio.TimeoutError, OSError) as exc:
             log.error("worker %d failed to start: %s", slot.index, exc)
             self._post("worker_died", slot.index, incarnation, None)
@@ -549,6 +657,7 @@ class Scheduler:
         slot.state = IDLE
         slot.model = None
         slot.active = 0
+        slot.up_since = time.monotonic()
         self._spawn(self._watch(slot, incarnation, worker), f"watch-worker-{index}")
         restore = slot.restore or self._preload_for(slot)
         slot.restore = None
@@ -597,13 +706,19 @@ class Scheduler:
         slot = self._slots[index]
         if self._stopping or slot.incarnation != incarnation:
             return
-        log.error("worker %d died (exit code %s) serving %s; restarting", index, code,
-                  slot.model.name if slot.model else None)
+        up_s = time.monotonic() - slot.up_since if slot.up_since is not None else None
+        slot.failures = policy.failures_in_a_row(slot.failures, up_s,
+                                                 self.settings.policy.restart_backoff_reset_s)
+        delay = policy.restart_delay(slot.failures, self.settings.policy.restart_backoff_min_s,
+                                     self.settings.policy.restart_backoff_max_s)
+        log.error("worker %d died (exit code %s) serving %s; restarting in %.1f s", index, code,
+                  slot.model.name if slot.model else None, delay)
         # A worker that died swapping comes back with what served before: the
         # model it was swapping to may be what killed it.
         served = slot.swapping_from if slot.state == SWAPPING else slot.model
         slot.restore = served or slot.restore
         if slot.pending_op is not None:
+            _stop_drain_timer(slot.pending_op)
             _fail(slot.pending_op.future, errors.WorkerFailed(f"worker {index} died"))
             slot.pending_op = None
         # Requests that waited on this slot go back to the queue.
@@ -618,8 +733,7 @@ class Scheduler:
         slot.cached = {}  # the cache and parked engines died with the process
         slot.parked = {}
         slot.worker = None
-        delay = policy.restart_delay(slot.restarts, self.settings.policy.restart_backoff_min_s,
-                                     self.settings.policy.restart_backoff_max_s)
+        slot.up_since = None
         self._spawn(self._start_worker(slot, slot.incarnation, delay), f"restart-worker-{index}")
 
     # ---- clock, reload, stop ------------------------------------------------------------------
@@ -678,6 +792,11 @@ def _done(future: asyncio.Future | None, progress: Progress | None, event: dict)
         progress(event)
     if future is not None and not future.done():
         future.set_result(event)
+
+
+def _stop_drain_timer(op: _Operation) -> None:
+    if op.drain_timer is not None:
+        op.drain_timer.cancel()
 
 
 def _phases(phases: dict[str, float]) -> str:

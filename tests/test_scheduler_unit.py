@@ -1,0 +1,302 @@
+"""Unit tests of the scheduler's logic: the real Scheduler class driven
+against a fake worker. No worker process is started: `Fleet` is the
+scheduler's `start_worker`, and its FakeWorkers answer swap, unload, ping and
+stop as the protocol would, record every swap that reached them, and exit when
+a test says so. What is asserted is what a caller sees: leases granted or
+refused (with the error an HTTP client would get), the worker views, and the
+swaps the worker was asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import time
+
+import pytest
+
+from wcd.daemon import errors
+from wcd.daemon.config import parse_settings
+from wcd.daemon.scheduler import Scheduler
+from wcd.daemon.worker_process import WorkerOptions
+from wcd.workers import protocol as p
+
+MODELS = ("a", "b")
+
+
+def run_async(test):
+    """Run an async test on a fresh loop, bounded in time."""
+    @functools.wraps(test)
+    def sync(*args, **kwargs):
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 5))
+    return sync
+
+
+class FakeProcess:
+    def __init__(self) -> None:
+        self.exited = asyncio.Event()
+        self.code: int | None = None
+
+    async def wait(self) -> int | None:
+        await self.exited.wait()
+        return self.code
+
+    def exit(self, code: int) -> None:
+        self.code = code
+        self.exited.set()
+
+
+class FakeWorker:
+    def __init__(self, fleet: Fleet, options: WorkerOptions, pid: int):
+        self.fleet = fleet
+        self.options = options
+        self.pid = pid
+        self.process = FakeProcess()
+        self.ready = p.Ready(pid, "cpu", p.PROTOCOL_VERSION, "fake", "fake", 0.0)
+        self.model: str | None = None
+        self._ops = itertools.count(1)
+
+    async def swap(self, model: p.ModelSpec, *, drain_timeout_s: float, force: bool,
+                   on_phase=None) -> p.OpDone:
+        self.fleet.swaps.append(model.name)
+        await self.fleet.swap_gate.wait()
+        self.model = model.name
+        return p.OpDone(next(self._ops), model.name, "rebuild", {"build": 0.0}, 0.0, "disk")
+
+    async def unload(self, *, drain_timeout_s: float, force: bool, on_phase=None) -> p.OpDone:
+        self.model = None
+        return p.OpDone(next(self._ops), None, "unload", {}, 0.0)
+
+    async def ping(self, timeout_s: float) -> p.Pong:
+        return p.Pong(0, self.model, None)
+
+    async def stop(self) -> int:
+        self.process.exit(0)
+        return 0
+
+    async def kill(self) -> int:
+        self.process.exit(-9)
+        return -9
+
+
+class Fleet:
+    """The scheduler's `start_worker`: every worker it started, when, and every
+    swap that reached one."""
+
+    def __init__(self) -> None:
+        self.workers: list[FakeWorker] = []
+        self.started_at: list[float] = []
+        self.swaps: list[str] = []
+        self.swap_gate = asyncio.Event()  # cleared: swaps hang in the worker
+        self.swap_gate.set()
+        self.start_gate = asyncio.Event()  # cleared: workers take their time to start
+        self.start_gate.set()
+
+    async def __call__(self, options: WorkerOptions) -> FakeWorker:
+        await self.start_gate.wait()
+        worker = FakeWorker(self, options, pid=1000 + len(self.workers))
+        self.workers.append(worker)
+        self.started_at.append(time.monotonic())
+        return worker
+
+
+def make_settings(tmp_path, preload=("a",), **policy):
+    root = tmp_path / "models"
+    for name in MODELS:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "config.json").write_text("{}")
+    policy = {"min_resident": 0, "queue_wait": 2, "drain_timeout": 10,
+              "health_interval": 10, **policy}
+    return parse_settings({"workers": [{"device": "cpu"}], "model_roots": [str(root)],
+                           "models": {n: {"path": str(root / n)} for n in MODELS},
+                           "preload": list(preload), "policy": policy},
+                          str(tmp_path / "wcd.yaml"))
+
+
+async def eventually(check, timeout: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+class Running:
+    """A started scheduler over a Fleet, serving its preload; stopped at exit."""
+
+    def __init__(self, tmp_path, preload=("a",), on_change=None, **policy):
+        self.fleet = Fleet()
+        self.scheduler = Scheduler(make_settings(tmp_path, preload, **policy),
+                                   start_worker=self.fleet, on_change=on_change)
+
+    def worker(self) -> dict:
+        return self.scheduler.views()[0]
+
+    async def __aenter__(self) -> Running:
+        await self.scheduler.start()
+        if self.scheduler.settings.preload:
+            await eventually(lambda: self.worker()["state"] == "serving")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.scheduler.stop()
+
+    async def lease_once(self, model: str) -> str:
+        async with self.scheduler.lease(model) as lease:
+            return lease.model
+
+
+@run_async
+async def test_on_demand_off_refuses_a_model_not_loaded_and_loads_nothing(tmp_path):
+    async with Running(tmp_path, on_demand=False) as running:
+        with pytest.raises(errors.ModelNotFound) as refused:
+            await running.lease_once("b")
+        assert refused.value.status == 404 and refused.value.param == "model"
+        assert "policy.on_demand" in str(refused.value)
+        assert await running.lease_once("a") == "a"
+        assert running.fleet.swaps == ["a"]
+        # An operator still loads anything.
+        done = await running.scheduler.operate("swap", "b")
+        assert done["model"] == "b" and running.fleet.swaps == ["a", "b"]
+        assert await running.lease_once("b") == "b"
+
+
+@run_async
+async def test_on_demand_off_waits_for_the_model_a_starting_worker_preloads(tmp_path):
+    running = Running(tmp_path, on_demand=False)
+    running.fleet.start_gate.clear()
+    await running.scheduler.start()
+    try:
+        lease = asyncio.create_task(running.lease_once("a"))
+        await asyncio.sleep(0.02)
+        assert running.worker()["state"] == "starting" and not lease.done()
+        running.fleet.start_gate.set()
+        assert await asyncio.wait_for(lease, 0.5) == "a"
+    finally:
+        await running.scheduler.stop()
+
+
+@run_async
+async def test_min_resident_keeps_a_fresh_model_from_requests_but_not_from_wcctl(tmp_path):
+    async with Running(tmp_path, min_resident=30, queue_wait=0.2) as running:
+        started = time.monotonic()
+        with pytest.raises(errors.Unavailable) as refused:
+            await running.lease_once("b")
+        assert 0.2 <= time.monotonic() - started < 0.5
+        assert refused.value.status == 503 and refused.value.retry_after_s > 0
+        assert running.fleet.swaps == ["a"] and running.worker()["model"] == "a"
+        done = await running.scheduler.operate("swap", "b")
+        assert done["model"] == "b" and running.fleet.swaps == ["a", "b"]
+
+
+@run_async
+async def test_a_request_kept_by_min_resident_loads_when_the_time_is_up(tmp_path):
+    async with Running(tmp_path, min_resident=0.2) as running:
+        started = time.monotonic()
+        assert await running.lease_once("b") == "b"
+        waited = time.monotonic() - started
+        # Not before the minimum, and not only at the next 1 s keep-alive tick.
+        assert 0.15 <= waited < 0.8
+        assert running.fleet.swaps == ["a", "b"]
+
+
+async def drain_for_b(running: Running) -> None:
+    await eventually(lambda: running.worker()["state"] == "draining")
+    assert running.fleet.swaps == ["a"]
+
+
+@run_async
+async def test_a_cancelled_request_cancels_the_swap_it_was_waiting_for(tmp_path):
+    async with Running(tmp_path) as running:
+        async with running.scheduler.lease("a"):  # a request in flight: b must drain it
+            lease_b = asyncio.create_task(running.lease_once("b"))
+            await drain_for_b(running)
+            lease_a = asyncio.create_task(running.lease_once("a"))
+            await asyncio.sleep(0.02)
+            assert not lease_a.done()  # the draining worker takes no new request
+            lease_b.cancel()
+            assert await asyncio.wait_for(lease_a, 0.2) == "a"
+            assert running.worker()["state"] == "serving"
+        await eventually(lambda: running.worker()["active"] == 0)
+        assert await running.lease_once("a") == "a"
+        assert running.fleet.swaps == ["a"]
+
+
+@run_async
+async def test_a_request_that_times_out_cancels_the_swap_it_was_waiting_for(tmp_path):
+    async with Running(tmp_path, queue_wait=0.1) as running:
+        async with running.scheduler.lease("a"):
+            with pytest.raises(errors.Unavailable):
+                await running.lease_once("b")
+            await eventually(lambda: running.worker()["state"] == "serving", 0.1)
+            assert await asyncio.wait_for(running.lease_once("a"), 0.1) == "a"
+        assert running.fleet.swaps == ["a"]
+
+
+@run_async
+async def test_the_swap_stays_while_another_request_still_waits_for_it(tmp_path):
+    async with Running(tmp_path) as running:
+        async with running.scheduler.lease("a"):
+            first = asyncio.create_task(running.lease_once("b"))
+            await drain_for_b(running)
+            second = asyncio.create_task(running.lease_once("b"))
+            await asyncio.sleep(0.02)
+            first.cancel()
+            await asyncio.sleep(0.02)
+            assert running.worker()["state"] == "draining"
+        assert await asyncio.wait_for(second, 0.5) == "b"
+        assert running.fleet.swaps == ["a", "b"]
+
+
+@run_async
+async def test_a_swap_under_way_in_the_worker_finishes_without_its_request(tmp_path):
+    async with Running(tmp_path) as running:
+        running.fleet.swap_gate.clear()
+        lease_b = asyncio.create_task(running.lease_once("b"))
+        await eventually(lambda: running.fleet.swaps == ["a", "b"])
+        lease_b.cancel()
+        await asyncio.sleep(0.02)
+        running.fleet.swap_gate.set()
+        await eventually(lambda: running.worker()["state"] == "serving")
+        assert running.worker()["model"] == "b"
+
+
+@run_async
+async def test_a_lease_cancelled_as_it_is_granted_is_given_back(tmp_path):
+    leases: list[asyncio.Task] = []
+
+    def cancel_on_grant() -> None:
+        # The scheduler calls this right after handling a message: when that
+        # granted the lease, its future has the result but the request's task
+        # has not run yet; the client leaves at that very moment.
+        if leases and running.worker()["active"] == 1 and not leases[0].done():
+            leases[0].cancel()
+
+    running = Running(tmp_path, on_change=cancel_on_grant)
+    async with running:
+        leases.append(asyncio.create_task(running.lease_once("a")))
+        with pytest.raises(asyncio.CancelledError):
+            await leases[0]
+        await eventually(lambda: running.worker()["active"] == 0, 0.2)
+        assert await running.lease_once("a") == "a"
+
+
+async def crash(fleet: Fleet) -> float:
+    """Kill the newest worker; the seconds until the scheduler starts another."""
+    count = len(fleet.workers)
+    died = time.monotonic()
+    fleet.workers[-1].process.exit(1)
+    await eventually(lambda: len(fleet.workers) > count)
+    return fleet.started_at[-1] - died
+
+
+@run_async
+async def test_restart_backoff_is_the_minimum_again_after_a_healthy_period(tmp_path):
+    async with Running(tmp_path, preload=(), restart_backoff_min=0.02,
+                       restart_backoff_max=1, restart_backoff_reset=0.1) as running:
+        await eventually(lambda: running.worker()["state"] == "idle")
+        delays = [await crash(running.fleet) for _ in range(4)]  # in a row
+        assert delays[0] >= 0.02 and delays[3] >= 0.16 and delays[3] > 3 * delays[0]
+        await asyncio.sleep(0.15)  # up longer than restart_backoff_reset
+        assert await crash(running.fleet) < 0.08
+        assert running.worker()["restarts"] == 5
