@@ -12,18 +12,21 @@ import asyncio
 import contextlib
 import functools
 import json
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
+import msgspec
 import openai
 import pytest
 from aiohttp import web
 
 from wcd.daemon import errors
 from wcd.daemon.config import HttpSettings
-from wcd.daemon.openai_api import MAX_BODY_BYTES, create_openai_app, openapi_document
+from wcd.daemon.openai_api import create_openai_app, openapi_document
 from wcd.daemon.worker_process import WorkerError, WorkerGone
 from wcd.workers import protocol as p
 
@@ -34,24 +37,25 @@ LOGPROB_TOPS = [[7, "A", -0.1], [8, "B", -1.0]]  # ranks 1 and 2; the chosen tok
 
 
 def two_tokens(request: p.Generate) -> list:
-    """"Hello world" for each of n choices, interleaved as vLLM streams them; the
-    last Output of the request is marked finished."""
+    """"Hello world" for each of n choices of each prompt, interleaved as vLLM
+    streams a batch; only the request's very last Output is marked finished."""
     n = request.sampling.get("n", 1)
-    prompt_tokens = len(request.prompt_token_ids) if request.prompt_token_ids else 5
     outputs = []
     for step, (token_id, text) in enumerate(PIECES):
         last = step == len(PIECES) - 1
-        for index in range(n):
-            logprobs = None
-            if request.sampling.get("logprobs") is not None:
-                logprobs = [{"token_id": token_id, "token": text, "logprob": -2.0,
-                             "top": [*LOGPROB_TOPS, [token_id, text, -2.0],
-                                     [9, "Z", float("-inf")]]}]
-            outputs.append(p.Output(request.request_id, index, f"{text}{index or ''}",
-                                    [token_id], prompt_tokens,
-                                    finish_reason="stop" if last else None,
-                                    finished=last and index == n - 1, logprobs=logprobs))
-    return outputs
+        for prompt_index, prompt in enumerate(request.prompts):
+            prompt_tokens = len(prompt.prompt_token_ids) if prompt.prompt_token_ids else 5
+            for index in range(n):
+                logprobs = None
+                if request.sampling.get("logprobs") is not None:
+                    logprobs = [{"token_id": token_id, "token": text, "logprob": -2.0,
+                                 "top": [*LOGPROB_TOPS, [token_id, text, -2.0],
+                                         [9, "Z", float("-inf")]]}]
+                outputs.append(p.Output(request.request_id, index, f"{text}{index or ''}",
+                                        [token_id], prompt_tokens,
+                                        finish_reason="stop" if last else None,
+                                        logprobs=logprobs, prompt_index=prompt_index))
+    return [*outputs[:-1], msgspec.structs.replace(outputs[-1], finished=True)]
 
 
 class FakeWorker:
@@ -143,8 +147,9 @@ def run_async(test):
 
 
 @contextlib.asynccontextmanager
-async def serve(scheduler: FakeScheduler, keys: tuple[str, ...] = (), metrics=None):
-    scheduler.settings = SimpleNamespace(http=HttpSettings(api_keys=keys))
+async def serve(scheduler: FakeScheduler, keys: tuple[str, ...] = (), metrics=None, **http):
+    """The app on a free port; `http`: other HttpSettings fields (limits, ...)."""
+    scheduler.settings = SimpleNamespace(http=HttpSettings(api_keys=keys, **http))
     # A plain AppRunner, as the daemon's: nothing here may rely on test-only settings.
     runner = web.AppRunner(create_openai_app(scheduler, metrics, state={"state": "ready"}))
     await runner.setup()
@@ -197,7 +202,7 @@ async def test_completion():
     assert (result.usage.prompt_tokens, result.usage.completion_tokens,
             result.usage.total_tokens) == (5, 2, 7)
     request = scheduler.worker.requests[0]
-    assert (request.model, request.prompt, request.messages) == ("demo", "hi", None)
+    assert (request.model, request.prompts) == ("demo", [p.Prompt(prompt="hi")])
     assert request.sampling == {"max_tokens": 16}  # OpenAI's default, and nothing unasked
     assert scheduler.released == 1
 
@@ -230,7 +235,8 @@ async def test_chat():
     assert result.choices[0].finish_reason == "stop"
     assert result.usage.completion_tokens == 2
     request = scheduler.worker.requests[0]
-    assert request.messages == messages and request.chat_template_kwargs == {"x": 1}
+    assert request.prompts == [p.Prompt(messages=messages)]
+    assert (request.chat_template_kwargs, request.chat_template) == ({"x": 1}, None)
     assert request.sampling == {}  # chat leaves max_tokens to vLLM: the context length
 
 
@@ -288,11 +294,39 @@ async def test_prompt_batch_and_token_ids():
         ids = await api.completions.create(model="demo", prompt=[1, 2, 3])
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]  # prompt i: choices i*n ...
     assert batch.usage.prompt_tokens == 10 and batch.usage.completion_tokens == 8
-    prompts = [r.prompt for r in scheduler.worker.requests[:2]]
-    assert sorted(prompts) == ["a", "b"]
-    assert len({r.request_id for r in scheduler.worker.requests[:2]}) == 2
-    assert scheduler.worker.requests[2].prompt_token_ids == [1, 2, 3]
+    # One Generate per request: the batch shares one sampling dict.
+    batch_request, ids_request = scheduler.worker.requests
+    assert batch_request.prompts == [p.Prompt(prompt="a"), p.Prompt(prompt="b")]
+    assert batch_request.sampling == {"n": 2, "max_tokens": 16}
+    assert ids_request.prompts == [p.Prompt(prompt_token_ids=[1, 2, 3])]
     assert ids.usage.prompt_tokens == 3
+
+
+def echo_prompts_last_first(request: p.Generate) -> list:
+    """Each choice says which prompt and choice it is, the last prompt's first
+    (the worker streams prompts in whatever order they progress)."""
+    n = request.sampling.get("n", 1)
+    outputs = [p.Output(request.request_id, index, f"{prompt.prompt}{index}", [1], 1,
+                        finish_reason="stop", prompt_index=prompt_index)
+               for prompt_index, prompt in reversed(list(enumerate(request.prompts)))
+               for index in range(n)]
+    return [*outputs[:-1], msgspec.structs.replace(outputs[-1], finished=True)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@run_async
+async def test_batch_choices_follow_prompt_order(stream):
+    """Prompt i's choices are i*n ... i*n + n-1, whatever order they arrive in."""
+    scheduler = FakeScheduler(FakeWorker(echo_prompts_last_first))
+    async with serve(scheduler) as url, client(url) as api:
+        if stream:
+            chunks = [c async for c in await api.completions.create(
+                model="demo", prompt=["a", "b", "c"], n=2, stream=True)]
+            choices = sorted((c.choices[0].index, c.choices[0].text) for c in chunks)
+        else:
+            result = await api.completions.create(model="demo", prompt=["a", "b", "c"], n=2)
+            choices = [(c.index, c.text) for c in result.choices]
+    assert choices == [(0, "a0"), (1, "a1"), (2, "b0"), (3, "b1"), (4, "c0"), (5, "c1")]
 
 
 # ---- mapping to vLLM's SamplingParams ---------------------------------------------------
@@ -413,11 +447,11 @@ async def test_open_endpoints_and_openapi():
 
 
 @run_async
-async def test_status_page_and_document_need_no_key():
+async def test_status_page_and_document():
     """The page is served as is; the document is the control API's /v1/status
     plus recent_swaps, from the scheduler's views."""
     async with serve(FakeScheduler(), keys=("k",)) as url, \
-            aiohttp.ClientSession() as session:
+            aiohttp.ClientSession(headers={"Authorization": "Bearer k"}) as session:
         async with session.get(url + "/") as page:
             assert page.status == 200
             assert page.headers["Content-Type"] == "text/html; charset=utf-8"
@@ -533,9 +567,15 @@ async def test_harmless_fields_are_ignored():
 
 @run_async
 async def test_body_too_large_is_413():
-    async with serve(FakeScheduler()) as url:
-        status, _, answer = await post(url, "/v1/completions", b" " * (MAX_BODY_BYTES + 1))
-    assert status == 413 and "error" in answer
+    body = json.dumps({"model": "demo", "prompt": "hi"}).encode()
+    limit = 1000
+    scheduler = FakeScheduler()
+    async with serve(scheduler, max_body_bytes=limit) as url:
+        at_limit, _, _ = await post(url, "/v1/completions", body.ljust(limit))
+        status, _, answer = await post(url, "/v1/completions", body.ljust(limit + 1))
+    assert at_limit == 200
+    assert status == 413 and answer["error"]["type"] == "invalid_request_error"
+    assert len(scheduler.leased) == 1
 
 
 @run_async
@@ -640,16 +680,30 @@ async def test_disconnect_while_waiting_closes_the_worker_stream():
 
 
 @run_async
-async def test_batch_failure_closes_every_worker_stream():
+async def test_batch_failure_fails_its_one_worker_stream():
+    """A batch is one request to the worker: a prompt it refuses ends the whole
+    stream there (the worker drops the others), and nothing is left open."""
     def second_fails(request: p.Generate) -> list:
-        if request.prompt == "b":
-            return [WorkerError(p.ErrorInfo(p.BAD_ARGS, "prompt too long"))]
-        return hang_after_first(request)
+        return [two_tokens(request)[0], WorkerError(p.ErrorInfo(p.BAD_ARGS, "prompt too long"))]
 
     scheduler = FakeScheduler(FakeWorker(second_fails))
     async with serve(scheduler) as url:
         status, _, answer = await post(url, "/v1/completions",
                                        {"model": "demo", "prompt": ["a", "b"]})
     assert (status, answer["error"]["message"]) == (400, "prompt too long")
-    assert [r.prompt for r in scheduler.worker.requests if
-            r.request_id in scheduler.worker.closed_early] == ["a"]
+    assert len(scheduler.worker.requests) == 1 and not scheduler.worker.closed_early
+    assert scheduler.released == 1
+
+
+@run_async
+async def test_disconnect_mid_batch_closes_its_one_worker_stream():
+    scheduler = FakeScheduler(FakeWorker(hang_after_first))
+    async with serve(scheduler) as url, aiohttp.ClientSession() as session:
+        response = await session.post(url + "/v1/completions", json={
+            "model": "demo", "prompt": ["a", "b", "c"], "stream": True})
+        assert (await response.content.readuntil(b"\n\n")).startswith(b"data: {")
+        response.close()
+        await asyncio.wait_for(scheduler.worker.closed.wait(), 5)
+    assert [len(r.prompts) for r in scheduler.worker.requests] == [3]
+    assert scheduler.worker.closed_early == [scheduler.worker.requests[0].request_id]
+    assert scheduler.released == 1
