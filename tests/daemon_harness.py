@@ -39,7 +39,7 @@ def write_config(directory: Path, model_root: Path, **overrides) -> Path:
         "preload": ["small-a"],
         "policy": {"health_interval": "250ms", "health_timeout": "5s", "drain_timeout": "20s",
                    "restart_backoff_min": "0.5s", "queue_wait": "120s",
-                   "host_cache_bytes": 64 << 20},
+                   "host_cache_bytes": 64 << 20, "min_resident": 0},
     }
     for key, value in overrides.items():
         config[key] = value

@@ -65,6 +65,26 @@ class HttpSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
+    # Keys limited to some models: key -> the names (aliases or paths) it may use.
+    key_models: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # What one request may ask for; past these a client gets 413 or 400.
+    max_body_bytes: int = 8 << 20
+    max_prompts: int = 64  # prompts in one completions request
+    max_choices: int = 128  # prompts x n
+    max_sampling_bytes: int = 1 << 20  # sampling fields and chat_template_kwargs, encoded
+    # Connections: a stream write that waits longer on its client aborts the
+    # request; idle keep-alive and a request head that does not arrive in time
+    # close the connection; past max_connections new ones are closed at once.
+    write_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 15.0
+    header_timeout_s: float = 10.0
+    max_connections: int = 1024
+    # The status page and /status.json show paths, PIDs and memory: behind the
+    # API keys unless opened.
+    open_status: bool = False
+    # vLLM's --trust-request-chat-template: a client's own Jinja template (in
+    # chat_template_kwargs) runs in the worker only when the operator allows it.
+    trust_request_chat_template: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +136,17 @@ class PolicySettings:
     restart_backoff_max_s: float = 60.0
     worker_ready_timeout_s: float = 300.0
     stop_timeout_s: float = 20.0
+    # A worker that stayed up this long restarts after the minimum backoff again.
+    restart_backoff_reset_s: float = 300.0
+    # Whether an OpenAI request may load a model that no worker serves.
+    on_demand: bool = True
+    # How long a model stays before an OpenAI request may evict it (wcctl may always).
+    min_resident_s: float = 5.0
+    # A chat template render on a worker's main thread that runs longer is
+    # aborted (the request gets 400); an engine step that runs longer restarts
+    # the worker: nothing may hold a worker silently.
+    render_timeout_s: float = 10.0
+    step_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -291,13 +322,17 @@ class _Reader:
 
 _TOP_KEYS = ("control", "http", "workers", "model_roots", "defaults", "models", "preload", "policy", "log_level")
 _CONTROL_KEYS = ("socket", "allow_uids", "allow_gids")
-_HTTP_KEYS = ("host", "port", "api_keys")
+_HTTP_KEYS = ("host", "port", "api_keys", "max_body_bytes", "max_prompts", "max_choices",
+              "max_sampling_bytes", "write_timeout", "keepalive_timeout", "header_timeout",
+              "max_connections", "open_status", "trust_request_chat_template")
+_API_KEY_KEYS = ("key", "models")
 _WORKER_KEYS = ("device", "tensor_parallel_size", "serves_tensor_parallel_sizes")
 _MODEL_KEYS = ("path", "keep_alive")
 _POLICY_KEYS = (
     "keep_alive", "max_parked", "park_min_free_bytes", "host_cache_bytes", "queue_max", "queue_wait", "drain_timeout",
     "health_interval", "health_timeout", "restart_backoff_min", "restart_backoff_max",
-    "worker_ready_timeout", "stop_timeout",
+    "worker_ready_timeout", "stop_timeout", "restart_backoff_reset", "on_demand", "min_resident",
+    "render_timeout", "step_timeout",
 )
 # Keys that look at home in `defaults` but are wcd's, not vLLM's: refused there
 # rather than handed to vLLM, which would fail every load with them.
@@ -318,13 +353,45 @@ def _parse_control(section: _Reader, base_dir: str) -> ControlSettings:
 
 
 def _parse_http(section: _Reader) -> HttpSettings:
-    configured = section.get("api_keys", _list_of(_text), ())
+    configured = section.get("api_keys", _list_of(_api_key), ())
     from_env = (key.strip() for key in os.environ.get("WCD_API_KEYS", "").split(","))
+    d = HttpSettings()
     return HttpSettings(
-        host=section.get("host", _text, HttpSettings.host),
-        port=section.get("port", _port, HttpSettings.port),
-        api_keys=tuple(dict.fromkeys([*configured, *(key for key in from_env if key)])),
+        host=section.get("host", _text, d.host),
+        port=section.get("port", _port, d.port),
+        api_keys=tuple(dict.fromkeys([*(key for key, _ in configured),
+                                      *(key for key in from_env if key)])),
+        key_models={key: models for key, models in configured if models},
+        max_body_bytes=section.get("max_body_bytes", _positive_int, d.max_body_bytes),
+        max_prompts=section.get("max_prompts", _positive_int, d.max_prompts),
+        max_choices=section.get("max_choices", _positive_int, d.max_choices),
+        max_sampling_bytes=section.get("max_sampling_bytes", _positive_int,
+                                       d.max_sampling_bytes),
+        write_timeout_s=section.get("write_timeout", _positive_duration, d.write_timeout_s),
+        keepalive_timeout_s=section.get("keepalive_timeout", _positive_duration,
+                                        d.keepalive_timeout_s),
+        header_timeout_s=section.get("header_timeout", _positive_duration, d.header_timeout_s),
+        max_connections=section.get("max_connections", _positive_int, d.max_connections),
+        open_status=section.get("open_status", _bool, d.open_status),
+        trust_request_chat_template=section.get("trust_request_chat_template", _bool,
+                                                d.trust_request_chat_template),
     )
+
+
+def _api_key(value: object) -> tuple[str, tuple[str, ...]]:
+    """A key as text (every model), or {key, models} for a key limited to those."""
+    if not isinstance(value, dict):
+        return _text(value), ()
+    unknown = sorted(set(value) - set(_API_KEY_KEYS), key=str)
+    if unknown:
+        raise _Invalid(f"unknown key (known here: {', '.join(_API_KEY_KEYS)})", f".{unknown[0]}")
+    if value.get("key") is None:
+        raise _Invalid("required (the bearer token)", ".key")
+    key = _at(".key", _text, value["key"])
+    models = _at(".models", _list_of(_text), value.get("models") or [])
+    return key, models
+
+    return parse
 
 
 def _parse_workers(top: _Reader, name: str) -> tuple[WorkerSettings, ...]:
@@ -410,6 +477,12 @@ def _parse_policy(section: _Reader) -> PolicySettings:
         restart_backoff_max_s=section.get("restart_backoff_max", _positive_duration, d.restart_backoff_max_s),
         worker_ready_timeout_s=section.get("worker_ready_timeout", _positive_duration, d.worker_ready_timeout_s),
         stop_timeout_s=section.get("stop_timeout", parse_duration, d.stop_timeout_s),
+        restart_backoff_reset_s=section.get("restart_backoff_reset", _positive_duration,
+                                            d.restart_backoff_reset_s),
+        on_demand=section.get("on_demand", _bool, d.on_demand),
+        min_resident_s=section.get("min_resident", parse_duration, d.min_resident_s),
+        render_timeout_s=section.get("render_timeout", _positive_duration, d.render_timeout_s),
+        step_timeout_s=section.get("step_timeout", _positive_duration, d.step_timeout_s),
     )
     if policy.restart_backoff_min_s > policy.restart_backoff_max_s:
         section.fail("restart_backoff_min", "must not exceed restart_backoff_max")
@@ -430,6 +503,20 @@ def _text(value: object) -> str:
         raise _Invalid(f"expected str, got {_type(value)}")
     if not value:
         raise _Invalid("expected a non-empty string")
+    return value
+
+
+def _at(where: str, parse: Callable[[object], Any], value: object) -> Any:
+    """parse(value), its error's key path continued by `where`."""
+    try:
+        return parse(value)
+    except _Invalid as e:
+        raise _Invalid(str(e), where + e.at) from None
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_type(value)}")
     return value
 
 
