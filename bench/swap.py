@@ -102,8 +102,8 @@ async def swap_and_serve(worker: WorkerProcess, name: str,
     if expected_path is not None and done.path != expected_path:
         raise RuntimeError(f"swap to {name} took path {done.path!r}, not {expected_path!r}")
     tokens: list[int] = []
-    request = p.Generate(uuid.uuid4().hex, name, {"temperature": 0, "max_tokens": 8},
-                         prompt="hello world")
+    request = p.Generate(uuid.uuid4().hex, name, [p.Prompt(prompt="hello world")],
+                         {"temperature": 0, "max_tokens": 8})
     async for output in worker.generate(request):
         tokens += output.token_ids
     if not tokens:

@@ -52,8 +52,8 @@ async def swap(worker: WorkerProcess, name: str, tp: int) -> tuple[str, float]:
     started = time.perf_counter()
     done = await worker.swap(p.ModelSpec(name, str(MODELS / name), args))
     seconds = time.perf_counter() - started
-    request = p.Generate(uuid.uuid4().hex, name, {"temperature": 0, "max_tokens": 4},
-                         prompt="hello world")
+    request = p.Generate(uuid.uuid4().hex, name, [p.Prompt(prompt="hello world")],
+                         {"temperature": 0, "max_tokens": 4})
     if not [t async for out in worker.generate(request) for t in out.token_ids]:
         raise RuntimeError(f"{name} at TP={tp} generated nothing after its swap")
     return done.path, seconds

@@ -169,7 +169,8 @@ def _fail_a_re_partition(host, group, models: str) -> dict:
 def _generate(host, model: str, prompt: str) -> list[int]:
     from wcd.workers import protocol as p
 
-    host.add(p.Generate(f"r-{time.monotonic_ns()}", model, dict(GREEDY), prompt=prompt))
+    host.add(p.Generate(f"r-{time.monotonic_ns()}", model, [p.Prompt(prompt=prompt)],
+                        dict(GREEDY)))
     tokens: list[int] = []
     while host.has_unfinished():
         for out in host.step():

@@ -22,7 +22,8 @@ def spec(path, name: str) -> p.ModelSpec:
 
 
 async def greedy(worker: WorkerProcess, model: str, prompt: str) -> list[int]:
-    request = p.Generate(f"w-{time.monotonic_ns()}", model, dict(GREEDY), prompt=prompt)
+    request = p.Generate(f"w-{time.monotonic_ns()}", model, [p.Prompt(prompt=prompt)],
+                         dict(GREEDY))
     return [t for out in [o async for o in worker.generate(request)] for t in out.token_ids]
 
 

@@ -26,8 +26,8 @@ def spec(models, name: str, path=None, **engine_args) -> p.ModelSpec:
 
 
 async def generate(worker: WorkerProcess, model: str, prompt: str, **sampling) -> list[int]:
-    request = p.Generate(f"t-{time.monotonic_ns()}", model, {**GREEDY, **sampling},
-                         prompt=prompt)
+    request = p.Generate(f"t-{time.monotonic_ns()}", model, [p.Prompt(prompt=prompt)],
+                         {**GREEDY, **sampling})
     tokens = []
     async for out in worker.generate(request):
         tokens += out.token_ids

@@ -91,21 +91,20 @@ class RequestTimer:
         self.prompt_tokens: dict[int, int] = {}
         self.completion_tokens = 0
 
-    async def observe(self, outputs: AsyncIterator[tuple[int, p.Output]]
-                      ) -> AsyncIterator[tuple[int, p.Output]]:
+    async def observe(self, outputs: AsyncIterator[p.Output]) -> AsyncIterator[p.Output]:
         """Closing this closes `outputs` at once, which aborts in the worker."""
         m = self.metrics
         async with contextlib.aclosing(outputs):
-            async for index, output in outputs:
+            async for output in outputs:
                 now = time.perf_counter()
                 if self.last is None:
                     m.ttft.labels(self.model).observe(now - self.started)
                 else:
                     m.itl.labels(self.model).observe(now - self.last)
                 self.last = now
-                self.prompt_tokens[index] = output.prompt_tokens
+                self.prompt_tokens[output.prompt_index] = output.prompt_tokens
                 self.completion_tokens += len(output.token_ids)
-                yield index, output
+                yield output
 
     def finish(self, outcome: str) -> None:
         m = self.metrics

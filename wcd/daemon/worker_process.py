@@ -49,6 +49,8 @@ class WorkerOptions:
     park_min_free_bytes: int = 0  # parked engines yield to keep this much free
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 20.0
+    render_timeout_s: float = 10.0  # a chat template render past this is aborted
+    step_timeout_s: float = 120.0  # an engine step past this ends the worker
     python: str = sys.executable
     env: dict[str, str] | None = None
 
@@ -88,6 +90,8 @@ class WorkerProcess:
     async def _spawn(self) -> None:
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ if self.options.env is None else self.options.env)
+        # The API's keys are the daemon's secret: a worker runs model code.
+        env.pop("WCD_API_KEYS", None)
         if self.options.cuda_devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.options.cuda_devices))
         elif self.options.tensor_parallel_size > 1:
@@ -103,6 +107,8 @@ class WorkerProcess:
                 "--tp", str(self.options.tensor_parallel_size),
                 "--max-parked", str(self.options.max_parked),
                 "--park-min-free-bytes", str(self.options.park_min_free_bytes),
+                "--render-timeout", str(self.options.render_timeout_s),
+                "--step-timeout", str(self.options.step_timeout_s),
                 pass_fds=(child_sock.fileno(),), env=env, start_new_session=False)
         finally:
             child_sock.close()
@@ -172,6 +178,14 @@ class WorkerProcess:
             raise WorkerGone(self._gone)
         self._writer.write(p.encode(command))
 
+    async def _drained(self) -> None:
+        """Backpressure: a worker that stops reading its socket holds the
+        sender here, rather than its commands piling up in the daemon."""
+        try:
+            await self._writer.drain()
+        except ConnectionError:
+            pass  # the reader task reports the worker's end to every waiter
+
     # ---- operations ------------------------------------------------------------------
 
     async def swap(self, model: p.ModelSpec, *, drain_timeout_s: float = 30.0,
@@ -220,6 +234,7 @@ class WorkerProcess:
         finished = False
         try:
             self._send(request)
+            await self._drained()
             while not finished:
                 event = await queue.get()
                 if isinstance(event, p.RequestFailed):

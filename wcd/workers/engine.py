@@ -34,6 +34,7 @@ from wcd.workers import protocol as p
 from wcd.workers import vllm_seams
 from wcd.workers.process import trim_heap
 from wcd.workers.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from wcd.workers.watchdog import RenderTimeout
 from wcd.workers.weights import (CHECKPOINT, KERNEL, HostCache, Snapshot, copy_into,
                                  kernel_format_holds)
 
@@ -132,10 +133,15 @@ class EngineHost:
     """Serves one engine and keeps parked ones. Not thread-safe: the worker's
     main thread only."""
 
-    def __init__(self, cache: HostCache, group=None, parking: Parking = Parking()) -> None:
+    def __init__(self, cache: HostCache, group=None, parking: Parking = Parking(),
+                 bounded: Callable[[str], contextlib.AbstractContextManager] | None = None
+                 ) -> None:
         """`group`: a workers.group.WarmGroup whose warm followers hold the other
-        tensor-parallel ranks; None for one process."""
+        tensor-parallel ranks; None for one process. `bounded(kind)`: the
+        worker's watchdog around a render or a step (workers/watchdog.py)."""
         self.served: Served | None = None
+        self.requests = _Requests()
+        self._bounded = bounded or (lambda kind: contextlib.nullcontext())
         self.parked: OrderedDict[str, Served] = OrderedDict()  # oldest first
         self.parking = parking if group is None else Parking()
         self.group = group
@@ -359,6 +365,7 @@ class EngineHost:
     def release(self) -> None:
         """Drop the served engine and give its memory back."""
         served, self.served = self.served, None
+        self.requests.clear()
         self._shut_down(served)
         del served  # the last reference: the collection below must find it garbage
         self._free_memory()
@@ -467,32 +474,47 @@ class EngineHost:
     # ---- requests ----------------------------------------------------------------
 
     def add(self, request: p.Generate) -> None:
+        """Add every prompt of `request` to the engine, or none of them."""
         served = self.served
         if served is None or request.model != served.name:
             raise ModelError(p.NOT_LOADED, f"model {request.model!r} is not served by this "
                                            f"worker (serving {self.model!r})")
+        if not request.prompts:
+            raise ModelError(p.BAD_ARGS, "a request needs at least one prompt")
+        added: list[str] = []
         try:
             sampling = {**served.sampling_defaults, **request.sampling}
             params = _sampling_params(sampling)
             params.output_kind = RequestOutputKind.DELTA
-            engine_input = self._render(served.engine, request)
-            _fit_max_tokens(served.engine.model_config.max_model_len, engine_input, params,
-                            asked="max_tokens" in sampling)
-            served.engine.add_request(request.request_id, engine_input, params)
-        except ModelError:
-            raise
-        except Exception as exc:
+            for index, prompt in enumerate(request.prompts):
+                engine_input = self._render(served.engine, request, prompt)
+                prompt_params = params.clone()
+                _fit_max_tokens(served.engine.model_config.max_model_len, engine_input,
+                                prompt_params, asked="max_tokens" in sampling)
+                sub_id = self.requests.add(request.request_id, index)
+                added.append(sub_id)
+                served.engine.add_request(sub_id, engine_input, prompt_params)
+        except BaseException as exc:
+            if added:
+                served.engine.abort_request(added)
+            self.requests.forget(request.request_id)
+            if isinstance(exc, RenderTimeout):
+                raise ModelError(p.BAD_ARGS, str(exc)) from None
+            if isinstance(exc, ModelError) or not isinstance(exc, Exception):
+                raise
             raise ModelError(p.BAD_ARGS, _first_line(exc)) from exc
 
-    @staticmethod
-    def _render(engine: LLMEngine, request: p.Generate):
+    def _render(self, engine: LLMEngine, request: p.Generate, prompt: p.Prompt):
         """The prompt as vLLM's offline LLM.generate / LLM.chat render it."""
-        if request.prompt_token_ids is not None:
-            return {"prompt_token_ids": request.prompt_token_ids}
-        if request.messages is not None:
-            return vllm_seams.render_chat(engine, request.messages, request.chat_template_kwargs)
-        if request.prompt is not None:
-            return vllm_seams.render_completion(engine, request.prompt)
+        if prompt.prompt_token_ids is not None:
+            return {"prompt_token_ids": prompt.prompt_token_ids}
+        with self._bounded("render"):
+            if prompt.messages is not None:
+                return vllm_seams.render_chat(engine, prompt.messages,
+                                              request.chat_template_kwargs,
+                                              request.chat_template)
+            if prompt.prompt is not None:
+                return vllm_seams.render_completion(engine, prompt.prompt)
         raise ModelError(p.BAD_ARGS, "one of prompt, prompt_token_ids, messages is required")
 
     def has_unfinished(self) -> bool:
@@ -502,11 +524,57 @@ class EngineHost:
         return self.served.engine.get_num_unfinished_requests() if self.served else 0
 
     def step(self) -> list[p.Output]:
-        return [out for ro in self.served.engine.step() for out in _outputs(ro)]
+        with self._bounded("step"):
+            outputs = self.served.engine.step()
+        return [out for ro in outputs for out in self.requests.outputs(ro)]
 
     def abort(self, request_ids: list[str]) -> None:
-        if self.served is not None and request_ids:
-            self.served.engine.abort_request(request_ids)
+        sub_ids = [sub for rid in request_ids for sub in self.requests.forget(rid)]
+        if self.served is not None and sub_ids:
+            self.served.engine.abort_request(sub_ids)
+
+
+class _Requests:
+    """The daemon's requests and their prompts' engine requests: a request's
+    prompts share its sampling and are one stream to the daemon."""
+
+    def __init__(self) -> None:
+        self._prompt_of: dict[str, tuple[str, int]] = {}  # engine id -> (request, index)
+        self._open: dict[str, set[str]] = {}  # request -> its unfinished engine ids
+
+    def add(self, request_id: str, index: int) -> str:
+        sub_id = f"{request_id}-{index}"
+        self._prompt_of[sub_id] = (request_id, index)
+        self._open.setdefault(request_id, set()).add(sub_id)
+        return sub_id
+
+    def forget(self, request_id: str) -> list[str]:
+        """Drop a request; returns its unfinished engine ids."""
+        subs = sorted(self._open.pop(request_id, ()))
+        for sub in subs:
+            self._prompt_of.pop(sub, None)
+        return subs
+
+    def clear(self) -> None:
+        self._prompt_of.clear()
+        self._open.clear()
+
+    def outputs(self, ro: RequestOutput) -> Iterator[p.Output]:
+        """One Output per completion with news; only the request's very last
+        one says finished, so the daemon stops reading exactly there."""
+        owner = self._prompt_of.get(ro.request_id)
+        if owner is None:
+            return  # aborted meanwhile, or wcd's own warm-up request
+        request_id, index = owner
+        last_of_request = False
+        if ro.finished:
+            self._prompt_of.pop(ro.request_id)
+            remaining = self._open[request_id]
+            remaining.discard(ro.request_id)
+            if not remaining:
+                del self._open[request_id]
+                last_of_request = True
+        yield from _outputs(ro, request_id, index, last_of_request)
 
 
 def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
@@ -520,22 +588,22 @@ def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
     return SamplingParams(**fields)
 
 
-def _outputs(ro: RequestOutput) -> Iterator[p.Output]:
-    """One Output per completion with news; only the request's very last one
-    says finished, so the daemon stops reading exactly there."""
+def _outputs(ro: RequestOutput, request_id: str, prompt_index: int,
+             last_of_request: bool) -> Iterator[p.Output]:
     prompt_tokens = len(ro.prompt_token_ids or ())
     last = len(ro.outputs) - 1
     for i, completion in enumerate(ro.outputs):
         yield p.Output(
-            request_id=ro.request_id,
+            request_id=request_id,
             index=completion.index,
             text=completion.text,
             token_ids=list(completion.token_ids),
             prompt_tokens=prompt_tokens,
             finish_reason=completion.finish_reason,
             stop_reason=completion.stop_reason,
-            finished=ro.finished and i == last,
+            finished=last_of_request and i == last,
             logprobs=_logprobs(completion),
+            prompt_index=prompt_index,
         )
 
 

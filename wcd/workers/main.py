@@ -69,7 +69,7 @@ class Channel:
 
 class Worker:
     def __init__(self, channel: Channel, device: str, host_cache_bytes: int = 0, group=None,
-                 parking=None):
+                 parking=None, watchdog=None):
         from wcd.workers.engine import EngineHost, Parking
         from wcd.workers.weights import HostCache
 
@@ -77,9 +77,11 @@ class Worker:
         self.device = device
         self.group = group
         self.host = EngineHost(HostCache(host_cache_bytes, pinned=device == "cuda"), group,
-                               parking or Parking())
+                               parking or Parking(), watchdog.bounded if watchdog else None)
         # What the reader thread reports in pongs: replaced whole by the main
-        # thread, never mutated, so the reader never sees it half-changed.
+        # thread, never mutated, so the reader never sees it half-changed (the
+        # engine host's own state changes mid-swap).
+        self.serving: str | None = None
         self.cached: list[p.CachedModel] = []
         self.parked: list[p.CachedModel] = []
         self.commands: queue.Queue[p.Command] = queue.Queue()
@@ -93,16 +95,24 @@ class Worker:
         try:
             while (command := self.channel.recv()) is not None:
                 if isinstance(command, p.Ping):
-                    # len() of a set is atomic under the GIL: no lock with the main thread.
-                    self.channel.send(p.Pong(command.seq, self.host.model, self.busy,
-                                             len(self.inflight), self.cached,
-                                             self._device_bytes(), self.parked))
+                    self._pong(command.seq)
                 else:
                     self.commands.put(command)
         except (OSError, p.ProtocolError) as exc:
             log.error("connection to the daemon broke: %s", exc)
+        except Exception:
+            # A reader that stopped would leave a worker alive but deaf.
+            log.exception("the reader thread failed; exiting so that the daemon restarts "
+                          "this worker")
+            os._exit(1)
         # The parent is gone: nobody is left to serve or to report to.
         os._exit(0)
+
+    def _pong(self, seq: int) -> None:
+        # Only what the main thread publishes whole; len() of a set is atomic
+        # under the GIL: no lock with the main thread.
+        self.channel.send(p.Pong(seq, self.serving, self.busy, len(self.inflight),
+                                 self.cached, self._device_bytes(), self.parked))
 
     # ---- main thread ---------------------------------------------------------------
 
@@ -150,7 +160,21 @@ class Worker:
             if output.finished:
                 self.inflight.discard(output.request_id)
         if outputs:
+            self._send_outputs(outputs)
+
+    def _send_outputs(self, outputs: list[p.Output]) -> None:
+        """One frame per step; past the frame limit one per Output, and a
+        single Output over it fails its request rather than the channel."""
+        try:
             self.channel.send(p.Outputs(outputs))
+            return
+        except p.FrameTooLarge:
+            pass
+        for output in outputs:
+            try:
+                self.channel.send(p.Outputs([output]))
+            except p.FrameTooLarge as exc:
+                self._abort([output.request_id], reason=str(exc))
 
     def _abort(self, request_ids: list[str], reason: str | None) -> None:
         ids = [rid for rid in request_ids if rid in self.inflight]
@@ -196,6 +220,7 @@ class Worker:
         else:
             weights = None if path == "noop" else self.host.weights_source
             self.parked = self.host.parked_contents()
+            self.serving = self.host.model
             self.channel.send(p.OpDone(command.op_id, self.host.model, path,
                                        clock.phases, clock.total(), weights))
             log.info("swap %s -> %s: %s from %s in %.3f s %s", started, self.host.model, path,
@@ -204,6 +229,7 @@ class Worker:
             if path == "rebuild":
                 self.host.collect_after_build()
         finally:
+            self.serving = self.host.model
             self.busy = None
 
     def _snapshot(self) -> None:
@@ -225,10 +251,12 @@ class Worker:
         try:
             previous = self.host.model
             self.host.unload(clock, lambda: self._drain(command.drain_timeout_s, command.force))
+            self.serving = None
             self.channel.send(p.OpDone(command.op_id, None, "unload", clock.phases,
                                        clock.total()))
             log.info("unload %s in %.3f s %s", previous, clock.total(), _phases(clock.phases))
         finally:
+            self.serving = self.host.model
             self.busy = None
 
     def _clock(self, op_id: int):
@@ -237,6 +265,7 @@ class Worker:
         return PhaseClock(lambda name, s: self.channel.send(p.Phase(op_id, name, s)))
 
     def _failed(self, op_id: int, error: p.ErrorInfo, clock) -> None:
+        self.serving = self.host.model
         self.parked = self.host.parked_contents()
         self.channel.send(p.OpFailed(op_id, error, self.host.model, clock.phases))
         log.warning("swap failed: %s: %s (serving %s)", error.kind, error.message,
@@ -320,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel group size")
     parser.add_argument("--max-parked", type=int, default=0)
     parser.add_argument("--park-min-free-bytes", type=int, default=0)
+    parser.add_argument("--render-timeout", type=float, default=10.0)
+    parser.add_argument("--step-timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -342,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     # Snapshots hold one process's parameters; a group's ranks each hold a shard.
     cache_bytes = args.host_cache_bytes if group is None else 0
     from wcd.workers.engine import Parking
+    from wcd.workers.watchdog import Watchdog
 
     worker = Worker(channel, args.device, cache_bytes, group,
-                    Parking(args.max_parked, args.park_min_free_bytes))
+                    Parking(args.max_parked, args.park_min_free_bytes),
+                    Watchdog(args.render_timeout, args.step_timeout))
     channel.send(p.Ready(os.getpid(), args.device, p.PROTOCOL_VERSION, vllm.__version__,
                          str(torch.__version__), time.perf_counter() - started,
                          [peer.pid for peer in group.peers] if group else []))

@@ -19,11 +19,14 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
 class ModelSpec(msgspec.Struct, frozen=True):
-    """What to load: the served name, a local directory and vLLM engine args."""
+    """What to load: the served name, a local directory and vLLM engine args.
+    `root`: the model root the directory must lie beneath, checked again by
+    the worker when it opens the files ("" for none)."""
 
     name: str
     path: str
     engine_args: dict[str, Any] = {}
+    root: str = ""
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
@@ -63,20 +66,38 @@ class Unload(msgspec.Struct, tag="unload", frozen=True):
     force: bool = False
 
 
+class Prompt(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One input of a request. Exactly one field is set."""
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+# apply_chat_template arguments that are not template variables: the worker
+# sets them itself, and a request's chat_template_kwargs may not (a client's
+# `chat_template` would run its own Jinja code in the worker).
+RESERVED_CHAT_TEMPLATE_KWARGS = frozenset({
+    "chat_template", "tools", "documents", "tokenize", "return_dict", "return_tensors",
+    "return_assistant_tokens_mask", "add_generation_prompt", "continue_final_message",
+    "padding", "truncation", "max_length", "conversation", "tokenizer_kwargs"})
+
+
 class Generate(msgspec.Struct, tag="generate", frozen=True):
-    """One request. Exactly one of prompt, prompt_token_ids, messages is set.
+    """One request: one prompt, or a batch sharing one `sampling`. The worker
+    streams `Output`s tagged with the prompt's index.
 
     `sampling` holds vLLM SamplingParams fields; the worker validates them
     with vLLM's own SamplingParams, so the daemon never needs vLLM.
+    `chat_template` is set only where the operator trusts request templates.
     """
 
     request_id: str
     model: str
+    prompts: list[Prompt]
     sampling: dict[str, Any] = {}
-    prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    messages: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] = {}
+    chat_template: str | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):
@@ -164,8 +185,9 @@ class OpFailed(msgspec.Struct, tag="op_failed", frozen=True):
 
 
 class Output(msgspec.Struct, tag="output", frozen=True):
-    """New tokens of one completion (`index` < n) since its last Output, streamed
-    as vLLM produces them. `finished` is set on the request's last Output."""
+    """New tokens of one completion (`index` < n) of one prompt since its last
+    Output, streamed as vLLM produces them. `finished` is set on the request's
+    last Output, once every prompt's completions are done."""
 
     request_id: str
     index: int
@@ -177,6 +199,7 @@ class Output(msgspec.Struct, tag="output", frozen=True):
     finished: bool = False
     # Per new token: {"token_id", "token", "logprob", "top": [[token_id, token, logprob], ...]}
     logprobs: list[dict[str, Any]] | None = None
+    prompt_index: int = 0
 
 
 class Outputs(msgspec.Struct, tag="outputs", frozen=True):
@@ -216,8 +239,16 @@ class ProtocolError(Exception):
     """A frame that cannot be decoded: the peer is broken or not ours."""
 
 
+class FrameTooLarge(ValueError):
+    """A message over MAX_FRAME_BYTES: refused before sending, since the peer
+    would take the frame for a broken connection."""
+
+
 def encode(message: Command | Event) -> bytes:
     body = _encoder.encode(message)
+    if len(body) > MAX_FRAME_BYTES:
+        raise FrameTooLarge(f"a {type(message).__name__} of {len(body)} bytes exceeds the "
+                            f"{MAX_FRAME_BYTES}-byte frame limit")
     return _HEADER.pack(len(body)) + body
 
 

@@ -492,20 +492,28 @@ def render_completion(engine, prompt: str):
     return engine_input
 
 
-def render_chat(engine, messages: list[dict], chat_template_kwargs: dict):
-    from vllm.renderers import ChatParams, merge_kwargs
+def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
+                chat_template: str | None = None):
+    """`chat_template`: a request's own template, which the daemon passes
+    only where the operator trusts request templates. wcd's own arguments are
+    set after the request's template variables and win: vLLM's merge_kwargs
+    would drop an argument set to None (tools=None, chat_template=None) and
+    let a request's value through."""
+    from vllm.renderers import ChatParams
     from vllm.utils.mistral import is_mistral_tokenizer
 
+    from wcd.workers.protocol import RESERVED_CHAT_TEMPLATE_KWARGS
+
     renderer = engine.renderer
+    variables = {key: value for key, value in chat_template_kwargs.items()
+                 if key not in RESERVED_CHAT_TEMPLATE_KWARGS}
     chat_params = ChatParams(
-        chat_template=None,
+        chat_template=chat_template,
         chat_template_content_format="auto",
-        chat_template_kwargs=merge_kwargs(
-            chat_template_kwargs,
-            dict(add_generation_prompt=True, continue_final_message=False, tools=None,
-                 tokenize=is_mistral_tokenizer(renderer.tokenizer)
-                 or engine.model_config.enable_prompt_embeds),
-        ),
+        chat_template_kwargs={
+            **variables, "add_generation_prompt": True, "continue_final_message": False,
+            "tokenize": is_mistral_tokenizer(renderer.tokenizer)
+            or engine.model_config.enable_prompt_embeds},
     )
     # The chat template emits BOS/EOS itself, as in LLM.chat.
     tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
