@@ -28,6 +28,12 @@ class BadRequest(WcdError):
     type = "invalid_request_error"
 
 
+class PayloadTooLarge(WcdError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
 class Unauthorized(WcdError):
     status = 401
     type = "authentication_error"

@@ -47,6 +47,8 @@ async def read_json(request: web.Request) -> dict:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise errors.BadRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise errors.BadRequest("the body must be a JSON object")
     return data

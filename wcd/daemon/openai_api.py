@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP API (aiohttp on TCP).
 
-A request is decoded and checked here, then waits for a lease on a worker
+A request is decoded and checked here, bounded by the http limits (body,
+prompts, choices, sampling payload), then waits for a lease on a worker
 serving its model (the scheduler loads it on demand) and becomes one
-`Generate` per prompt. Outputs stream back as the worker produces them.
-Leaving a request early, for any reason (client gone, error), closes its
-worker streams, and closing one aborts it in the worker.
+`Generate`, its prompts sharing one sampling dict. Outputs stream back as
+the worker produces them; a client that stops reading for longer than
+http.write_timeout loses its stream. Leaving a request early, for any reason
+(client gone, error), closes its worker stream, which aborts it in the worker.
 
 Errors become OpenAI error JSON in the daemon's one error middleware
 (http_errors); a failure after a stream has started is sent as one
@@ -31,6 +33,7 @@ from aiohttp import web
 import wcd
 from wcd.daemon import errors
 from wcd.daemon import openai_types as t
+from wcd.daemon.config import HttpSettings
 from wcd.daemon.http_errors import error_middleware
 from wcd.daemon.metrics import Metrics, RequestTimer
 from wcd.daemon.status import status_document, status_page
@@ -42,15 +45,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 32 << 20
-# Open like /metrics: the status page and its document show workers and models,
-# never a request's content.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/", "/status.json"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+# The page and its document show model paths, PIDs and memory: open only where
+# the operator says so (http.open_status).
+STATUS_PATHS = frozenset({"/", "/status.json"})
+API_KEY = web.RequestKey("api_key", str)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 _LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf, which JSON cannot carry
 _encode = msgspec.json.Encoder().encode
+_msgpack = msgspec.msgpack.Encoder().encode
 # The page is inline only: nothing it loads or sends may leave this daemon.
 _PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
                  "style-src 'unsafe-inline'; connect-src 'self'"}
@@ -61,7 +66,9 @@ def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None, *,
     """API keys are read from scheduler.settings per request, so a reload
     (SIGHUP) changes them. `state` is the daemon's, as for the control app."""
     app = web.Application(
-        middlewares=[error_middleware, _auth_middleware(scheduler)], client_max_size=MAX_BODY_BYTES,
+        middlewares=[error_middleware, _auth_middleware(scheduler)],
+        # Fixed for the app's life: a reload does not change the body limit.
+        client_max_size=scheduler.settings.http.max_body_bytes,
         # A client that goes away cancels its handler, which aborts its request in
         # the worker; set on the app so it holds whichever runner serves it.
         handler_args={"handler_cancellation": True})
@@ -85,24 +92,33 @@ def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None, *,
 def _auth_middleware(scheduler: Scheduler):
     @web.middleware
     async def auth(request: web.Request, handler):
-        keys = scheduler.settings.http.api_keys
-        if keys and request.path not in OPEN_PATHS and not _authorized(
-                request, [key.encode() for key in keys]):
-            raise errors.Unauthorized("missing or invalid API key; send "
-                                      "`Authorization: Bearer KEY`")
+        http = scheduler.settings.http
+        if http.api_keys and not _open(request.path, http):
+            key = _authorized(request, http.api_keys)
+            if key is None:
+                raise errors.Unauthorized("missing or invalid API key; send "
+                                          "`Authorization: Bearer KEY`")
+            request[API_KEY] = key
         return await handler(request)
 
     return auth
 
 
-def _authorized(request: web.Request, expected: list[bytes]) -> bool:
+def _open(path: str, http: HttpSettings) -> bool:
+    return path in OPEN_PATHS or (http.open_status and path in STATUS_PATHS)
+
+
+def _authorized(request: web.Request, keys: tuple[str, ...]) -> str | None:
+    """The configured key the request carries, if any."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer":
-        return False
-    given = token.strip().encode()
+        return None
+    # aiohttp keeps header bytes that are not UTF-8 as surrogates: such a token
+    # matches no key, and must not fail on the way there.
+    given = token.strip().encode("utf-8", "surrogateescape")
     # Compare against every key, so timing says nothing about which came close.
-    matches = [hmac.compare_digest(given, key) for key in expected]
-    return any(matches)
+    matches = [hmac.compare_digest(given, key.encode()) for key in keys]
+    return next((key for key, match in zip(keys, matches) if match), None)
 
 
 # ---- open endpoints ---------------------------------------------------------------
@@ -136,7 +152,9 @@ class _Job:
     id: str
     model: str  # as the client named it; responses carry this name
     sampling: dict[str, Any]
-    inputs: list[dict[str, Any]]  # one worker input per prompt
+    prompts: list[p.Prompt]
+    template_kwargs: dict[str, Any]
+    template: str | None
     n: int
     stream: bool
     include_usage: bool
@@ -144,17 +162,47 @@ class _Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def of(cls, body: t.CompletionRequest | t.ChatCompletionRequest, prefix: str) -> _Job:
+    def of(cls, body: t.CompletionRequest | t.ChatCompletionRequest, prefix: str,
+           http: HttpSettings) -> _Job:
+        """What one request may cost the daemon and a worker, whatever vLLM
+        would accept, is bounded here: prompts, prompts x n (counted before
+        anything is built from them), and the sampling payload that travels
+        with them."""
         body.check()
+        _check_counts(body.prompt_count(), body.n or 1, http)
         sampling = body.sampling()
-        return cls(id=f"{prefix}-{uuid.uuid4().hex}", model=body.model, sampling=sampling,
-                   inputs=body.inputs(), n=body.n or 1, stream=bool(body.stream),
-                   include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                   top_logprobs=sampling.get("logprobs"))
+        job = cls(id=f"{prefix}-{uuid.uuid4().hex}", model=body.model, sampling=sampling,
+                  prompts=body.prompts(), template_kwargs=body.template_kwargs(),
+                  template=body.template(http.trust_request_chat_template),
+                  n=body.n or 1, stream=bool(body.stream),
+                  include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                  top_logprobs=sampling.get("logprobs"))
+        size = _payload_bytes(job.sampling, job.template_kwargs, job.template)
+        if size > http.max_sampling_bytes:
+            raise errors.PayloadTooLarge(
+                f"sampling fields and chat_template_kwargs take {size} bytes; at most "
+                f"{http.max_sampling_bytes} (http.max_sampling_bytes)")
+        return job
 
-    def requests(self, served: str) -> list[p.Generate]:
-        return [p.Generate(f"{self.id}-{i}", served, self.sampling, **worker_input)
-                for i, worker_input in enumerate(self.inputs)]
+    def request(self, served: str) -> p.Generate:
+        return p.Generate(self.id, served, self.prompts, self.sampling, self.template_kwargs,
+                          self.template)
+
+
+def _check_counts(prompts: int, n: int, http: HttpSettings) -> None:
+    if prompts > http.max_prompts:
+        raise errors.BadRequest(f"{prompts} prompts in one request; at most "
+                                f"{http.max_prompts} (http.max_prompts)", param="prompt")
+    if prompts * max(n, 1) > http.max_choices:
+        raise errors.BadRequest(f"{prompts * max(n, 1)} completions asked for (prompts x n); "
+                                f"at most {http.max_choices} (http.max_choices)", param="n")
+
+
+def _payload_bytes(*parts: Any) -> int:
+    try:
+        return sum(len(_msgpack(part)) for part in parts)
+    except RecursionError:
+        raise errors.BadRequest("the request is nested too deeply") from None
 
 
 class _Api:
@@ -168,12 +216,13 @@ class _Api:
         return _json(status_document(self.scheduler, self.state["state"]))
 
     async def list_models(self, request: web.Request) -> web.Response:
-        views = self.scheduler.model_views()
+        allowed = self._allowed(request)
+        views = [v for v in self.scheduler.model_views() if allowed is None or v["name"] in allowed]
         return _json(t.ModelList(data=[self._model(v["name"], v) for v in views]))
 
     async def get_model(self, request: web.Request) -> web.Response:
         asked = request.match_info["id"]
-        name = self.scheduler.resolve_name(asked)
+        name = self._permitted(request, asked)
         # Resolvable but neither configured nor loaded: it loads on first use.
         view = next((v for v in self.scheduler.model_views() if v["name"] == name),
                     {"state": "available", "worker": None})
@@ -189,11 +238,34 @@ class _Api:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._timed(request, t.ChatCompletionRequest, "chatcmpl", _ChatFormat)
 
+    def _allowed(self, request: web.Request) -> frozenset[str] | None:
+        """The canonical names the request's API key may use; None: any."""
+        names = self.scheduler.settings.http.key_models.get(request.get(API_KEY, ""))
+        if names is None:
+            return None
+        allowed = set()
+        for name in names:
+            with contextlib.suppress(errors.ModelNotFound):
+                allowed.add(self.scheduler.resolve_name(name))
+        return frozenset(allowed)
+
+    def _permitted(self, request: web.Request, model: str) -> str:
+        """The canonical name of `model`, which the request's key must be
+        allowed; to a key that is not, the model does not exist (as OpenAI
+        answers)."""
+        name = self.scheduler.resolve_name(model)
+        allowed = self._allowed(request)
+        if allowed is not None and name not in allowed:
+            raise errors.ModelNotFound(f"the model {model!r} does not exist or this API key "
+                                       "has no access to it", param="model")
+        return name
+
     async def _timed(self, request: web.Request, shape: type, prefix: str,
                      format_: type) -> web.StreamResponse:
         timer = self.metrics.request_timer()
         try:
-            job = _Job.of(await _decode(request, shape), prefix)
+            job = _Job.of(await _decode(request, shape), prefix, self.scheduler.settings.http)
+            self._permitted(request, job.model)
             response = await self._serve(request, job, format_(job), timer)
         except asyncio.CancelledError:
             timer.finish("cancelled")
@@ -210,13 +282,14 @@ class _Api:
     async def _serve(self, request: web.Request, job: _Job, fmt: _Format,
                      timer: RequestTimer) -> web.StreamResponse:
         async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
-                timer.observe(_outputs(lease.worker, job.requests(lease.model)))) as outputs:
+                timer.observe(_outputs(lease.worker, job.request(lease.model)))) as outputs:
             timer.model = lease.model
             if job.stream:
-                return await _stream(request, job, fmt, outputs)
+                write_timeout = self.scheduler.settings.http.write_timeout_s
+                return await _stream(request, job, fmt, outputs, write_timeout)
             tally = _Tally(job.n)
-            async for prompt_index, output in outputs:
-                tally.add(prompt_index, output)
+            async for output in outputs:
+                tally.add(output)
             return _json(fmt.response(tally))
 
 
@@ -231,6 +304,8 @@ async def _decode(request: web.Request, shape: type):
         raise errors.BadRequest(f"the body is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:  # msgspec checks strings' UTF-8 as it decodes them
         raise errors.BadRequest(f"the body is not valid UTF-8: {exc}") from None
+    except RecursionError:
+        raise errors.BadRequest("the body is nested too deeply") from None
 
 
 _AT = re.compile(r"`\$\.?([^`]*)`$")
@@ -250,76 +325,82 @@ def _validation_problem(message: str) -> tuple[str, str | None]:
     return f"missing required field `{path}`", path
 
 
-async def _outputs(worker, requests: list[p.Generate]) -> AsyncIterator[tuple[int, p.Output]]:
-    """(prompt index, Output) of all `requests`, in arrival order. Worker failures
-    come out as WcdErrors. Closing this generator closes every worker stream,
-    which aborts what is still running in the worker."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, request: p.Generate) -> None:
-        end: Exception | None = None
-        try:
-            async with contextlib.aclosing(worker.generate(request)) as stream:
-                async for output in stream:
-                    queue.put_nowait((index, output))
-        except WorkerError as exc:
-            end = errors.from_worker(exc.error)
-        except Exception as exc:  # re-raised in the consumer, which reports it
-            end = exc
-        queue.put_nowait((index, end))
-
-    pumps = [asyncio.create_task(pump(i, r), name=r.request_id) for i, r in enumerate(requests)]
+async def _outputs(worker, request: p.Generate) -> AsyncIterator[p.Output]:
+    """The request's Outputs, in arrival order; worker failures come out as
+    WcdErrors. Closing this generator closes the worker stream, which aborts
+    what is still running in the worker."""
     try:
-        running = len(pumps)
-        while running:
-            index, item = await queue.get()
-            if isinstance(item, p.Output):
-                yield index, item
-            elif item is None:
-                running -= 1
-            else:
-                raise item
-    finally:
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
+        async with contextlib.aclosing(worker.generate(request)) as stream:
+            async for output in stream:
+                yield output
+    except WorkerError as exc:
+        raise errors.from_worker(exc.error) from None
+    except p.FrameTooLarge as exc:
+        raise errors.PayloadTooLarge(str(exc)) from None
 
 
 # ---- streaming --------------------------------------------------------------------
 
 
+class ClientStalled(ConnectionError):
+    """The client did not take a chunk within http.write_timeout."""
+
+
 async def _stream(request: web.Request, job: _Job, fmt: _Format,
-                  outputs: AsyncIterator[tuple[int, p.Output]]) -> web.StreamResponse:
+                  outputs: AsyncIterator[p.Output], write_timeout: float) -> web.StreamResponse:
     # Wait for the worker to accept the request before sending a byte, so one it
     # refuses (bad sampling parameters) still gets its HTTP status.
     first = await anext(outputs, None)
     response = web.StreamResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
+    sink = _Sink(response, write_timeout)
     try:
-        await _send_events(response, job, fmt, first, outputs)
+        await _send_events(sink, job, fmt, first, outputs)
+    except ClientStalled:
+        log.warning("%s: client read nothing for %.0f s; aborting", job.id, write_timeout)
+        # The unsent bytes would wait for the client forever: drop the connection.
+        if request.transport is not None:
+            request.transport.abort()
     except ConnectionError:
         log.info("%s: client went away mid-stream; aborting", job.id)
     return response
 
 
-async def _send_events(response: web.StreamResponse, job: _Job, fmt: _Format,
-                       first: tuple[int, p.Output] | None,
-                       outputs: AsyncIterator[tuple[int, p.Output]]) -> None:
+class _Sink:
+    """SSE events to the client, each write bounded: a stream that is never
+    read must not hold its lease (and every swap behind it) forever."""
+
+    def __init__(self, response: web.StreamResponse, timeout: float):
+        self.response = response
+        self.timeout = timeout
+
+    async def event(self, event: Any) -> None:
+        await self.raw(b"data: " + _encode(event) + b"\n\n")
+
+    async def raw(self, data: bytes) -> None:
+        try:
+            await asyncio.wait_for(self.response.write(data), self.timeout)
+        except asyncio.TimeoutError:
+            raise ClientStalled() from None
+
+
+async def _send_events(sink: _Sink, job: _Job, fmt: _Format, first: p.Output | None,
+                       outputs: AsyncIterator[p.Output]) -> None:
     tally = _Tally(job.n)
     try:
         for chunk in fmt.opening():
-            await _send(response, chunk)
-        async for prompt_index, output in _chain(first, outputs):
-            chunk = fmt.chunk(*tally.add(prompt_index, output), output)
+            await sink.event(chunk)
+        async for output in _chain(first, outputs):
+            chunk = fmt.chunk(*tally.add(output), output)
             if chunk is not None:
-                await _send(response, chunk)
+                await sink.event(chunk)
         if job.include_usage:
-            await _send(response, fmt.usage_chunk(tally.usage()))
+            await sink.event(fmt.usage_chunk(tally.usage()))
     except ConnectionError:
         raise
     except Exception as exc:  # the status line is gone: report in-band
-        await _send(response, _in_band(job, exc).body())
-    await response.write(_DONE)
+        await sink.event(_in_band(job, exc).body())
+    await sink.raw(_DONE)
 
 
 def _in_band(job: _Job, exc: Exception) -> errors.WcdError:
@@ -335,10 +416,6 @@ async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
         yield first
     async for item in rest:
         yield item
-
-
-async def _send(response: web.StreamResponse, event: Any) -> None:
-    await response.write(b"data: " + _encode(event) + b"\n\n")
 
 
 def _json(body: Any) -> web.Response:
@@ -365,8 +442,9 @@ class _Tally:
         self.prompt_tokens: dict[int, int] = {}
         self.completion_tokens = 0
 
-    def add(self, prompt_index: int, output: p.Output) -> tuple[int, int]:
+    def add(self, output: p.Output) -> tuple[int, int]:
         """Record `output`; returns its choice index and where its text starts."""
+        prompt_index = output.prompt_index
         # A batch of prompts gives prompt i the choices i*n ... i*n + n-1, as OpenAI does.
         index = prompt_index * self.n + output.index
         choice = self.choices.setdefault(index, _Choice())
@@ -518,9 +596,11 @@ def openapi_document() -> dict:
                 "OpenAI-compatible completions and chat completions served by wcd's warm "
                 "vLLM workers. A request for a known model that is not loaded waits while "
                 "it loads. When API keys are configured, every endpoint but /health, "
-                "/metrics, /openapi.json and the status page (/ and /status.json) needs "
-                "`Authorization: Bearer KEY`. Request fields wcd cannot honour are "
-                "refused with a 400 naming them."),
+                "/metrics and /openapi.json needs `Authorization: Bearer KEY` (the status "
+                "page, / and /status.json, too unless http.open_status is set). Request "
+                "fields wcd cannot honour are refused with a 400 naming them; requests "
+                "past the http limits (body, prompts, prompts x n, sampling payload) get "
+                "413 or 400."),
         },
         "servers": [{"url": "http://127.0.0.1:8000"}],
         "components": {
@@ -554,16 +634,14 @@ def openapi_document() -> dict:
                 "description": "OpenAPI 3.1",
                 "content": {"application/json": {"schema": {"type": "object"}}}}, ()),
                 "security": []}},
-            "/": {"get": {**_operation("statusPage", "Status page: workers, models, swaps", {
+            "/": {"get": _operation("statusPage", "Status page: workers, models, swaps", {
                 "description": "A self-contained HTML page polling /status.json",
-                "content": {"text/html": {"schema": {"type": "string"}}}}, ()),
-                "security": []}},
-            "/status.json": {"get": {**_operation("status", "The daemon's status", {
+                "content": {"text/html": {"schema": {"type": "string"}}}}, (401,))},
+            "/status.json": {"get": _operation("status", "The daemon's status", {
                 "description": "What the control API's /v1/status returns: version, pid, "
                                "uptime_s, state, workers, models, queue, and recent_swaps "
                                "(the last 20 swaps with their phase timings, oldest first)",
-                "content": {"application/json": {"schema": {"type": "object"}}}}, ()),
-                "security": []}},
+                "content": {"application/json": {"schema": {"type": "object"}}}}, (401,))},
         },
     }
 
@@ -572,7 +650,8 @@ _ERROR_STATUSES = {
     400: "Malformed or unsupported request, or sampling parameters vLLM refused",
     401: "Missing or invalid API key",
     404: "Unknown model",
-    413: "Request body over 32 MiB",
+    413: "Request body over http.max_body_bytes, or sampling payload over "
+         "http.max_sampling_bytes",
     422: "The model cannot be served (files, config, engine args)",
     500: "Internal error",
     502: "The worker failed",

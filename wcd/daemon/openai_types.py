@@ -10,12 +10,13 @@ The same structs generate the schemas of openapi.json.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import UNSET, Struct, UnsetType
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from wcd.daemon import errors
+from wcd.workers import protocol as p
 
 # OpenAI sampling fields with the same name in vLLM's SamplingParams, and vLLM's
 # own extensions that clients send through `extra_body`.
@@ -26,6 +27,8 @@ _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_p
 # OpenAI's completions default, which vLLM's SamplingParams happens to share;
 # sent explicitly so a model's generation_config cannot change the API's meaning.
 COMPLETIONS_MAX_TOKENS = 16
+# A torch generator's seed is an int64: vLLM's server refuses others with a 400.
+Seed = Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1)]
 
 
 # ---- requests -------------------------------------------------------------------
@@ -70,7 +73,7 @@ class _Sampling(_Request, kw_only=True):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -116,6 +119,16 @@ class _Sampling(_Request, kw_only=True):
             params["structured_outputs"] = structured
         return params
 
+    def prompt_count(self) -> int:
+        return 1
+
+    def template(self, trusted: bool) -> str | None:
+        """The request's own chat template; only chat requests have one."""
+        return None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {}
+
     def _format(self) -> dict[str, Any] | None:
         fmt = self.response_format
         if isinstance(fmt, JsonObjectFormat):
@@ -153,9 +166,12 @@ class CompletionRequest(_Sampling, kw_only=True):
             params["logprobs"] = self.logprobs
         return params
 
-    def inputs(self) -> list[dict[str, Any]]:
-        """One worker input per prompt: {"prompt": str} or {"prompt_token_ids": [...]}."""
-        return [{"prompt": item} if isinstance(item, str) else {"prompt_token_ids": item}
+    def prompt_count(self) -> int:
+        return len(self._prompts())
+
+    def prompts(self) -> list[p.Prompt]:
+        """One worker input per prompt: text or token ids."""
+        return [p.Prompt(prompt=item) if isinstance(item, str) else p.Prompt(prompt_token_ids=item)
                 for item in self._prompts()]
 
     def _prompts(self) -> list[str | list[int]]:
@@ -187,6 +203,9 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's own field: a Jinja template of the client's, run only where the
+    # operator trusts request templates (http.trust_request_chat_template).
+    chat_template: str | None = None
     # Refused when set to anything that asks for behaviour wcd lacks.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -208,6 +227,23 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             raise errors.BadRequest("only text output is supported", param="modalities")
         if self.top_logprobs and not self.logprobs:
             raise errors.BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        reserved = sorted(p.RESERVED_CHAT_TEMPLATE_KWARGS.intersection(
+            self.chat_template_kwargs or ()) - {"chat_template"})
+        if reserved:
+            raise errors.BadRequest(f"chat_template_kwargs may not set {reserved[0]!r}: wcd "
+                                    "sets it", param=f"chat_template_kwargs.{reserved[0]}")
+
+    def template(self, trusted: bool) -> str | None:
+        """The request's own chat template, refused unless the operator trusts
+        request templates, as vLLM's --trust-request-chat-template does."""
+        template = (self.chat_template_kwargs or {}).get("chat_template", self.chat_template)
+        if template is not None and not trusted:
+            raise errors.BadRequest(
+                "a chat template was passed with the request, but "
+                "http.trust_request_chat_template is not set: refused", param="chat_template")
+        if template is not None and not isinstance(template, str):
+            raise errors.BadRequest("chat_template must be a string", param="chat_template")
+        return template
 
     def sampling(self) -> dict[str, Any]:
         params = super().sampling()
@@ -220,9 +256,12 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             params["logprobs"] = self.top_logprobs or 0
         return params
 
-    def inputs(self) -> list[dict[str, Any]]:
-        return [{"messages": msgspec.to_builtins(self.messages),
-                 "chat_template_kwargs": self.chat_template_kwargs or {}}]
+    def prompts(self) -> list[p.Prompt]:
+        return [p.Prompt(messages=msgspec.to_builtins(self.messages))]
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in (self.chat_template_kwargs or {}).items()
+                if k != "chat_template"}
 
 
 # ---- responses ------------------------------------------------------------------
