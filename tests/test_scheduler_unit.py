@@ -16,13 +16,21 @@ import time
 
 import pytest
 
-from wcd.daemon import errors
+from wcd.daemon import errors, scheduler
 from wcd.daemon.config import parse_settings
 from wcd.daemon.scheduler import Scheduler
 from wcd.daemon.worker_process import WorkerOptions
 from wcd.workers import protocol as p
 
 MODELS = ("a", "b")
+
+
+@pytest.fixture(autouse=True)
+def scheduler_handled_every_message(caplog):
+    """A message whose handler raised is only logged by the scheduler: fail on it."""
+    yield
+    assert not [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("scheduler: handling")]
 
 
 def run_async(test):
@@ -279,6 +287,14 @@ async def test_a_lease_cancelled_as_it_is_granted_is_given_back(tmp_path):
             await leases[0]
         await eventually(lambda: running.worker()["active"] == 0, 0.2)
         assert await running.lease_once("a") == "a"
+
+
+@run_async
+async def test_a_model_idle_past_its_keep_alive_is_unloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(scheduler, "TICK_S", 0.02)
+    async with Running(tmp_path, keep_alive=0.05) as running:
+        await eventually(lambda: running.worker()["state"] == "idle", 0.5)
+        assert running.worker()["model"] is None
 
 
 async def crash(fleet: Fleet) -> float:

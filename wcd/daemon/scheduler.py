@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[dict], None]
 StartWorker = Callable[[WorkerOptions], Awaitable[WorkerProcess]]
 RECENT_SWAPS = 20  # a status page's worth of history; older swaps are in the log
+TICK_S = 1.0  # how often keep-alives are looked at
 
 
 @dataclass
@@ -740,12 +741,12 @@ class Scheduler:
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(TICK_S)
             self._post("tick")
 
     def _on_tick(self) -> None:
         now = time.monotonic()
-        for view in policy.expired([s.view() for s in self._slots], now, self._keep_alive):
+        for view in policy.expired(self._views(), now, self._keep_alive):
             slot = self._slots[view.index]
             log.info("worker %d: %s idle past its keep-alive; unloading", slot.index, view.model)
             self._drain_then(slot, _Operation("unload", None, False, None, None))
