@@ -27,6 +27,8 @@ from aiohttp import web
 from wcd.daemon import systemd
 from wcd.daemon.config import ConfigError, Settings, find_config, load_settings
 from wcd.daemon.control import create_control_app
+from wcd.daemon.http_server import (GuardedAppRunner, connection_limits,
+                                   raise_open_file_limit)
 from wcd.daemon.openai_api import create_openai_app
 from wcd.daemon.scheduler import Scheduler
 
@@ -95,8 +97,10 @@ class Daemon:
 
     async def _serve_openai(self) -> int:
         app = create_openai_app(self.scheduler, self.scheduler.metrics, state=self.state)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=self.settings.policy.drain_timeout_s)
+        # Fixed for the server's life, like host and port: a reload keeps them.
+        limits = connection_limits(self.settings.http, raise_open_file_limit())
+        runner = GuardedAppRunner(app, limits, access_log=None, handle_signals=False,
+                                  shutdown_timeout=self.settings.policy.drain_timeout_s)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, self.settings.http.host, self.settings.http.port,
