@@ -48,10 +48,10 @@ class Notifier:
         return self._address is not None
 
     def ready(self, status: str) -> None:
-        self._notify(f"READY=1\nSTATUS={status}")
+        self._notify(f"READY=1\nSTATUS={_one_line(status)}")
 
     def status(self, text: str) -> None:
-        self._notify(f"STATUS={text}")
+        self._notify(f"STATUS={_one_line(text)}")
 
     def watchdog(self) -> None:
         self._notify("WATCHDOG=1")
@@ -82,6 +82,17 @@ class Notifier:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                            | socket.SOCK_NONBLOCK) as sock:
             sock.sendto(state.encode(), address)
+
+
+def _one_line(value: str) -> str:
+    """A field value that cannot end its line: sd_notify fields are separated
+    by newlines, so a newline in a STATUS built from model names would let the
+    name set other fields (WATCHDOG_USEC=, MAINPID=...). Every unprintable
+    character is escaped as Python writes it (\\n, \\x1b, \\u2028)."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in value)
 
 
 def watchdog_interval_s() -> float | None:

@@ -3,17 +3,28 @@ released, what decides the swap path, and reading its weights.
 
 Cheap on purpose (config.json and safetensors headers only): it runs at the
 start of every swap.
+
+Given the model root the directory must lie beneath, every file is opened
+through `wcd.paths.open_beneath`, so a directory or file replaced by a symlink
+out of the root after the daemon chose it is refused here, at every load.
+What this does not close: vLLM opens the files again by path after this check,
+so a swap of the directory between the check and vLLM's read is followed. The
+directory handed to vLLM is the real path the daemon resolved, which only
+someone who may write inside the root can replace.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from wcd.paths import OutsideRoot, check_beneath, open_beneath
 
 # config.json keys that change neither the computation graph nor any buffer
 # vLLM derives at build time, so two checkpoints that differ only in them can
@@ -42,6 +53,7 @@ class Checkpoint:
     weight_files: tuple[Path, ...]
     weights_key: str  # changes when any weight file is replaced or rewritten
     layout: str  # digest of every tensor's name, dtype and shape
+    root: str = ""  # every file must resolve beneath it ("": not checked)
 
     @property
     def architecture(self) -> str:
@@ -58,18 +70,24 @@ class Checkpoint:
     def frontend_key(self) -> str:
         """Equal keys mean the tokenizer, chat template and generation config match."""
         h = hashlib.blake2b(digest_size=16)
+        files = _Directory(self.path, self.root)
         for name in _FRONTEND_FILES:
-            file = self.path / name
-            if file.is_file():
-                h.update(name.encode())
-                h.update(file.read_bytes())
+            try:
+                with files.open(name) as f:
+                    content = f.read()
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            h.update(name.encode())
+            h.update(content)
         return h.hexdigest()
 
     def read_weights(self) -> Iterator[tuple[str, Any]]:
         """(name, CPU tensor) pairs in checkpoint format, as vLLM's loader yields."""
         from safetensors.torch import load_file
 
+        files = _Directory(self.path, self.root)
         for file in self.weight_files:
+            files.check(file.name)
             yield from load_file(file).items()
 
 
@@ -78,42 +96,102 @@ def _digest(value: Any) -> str:
                            digest_size=16).hexdigest()
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Check a model directory without loading it; raise CheckpointError."""
+def open_checkpoint(path: str | Path, root: str = "") -> Checkpoint:
+    """Check a model directory without loading it; raise CheckpointError.
+    With a `root`, the directory and every entry directly in it must resolve
+    beneath it (so the files vLLM reads besides these, tokenizer and index
+    files, are covered too), and the files read here are opened beneath it."""
     directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"model directory {directory} does not exist")
+    files = _Directory(directory, root)
+    names = files.names()
+    for name in names:
+        files.check(name)
     config_file = directory / "config.json"
-    if not config_file.is_file():
+    if "config.json" not in names:
         raise CheckpointError(f"{directory} has no config.json")
     try:
-        config = json.loads(config_file.read_text())
+        with files.open("config.json") as f:
+            config = json.loads(f.read())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file} is not a JSON object")
-    weight_files = tuple(sorted(directory.glob("*.safetensors")))
+    weight_files = tuple(sorted(directory / n for n in names if n.endswith(".safetensors")))
     if not weight_files:
         raise CheckpointError(f"{directory} has no *.safetensors weights")
-    tensors = {}
+    tensors, stats = {}, []
     for file in weight_files:
-        tensors.update(_check_safetensors(file))
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files]
-    return Checkpoint(directory, config, weight_files, _digest(stats), _digest(tensors))
+        try:
+            with files.open(file.name) as f:
+                st = os.fstat(f.fileno())
+                tensors.update(_check_safetensors(f, file, st.st_size))
+        except OSError as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
+        stats.append((file.name, st.st_size, st.st_mtime_ns))
+    return Checkpoint(directory, config, weight_files, _digest(stats), _digest(tensors), root)
 
 
-def _check_safetensors(file: Path) -> dict[str, list]:
+class _Directory:
+    """A model directory's entries, opened beneath `root` where one is given
+    ("": as plain paths)."""
+
+    def __init__(self, path: Path, root: str):
+        self.path = path
+        self.root = root
+        # Not under `root` as written: the `..` steps stay, and open_beneath refuses them.
+        self.relative = os.path.relpath(os.path.abspath(path), root) if root else ""
+
+    def names(self) -> list[str]:
+        try:
+            if not self.root:
+                return os.listdir(self.path)
+            fd = open_beneath(self.root, self.relative, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                return os.listdir(fd)
+            finally:
+                os.close(fd)
+        except OutsideRoot as exc:
+            raise self._outside(self.path) from exc
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise CheckpointError(f"model directory {self.path} does not exist") from exc
+        except OSError as exc:
+            raise CheckpointError(f"model directory {self.path} cannot be read: "
+                                  f"{exc.strerror}") from exc
+
+    def check(self, name: str) -> None:
+        """Refuse an entry that resolves outside the root; one that does not
+        resolve at all is left to whoever needs it."""
+        if not self.root:
+            return
+        try:
+            check_beneath(self.root, os.path.join(self.relative, name))
+        except OutsideRoot as exc:
+            raise self._outside(self.path / name) from exc
+        except OSError:
+            pass
+
+    def open(self, name: str) -> IO[bytes]:
+        if not self.root:
+            return (self.path / name).open("rb")
+        try:
+            return os.fdopen(open_beneath(self.root, os.path.join(self.relative, name)), "rb")
+        except OutsideRoot as exc:
+            raise self._outside(self.path / name) from exc
+
+    def _outside(self, path: Path) -> CheckpointError:
+        return CheckpointError(f"{path} lies outside the model root {self.root}")
+
+
+def _check_safetensors(f: IO[bytes], file: Path, size: int) -> dict[str, list]:
     """A safetensors file is an 8-byte header length, a JSON header, then data
     whose extent the header states: a truncated download shows here. Returns
     {tensor name: [dtype, shape]}."""
-    size = file.stat().st_size
     try:
-        with file.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise CheckpointError(f"{file} is truncated (header of {header_len} bytes)")
-            header = json.loads(f.read(header_len))
-    except (OSError, struct.error, ValueError) as exc:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise CheckpointError(f"{file} is truncated (header of {header_len} bytes)")
+        header = json.loads(f.read(header_len))
+    except (struct.error, ValueError) as exc:
         raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
               default=0)
