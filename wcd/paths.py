@@ -7,10 +7,11 @@ every file it reads relative to the root with openat2(2) and
 RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS: the kernel refuses any resolution
 (a `..`, an absolute symlink, a /proc magic link) that leaves the root, with no
 window between the check and the open. Where the kernel lacks openat2
-(before Linux 5.6, or a seccomp filter answering ENOSYS), the path is resolved
-with realpath and compared to the root instead: that leaves a window in which
-a component swapped after realpath is followed, except the last one
-(O_NOFOLLOW).
+(before Linux 5.6, or a seccomp filter refusing it: container runtimes older
+than openat2 answer ENOSYS or EPERM, which a read-only open never gives
+otherwise), the path is resolved with realpath and compared to the root
+instead: that leaves a window in which a component swapped after realpath is
+followed, except the last one (O_NOFOLLOW).
 
 Stdlib only: the daemon and the worker share it.
 """
@@ -38,7 +39,8 @@ class _OpenHow(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_openat2_missing = False  # set once the kernel said ENOSYS
+_openat2_missing = False  # set once openat2 answered ENOSYS or EPERM
+_OPENAT2_MISSING = (errno.ENOSYS, errno.EPERM)
 
 
 def within(path: str, root: str) -> bool:
@@ -57,7 +59,7 @@ def open_beneath(root: str, relative: str, flags: int = os.O_RDONLY) -> int:
         try:
             return _openat2(root_fd, relative, flags)
         except OSError as exc:
-            if exc.errno != errno.ENOSYS:
+            if exc.errno not in _OPENAT2_MISSING:
                 raise
             _openat2_missing = True
         finally:
