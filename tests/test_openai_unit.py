@@ -707,3 +707,349 @@ async def test_disconnect_mid_batch_closes_its_one_worker_stream():
     assert [len(r.prompts) for r in scheduler.worker.requests] == [3]
     assert scheduler.worker.closed_early == [scheduler.worker.requests[0].request_id]
     assert scheduler.released == 1
+
+
+# ---- limits: what one request may cost ----------------------------------------------------
+
+
+async def raw_exchange(url: str, request: bytes) -> tuple[int, dict]:
+    """Send `request` bytes as they are (what aiohttp's client would refuse to);
+    the status and the JSON body of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        answer = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def chat(**extra) -> dict:
+    return {"model": "demo", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+@pytest.mark.parametrize("body, limits, param", [
+    ({"prompt": ["a", "b", "c"]}, {"max_prompts": 2}, "prompt"),
+    ({"prompt": [[1], [2], [3]]}, {"max_prompts": 2}, "prompt"),
+    ({"prompt": ["a", "b"], "n": 3}, {"max_choices": 5}, "n"),
+    ({"prompt": "a", "n": 6}, {"max_choices": 5}, "n"),
+    # The issue's 71-byte body: 2 prompts x 16384 choices, under the default limits.
+    ({"prompt": ["a", "b"], "n": 16384}, {}, "n"),
+    ({"prompt": ["a"] * 100_000}, {}, "prompt"),
+])
+@run_async
+async def test_prompts_and_choices_over_the_limits_are_400(body, limits, param):
+    scheduler = FakeScheduler()
+    async with serve(scheduler, **limits) as url:
+        status, _, answer = await post(url, "/v1/completions", {"model": "demo", **body})
+    assert (status, answer["error"]["type"], answer["error"]["param"]) == \
+        (400, "invalid_request_error", param), answer
+    assert not scheduler.leased and not scheduler.worker.requests
+
+
+@run_async
+async def test_chat_choices_over_the_limit_are_400():
+    scheduler = FakeScheduler()
+    async with serve(scheduler, max_choices=4) as url:
+        status, _, answer = await post(url, "/v1/chat/completions", chat(n=5))
+        allowed, _, _ = await post(url, "/v1/chat/completions", chat(n=4))
+    assert (status, answer["error"]["param"], allowed) == (400, "n", 200)
+    assert len(scheduler.worker.requests) == 1
+
+
+@run_async
+async def test_prompts_and_choices_at_the_limits_are_served():
+    scheduler = FakeScheduler()
+    async with serve(scheduler, max_prompts=3, max_choices=6) as url, client(url) as api:
+        result = await api.completions.create(model="demo", prompt=["a", "b", "c"], n=2)
+    assert len(result.choices) == 6
+    assert len(scheduler.worker.requests[0].prompts) == 3
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "demo", "prompt": "hi", "stop": "x" * 2000}),
+    ("/v1/completions", {"model": "demo", "prompt": "hi",
+                         "structured_outputs": {"choice": ["y" * 100] * 20}}),
+    ("/v1/chat/completions", chat(chat_template_kwargs={"document": "z" * 2000})),
+])
+@run_async
+async def test_sampling_payload_over_the_limit_is_413(path, body):
+    """What travels with the prompts to the worker is bounded, whatever part
+    of the request it comes from."""
+    scheduler = FakeScheduler()
+    async with serve(scheduler, max_sampling_bytes=1500) as url:
+        status, _, answer = await post(url, path, body)
+    assert status == 413, answer
+    assert (answer["error"]["type"], answer["error"]["code"]) == \
+        ("invalid_request_error", "payload_too_large")
+    assert "http.max_sampling_bytes" in answer["error"]["message"]
+    assert not scheduler.leased
+
+
+@run_async
+async def test_sampling_payload_under_the_limit_is_served():
+    scheduler = FakeScheduler()
+    async with serve(scheduler, max_sampling_bytes=1500) as url:
+        status, _, _ = await post(url, "/v1/completions",
+                                  {"model": "demo", "prompt": "hi", "stop": "x" * 1000})
+    assert status == 200 and sampling_sent(scheduler)["stop"] == ["x" * 1000]
+
+
+@run_async
+async def test_sampling_is_counted_once_per_request_not_per_prompt():
+    """Prompts share one sampling dict: a batch is not refused for repeating it."""
+    scheduler = FakeScheduler()
+    async with serve(scheduler, max_sampling_bytes=1500) as url:
+        status, _, _ = await post(url, "/v1/completions", {
+            "model": "demo", "prompt": ["a"] * 20, "stop": "x" * 1000})
+    assert status == 200 and len(scheduler.worker.requests) == 1
+
+
+@run_async
+async def test_frame_over_the_worker_limit_is_413():
+    """A Generate the pipe would refuse to carry is the client's 413, and the
+    worker never sees it."""
+    too_large = p.FrameTooLarge("a Generate of 70000000 bytes exceeds the frame limit")
+    scheduler = FakeScheduler(FakeWorker(lambda request: [too_large]))
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions", {"model": "demo", "prompt": "hi"})
+    assert (status, answer["error"]["code"]) == (413, "payload_too_large")
+    assert scheduler.released == 1
+
+
+@pytest.mark.parametrize("seed", [2 ** 63, 2 ** 64, 10 ** 30, -(2 ** 63) - 1])
+@run_async
+async def test_seed_outside_int64_is_400(seed):
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions",
+                                       {"model": "demo", "prompt": "hi", "seed": seed})
+    assert (status, answer["error"]["param"]) == (400, "seed"), answer
+    assert not scheduler.leased
+
+
+@pytest.mark.parametrize("seed", [2 ** 63 - 1, -(2 ** 63)])
+@run_async
+async def test_seed_at_the_int64_bounds_passes(seed):
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, _ = await post(url, "/v1/completions",
+                                  {"model": "demo", "prompt": "hi", "seed": seed})
+    assert status == 200 and sampling_sent(scheduler)["seed"] == seed
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", '{"model": "demo", "prompt": "hi", "structured_outputs": {"json": %s}}'
+     % DEEP),
+    ("/v1/chat/completions", '{"model": "demo", "messages": [{"role": "user", "content": '
+     '"hi"}], "chat_template_kwargs": {"x": %s}}' % DEEP),
+    ("/v1/chat/completions", '{"model": "demo", "messages": [{"role": "user", "content": '
+     '"hi"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", '
+     '"schema": {"x": %s}}}}' % DEEP),
+])
+@run_async
+async def test_deeply_nested_body_is_400(path, body):
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, path, body.encode())
+        assert (status, answer["error"]["type"]) == (400, "invalid_request_error"), answer
+        assert "nested too deeply" in answer["error"]["message"]
+        after, _, _ = await post(url, "/v1/completions", {"model": "demo", "prompt": "hi"})
+    assert after == 200 and len(scheduler.leased) == 1
+
+
+# ---- API keys: who may see and use what ------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [b"\xff\xfe", b"k\xe9", b"\xc3\x28"])
+@run_async
+async def test_authorization_that_is_not_utf8_is_401(token):
+    async with serve(FakeScheduler(), keys=("k",)) as url:
+        status, answer = await raw_exchange(url, (
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + token + b"\r\n\r\n"))
+    assert (status, answer["error"]["code"]) == (401, "invalid_api_key")
+
+
+@pytest.mark.parametrize("path", ["/", "/status.json"])
+@run_async
+async def test_status_needs_a_key_unless_opened(path):
+    async with serve(FakeScheduler(), keys=("k",)) as url, aiohttp.ClientSession() as session:
+        async with session.get(url + path) as anonymous:
+            assert anonymous.status == 401
+            assert (await anonymous.json())["error"]["type"] == "authentication_error"
+        async with session.get(url + path, headers={"Authorization": "Bearer wrong"}) as wrong:
+            assert wrong.status == 401
+        async with session.get(url + path, headers={"Authorization": "Bearer k"}) as keyed:
+            assert keyed.status == 200
+    async with serve(FakeScheduler(), keys=("k",), open_status=True) as url, \
+            aiohttp.ClientSession() as session:
+        async with session.get(url + path) as opened:
+            assert opened.status == 200
+        # Opening the status opens nothing else.
+        async with session.get(url + "/v1/models") as models:
+            assert models.status == 401
+
+
+@run_async
+async def test_a_key_limited_to_models_sees_and_uses_only_those():
+    scheduler = FakeScheduler()
+    async with serve(scheduler, keys=("limited", "full"),
+                     key_models={"limited": ("alias",)}) as url:
+        async with client(url, "limited") as api:
+            listed = await api.models.list()
+            # Any spelling of an allowed model is allowed.
+            by_alias = await api.completions.create(model="alias", prompt="hi")
+            by_name = await api.models.retrieve("demo")
+            with pytest.raises(openai.NotFoundError) as used:
+                await api.completions.create(model="org/other", prompt="hi")
+            with pytest.raises(openai.NotFoundError) as chatted:
+                await api.chat.completions.create(
+                    model="org/other", messages=[{"role": "user", "content": "hi"}])
+            with pytest.raises(openai.NotFoundError) as retrieved:
+                await api.models.retrieve("org/other")
+        async with client(url, "full") as api:
+            everything = await api.models.list()
+            await api.completions.create(model="org/other", prompt="hi")
+    assert [m.id for m in listed.data] == ["demo"]
+    assert by_alias.choices and by_name.id == "demo"
+    for refused in (used, chatted, retrieved):
+        assert refused.value.body["code"] == "model_not_found"
+        assert refused.value.body["param"] == "model"
+        assert "does not exist or this API key has no access" in refused.value.body["message"]
+    assert [m.id for m in everything.data] == ["demo", "org/other"]
+    assert scheduler.leased == ["demo", "org/other"]  # the refused ones never waited
+
+
+# ---- chat templates: the operator's, not the client's ----------------------------------------
+
+
+@pytest.mark.parametrize("extra", [
+    {"chat_template": "{{ 'x' * 100000000 }}"},
+    {"chat_template_kwargs": {"chat_template": "{% for a in range(9**9) %}{% endfor %}"}},
+])
+@run_async
+async def test_request_chat_template_is_400_unless_trusted(extra):
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/chat/completions", chat(**extra))
+    assert (status, answer["error"]["param"]) == (400, "chat_template"), answer
+    assert "trust_request_chat_template" in answer["error"]["message"]
+    assert not scheduler.leased
+
+
+@pytest.mark.parametrize("extra", [
+    {"chat_template": "T", "chat_template_kwargs": {"x": 1}},
+    {"chat_template_kwargs": {"chat_template": "T", "x": 1}},
+])
+@run_async
+async def test_trusted_chat_template_travels_apart_from_the_kwargs(extra):
+    scheduler = FakeScheduler()
+    async with serve(scheduler, trust_request_chat_template=True) as url:
+        status, _, _ = await post(url, "/v1/chat/completions", chat(**extra))
+    request = scheduler.worker.requests[0]
+    assert status == 200
+    assert (request.chat_template, request.chat_template_kwargs) == ("T", {"x": 1})
+
+
+@run_async
+async def test_trusted_chat_template_counts_toward_the_sampling_payload():
+    scheduler = FakeScheduler()
+    async with serve(scheduler, trust_request_chat_template=True,
+                     max_sampling_bytes=1500) as url:
+        status, _, answer = await post(url, "/v1/chat/completions",
+                                       chat(chat_template="{{ x }}" * 300))
+    assert (status, answer["error"]["code"]) == (413, "payload_too_large")
+    assert not scheduler.leased
+
+
+@run_async
+async def test_trusted_chat_template_must_be_text():
+    async with serve(FakeScheduler(), trust_request_chat_template=True) as url:
+        status, _, answer = await post(url, "/v1/chat/completions",
+                                       chat(chat_template_kwargs={"chat_template": ["T"]}))
+    assert (status, answer["error"]["param"]) == (400, "chat_template")
+
+
+@pytest.mark.parametrize("key", sorted(p.RESERVED_CHAT_TEMPLATE_KWARGS - {"chat_template"}))
+@pytest.mark.parametrize("trusted", [False, True])
+@run_async
+async def test_reserved_chat_template_kwargs_are_400(key, trusted):
+    """apply_chat_template's own arguments are wcd's to set, trusted templates or not."""
+    scheduler = FakeScheduler()
+    async with serve(scheduler, trust_request_chat_template=trusted) as url:
+        status, _, answer = await post(url, "/v1/chat/completions",
+                                       chat(chat_template_kwargs={key: None, "x": 1}))
+    assert status == 400, answer
+    assert answer["error"]["param"] == f"chat_template_kwargs.{key}"
+    assert repr(key) in answer["error"]["message"]
+    assert not scheduler.leased
+
+
+# ---- a client that stops reading loses its stream --------------------------------------------
+
+
+def endless_large_chunks(request: p.Generate):
+    """Output far beyond what socket buffers hold, as fast as it is taken."""
+    chunk = "x" * (1 << 20)
+    for _ in range(10_000):
+        yield p.Output(request.request_id, 0, chunk, [1], 5)
+
+
+@run_async
+async def test_stream_never_read_is_cut_at_the_write_timeout():
+    scheduler = FakeScheduler(FakeWorker(endless_large_chunks))
+    async with serve(scheduler, write_timeout_s=0.5) as url:
+        host, port = url.removeprefix("http://").split(":")
+        loop = asyncio.get_running_loop()
+        with socket.socket() as reader_that_never_reads:
+            reader_that_never_reads.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader_that_never_reads.setblocking(False)
+            await loop.sock_connect(reader_that_never_reads, (host, int(port)))
+            body = json.dumps({"model": "demo", "prompt": "hi", "stream": True}).encode()
+            await loop.sock_sendall(reader_that_never_reads, (
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                b"\r\nContent-Length: %d\r\n\r\n" % len(body)) + body)
+            started = time.monotonic()
+            await asyncio.wait_for(scheduler.worker.closed.wait(), 10)
+            closed_after = time.monotonic() - started
+            # The daemon dropped the connection: what it had sent ends, then EOF.
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while data := await asyncio.wait_for(
+                        loop.sock_recv(reader_that_never_reads, 1 << 20), 5):
+                    received += len(data)
+    assert closed_after < 5, closed_after
+    assert scheduler.worker.closed_early == [scheduler.worker.requests[0].request_id]
+    assert scheduler.released == 1
+    assert received < 1000 * (1 << 20)  # cut long before the worker's output ran out
+
+
+@run_async
+async def test_slow_reader_within_the_write_timeout_gets_the_whole_stream():
+    """The deadline is per write: a reader that pauses, but less than the
+    timeout each time, is served to the end."""
+    def ten_chunks(request: p.Generate) -> list:
+        outputs = [p.Output(request.request_id, 0, "y" * (1 << 20), [1], 5) for _ in range(10)]
+        return [*outputs[:-1], msgspec.structs.replace(outputs[-1], finished=True,
+                                                       finish_reason="length")]
+
+    scheduler = FakeScheduler(FakeWorker(ten_chunks))
+    async with serve(scheduler, write_timeout_s=2.0) as url:
+        async with aiohttp.ClientSession() as session, session.post(
+                url + "/v1/completions",
+                json={"model": "demo", "prompt": "hi", "stream": True}) as response:
+            raw = b""
+            while data := await response.content.read(1 << 20):
+                raw += data
+                await asyncio.sleep(0.1)
+    events = [block.removeprefix(b"data: ") for block in raw.split(b"\n\n") if block]
+    assert events[-1] == b"[DONE]"
+    texts = [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
+    assert texts == ["y" * (1 << 20)] * 10 and not scheduler.worker.closed_early
+    assert scheduler.released == 1
