@@ -36,7 +36,7 @@ async def generate(worker: WorkerProcess, model: str, prompt: str, **sampling) -
 
 @pytest.fixture(scope="module")
 def worker(loop, demo_models):
-    worker = loop.run_until_complete(WorkerProcess.start(WorkerOptions()))
+    worker = loop.run_until_complete(WorkerProcess.start(WorkerOptions(render_timeout_s=2.0)))
     yield worker
     loop.run_until_complete(worker.stop())
 
@@ -83,6 +83,47 @@ def test_concurrent_requests_are_batched_and_correct(loop, worker, demo_models, 
     results = loop.run_until_complete(many())
     expected = [r["token_ids"] for r in reference["small-a"]["prompts"]] * 3
     assert results == expected
+
+
+def test_a_batch_is_one_request_with_one_stream(loop, worker, demo_models, reference):
+    """Its prompts share one sampling dict; each Output names its prompt, and
+    only the request's very last one says finished."""
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    request = p.Generate(f"b-{time.monotonic_ns()}", "small-a",
+                         [p.Prompt(prompt=prompt) for prompt in PROMPTS], dict(GREEDY))
+
+    async def collect():
+        return [out async for out in worker.generate(request)]
+
+    outputs = loop.run_until_complete(collect())
+    tokens = {i: [t for out in outputs if out.prompt_index == i for t in out.token_ids]
+              for i in range(len(PROMPTS))}
+    assert tokens == {i: r["token_ids"] for i, r in enumerate(reference["small-a"]["prompts"])}
+    assert [out.finished for out in outputs] == [False] * (len(outputs) - 1) + [True]
+
+
+# Runs for ~10^10 iterations: only the render watchdog ends it.
+SLOW_TEMPLATE = "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}"
+
+
+def test_a_runaway_request_template_is_interrupted(loop, worker, demo_models):
+    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    pid = worker.pid
+    request = p.Generate(f"s-{time.monotonic_ns()}", "small-a",
+                         [p.Prompt(messages=[{"role": "user", "content": "hi"}])], dict(GREEDY),
+                         chat_template=SLOW_TEMPLATE)
+
+    async def collect():
+        return [out async for out in worker.generate(request)]
+
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as raised:
+        loop.run_until_complete(collect())
+    assert raised.value.error.kind == p.BAD_ARGS
+    assert "render_timeout" in raised.value.error.message
+    assert time.monotonic() - started < 10  # 2 s limit, and a poll
+    assert worker.pid == pid and serving(loop, worker) == "small-a"
+    assert loop.run_until_complete(generate(worker, "small-a", "hello"))
 
 
 def test_swap_drains_in_flight_requests_first(loop, worker, demo_models):

@@ -50,9 +50,11 @@ class Watchdog:
             self._current = (kind, time.monotonic(), token)
         try:
             yield
-        except BaseException as exc:
-            if self._leave(token) and not isinstance(exc, RenderTimeout):
-                raise self._timeout() from exc  # a handler on the way re-raised it as another
+        except BaseException:
+            # Interrupted: the bare RenderTimeout sent, or whatever a handler on
+            # the way made of it, becomes one that says why.
+            if self._leave(token):
+                raise self._timeout() from None
             raise
         else:
             if self._leave(token):
