@@ -391,8 +391,6 @@ def _api_key(value: object) -> tuple[str, tuple[str, ...]]:
     models = _at(".models", _list_of(_text), value.get("models") or [])
     return key, models
 
-    return parse
-
 
 def _parse_workers(top: _Reader, name: str) -> tuple[WorkerSettings, ...]:
     entries = top.get(name, _list, None)

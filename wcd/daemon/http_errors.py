@@ -29,6 +29,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.status == 413:  # aiohttp's client_max_size: http.max_body_bytes
+            return error_response(errors.PayloadTooLarge(
+                f"the request body is too large: {exc.text} (http.max_body_bytes)"))
         kind = errors.ModelNotFound if exc.status == 404 else errors.BadRequest
         error = kind(exc.reason)
         error.status = exc.status

@@ -253,8 +253,13 @@ class _Api:
         """The canonical name of `model`, which the request's key must be
         allowed; to a key that is not, the model does not exist (as OpenAI
         answers)."""
-        name = self.scheduler.resolve_name(model)
         allowed = self._allowed(request)
+        try:
+            name = self.scheduler.resolve_name(model)
+        except errors.ModelNotFound:
+            if allowed is None:
+                raise
+            name = None  # a limited key gets one answer, whether the model exists or not
         if allowed is not None and name not in allowed:
             raise errors.ModelNotFound(f"the model {model!r} does not exist or this API key "
                                        "has no access to it", param="model")
@@ -357,7 +362,7 @@ async def _stream(request: web.Request, job: _Job, fmt: _Format,
     try:
         await _send_events(sink, job, fmt, first, outputs)
     except ClientStalled:
-        log.warning("%s: client read nothing for %.0f s; aborting", job.id, write_timeout)
+        log.warning("%s: client read nothing for %g s; aborting", job.id, write_timeout)
         # The unsent bytes would wait for the client forever: drop the connection.
         if request.transport is not None:
             request.transport.abort()
