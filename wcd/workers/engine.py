@@ -157,7 +157,7 @@ class EngineHost:
 
     def resolve(self, spec: p.ModelSpec) -> Plan:
         try:
-            checkpoint = open_checkpoint(spec.path)
+            checkpoint = open_checkpoint(spec.path, spec.root)
         except CheckpointError as exc:
             raise ModelError(p.BAD_MODEL, f"{spec.name}: {exc}") from exc
         engine_args = dict(spec.engine_args)
@@ -351,7 +351,8 @@ class EngineHost:
         """Every rank reads the checkpoint (from the page cache after the
         first) rather than every tensor crossing the leader's pipe to each
         follower: 5 s for 1.43 GB that way on the H100s."""
-        engine.collective_rpc(_reload_from_files, args=(str(plan.checkpoint.path),))
+        engine.collective_rpc(_reload_from_files,
+                              args=(str(plan.checkpoint.path), plan.checkpoint.root))
 
     @staticmethod
     def _warm(engine: LLMEngine) -> None:
@@ -623,10 +624,10 @@ def _logprobs(completion) -> list[dict[str, Any]] | None:
     return entries
 
 
-def _reload_from_files(worker, path: str) -> None:
+def _reload_from_files(worker, path: str, root: str) -> None:
     """Runs in each rank of a group (sent by reference: every rank imports
     this module)."""
-    worker.reload_weights(weights_iterator=open_checkpoint(path).read_weights(),
+    worker.reload_weights(weights_iterator=open_checkpoint(path, root).read_weights(),
                           is_checkpoint_format=True)
 
 

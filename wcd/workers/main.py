@@ -292,7 +292,7 @@ def _weights_key(spec: p.ModelSpec) -> str | None:
     from wcd.workers.checkpoint import CheckpointError, open_checkpoint
 
     try:
-        return open_checkpoint(spec.path).weights_key
+        return open_checkpoint(spec.path, spec.root).weights_key
     except CheckpointError:
         return None
 
