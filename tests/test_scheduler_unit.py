@@ -190,7 +190,7 @@ async def test_min_resident_keeps_a_fresh_model_from_requests_but_not_from_wcctl
         started = time.monotonic()
         with pytest.raises(errors.Unavailable) as refused:
             await running.lease_once("b")
-        assert 0.2 <= time.monotonic() - started < 0.5
+        assert 0.19 <= time.monotonic() - started < 0.5
         assert refused.value.status == 503 and refused.value.retry_after_s > 0
         assert running.fleet.swaps == ["a"] and running.worker()["model"] == "a"
         done = await running.scheduler.operate("swap", "b")
