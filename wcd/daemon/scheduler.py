@@ -632,14 +632,17 @@ class Scheduler:
     async def _start_worker(self, slot: _Slot, incarnation: int, delay: float = 0.0) -> None:
         await asyncio.sleep(delay)
         settings = slot.settings
+        policy_ = self.settings.policy
         options = WorkerOptions(index=slot.index, device=settings.kind,
                                 cuda_devices=settings.cuda_indices,
                                 tensor_parallel_size=settings.tensor_parallel_size,
-                                ready_timeout_s=self.settings.policy.worker_ready_timeout_s,
-                                host_cache_bytes=self.settings.policy.host_cache_bytes,
-                                max_parked=self.settings.policy.max_parked,
-                                park_min_free_bytes=self.settings.policy.park_min_free_bytes,
-                                stop_timeout_s=self.settings.policy.stop_timeout_s,
+                                ready_timeout_s=policy_.worker_ready_timeout_s,
+                                host_cache_bytes=policy_.host_cache_bytes,
+                                max_parked=policy_.max_parked,
+                                park_min_free_bytes=policy_.park_min_free_bytes,
+                                stop_timeout_s=policy_.stop_timeout_s,
+                                render_timeout_s=policy_.render_timeout_s,
+                                step_timeout_s=policy_.step_timeout_s,
                                 env=self._worker_env)
         try:
             worker = await self._start_worker_process(options)
