@@ -43,9 +43,11 @@ from wcd.daemon.config import HttpSettings
 
 log = logging.getLogger("wcd.http")
 
-# File descriptors kept for everything but client connections: listening and
-# control sockets, wcctl connections, worker pipes, logs, /proc reads.
-RESERVED_FDS = 128
+# File descriptors kept below the open-file limit: the loop may accept a whole
+# listen backlog (aiohttp's TCPSite: 128) before the guard sees one of them
+# and closes older ones, and at EMFILE nothing is accepted, /health included.
+# Plus the daemon's own: control socket, wcctl connections, worker pipes, logs.
+RESERVED_FDS = 128 + 128
 
 
 @dataclass(frozen=True)
