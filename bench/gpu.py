@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def run_sleep(models: Path) -> dict:
 
 class Wcd:
     def __init__(self, directory: Path, models: Path, workers: list | None = None,
-                 defaults: dict | None = None, **policy):
+                 defaults: dict | None = None, http: dict | None = None, **policy):
         directory.mkdir(parents=True, exist_ok=True)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -147,7 +148,7 @@ class Wcd:
         self.socket = str(directory / "control.sock")
         config = {
             "control": {"socket": self.socket},
-            "http": {"host": "127.0.0.1", "port": self.port},
+            "http": {"host": "127.0.0.1", "port": self.port, **(http or {})},
             "workers": workers or [{"device": "cuda:0"}],
             "model_roots": [str(models)],
             "defaults": defaults or ENGINE_ARGS,
@@ -196,13 +197,19 @@ class Wcd:
         raise RuntimeError(f"{model} never served:\n{self.tail()}")
 
     def complete(self, model: str) -> str:
-        body = json.dumps({"model": model, "prompt": "hello world", "max_tokens": 16,
-                           "temperature": 0}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions",
-                                         data=body,
+        return self.post("/v1/completions", {"model": model, "prompt": "hello world",
+                                             "max_tokens": 16, "temperature": 0}
+                         )[1]["choices"][0]["text"]
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
+                                         data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=600) as response:
-            return json.load(response)["choices"][0]["text"]
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
 
     def device_bytes(self) -> int:
         time.sleep(1.2)  # one health ping, which carries the figure
@@ -278,6 +285,73 @@ def run_wcd(models: Path, out: Path) -> dict:
         result["device_bytes_after_unload"] = wcd.device_bytes()
         result["worker"] = wcd.worker()
     return result
+
+
+# ---- hostile clients (issue 13) on CUDA ---------------------------------------------
+
+RUNAWAY_TEMPLATE = "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}"
+
+
+def run_hostile(models: Path, out: Path) -> dict:
+    """The worker-side defences on a CUDA worker: a batch is one request whose
+    choices equal the prompts' own answers; a runaway request template is
+    interrupted (render_timeout 2 s); a stream nobody reads loses its lease
+    (write_timeout 2 s). The worker process stays the same throughout."""
+    result: dict = {"failures": []}
+    wcd = Wcd(out / "wcd-hostile", models,
+              http={"trust_request_chat_template": True, "write_timeout": "2s"},
+              render_timeout="2s", min_resident=0)
+    with daemon_part(wcd, result, "hostile"):
+        pid = wcd.wait_serving(SAME[0])["pid"]
+        greedy = {"model": SAME[0], "max_tokens": 8, "temperature": 0}
+        prompts = ["hello world", "the quick brown fox", "tell me a story"]
+        alone = [wcd.post("/v1/completions", {**greedy, "prompt": p})[1]["choices"][0]["text"]
+                 for p in prompts]
+        started = time.perf_counter()
+        status, batch = wcd.post("/v1/completions", {**greedy, "prompt": prompts})
+        result["batch"] = {"status": status, "seconds": time.perf_counter() - started,
+                           "choices": len(batch.get("choices", []))}
+        texts = [c["text"] for c in batch.get("choices", [])]
+        if texts != alone:
+            result["failures"].append(f"batch answers {texts} differ from alone {alone}")
+        started = time.perf_counter()
+        status, reply = wcd.post("/v1/chat/completions", {
+            "model": SAME[0], "chat_template": RUNAWAY_TEMPLATE,
+            "messages": [{"role": "user", "content": "hi"}]})
+        result["runaway_template"] = {"status": status,
+                                      "seconds": time.perf_counter() - started,
+                                      "message": reply.get("error", {}).get("message")}
+        if status != 400:
+            result["failures"].append(f"runaway template answered {status}")
+        result["unread_stream_s"] = _unread_stream(wcd)
+        after = wcd.worker()
+        result["worker_after"] = {"pid": after["pid"], "restarts": after["restarts"]}
+        if after["pid"] != pid or after["restarts"]:
+            result["failures"].append("the worker restarted")
+        if wcd.complete(SAME[0]) != wcd.complete(SAME[0]):
+            result["failures"].append("greedy answers differ after the attacks")
+        log("hostile:", {k: v for k, v in result.items() if k != "failures"},
+            "failures:", result["failures"])
+    return result
+
+
+def _unread_stream(wcd: Wcd) -> float:
+    """Seconds from a never-read stream's start until the worker runs nothing."""
+    body = json.dumps({"model": SAME[0], "prompt": "hello", "max_tokens": 900, "n": 8,
+                       "logprobs": 5, "stream": True, "ignore_eos": True}).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", wcd.port))
+        started = time.perf_counter()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        time.sleep(1)
+        while (view := wcd.worker())["active"] or view["running"]:
+            if time.perf_counter() - started > 120:
+                return float("inf")
+            time.sleep(0.2)
+        return time.perf_counter() - started
 
 
 # ---- parked engines -------------------------------------------------------------------
@@ -623,7 +697,8 @@ def main() -> int:
                "sleep": lambda: run_sleep(args.models),
                "throughput": lambda: run_throughput(args.models, args.out),
                "parked": lambda: run_parked(args.models, args.out),
-               "tp": lambda: run_tp(args.models, args.out)}
+               "tp": lambda: run_tp(args.models, args.out),
+               "hostile": lambda: run_hostile(args.models, args.out)}
     for part in args.parts.split(","):
         result = runners[part]()
         result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
