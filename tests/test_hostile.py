@@ -27,6 +27,7 @@ pytestmark = pytest.mark.vllm
 
 KEY = "hostile-test-key"
 LIMITED_KEY = "limited-key"  # may use small-a only
+ENV_KEY = "key-from-the-environment"
 MB = 1 << 20
 HOSTILE_MODELS = ["../../etc/passwd", "/etc/passwd", "small-a/../../../etc", "small-a\x00",
                   "", "x" * 5000, "models--a--b", "small-a", "wide-a", "SMALL-A", "%2e%2e%2f",
@@ -90,7 +91,8 @@ def daemon(tmp_path_factory, demo_models):
     policy = {"health_interval": "250ms", "health_timeout": "5s", "drain_timeout": "20s",
               "restart_backoff_min": "0.5s", "queue_wait": "120s", "host_cache_bytes": 64 << 20,
               "min_resident": "5s", "render_timeout": "2s"}
-    with serving(directory, demo_models, http=http, policy=policy) as daemon:
+    with serving(directory, demo_models, env={"WCD_API_KEYS": ENV_KEY}, http=http,
+                 policy=policy) as daemon:
         yield daemon
 
 
@@ -355,6 +357,14 @@ def test_odd_credentials_and_numbers_get_4xx(daemon):
     assert status == 401, reply
     status, reply = complete(daemon, {"model": "small-a", "prompt": "x", "seed": 2 ** 63})
     assert error_of(status, reply)[0] == 400
+
+
+def test_the_api_keys_stay_out_of_the_workers(daemon):
+    assert complete(daemon, {"model": "small-a", "prompt": "x", "max_tokens": 1},
+                    key=ENV_KEY)[0] == 200
+    with open(f"/proc/{the_worker(daemon)['pid']}/environ", "rb") as f:
+        environ = f.read()
+    assert b"WCD_API_KEYS" not in environ and ENV_KEY.encode() not in environ
 
 
 def test_the_status_page_needs_the_key(daemon):
