@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import socket
 import statistics
 import threading
@@ -301,6 +303,30 @@ def test_requests_that_give_up_leave_no_swap_behind(daemon):
     assert status == 200 and time.monotonic() - started < 5
     assert stream.read().rstrip().endswith(b"data: [DONE]")
     assert len(daemon.json("status")["recent_swaps"]) == swaps
+    assert the_worker(daemon)["model"] == "small-a"
+
+
+@pytest.fixture
+def escaping_model(demo_models, tmp_path):
+    """A model directory under the root whose config.json links to a file
+    outside it: the daemon's realpath check passes the directory, so only the
+    worker's check beneath the root (openat2) stands between it and the file."""
+    directory = demo_models / f"escape-{os.getpid()}"
+    shutil.copytree(demo_models / "small-b", directory)
+    outside = tmp_path / "config.json"
+    (directory / "config.json").rename(outside)
+    (directory / "config.json").symlink_to(outside)
+    try:
+        yield directory.name
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_a_file_linked_out_of_the_root_is_never_loaded(daemon, escaping_model):
+    done = daemon.wcctl("swap", escaping_model)
+    assert done.returncode != 0 and "root" in done.stderr, done.stderr
+    status, reply = complete(daemon, {"model": escaping_model, "prompt": "x", "max_tokens": 1})
+    assert error_of(status, reply)[0] == 422
     assert the_worker(daemon)["model"] == "small-a"
 
 
