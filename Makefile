@@ -55,3 +55,4 @@ bench: venv models
 	$(PY) bench/serve.py $(BENCH_ARGS)
 	$(PY) bench/soak.py $(BENCH_ARGS)
 	$(PY) bench/tp.py
+	$(PY) bench/hostile.py
