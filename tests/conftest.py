@@ -1,5 +1,6 @@
 """Shared fixtures: demo models, the engine args every test uses, and vLLM's
-own offline output for comparison (tests/vllm_reference.py, cached by input)."""
+own offline output for comparison (tests/vllm_reference.py, kept in
+tests/reference/ by input)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
-CACHE = ROOT / ".cache" / "reference"
+# vLLM's own outputs, committed: generating them takes minutes of a fresh clone's CI.
+REFERENCE = ROOT / "tests" / "reference"
+# Settings of the reference runs that change vLLM's numbers on CPU.
+REFERENCE_ENV = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND")
 DEMO_MODELS = ("small-a", "small-b", "wide-a")
 # The demo engine args (etc/wcd.yaml's defaults): small KV cache, 2-core box.
 ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 512, "max_num_batched_tokens": 512,
@@ -47,38 +52,57 @@ def reference(demo_models) -> dict:
 
 
 def run_reference(spec: dict) -> dict:
-    key = hashlib.sha256(json.dumps([spec, _files_stamp(spec)], sort_keys=True).encode())
-    cached = CACHE / f"{key.hexdigest()[:24]}.json"
+    """vLLM's own outputs for `spec`, from tests/reference/ when that holds
+    them for this vLLM, these model files (by content: the demo models are
+    the same bytes wherever they are generated) and these thread settings;
+    else generated (minutes) and kept there, to be committed."""
+    cached = REFERENCE / f"{_reference_key(spec)}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    CACHE.mkdir(parents=True, exist_ok=True)
-    spec_file = cached.with_suffix(".spec")
-    spec_file.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_reference.py"),
-                           str(spec_file)], capture_output=True, text=True, env=env,
-                          timeout=900, cwd=ROOT)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as spec_file:
+        json.dump(spec, spec_file)
+        spec_file.flush()
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        done = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_reference.py"),
+                               spec_file.name], capture_output=True, text=True, env=env,
+                              timeout=900, cwd=ROOT)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WCD-REFERENCE ")),
                 None)
     assert line, f"vLLM reference run failed:\n{done.stderr[-4000:]}"
-    cached.write_text(line.split(" ", 1)[1])
+    REFERENCE.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(json.loads(line.split(" ", 1)[1]), indent=1) + "\n")
     return json.loads(cached.read_text())
 
 
-def _files_stamp(spec: dict) -> list:
-    """Regenerated models or another vLLM make the cached reference stale."""
+def _reference_key(spec: dict) -> str:
+    """What the outputs depend on, independent of where the checkout is."""
+    portable = {**spec, "models": {
+        name: {**model, "path": Path(model["path"]).name} for name, model in
+        spec["models"].items()}}
+    stamp = [portable, _vllm_versions(),
+             {name: _content_digest(Path(model["path"])) for name, model in
+              spec["models"].items()},
+             {name: os.environ.get(name) for name in REFERENCE_ENV}]
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _vllm_versions() -> list[str]:
     from importlib import metadata
 
     versions = []
     for dist in ("vllm-cpu", "vllm"):
         try:
-            versions.append(metadata.version(dist))
+            versions.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             pass
-    files = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                   for model in spec["models"].values()
-                   for f in Path(model["path"]).iterdir() if f.is_file())
-    return [versions, files]
+    return versions
+
+
+def _content_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(f for f in directory.iterdir() if f.is_file()):
+        digest.update(file.name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
