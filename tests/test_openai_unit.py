@@ -26,6 +26,7 @@ from aiohttp import web
 
 from wcd.daemon import errors
 from wcd.daemon.config import HttpSettings
+from wcd.daemon.metrics import Metrics
 from wcd.daemon.openai_api import create_openai_app, openapi_document
 from wcd.daemon.worker_process import WorkerError, WorkerGone
 from wcd.workers import protocol as p
@@ -1004,7 +1005,8 @@ def endless_large_chunks(request: p.Generate):
 @run_async
 async def test_stream_never_read_is_cut_at_the_write_timeout():
     scheduler = FakeScheduler(FakeWorker(endless_large_chunks))
-    async with serve(scheduler, write_timeout_s=0.5) as url:
+    metrics = Metrics()
+    async with serve(scheduler, metrics=metrics, write_timeout_s=0.5) as url:
         host, port = url.removeprefix("http://").split(":")
         loop = asyncio.get_running_loop()
         with socket.socket() as reader_that_never_reads:
@@ -1028,6 +1030,7 @@ async def test_stream_never_read_is_cut_at_the_write_timeout():
     assert scheduler.worker.closed_early == [scheduler.worker.requests[0].request_id]
     assert scheduler.released == 1
     assert received < 1000 * (1 << 20)  # cut long before the worker's output ran out
+    assert metrics.requests.labels("demo", "stalled")._value.get() == 1
 
 
 @run_async

@@ -86,6 +86,9 @@ class RequestTimer:
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
         self.model = UNRESOLVED
+        # A stream that ended early without an error the handler saw: its
+        # client stopped reading ("stalled") or went away ("client_gone").
+        self.stream_end: str | None = None
         self.started = time.perf_counter()
         self.last: float | None = None
         self.prompt_tokens: dict[int, int] = {}

@@ -282,7 +282,7 @@ class _Api:
         except BaseException:
             timer.finish("500")
             raise
-        timer.finish("200")
+        timer.finish(timer.stream_end or "200")
         return response
 
     async def _serve(self, request: web.Request, job: _Job, fmt: _Format,
@@ -292,7 +292,7 @@ class _Api:
             timer.model = lease.model
             if job.stream:
                 write_timeout = self.scheduler.settings.http.write_timeout_s
-                return await _stream(request, job, fmt, outputs, write_timeout)
+                return await _stream(request, job, fmt, outputs, write_timeout, timer)
             tally = _Tally(job.n)
             async for output in outputs:
                 tally.add(output)
@@ -375,7 +375,8 @@ class ClientStalled(ConnectionError):
 
 
 async def _stream(request: web.Request, job: _Job, fmt: _Format,
-                  outputs: AsyncIterator[p.Output], write_timeout: float) -> web.StreamResponse:
+                  outputs: AsyncIterator[p.Output], write_timeout: float,
+                  timer: RequestTimer) -> web.StreamResponse:
     # Wait for the worker to accept the request before sending a byte, so one it
     # refuses (bad sampling parameters) still gets its HTTP status.
     first = await anext(outputs, None)
@@ -385,11 +386,13 @@ async def _stream(request: web.Request, job: _Job, fmt: _Format,
     try:
         await _send_events(sink, job, fmt, first, outputs)
     except ClientStalled:
+        timer.stream_end = "stalled"
         log.warning("%s: client read nothing for %g s; aborting", job.id, write_timeout)
         # The unsent bytes would wait for the client forever: drop the connection.
         if request.transport is not None:
             request.transport.abort()
     except ConnectionError:
+        timer.stream_end = "client_gone"
         log.info("%s: client went away mid-stream; aborting", job.id)
     return response
 
