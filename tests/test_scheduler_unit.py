@@ -316,3 +316,67 @@ async def test_restart_backoff_is_the_minimum_again_after_a_healthy_period(tmp_p
         await asyncio.sleep(0.15)  # up longer than restart_backoff_reset
         assert await crash(running.fleet) < 0.08
         assert running.worker()["restarts"] == 5
+
+
+# ---- failures of the daemon's own never leave a slot stuck ------------------------------
+
+
+@run_async
+async def test_a_swap_that_fails_in_the_daemon_restarts_the_worker_with_its_model(tmp_path):
+    """Not a failure the worker reported: an exception in the daemon's own
+    call. The operation's caller gets an error at once, and the worker, whose
+    state is then unknown, comes back serving what it served."""
+    async with Running(tmp_path, restart_backoff_min=0.01) as running:
+        first = running.fleet.workers[0]
+
+        async def broken_swap(*args, **kwargs):
+            raise RuntimeError("a bug in the daemon")
+
+        first.swap = broken_swap
+        with pytest.raises(errors.WorkerFailed):
+            await asyncio.wait_for(running.scheduler.operate("swap", "b"), 1)
+        assert first.process.code == -9  # killed, not left swapping
+        await eventually(lambda: len(running.fleet.workers) == 2
+                         and running.worker()["state"] == "serving")
+        assert running.worker()["model"] == "a" and running.fleet.swaps[-1] == "a"
+
+
+@run_async
+async def test_a_worker_that_fails_to_start_in_an_unexpected_way_is_started_again(tmp_path):
+    running = Running(tmp_path, restart_backoff_min=0.01)
+    start = running.fleet.__call__
+    calls = []
+
+    async def flaky(options):
+        calls.append(options)
+        if len(calls) == 1:
+            raise ValueError("not one of the errors a start is expected to raise")
+        return await start(options)
+
+    running.scheduler._start_worker_process = flaky
+    await running.scheduler.start()
+    try:
+        await eventually(lambda: running.worker()["state"] == "serving")
+        assert len(calls) == 2 and running.worker()["model"] == "a"
+    finally:
+        await running.scheduler.stop()
+
+
+@run_async
+async def test_health_reports_are_applied_by_the_owner_for_the_current_worker_only(tmp_path):
+    async with Running(tmp_path, health_interval=0.01, restart_backoff_min=0.01) as running:
+        worker = running.fleet.workers[0]
+
+        async def ping(timeout_s: float) -> p.Pong:
+            return p.Pong(0, worker.model, None, running=3,
+                          parked=[p.CachedModel("b", 7)], device_bytes=11)
+
+        worker.ping = ping
+        await eventually(lambda: running.worker()["running"] == 3)
+        assert running.worker()["device_bytes"] == 11
+        worker.process.exit(1)
+        await eventually(lambda: len(running.fleet.workers) == 2)
+        # The dead worker's figures went with it; the new one reports its own.
+        await eventually(lambda: running.worker()["running"] == 0
+                         and running.worker()["state"] == "serving")
+        assert running.worker()["device_bytes"] == 0

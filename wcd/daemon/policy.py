@@ -7,9 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # Worker slot states, as the scheduler keeps them.
-STARTING, IDLE, SERVING, DRAINING, SWAPPING, RESTARTING, FAILED = (
-    "starting", "idle", "serving", "draining", "swapping", "restarting", "failed")
-BUSY_STATES = (STARTING, DRAINING, SWAPPING, RESTARTING, FAILED)
+STARTING, IDLE, SERVING, DRAINING, SWAPPING, RESTARTING = (
+    "starting", "idle", "serving", "draining", "swapping", "restarting")
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class SlotView:
 def serving_slot(slots: Sequence[SlotView], model: str) -> SlotView | None:
     """The slot that serves `model` or is bringing it in (swapping to it, or
     draining its current model to swap to it)."""
-    return next((s for s in slots if s.state not in (RESTARTING, FAILED) and (
+    return next((s for s in slots if s.state != RESTARTING and (
         s.incoming == model if s.state == DRAINING else s.model == model)), None)
 
 

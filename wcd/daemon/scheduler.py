@@ -30,8 +30,8 @@ from wcd.daemon import errors, policy
 from wcd.daemon.catalog import Catalog, ModelEntry
 from wcd.daemon.config import Settings, WorkerSettings
 from wcd.daemon.metrics import Metrics
-from wcd.daemon.policy import (DRAINING, FAILED, IDLE, RESTARTING, SERVING, STARTING,
-                               SWAPPING, SlotView)
+from wcd.daemon.policy import (DRAINING, IDLE, RESTARTING, SERVING, STARTING, SWAPPING,
+                               SlotView)
 from wcd.daemon.worker_process import WorkerError, WorkerGone, WorkerOptions, WorkerProcess
 from wcd.workers import protocol as p
 
@@ -87,6 +87,7 @@ class _Slot:
     last_used: float = 0.0
     loaded_at: float = 0.0  # when the served model's swap finished
     restarts: int = 0  # over the daemon's life
+    preloaded: bool = False  # its preload was asked for (once: later starts restore)
     failures: int = 0  # deaths in a row, for the restart backoff
     up_since: float | None = None  # when the worker became ready
     incarnation: int = 0
@@ -266,7 +267,7 @@ class Scheduler:
         return views
 
     def status_line(self) -> str:
-        ready = sum(s.state not in (STARTING, RESTARTING, FAILED) for s in self._slots)
+        ready = sum(s.state not in (STARTING, RESTARTING) for s in self._slots)
         serving = ", ".join(s.model.name for s in self._slots
                             if s.model is not None and s.state == SERVING) or "nothing"
         return f"workers {ready}/{len(self._slots)} ready; serving {serving}"
@@ -310,6 +311,7 @@ class Scheduler:
             "worker_started": self._on_worker_started, "worker_died": self._on_worker_died,
             "drain_timeout": self._on_drain_timeout, "tick": self._on_tick,
             "waiter_gone": self._on_waiter_gone, "wake": lambda: None,
+            "health": self._on_health,
             "reload": self._on_reload, "stop": self._on_stop,
         }
         while True:
@@ -354,7 +356,7 @@ class Scheduler:
                                          "path": "noop", "phases": {}, "total_s": 0.0})
                 return
         else:
-            slot = self._slot_for(entry, worker, kind) or self._busy_slot()
+            slot = self._slot_for(entry, worker, kind) or self._busy_slot(entry)
             if slot is None:
                 _fail(future, errors.Conflict("every worker already has a swap waiting; "
                                               "try again shortly"))
@@ -377,10 +379,12 @@ class Scheduler:
             _fail(future, errors.Conflict(f"worker {slot.index} is {slot.state} with "
                                           "another operation waiting; try again shortly"))
 
-    def _busy_slot(self) -> _Slot | None:
-        """A slot that cannot take an operation now but can queue one."""
+    def _busy_slot(self, entry: ModelEntry) -> _Slot | None:
+        """A slot that cannot take an operation now but can queue one, and
+        serves the model's tensor-parallel size."""
         return next((s for s in self._slots if s.state in (STARTING, RESTARTING, DRAINING,
                                                             SWAPPING)
+                     and entry.tensor_parallel_size in s.settings.serves
                      and s.deferred_op is None), None)
 
     def _slot_for(self, entry: ModelEntry, worker: int | None, kind: str) -> _Slot | None:
@@ -444,6 +448,16 @@ class Scheduler:
                                              force=op.force, on_phase=on_phase)
         except WorkerError as exc:
             self._post("op_finished", slot.index, incarnation, op, None, exc, previous)
+            return
+        except Exception as exc:
+            # A failure of the daemon's own: what the worker serves now is
+            # unknown, so it restarts and brings back what served before. The
+            # op's caller hears at once; the slot is never left swapping.
+            log.exception("worker %d: the %s failed in the daemon; restarting the worker",
+                          slot.index, op.kind)
+            await worker.kill()
+            gone = WorkerGone(p.ErrorInfo(p.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            self._post("op_finished", slot.index, incarnation, op, None, gone, previous)
             return
         phases = dict(result.phases)
         phases["drain"] = phases.get("drain", 0.0) + drained
@@ -646,8 +660,8 @@ class Scheduler:
                                 env=self._worker_env)
         try:
             worker = await self._start_worker_process(options)
-        except (WorkerGone, asyncio.TimeoutError, OSError) as exc:
-            log.error("worker %d failed to start: %s", slot.index, exc)
+        except Exception as exc:  # whatever it was, the slot must not stay starting
+            log.error("worker %d failed to start: %s: %s", slot.index, type(exc).__name__, exc)
             self._post("worker_died", slot.index, incarnation, None)
             return
         self._post("worker_started", slot.index, incarnation, worker)
@@ -665,6 +679,7 @@ class Scheduler:
         self._spawn(self._watch(slot, incarnation, worker), f"watch-worker-{index}")
         restore = slot.restore or self._preload_for(slot)
         slot.restore = None
+        slot.preloaded = True
         op, slot.deferred_op = slot.deferred_op, None
         if op is None and restore is not None:
             op = _Operation("swap", restore, False, None, None)
@@ -672,8 +687,9 @@ class Scheduler:
             self._drain_then(slot, op)
 
     def _preload_for(self, slot: _Slot) -> ModelEntry | None:
-        """Preloads go one per worker, in order, on the workers' first start."""
-        if slot.restarts or slot.index >= len(self.settings.preload):
+        """Preloads go one per worker, in order, at the first start that
+        succeeds (a worker that failed to start still gets its preload)."""
+        if slot.preloaded or slot.index >= len(self.settings.preload):
             return None
         try:
             return self.catalog.resolve(self.settings.preload[slot.index])
@@ -691,10 +707,8 @@ class Scheduler:
                     break
                 try:
                     pong = await worker.ping(policy_.health_timeout_s)
-                    slot.running = pong.running
-                    slot.cached = {c.name: c.bytes for c in pong.cached}
-                    slot.parked = {c.name: c.bytes for c in pong.parked}
-                    slot.device_bytes = pong.device_bytes
+                    # The owner applies it: what is parked where gates placement.
+                    self._post("health", slot.index, incarnation, pong)
                 except asyncio.TimeoutError:
                     log.error("worker %d (pid %s) did not answer a ping in %.0f s; killing it",
                               slot.index, worker.pid, policy_.health_timeout_s)
@@ -705,6 +719,15 @@ class Scheduler:
         finally:
             exited.cancel()
         self._post("worker_died", slot.index, incarnation, code)
+
+    def _on_health(self, index: int, incarnation: int, pong: p.Pong) -> None:
+        slot = self._slots[index]
+        if slot.incarnation != incarnation:
+            return  # about a worker that has since been replaced
+        slot.running = pong.running
+        slot.cached = {c.name: c.bytes for c in pong.cached}
+        slot.parked = {c.name: c.bytes for c in pong.parked}
+        slot.device_bytes = pong.device_bytes
 
     def _on_worker_died(self, index: int, incarnation: int, code: int | None) -> None:
         slot = self._slots[index]
@@ -734,8 +757,9 @@ class Scheduler:
         slot.state = RESTARTING
         slot.model = None
         slot.active = slot.running = 0
-        slot.cached = {}  # the cache and parked engines died with the process
+        slot.cached = {}  # the cache, parked engines and device memory died with the process
         slot.parked = {}
+        slot.device_bytes = 0
         slot.worker = None
         slot.up_since = None
         self._spawn(self._start_worker(slot, slot.incarnation, delay), f"restart-worker-{index}")
