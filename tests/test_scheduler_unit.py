@@ -109,14 +109,14 @@ class Fleet:
         return worker
 
 
-def make_settings(tmp_path, preload=("a",), **policy):
+def make_settings(tmp_path, preload=("a",), workers=({"device": "cpu"},), **policy):
     root = tmp_path / "models"
     for name in MODELS:
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name / "config.json").write_text("{}")
     policy = {"min_resident": 0, "queue_wait": 2, "drain_timeout": 10,
               "health_interval": 10, **policy}
-    return parse_settings({"workers": [{"device": "cpu"}], "model_roots": [str(root)],
+    return parse_settings({"workers": list(workers), "model_roots": [str(root)],
                            "models": {n: {"path": str(root / n)} for n in MODELS},
                            "preload": list(preload), "policy": policy},
                           str(tmp_path / "wcd.yaml"))
@@ -132,9 +132,10 @@ async def eventually(check, timeout: float = 1.0) -> None:
 class Running:
     """A started scheduler over a Fleet, serving its preload; stopped at exit."""
 
-    def __init__(self, tmp_path, preload=("a",), on_change=None, **policy):
+    def __init__(self, tmp_path, preload=("a",), on_change=None, workers=({"device": "cpu"},),
+                 **policy):
         self.fleet = Fleet()
-        self.scheduler = Scheduler(make_settings(tmp_path, preload, **policy),
+        self.scheduler = Scheduler(make_settings(tmp_path, preload, workers, **policy),
                                    start_worker=self.fleet, on_change=on_change)
 
     def worker(self) -> dict:
@@ -380,3 +381,21 @@ async def test_health_reports_are_applied_by_the_owner_for_the_current_worker_on
         await eventually(lambda: running.worker()["running"] == 0
                          and running.worker()["state"] == "serving")
         assert running.worker()["device_bytes"] == 0
+
+
+@run_async
+async def test_a_swap_asked_for_while_workers_start_waits_on_one_of_its_size(tmp_path):
+    """A TP=2-only group first, a plain worker second, both still starting:
+    the TP=1 model's swap queues on the plain worker, never on the group."""
+    running = Running(tmp_path, preload=(), workers=(
+        {"device": "cpu", "tensor_parallel_size": 2}, {"device": "cpu"}))
+    running.fleet.start_gate.clear()
+    await running.scheduler.start()
+    try:
+        swap = asyncio.create_task(running.scheduler.operate("swap", "a"))
+        await asyncio.sleep(0.02)
+        running.fleet.start_gate.set()
+        done = await asyncio.wait_for(swap, 1)
+        assert (done["model"], done["worker"]) == ("a", 1)
+    finally:
+        await running.scheduler.stop()
