@@ -6,19 +6,25 @@ loop per example, in milliseconds. Only the scheduler's public API is used
 (start, stop, lease, operate, reload, views), so the harness serves a
 rewritten scheduler unchanged.
 
-Invariants, checked after every step and at the end:
+Invariants, checked after every step, at the steps that let the scheduler
+settle, and at the end:
 
 - every lease asked for ends granted (and then released), refused with a
   WcdError, or cancelled by its client; none is left waiting after stop();
 - the leases the scheduler counts on a worker (`active`) are the leases held
-  on it: none leaks;
+  on it, and the requests it counts waiting (`waiting()`) the leases not
+  granted yet: none leaks, before stop() or after;
 - at most one swap or unload runs in a worker at a time;
-- a lease is granted on a worker that serves its model, idle (unless a forced
-  operation or a death hit that worker since the lease was asked for), and a
-  worker the scheduler shows serving a model does serve it;
+- a live worker a lease is granted on serves the lease's model, with no
+  operation under way (unless an operation forced on it since the lease was
+  asked for took the model away), and a worker the scheduler shows serving a
+  model serves it;
+- no operation begins on a worker while leases are held on it unless forced,
+  and one is forced only by an operator or a drain that timed out;
 - a model reaches only a worker that serves its tensor-parallel size;
 - every operate() returns its "done" event or raises a WcdError;
-- the scheduler logs no exception (a handler or a task that raised);
+- views() and model_views() answer at any moment; the scheduler logs no
+  exception (a handler or a task that raised);
 - after stop() every worker it started has exited.
 
 (A memory budget is not expressible against today's one-model-per-worker
@@ -29,11 +35,10 @@ scheduler keeps several models resident.)
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from unittest import mock
 
 import pytest
@@ -62,9 +67,11 @@ FIXED_POLICY = {"health_interval": 10, "restart_backoff_min": 0.002,
 LONG_S = 5.0  # longer than an example runs
 SETTLE_S = 0.3  # how long a transient difference may last before it is a failure
 END_S = 0.3  # how long the leases and operations may take to end once released
+EXAMPLE_S = 30.0  # an example that runs longer hangs
 # Known bug (test_stop_answers_an_operation_under_way_in_a_worker): stop()
 # leaves the caller of an operation under way unanswered. Until it is fixed
-# the random test lets operate() go unanswered after stop(), and only then.
+# the random test lets operate() go unanswered after stop(), and only then;
+# with the fix, this goes with the xfail.
 OPERATION_UNANSWERED_AT_STOP = True
 
 
@@ -273,7 +280,7 @@ def settings_for(directory, fleet: str, preload: tuple[str, ...], policy: dict) 
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text("{}")
             models[name] = ModelSettings(name, str(path), None, {"tensor_parallel_size": size})
-    return dataclasses.replace(settings, models=models, preload=preload)
+    return replace(settings, models=models, preload=preload)
 
 
 class Interleaving:
@@ -377,6 +384,7 @@ class Interleaving:
             await self.settle()
             assert sum(v["active"] for v in self.scheduler.views()) == 0, \
                 f"leases leaked: {self.scheduler.views()}"
+            assert self.scheduler.waiting() == 0
         await asyncio.wait_for(self.scheduler.stop(), END_S + self.policy("drain_timeout"))
         if OPERATION_UNANSWERED_AT_STOP:
             await self.ended({r.task: f"lease {r.model}" for r in self.leases}, "after stop()")
@@ -390,7 +398,7 @@ class Interleaving:
         assert not running, f"workers left running after stop(): {running}"
 
     def policy(self, key: str) -> float:
-        """The longest `key` of the example's policies."""
+        """The largest value `key` takes in the example."""
         return max(self.policies(key))
 
     def policies(self, key: str) -> list[float]:
@@ -429,6 +437,7 @@ class Interleaving:
     def check_now(self) -> None:
         assert not self.fleet.broken, self.fleet.broken
         assert not self.broken, self.broken
+        self.scheduler.model_views()  # status pages read it at any moment: it must not raise
         for view in self.scheduler.views():
             worker = self.fleet.by_pid(view["pid"])
             if view["state"] == "serving" and worker is not None and worker.alive:
@@ -440,15 +449,27 @@ class Interleaving:
         return sum(r.held_on is not None and r.held_on.alive and r.slot == view["index"]
                    and r.held_on.pid == view["pid"] for r in self.leases)
 
+    def waiting(self) -> int:
+        return sum(not r.granted and not r.task.done() for r in self.leases)
+
     async def settle(self) -> None:
         """The scheduler's count of leases on each worker meets the leases held
-        there, once the messages in flight are handled."""
+        there, and its count of requests waiting the leases not granted yet,
+        once the messages in flight are handled."""
+        def counts() -> tuple:
+            return ([(v["index"], v["active"], self.held_on(v)) for v in self.scheduler.views()],
+                    (self.scheduler.waiting(), self.waiting()))
+
+        def met() -> bool:
+            workers, waiting = counts()
+            return all(active == held for _, active, held in workers) and \
+                waiting[0] == waiting[1]
+
         try:
-            await eventually(lambda: all(v["active"] == self.held_on(v)
-                                         for v in self.scheduler.views()), SETTLE_S)
+            await eventually(met, SETTLE_S)
         except AssertionError:
-            counts = [(v["index"], v["active"], self.held_on(v)) for v in self.scheduler.views()]
-            raise AssertionError(f"(worker, active, leases held) {counts}") from None
+            raise AssertionError("[(worker, active, leases held)], (waiting, leases waiting): "
+                                 f"{counts()}") from None
 
     def check_outcomes(self) -> None:
         for run in self.leases:
@@ -480,13 +501,13 @@ def play(directory, scenario: Scenario) -> None:
     logger.addHandler(logged)
     try:
         with mock.patch.object(scheduler, "TICK_S", 0.01):  # keep-alives within the example
-            asyncio.run(asyncio.wait_for(Interleaving(directory, scenario).play(), 10))
+            asyncio.run(asyncio.wait_for(Interleaving(directory, scenario).play(), EXAMPLE_S))
     finally:
         logger.removeHandler(logged)
     assert not logged.messages, logged.messages
 
 
-@settings(max_examples=150, deadline=None, database=None,
+@settings(max_examples=200, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenario=scenarios())
 def test_random_interleavings_keep_the_invariants(directory, scenario):
@@ -500,8 +521,8 @@ def test_random_interleavings_keep_the_invariants(directory, scenario):
                    "so its op_finished is never posted and the operate() caller is never "
                    "answered")
 def test_stop_answers_an_operation_under_way_in_a_worker(tmp_path):
-    """Found by the random test as: no preload, sleep 1 ms (the worker is up),
-    operate("swap", "a"), stop()."""
+    """Found by the random test, shrunk to: one worker, no preload; sleep
+    1 ms (the worker is up); operate("swap", "a"); stop() at once."""
     async def scenario() -> None:
         running = Running(tmp_path, preload=())
         await running.scheduler.start()
