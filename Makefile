@@ -56,3 +56,4 @@ bench: venv models
 	$(PY) bench/soak.py $(BENCH_ARGS)
 	$(PY) bench/tp.py
 	$(PY) bench/hostile.py
+	$(PY) bench/mixed.py --out BENCHMARKS.md
