@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from test_worker import assert_matches_reference, serving, spec
+from test_worker import assert_matches_reference, serving, spec, swap
 from wcd.daemon.worker_process import WorkerOptions, WorkerProcess
 
 pytestmark = pytest.mark.vllm
@@ -27,28 +27,28 @@ def parked(loop, worker) -> list[str]:
 
 
 def test_swap_back_to_a_parked_engine_skips_the_rebuild(loop, worker, demo_models, reference):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
-    out = loop.run_until_complete(worker.swap(spec(demo_models, "wide-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
+    out = swap(loop, worker, spec(demo_models, "wide-a"))
     assert out.path == "rebuild" and parked(loop, worker) == ["small-a"]
     assert_matches_reference(loop, worker, "wide-a", reference)
-    back = loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    back = swap(loop, worker, spec(demo_models, "small-a"))
     assert (back.path, back.weights) == ("unpark", "parked")
-    assert serving(loop, worker) == "small-a" and parked(loop, worker) == ["wide-a"]
+    assert serving(loop, worker) == ["small-a"] and parked(loop, worker) == ["wide-a"]
     assert_matches_reference(loop, worker, "small-a", reference)
-    again = loop.run_until_complete(worker.swap(spec(demo_models, "wide-a")))
+    again = swap(loop, worker, spec(demo_models, "wide-a"))
     assert again.path == "unpark"
     assert_matches_reference(loop, worker, "wide-a", reference)
 
 
 def test_parked_engines_beyond_the_limit_are_released(loop, worker, demo_models, reference):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
-    loop.run_until_complete(worker.swap(spec(demo_models, "wide-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
+    swap(loop, worker, spec(demo_models, "wide-a"))
     assert parked(loop, worker) == ["small-a"]
     # small-b has small-a's shape, but wide-a serves: a rebuild, which parks
     # wide-a, and max_parked 1 releases the older small-a.
-    out = loop.run_until_complete(worker.swap(spec(demo_models, "small-b")))
+    out = swap(loop, worker, spec(demo_models, "small-b"))
     assert out.path == "rebuild" and parked(loop, worker) == ["wide-a"]
-    back = loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    back = swap(loop, worker, spec(demo_models, "small-a"))
     assert back.path == "same_shape"
     assert_matches_reference(loop, worker, "small-a", reference)
 
@@ -57,12 +57,12 @@ def test_a_parked_model_changed_on_disk_is_rebuilt(loop, worker, demo_models, tm
                                                    reference):
     copy = tmp_path / "small-a"
     shutil.copytree(demo_models / "small-a", copy)
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a", path=copy)))
-    loop.run_until_complete(worker.swap(spec(demo_models, "wide-a")))
+    swap(loop, worker, spec(demo_models, "small-a", path=copy))
+    swap(loop, worker, spec(demo_models, "wide-a"))
     assert parked(loop, worker) == ["small-a"]
     weights = next(copy.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes())  # rewritten: a new weights key
-    back = loop.run_until_complete(worker.swap(spec(demo_models, "small-a", path=copy)))
+    back = swap(loop, worker, spec(demo_models, "small-a", path=copy))
     assert back.path == "rebuild"
     assert_matches_reference(loop, worker, "small-a", reference)
 
@@ -71,10 +71,10 @@ def test_no_parking_below_the_free_memory_headroom(loop, demo_models):
     worker = loop.run_until_complete(WorkerProcess.start(WorkerOptions(
         max_parked=2, park_min_free_bytes=1 << 50)))
     try:
-        loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
-        loop.run_until_complete(worker.swap(spec(demo_models, "wide-a")))
+        swap(loop, worker, spec(demo_models, "small-a"))
+        swap(loop, worker, spec(demo_models, "wide-a"))
         assert parked(loop, worker) == []
-        back = loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+        back = swap(loop, worker, spec(demo_models, "small-a"))
         assert back.path == "rebuild"
     finally:
         loop.run_until_complete(worker.stop())

@@ -41,8 +41,14 @@ def worker(loop, demo_models):
     loop.run_until_complete(worker.stop())
 
 
-def serving(loop, worker) -> str | None:
-    return loop.run_until_complete(worker.ping(5)).model
+def serving(loop, worker) -> list[str]:
+    """The worker's residents."""
+    return [r.name for r in loop.run_until_complete(worker.ping(5)).residents]
+
+
+def swap(loop, worker, model: p.ModelSpec, **options) -> p.OpDone:
+    """Serve `model` in place of whatever the worker serves."""
+    return loop.run_until_complete(worker.swap(model, replace=serving(loop, worker), **options))
 
 
 def assert_matches_reference(loop, worker, model: str, reference) -> None:
@@ -57,8 +63,7 @@ def test_swaps_on_both_paths_match_vllm(loop, worker, demo_models, reference):
     pid = worker.pid
     for name, path in expected_paths:
         phases = []
-        done = loop.run_until_complete(
-            worker.swap(spec(demo_models, name), on_phase=phases.append))
+        done = swap(loop, worker, spec(demo_models, name), on_phase=phases.append)
         assert (done.model, done.path) == (name, path)
         assert list(done.phases) == list(p.SWAP_PHASES)
         assert [ph.phase for ph in phases] == list(p.SWAP_PHASES)
@@ -68,13 +73,13 @@ def test_swaps_on_both_paths_match_vllm(loop, worker, demo_models, reference):
 
 
 def test_swap_to_the_served_model_is_a_noop(loop, worker, demo_models):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
-    done = loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
+    done = swap(loop, worker, spec(demo_models, "small-a"))
     assert done.path == "noop"
 
 
 def test_concurrent_requests_are_batched_and_correct(loop, worker, demo_models, reference):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
 
     async def many():
         return await asyncio.gather(*(generate(worker, "small-a", prompt)
@@ -88,7 +93,7 @@ def test_concurrent_requests_are_batched_and_correct(loop, worker, demo_models, 
 def test_a_batch_is_one_request_with_one_stream(loop, worker, demo_models, reference):
     """Its prompts share one sampling dict; each Output names its prompt, and
     only the request's very last one says finished."""
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
     request = p.Generate(f"b-{time.monotonic_ns()}", "small-a",
                          [p.Prompt(prompt=prompt) for prompt in PROMPTS], dict(GREEDY))
 
@@ -107,7 +112,7 @@ SLOW_TEMPLATE = "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor
 
 
 def test_a_runaway_request_template_is_interrupted(loop, worker, demo_models):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
     pid = worker.pid
     request = p.Generate(f"s-{time.monotonic_ns()}", "small-a",
                          [p.Prompt(messages=[{"role": "user", "content": "hi"}])], dict(GREEDY),
@@ -122,18 +127,18 @@ def test_a_runaway_request_template_is_interrupted(loop, worker, demo_models):
     assert raised.value.error.kind == p.BAD_ARGS
     assert "render_timeout" in raised.value.error.message
     assert time.monotonic() - started < 10  # 2 s limit, and a poll
-    assert worker.pid == pid and serving(loop, worker) == "small-a"
+    assert worker.pid == pid and serving(loop, worker) == ["small-a"]
     assert loop.run_until_complete(generate(worker, "small-a", "hello"))
 
 
 def test_swap_drains_in_flight_requests_first(loop, worker, demo_models):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
 
     async def swap_during_request():
         request = asyncio.create_task(generate(worker, "small-a", "hello", max_tokens=64,
                                                ignore_eos=True))
         await asyncio.sleep(0.05)
-        done = await worker.swap(spec(demo_models, "small-b"))
+        done = await worker.swap(spec(demo_models, "small-b"), replace=["small-a"])
         return await request, done
 
     tokens, done = loop.run_until_complete(swap_during_request())
@@ -142,30 +147,30 @@ def test_swap_drains_in_flight_requests_first(loop, worker, demo_models):
 
 
 def test_forced_swap_aborts_in_flight_requests(loop, worker, demo_models):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
 
     async def forced():
         request = asyncio.create_task(generate(worker, "small-a", "hello", max_tokens=400,
                                                ignore_eos=True))
         await asyncio.sleep(0.1)
-        await worker.swap(spec(demo_models, "small-b"), force=True)
+        await worker.swap(spec(demo_models, "small-b"), replace=["small-a"], force=True)
         return await request
 
     with pytest.raises(WorkerError) as raised:
         loop.run_until_complete(forced())
     assert raised.value.error.kind == p.ABORTED
-    assert serving(loop, worker) == "small-b"
+    assert serving(loop, worker) == ["small-b"]
 
 
 def test_generate_for_another_model_is_refused(loop, worker, demo_models):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
     with pytest.raises(WorkerError) as raised:
         loop.run_until_complete(generate(worker, "wide-a", "hello"))
     assert raised.value.error.kind == p.NOT_LOADED
 
 
 def test_bad_sampling_params_are_refused_by_vllm(loop, worker, demo_models):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
     with pytest.raises(WorkerError) as raised:
         loop.run_until_complete(generate(worker, "small-a", "hello", temperature=-1.0))
     assert raised.value.error.kind == p.BAD_ARGS
@@ -204,33 +209,33 @@ def _unknown_architecture(path):
 ])
 def test_unusable_model_is_refused_and_previous_keeps_serving(
         loop, worker, demo_models, reference, tmp_path, breakage, kind, words):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
     path = tmp_path / "missing"
     if breakage is not None:
         path = _copy(demo_models, tmp_path)
         breakage(path)
     with pytest.raises(WorkerError) as raised:
-        loop.run_until_complete(worker.swap(spec(demo_models, "broken", path)))
+        swap(loop, worker, spec(demo_models, "broken", path))
     assert raised.value.error.kind == kind
     assert words in raised.value.error.message
-    assert raised.value.serving == "small-a"
+    assert [r.name for r in raised.value.residents] == ["small-a"]
     assert_matches_reference(loop, worker, "small-a", reference)
 
 
 def test_unknown_engine_arg_names_the_arg(loop, worker, demo_models):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
     with pytest.raises(WorkerError) as raised:
-        loop.run_until_complete(worker.swap(spec(demo_models, "wide-a", no_such_arg=1)))
+        swap(loop, worker, spec(demo_models, "wide-a", no_such_arg=1))
     assert raised.value.error.kind == p.BAD_ARGS
     assert "no_such_arg" in raised.value.error.message
-    assert raised.value.serving == "small-a"
+    assert [r.name for r in raised.value.residents] == ["small-a"]
 
 
 def test_failure_after_release_brings_previous_model_back(
         loop, worker, demo_models, reference, tmp_path):
     """Weights whose names the architecture lacks pass every cheap check and
     fail inside vLLM's loader, after the previous engine was released."""
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
     path = _copy(demo_models, tmp_path)
     from safetensors.torch import load_file, save_file
 
@@ -241,33 +246,33 @@ def test_failure_after_release_brings_previous_model_back(
     for name in ("small-b-renamed", "wide-renamed"):
         args = {} if name.startswith("small") else {"max_model_len": 256}  # forces a rebuild
         with pytest.raises(WorkerError) as raised:
-            loop.run_until_complete(worker.swap(spec(demo_models, name, path, **args)))
+            swap(loop, worker, spec(demo_models, name, path, **args))
         assert raised.value.error.kind == p.BAD_MODEL
-        assert raised.value.serving == "small-a"
+        assert [r.name for r in raised.value.residents] == ["small-a"]
         assert_matches_reference(loop, worker, "small-a", reference)
 
 
 def test_out_of_memory_while_building_is_reported_and_recovered(
         loop, worker, demo_models, reference):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
     with pytest.raises(WorkerError) as raised:
-        loop.run_until_complete(worker.swap(
-            spec(demo_models, "wide-a", kv_cache_memory_bytes=1 << 45)))
+        swap(loop, worker, spec(demo_models, "wide-a", kv_cache_memory_bytes=1 << 45))
     assert raised.value.error.kind == p.OUT_OF_MEMORY
-    assert raised.value.serving == "small-a"
+    assert [r.name for r in raised.value.residents] == ["small-a"]
     assert_matches_reference(loop, worker, "small-a", reference)
 
 
 def test_ping_is_answered_while_an_engine_builds(loop, worker, demo_models):
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
 
     async def ping_during_rebuild():
-        swap = asyncio.create_task(worker.swap(spec(demo_models, "wide-a")))
+        swapping = asyncio.create_task(worker.swap(spec(demo_models, "wide-a"),
+                                                   replace=["small-a"]))
         await asyncio.sleep(0.05)
         started = time.monotonic()
         pong = await worker.ping(timeout_s=2)
         latency = time.monotonic() - started
-        await swap
+        await swapping
         return pong, latency
 
     pong, latency = loop.run_until_complete(ping_during_rebuild())
@@ -279,15 +284,15 @@ def test_unload_gives_memory_back(loop, worker, demo_models):
     """RSS after unload within 50 MB of the empty worker's. The first cycle
     pays one-off costs (lazy imports, kernels), so the baseline is taken after
     it; the measured load uses a 256 MiB KV cache, which must come back."""
-    loop.run_until_complete(worker.swap(spec(demo_models, "wide-a")))
-    loop.run_until_complete(worker.unload())
+    swap(loop, worker, spec(demo_models, "wide-a"))
+    loop.run_until_complete(worker.unload(["wide-a"]))
     before = loop.run_until_complete(worker.stats()).rss_bytes
     big = spec(demo_models, "wide-a", kv_cache_memory_bytes=256 << 20)
-    loop.run_until_complete(worker.swap(big))
+    swap(loop, worker, big)
     loaded = loop.run_until_complete(worker.stats()).rss_bytes
-    done = loop.run_until_complete(worker.unload())
+    done = loop.run_until_complete(worker.unload(["wide-a"]))
     after = loop.run_until_complete(worker.stats())
-    assert done.path == "unload" and after.model is None
+    assert done.path == "unload" and done.residents == [] and after.models == []
     assert loaded - before > 200 << 20  # the KV cache really was resident
     assert after.rss_bytes - before < 50 << 20, (before, loaded, after.rss_bytes)
 
@@ -299,7 +304,7 @@ def test_rebuilds_leave_nothing_behind(loop, worker, demo_models):
     unpinned them); 4 cycles would show that."""
     def swap_cycle() -> int:
         for name in ("small-b", "wide-a", "small-a"):
-            loop.run_until_complete(worker.swap(spec(demo_models, name)))
+            swap(loop, worker, spec(demo_models, name))
         return loop.run_until_complete(worker.stats()).rss_bytes
 
     swap_cycle()
@@ -311,7 +316,7 @@ def test_rebuilds_leave_nothing_behind(loop, worker, demo_models):
 
 def test_worker_crash_is_reported_not_hung(loop, worker, demo_models):
     """Last in the module: it kills the module's worker."""
-    loop.run_until_complete(worker.swap(spec(demo_models, "small-a")))
+    swap(loop, worker, spec(demo_models, "small-a"))
 
     async def crash_during_request():
         request = asyncio.create_task(generate(worker, "small-a", "hello", max_tokens=400,

@@ -1,18 +1,24 @@
-"""vLLM engine life inside a warm worker: build, swap in place, rebuild, release,
-and stepping requests.
+"""vLLM engines inside a warm worker: several resident at once and stepped in
+turn; built, swapped in place, parked, suspended and released.
 
-The engine is vLLM's LLMEngine with its EngineCore in this process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0, the "uni" executor), so the engine's life is
-the model's and the process's life is the worker's. Two swap paths:
+Each engine is vLLM's LLMEngine with its EngineCore in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, the "uni" executor), so an engine's life is
+its model's and the process's life is the worker's. A worker keeps several
+*residents* (each its weights, compiled model and KV cache) and steps those
+with work, one step per turn. A swap makes a model resident, the residents it
+replaces leaving first:
 
-- same shape: keep the engine, compiled graph and KV cache; reload weights in
-  place, reset the prefix cache, switch the frontend (tokenizer, chat
-  template, generation config) only where its files differ;
-- rebuild: tear the engine down, build the next one in this process, reusing
-  the compile cache (see vllm_seams).
+- same shape as a resident it replaces: keep that engine, compiled graph and
+  KV cache; reload weights in place, reset the prefix cache, switch the
+  frontend (tokenizer, chat template, generation config) only where its files
+  differ;
+- parked: its engine comes back beside the residents with a new KV cache;
+- suspended: its KV cache comes back and its preempted requests go on;
+- else: a new engine is built beside the residents, reusing the compile
+  cache (see vllm_seams).
 
-Every failure leaves the worker serving what it served before, or nothing,
-and says which.
+Every failure leaves the worker serving what it served before, or less, and
+says which.
 """
 
 from __future__ import annotations
@@ -57,13 +63,13 @@ class ModelError(Exception):
 
 
 class SwapFailed(Exception):
-    """A swap failed after the served model was touched; `serving` says what the
-    worker serves now (the previous model, brought back, or nothing)."""
+    """A swap failed after residents were touched; `residents` names what the
+    worker serves now (those that had to leave brought back where possible)."""
 
-    def __init__(self, error: ModelError, serving: str | None):
+    def __init__(self, error: ModelError, residents: list[str]):
         super().__init__(str(error))
         self.error = error
-        self.serving = serving
+        self.residents = residents
 
 
 @dataclass
@@ -113,25 +119,36 @@ class Served:
     engine: LLMEngine
     frontend_key: str
     sampling_defaults: dict[str, Any]
+    requests: _Requests = field(default_factory=lambda: _Requests())
+    suspended: bool = False  # preempted and not stepped until resumed
+    weight_bytes: int = 0
+    kv_bytes: int = 0  # 0 while its KV cache is released
 
     @property
     def name(self) -> str:
         return self.plan.spec.name
 
+    @property
+    def has_work(self) -> bool:
+        return not self.suspended and self.engine.has_unfinished_requests()
+
+    def resident(self) -> p.Resident:
+        return p.Resident(self.name, self.weight_bytes + self.kv_bytes, 0, self.suspended)
+
 
 @dataclass(frozen=True)
 class Parking:
     """Swapped-out engines kept on the device: at most `max_parked`, and only
-    while the device keeps `min_free_bytes` free (the serving model's needs
-    come first: parked engines are released, oldest first, to keep it)."""
+    while the device keeps `min_free_bytes` free (the residents' needs come
+    first: parked engines are released, oldest first, to keep it)."""
 
     max_parked: int = 0
     min_free_bytes: int = 0
 
 
 class EngineHost:
-    """Serves one engine and keeps parked ones. Not thread-safe: the worker's
-    main thread only."""
+    """Keeps the resident engines, steps them in turn, and keeps parked ones.
+    Not thread-safe: the worker's main thread only."""
 
     def __init__(self, cache: HostCache, group=None, parking: Parking = Parking(),
                  bounded: Callable[[str], contextlib.AbstractContextManager] | None = None
@@ -139,10 +156,11 @@ class EngineHost:
         """`group`: a workers.group.WarmGroup whose warm followers hold the other
         tensor-parallel ranks; None for one process. `bounded(kind)`: the
         worker's watchdog around a render or a step (workers/watchdog.py)."""
-        self.served: Served | None = None
-        self.requests = _Requests()
+        self.residents: dict[str, Served] = {}  # in the order they came in
+        self._turn = 0  # the next resident to step, if it has work
         self._bounded = bounded or (lambda kind: contextlib.nullcontext())
         self.parked: OrderedDict[str, Served] = OrderedDict()  # oldest first
+        self._arriving: Served | None = None  # a parked engine on its way back
         self.parking = parking if group is None else Parking()
         self.group = group
         self.cache = cache
@@ -150,8 +168,11 @@ class EngineHost:
         self.weights_source: str | None = None  # of the last swap: "host_cache" or "disk"
 
     @property
-    def model(self) -> str | None:
-        return self.served.name if self.served else None
+    def models(self) -> list[str]:
+        return list(self.residents)
+
+    def report(self) -> list[p.Resident]:
+        return [served.resident() for served in self.residents.values()]
 
     # ---- swap ------------------------------------------------------------------
 
@@ -170,34 +191,92 @@ class EngineHost:
                                          f"of tensor_parallel_size {self.max_tensor_parallel_size}")
         return Plan(spec, checkpoint, engine_args, checkpoint.shape_key(engine_args))
 
-    def swap(self, spec: p.ModelSpec, clock: PhaseClock, drain: Callable[[], None]) -> str:
-        """Serve `spec`; returns the path taken. Raises ModelError when nothing
-        was touched, SwapFailed when the served model had to be brought back."""
+    def swap(self, spec: p.ModelSpec, replace: list[str], clock: PhaseClock,
+             drain: Callable[[list[str]], None]) -> str:
+        """Make `spec` resident, the residents named in `replace` leaving first
+        (`drain(names)` finishes their requests while the others are stepped);
+        returns the path taken. Raises ModelError when nothing was touched,
+        SwapFailed when residents had to be brought back."""
         with clock.phase("resolve"):
             plan = self.resolve(spec)
-            parked = self._parked_for(plan)
-            same_shape = (parked is None and self.served is not None
-                          and self.served.plan.shape_key == plan.shape_key)
-            snapshot = None if parked else self.cache.get(plan.cache_key)
-            config = None if same_shape or parked else self._engine_config(
+            current = self.residents.get(spec.name)
+            stays = current is not None and current.plan.spec == spec and \
+                current.plan.cache_key == plan.cache_key
+            # A resident of this name with other args or files leaves too.
+            leaving = [name for name in self.residents
+                       if (name in replace or name == spec.name) and not stays]
+            if self.group is not None and set(self.residents) - set(leaving) - {spec.name}:
+                raise ModelError(p.BAD_ARGS, f"{spec.name}: a tensor-parallel group serves one "
+                                             f"model at a time (resident: {self.models})")
+            unpark = not stays and self._parked_for(plan) is not None
+            in_place = None if stays or unpark else next(
+                (name for name in leaving
+                 if self.residents[name].plan.shape_key == plan.shape_key), None)
+            snapshot = None if stays or unpark else self.cache.get(plan.cache_key)
+            config = None if stays or unpark or in_place else self._engine_config(
                 plan, dummy=bool(snapshot))
+            resume = stays and current.suspended
+            del current  # engines are looked up by name from here on
+        previous = [self.residents[name].plan for name in leaving]
+        order = self.models
         with clock.phase("drain"):
-            drain()
-        if parked:
-            self.weights_source = "parked"
-            self._unpark(parked, clock)
-            return "unpark"
-        self.weights_source = "host_cache" if snapshot else "disk"
-        if same_shape:
-            self._swap_in_place(plan, snapshot, clock)
-            return "same_shape"
-        self._rebuild(plan, config, snapshot, clock)
-        return "rebuild"
+            drain(leaving)
+        try:
+            if stays:
+                with clock.phase("release"):
+                    self._leave(leaving)
+                if resume:
+                    with clock.phase("build"):
+                        self._resume(spec.name)
+                self.weights_source = None
+                return "resume" if resume else "noop"
+            if unpark:
+                # Out of `parked` first: those leaving may park, and push it out.
+                self._arriving = self.parked.pop(spec.name)
+                with clock.phase("release"):
+                    self._leave(leaving)
+                with clock.phase("build"):
+                    self._unpark()
+                self.weights_source = "parked"
+                return "unpark"
+            self.weights_source = "host_cache" if snapshot else "disk"
+            if in_place is not None:
+                with clock.phase("release"):
+                    self._leave([name for name in leaving if name != in_place])
+                    self._wake(self.residents[in_place])
+                    self.residents[in_place].engine.reset_prefix_cache()
+                self._swap_in_place(in_place, plan, snapshot, clock)
+                return "same_shape"
+            with clock.phase("release"):
+                self._leave(leaving)
+            self._build_beside(plan, config, snapshot, clock)
+            return "rebuild"
+        except Exception as exc:
+            error = _as_model_error(plan.spec.name, exc).with_traceback(None)
+        # Out of the except block, no traceback holds the failed engine any more:
+        # its memory comes back before those that left are brought back.
+        if self._arriving is not None:  # a failure before it was unparked: it stays parked
+            self.parked[self._arriving.name] = self._arriving
+            self._arriving = None
+        self._free_memory()
+        log.warning("swap to %s failed (%s); bringing back %s", plan.spec.name, error,
+                    [prior.spec.name for prior in previous])
+        self._bring_back(previous, order)
+        raise SwapFailed(error, self.models)
 
-    def snapshot_served(self) -> bool:
-        """Snapshot the served model's parameters into the host cache unless
-        there already; True when one was taken."""
-        served = self.served
+    def unload(self, names: list[str], clock: PhaseClock,
+               drain: Callable[[list[str]], None]) -> None:
+        """The residents named leave, drained while the others are stepped."""
+        leaving = [name for name in self.residents if name in names]
+        with clock.phase("drain"):
+            drain(leaving)
+        with clock.phase("release"):
+            self._leave(leaving)
+
+    def snapshot(self, name: str) -> bool:
+        """Snapshot a resident's parameters into the host cache unless there
+        already; True when one was taken."""
+        served = self.residents.get(name)
         if served is None or not self.cache.enabled or served.plan.cache_key in self.cache:
             return False
         model = vllm_seams.live_model(served.engine)
@@ -214,17 +293,10 @@ class EngineHost:
         else:
             self._load_weights(engine, snapshot.tensors.items())
 
-    def unload(self, clock: PhaseClock, drain: Callable[[], None]) -> None:
-        with clock.phase("drain"):
-            drain()
-        with clock.phase("release"):
-            self.release()
-
-    def _swap_in_place(self, plan: Plan, snapshot: Snapshot | None, clock: PhaseClock) -> None:
-        served = self.served
+    def _swap_in_place(self, name: str, plan: Plan, snapshot: Snapshot | None,
+                       clock: PhaseClock) -> None:
+        served = self.residents[name]
         previous = served.plan
-        with clock.phase("release"):
-            served.engine.reset_prefix_cache()
         try:
             with clock.phase("fetch"):
                 # A group's ranks read the files themselves, in build.
@@ -245,17 +317,19 @@ class EngineHost:
                 served.sampling_defaults = served.engine.model_config.get_diff_sampling_param()
                 served.plan = plan
         except Exception as exc:
-            error = _as_model_error(plan.spec.name, exc)
-            log.warning("swap to %s failed in place (%s); reloading %s",
-                        plan.spec.name, error, previous.spec.name)
+            log.warning("swap to %s failed in place (%s); reloading %s", plan.spec.name,
+                        _first_line(exc), previous.spec.name)
             try:
                 self._restore_in_place(served, previous)
             except Exception:
                 # A reload that failed part-way can leave layers unloaded: only a
-                # fresh engine is known good.
-                log.exception("could not reload %s in place; rebuilding it", previous.spec.name)
-                self._restore_by_rebuild(previous)
-            raise SwapFailed(error, self.model) from exc
+                # fresh engine is known good, which the swap's restore builds.
+                log.exception("could not reload %s in place", previous.spec.name)
+                self._release(name)  # collected once this failure has unwound
+            raise
+        self.residents = {served.name if key == name else key: engine
+                          for key, engine in self.residents.items()}
+        self._measure(served)
         with clock.phase("warm"):
             pass  # graph, caches and kernels are the ones that were serving
         with clock.phase("ready"):
@@ -271,50 +345,53 @@ class EngineHost:
             self._load_weights(served.engine, previous.checkpoint.read_weights())
         served.plan = previous
 
-    def _rebuild(self, plan: Plan, config, snapshot: Snapshot | None,
-                 clock: PhaseClock) -> None:
-        previous = self.served.plan if self.served else None
-        with clock.phase("release"):
-            self._park_or_release()
-        try:
-            with clock.phase("fetch"):
-                pass  # from disk, vLLM's loader reads the checkpoint inside build
-            with clock.phase("build"):
-                # From the cache: vLLM's dummy load format builds the engine
-                # without reading the checkpoint, then the snapshot is copied in.
-                self.served = self._build(plan, config)
-                if snapshot:
-                    self._apply(self.served.engine, snapshot)
-            with clock.phase("warm"):
-                self._warm(self.served.engine)
-            self._keep_headroom()
-        except Exception as exc:
-            error = _as_model_error(plan.spec.name, exc)
-            if previous is not None:
-                log.warning("rebuild for %s failed (%s); rebuilding %s",
-                            plan.spec.name, error, previous.spec.name)
-                self._restore_by_rebuild(previous)
-            else:
-                self.release()
-            raise SwapFailed(error, self.model) from exc
+    def _build_beside(self, plan: Plan, config, snapshot: Snapshot | None,
+                      clock: PhaseClock) -> None:
+        with clock.phase("fetch"):
+            pass  # from disk, vLLM's loader reads the checkpoint inside build
+        self._build_resident(plan, config, snapshot, clock)
         with clock.phase("ready"):
             pass
 
-    def _restore_by_rebuild(self, previous: Plan) -> None:
-        self.release()
-        parked = self._parked_for(previous)
-        if parked is not None:
-            self._unpark(parked, PhaseClock(lambda name, seconds: None))
-            return
-        snapshot = self.cache.get(previous.cache_key)
+    def _build_resident(self, plan: Plan, config, snapshot: Snapshot | None,
+                        clock: PhaseClock) -> None:
+        """Build, load and warm an engine, and make it resident; on failure,
+        leave nothing of it but garbage for the next collection."""
+        served = None
         try:
-            self.served = self._build(previous,
-                                      self._engine_config(previous, dummy=bool(snapshot)))
-            if snapshot:
-                self._apply(self.served.engine, snapshot)
-        except Exception:
-            log.exception("could not bring %s back", previous.spec.name)
-            self.release()
+            with clock.phase("build"):
+                # From the cache: vLLM's dummy load format builds the engine
+                # without reading the checkpoint, then the snapshot is copied in.
+                served = self._build(plan, config)
+                if snapshot:
+                    self._apply(served.engine, snapshot)
+            with clock.phase("warm"):
+                self._warm(served.engine)
+        except BaseException:
+            self._shut_down(served)  # collected once this failure has unwound
+            raise
+        self._admit(served)
+
+    def _bring_back(self, previous: list[Plan], order: list[str]) -> None:
+        """After a failed swap: the residents that left come back (best effort),
+        in their places."""
+        quiet = PhaseClock(lambda name, seconds: None)
+        for plan in previous:
+            if plan.spec.name in self.residents:
+                continue  # reloaded in place
+            try:
+                if self._parked_for(plan) is not None:
+                    self._arriving = self.parked.pop(plan.spec.name)
+                    self._unpark()
+                    continue
+                snapshot = self.cache.get(plan.cache_key)
+                self._build_resident(plan, self._engine_config(plan, dummy=bool(snapshot)),
+                                     snapshot, quiet)
+            except Exception:
+                log.exception("could not bring %s back", plan.spec.name)
+        ranked = {name: i for i, name in enumerate(order)}
+        self.residents = dict(sorted(self.residents.items(),
+                                     key=lambda item: ranked.get(item[0], len(ranked))))
 
     def _engine_config(self, plan: Plan, dummy: bool = False):
         args = {**plan.engine_args, **FORCED_ENGINE_ARGS, "model": str(plan.checkpoint.path)}
@@ -363,26 +440,54 @@ class EngineHost:
         while engine.has_unfinished_requests():
             engine.step()
 
-    def release(self) -> None:
-        """Drop the served engine and give its memory back."""
-        served, self.served = self.served, None
-        self.requests.clear()
+    def _admit(self, served: Served) -> None:
+        served.suspended = False
+        self._measure(served)
+        self.residents[served.name] = served
+        self._keep_headroom()
+
+    def _measure(self, served: Served) -> None:
+        """The footprint a Resident reports: parameters (else, where vLLM packed
+        them away, the checkpoint's files) and KV cache."""
+        weights = vllm_seams.parameter_bytes(served.engine)
+        served.weight_bytes = weights if weights is not None else sum(
+            f.stat().st_size for f in served.plan.checkpoint.weight_files)
+        served.kv_bytes = vllm_seams.kv_cache_bytes(served.engine)
+
+    # ---- leaving and release -------------------------------------------------------
+
+    def _leave(self, names: list[str]) -> None:
+        """Residents leave: parked if the policy allows, else released. By name,
+        so that no caller's reference keeps a released engine alive."""
+        for name in names:
+            if self.parking.max_parked and \
+                    vllm_seams.free_device_bytes() >= self.parking.min_free_bytes:
+                self._park(name)
+            else:
+                self._release(name)
+
+    def _release(self, name: str) -> None:
+        """Drop a resident's engine and give its memory back."""
+        served = self.residents.pop(name)
+        served.requests.clear()
         self._shut_down(served)
         del served  # the last reference: the collection below must find it garbage
         self._free_memory()
 
     def release_all(self) -> None:
-        self.release()
+        for name in self.models:
+            self._release(name)
         while self.parked:
             self._release_parked()
 
     @property
     def _engines_alive(self) -> bool:
-        return self.served is not None or bool(self.parked)
+        return bool(self.residents or self.parked or self._arriving)
 
     def _shut_down(self, served: Served | None) -> None:
-        """Shut an engine down; its memory comes back at _free_memory, once
-        the caller holds no reference to it."""
+        """Shut an engine down that is neither resident nor parked any more;
+        its memory comes back at _free_memory, once the caller holds no
+        reference to it. None: a build that failed half-way."""
         # Other engines in this process still use the distributed groups.
         if self.group is None:
             vllm_seams.keep_distributed_state(self._engines_alive)
@@ -396,7 +501,7 @@ class EngineHost:
     def collect_after_build(self) -> None:
         """A build runs with collection off, and it replaces vLLM's per-process
         references (current config, runner globals) that may still have held
-        the engine before: collect once the swap is reported, not at the next
+        an engine before: collect once the swap is reported, not at the next
         release. (On the H100, the previous engine's weights stayed allocated
         until the next release.)"""
         vllm_seams.release_engine_memory(others_alive=True)
@@ -404,6 +509,47 @@ class EngineHost:
     def _free_memory(self) -> None:
         vllm_seams.release_engine_memory(others_alive=self._engines_alive)
         trim_heap()
+
+    # ---- suspended residents -------------------------------------------------------
+
+    def suspend(self, name: str, clock: PhaseClock) -> list[p.Output]:
+        """Preempt every running request of a resident at this step boundary and
+        release its KV cache; it is stepped no more until resumed. Returns the
+        outputs of the steps that were in flight."""
+        served = self.residents.get(name)
+        if served is None:
+            raise ModelError(p.NOT_LOADED, f"model {name!r} is not resident in this worker "
+                                           f"(residents: {self.models})")
+        if served.suspended:
+            return []
+        try:
+            with clock.phase("preempt"):
+                with self._bounded("step"):
+                    finished = vllm_seams.finish_batches_in_flight(served.engine)
+                outputs = [out for ro in finished for out in served.requests.outputs(ro)]
+                vllm_seams.preempt_running_requests(served.engine)
+                served.suspended = True
+            with clock.phase("release"):
+                if vllm_seams.release_kv_cache(served.engine):
+                    served.kv_bytes = 0
+                    vllm_seams.release_engine_memory(others_alive=True, collect=False)
+        except Exception as exc:
+            log.exception("suspend of %s failed", name)
+            raise ModelError(p.INTERNAL, f"{name}: suspend failed: {_first_line(exc)}") from exc
+        return outputs
+
+    def _resume(self, name: str) -> None:
+        """A suspended resident gets its KV cache back; its preempted requests
+        recompute their prefix at its next step and go on."""
+        served = self.residents[name]
+        self._wake(served)
+        self._keep_headroom()
+
+    def _wake(self, served: Served) -> None:
+        if served.suspended:
+            vllm_seams.restore_kv_cache(served.engine)
+            served.kv_bytes = vllm_seams.kv_cache_bytes(served.engine)
+            served.suspended = False
 
     # ---- parked engines ------------------------------------------------------------
 
@@ -424,44 +570,39 @@ class EngineHost:
         del served
         self._free_memory()
 
-    def _park_or_release(self) -> None:
-        """Swap the served engine out: parked (weights and compiled model kept,
-        KV cache released where its addresses are not captured) if the
-        policy allows, else released."""
-        served = self.served
-        if served is None or self.parking.max_parked == 0 or \
-                vllm_seams.free_device_bytes() < self.parking.min_free_bytes:
-            self.release()
-            return
-        self.served = None
+    def _park(self, name: str) -> None:
+        """A resident leaves whole (weights and compiled model; KV cache released
+        where its addresses are not captured); its requests were drained."""
+        served = self.residents.pop(name)
+        served.requests.clear()
         served.engine.reset_prefix_cache()
-        self.parked[served.name] = served
+        served.suspended = False
+        stale = self.parked.pop(name, None)  # an engine of other args or files
+        self.parked[name] = served
+        if stale is not None:
+            self._shut_down(stale)
+            del stale
+            self._free_memory()
         while len(self.parked) > self.parking.max_parked:
             self._release_parked()
         if vllm_seams.release_kv_cache(served.engine):
+            served.kv_bytes = 0
             vllm_seams.release_engine_memory(others_alive=True, collect=False)
 
-    def _unpark(self, parked: Served, clock: PhaseClock) -> None:
-        previous = self.model
-        with clock.phase("release"):
-            del self.parked[parked.name]
-            self._park_or_release()
-        with clock.phase("build"):
-            try:
-                vllm_seams.restore_kv_cache(parked.engine)
-            except Exception as exc:
-                self._shut_down(parked)  # freed at the next collection
-                back = self.parked.get(previous) if previous else None
-                if back is not None:
-                    self._unpark(back, PhaseClock(lambda name, seconds: None))
-                raise SwapFailed(_as_model_error(parked.name, exc), self.model) from exc
-            parked.engine.reset_prefix_cache()
-            self.served = parked
-        self._keep_headroom()
+    def _unpark(self) -> None:
+        """The arriving parked engine becomes resident."""
+        parked, self._arriving = self._arriving, None
+        try:
+            vllm_seams.restore_kv_cache(parked.engine)
+        except Exception:
+            self._shut_down(parked)  # freed at the next collection
+            raise
+        parked.engine.reset_prefix_cache()
+        self._admit(parked)
 
     def _keep_headroom(self) -> None:
-        """The serving model came in: parked engines go, oldest first, while
-        the device has less than the headroom free."""
+        """A model came in: parked engines go, oldest first, while the device
+        has less than the headroom free."""
         while self.parked and vllm_seams.free_device_bytes() < self.parking.min_free_bytes:
             log.info("releasing parked %s: device below its free-memory headroom",
                      next(iter(self.parked)))
@@ -475,11 +616,12 @@ class EngineHost:
     # ---- requests ----------------------------------------------------------------
 
     def add(self, request: p.Generate) -> None:
-        """Add every prompt of `request` to the engine, or none of them."""
-        served = self.served
-        if served is None or request.model != served.name:
+        """Add every prompt of `request` to its model's engine, or none of them.
+        A suspended resident takes them too: they wait for its resume."""
+        served = self.residents.get(request.model)
+        if served is None:
             raise ModelError(p.NOT_LOADED, f"model {request.model!r} is not served by this "
-                                           f"worker (serving {self.model!r})")
+                                           f"worker (residents: {self.models})")
         if not request.prompts:
             raise ModelError(p.BAD_ARGS, "a request needs at least one prompt")
         added: list[str] = []
@@ -492,13 +634,13 @@ class EngineHost:
                 prompt_params = params.clone()
                 _fit_max_tokens(served.engine.model_config.max_model_len, engine_input,
                                 prompt_params, asked="max_tokens" in sampling)
-                sub_id = self.requests.add(request.request_id, index)
+                sub_id = served.requests.add(request.request_id, index)
                 added.append(sub_id)
                 served.engine.add_request(sub_id, engine_input, prompt_params)
         except BaseException as exc:
             if added:
                 served.engine.abort_request(added)
-            self.requests.forget(request.request_id)
+            served.requests.forget(request.request_id)
             if isinstance(exc, RenderTimeout):
                 raise ModelError(p.BAD_ARGS, str(exc)) from None
             if isinstance(exc, ModelError) or not isinstance(exc, Exception):
@@ -518,21 +660,34 @@ class EngineHost:
                 return vllm_seams.render_completion(engine, prompt.prompt)
         raise ModelError(p.BAD_ARGS, "one of prompt, prompt_token_ids, messages is required")
 
-    def has_unfinished(self) -> bool:
-        return self.served is not None and self.served.engine.has_unfinished_requests()
+    def has_work(self, names: list[str] | None = None) -> bool:
+        """Whether a resident (of `names`, if given) has requests to step:
+        suspended ones wait."""
+        return any(served.has_work for served in self.residents.values()
+                   if names is None or served.name in names)
 
     def unfinished_count(self) -> int:
-        return self.served.engine.get_num_unfinished_requests() if self.served else 0
+        return sum(served.engine.get_num_unfinished_requests()
+                   for served in self.residents.values())
 
     def step(self) -> list[p.Output]:
-        with self._bounded("step"):
-            outputs = self.served.engine.step()
-        return [out for ro in outputs for out in self.requests.outputs(ro)]
+        """One engine step of the next resident with work, in turn, so one
+        model's long generations do not starve another's."""
+        residents = list(self.residents.values())
+        for i in range(len(residents)):
+            served = residents[(self._turn + i) % len(residents)]
+            if served.has_work:
+                self._turn = (self._turn + i + 1) % len(residents)
+                with self._bounded("step"):
+                    outputs = served.engine.step()
+                return [out for ro in outputs for out in served.requests.outputs(ro)]
+        return []
 
     def abort(self, request_ids: list[str]) -> None:
-        sub_ids = [sub for rid in request_ids for sub in self.requests.forget(rid)]
-        if self.served is not None and sub_ids:
-            self.served.engine.abort_request(sub_ids)
+        for served in self.residents.values():
+            sub_ids = [sub for rid in request_ids for sub in served.requests.forget(rid)]
+            if sub_ids:
+                served.engine.abort_request(sub_ids)
 
 
 class _Requests:

