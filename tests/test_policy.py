@@ -1,111 +1,137 @@
-"""Unit tests of the placement and eviction policy (pure functions, fake slots)."""
+"""Unit tests of the pure placement and room-making decisions (policy.py)."""
 
-from wcd.daemon.policy import (DRAINING, IDLE, RESTARTING, SERVING, STARTING, SWAPPING,
-                               SlotView, choose_slot, expired, failures_in_a_row,
-                               next_evictable_at, restart_delay, serving_slot)
+from wcd.daemon.policy import (SERVING, SUSPENDED, ResidentView, Room, WorkerView,
+                               choose_worker, expired, failures_in_a_row, footprint_estimate,
+                               make_room, place, restart_delay)
 
-
-def slot(index, state=SERVING, model=None, active=0, last_used=0.0, tp=1, parked=(),
-         serves=None, loaded_at=0.0, waiting=0, incoming=None):
-    return SlotView(index, state, model, active, last_used, tp, parked, serves or (tp,),
-                    loaded_at, waiting, incoming)
+GIB = 1 << 30
 
 
-def test_serving_slot_finds_the_model_where_it_is_or_is_coming():
-    slots = [slot(0, model="a"), slot(1, SWAPPING, "b"), slot(2, DRAINING, "c")]
-    assert serving_slot(slots, "a").index == 0
-    assert serving_slot(slots, "b").index == 1
-    assert serving_slot(slots, "c") is None  # draining away from c
-    assert serving_slot(slots, "d") is None
+def resident(name, *, active=0, waiting=0, bytes=10, loaded_at=0.0, last_used=0.0,
+             state=SERVING, kv_bytes=5) -> ResidentView:
+    return ResidentView(name, state, active, waiting, bytes, loaded_at, last_used, kv_bytes)
 
 
-def test_serving_slot_finds_a_slot_draining_to_bring_the_model_in():
-    slots = [slot(0, model="a"), slot(1, DRAINING, "c", incoming="d")]
-    assert serving_slot(slots, "d").index == 1
-    assert serving_slot(slots, "c") is None
+def worker(index=0, *residents, budget=0, max_resident=4, serves=(1,), tp=1, parked=(),
+           available=True) -> WorkerView:
+    return WorkerView(index, available, serves, tp, tuple(residents), tuple(parked), budget,
+                      max_resident, can_suspend=tp == 1)
 
 
-def test_choose_slot_prefers_an_empty_worker():
-    slots = [slot(0, model="a", last_used=1), slot(1, IDLE), slot(2, IDLE)]
-    assert choose_slot(slots, "b").index == 1
+def room(w, need=10, *, now=100.0, since=100.0, quantum=2.0, min_resident=5.0, **kw):
+    return make_room(w, need, now=now, waited_since=since, quantum_s=quantum,
+                     min_resident_s=min_resident, **kw)
 
 
-def test_choose_slot_takes_the_least_recently_used_idle_one():
-    slots = [slot(0, model="a", last_used=5), slot(1, model="b", last_used=2),
-             slot(2, model="c", last_used=1, active=3)]
-    assert choose_slot(slots, "d").index == 1
+def test_a_model_that_fits_beside_the_residents_needs_no_room():
+    assert room(worker(0, resident("a", active=3), budget=100)) == Room(0)
 
 
-def test_choose_slot_spares_a_model_with_requests_waiting_for_it():
-    slots = [slot(0, model="a", last_used=1, waiting=2), slot(1, model="b", last_used=5)]
-    assert choose_slot(slots, "c").index == 1
+def test_the_most_resident_models_bound_a_worker_even_with_memory_free():
+    w = worker(0, resident("a", last_used=50), resident("b", last_used=10), max_resident=2)
+    assert room(w) == Room(0, evict=("b",))  # the least recently used idle one
 
 
-def test_a_request_does_not_evict_a_model_before_its_minimum_residence():
-    slots = [slot(0, model="a", loaded_at=98.0, last_used=1),
-             slot(1, model="b", loaded_at=90.0, last_used=9, active=1)]
-    request = dict(now=100.0, min_resident_s=5.0)
-    # The fresh model is spared even though the other one is in use.
-    assert choose_slot(slots, "c", **request).index == 1
-    assert choose_slot(slots[:1], "c", **request) is None  # the request waits
-    assert choose_slot(slots[:1], "c", now=103.0, min_resident_s=5.0).index == 0
-    # An empty worker has nothing to protect; an operator may evict anything.
-    assert choose_slot([slot(0, IDLE, loaded_at=99.0)], "c", **request).index == 0
-    assert choose_slot(slots[:1], "c").index == 0
+def test_memory_short_evicts_idle_residents_least_recently_used_first():
+    w = worker(0, resident("a", last_used=1), resident("b", last_used=2),
+               resident("c", last_used=3), budget=34)
+    assert room(w, need=15) == Room(0, evict=("a", "b"))
 
 
-def test_a_model_parked_on_a_fresh_worker_waits_like_any_other_eviction():
-    slots = [slot(0, model="a", loaded_at=99.0, parked=("c",)), slot(1, model="b")]
-    assert choose_slot(slots, "c", now=100.0, min_resident_s=5.0).index == 1
+def test_idle_suspended_residents_are_evicted_before_serving_ones():
+    w = worker(0, resident("a", last_used=1), resident("s", last_used=50, state=SUSPENDED),
+               max_resident=2, budget=25)
+    assert room(w, need=10) == Room(0, evict=("s",))
 
 
-def test_next_evictable_at_is_when_the_first_kept_model_may_go():
-    slots = [slot(0, model="a", loaded_at=97.0), slot(1, model="b", loaded_at=99.0),
-             slot(2, model="c", loaded_at=90.0), slot(3, IDLE),
-             slot(4, SWAPPING, "d", loaded_at=99.5)]
-    assert next_evictable_at(slots, 100.0, 5.0) == 102.0
-    assert next_evictable_at(slots[2:], 100.0, 5.0) is None
-    assert next_evictable_at(slots, 100.0, 0.0) is None
+def test_a_request_waits_for_a_fresh_model_to_come_of_age():
+    w = worker(0, resident("a", loaded_at=98.0), max_resident=1)
+    assert room(w, now=100.0) == Room(0, at=103.0)
+    assert room(w, now=104.0) == Room(0, evict=("a",))
+    assert room(w, now=100.0, min_resident=None) == Room(0, evict=("a",))  # an operator
 
 
-def test_choose_slot_waits_when_every_worker_is_busy():
-    slots = [slot(0, SWAPPING, "a"), slot(1, STARTING), slot(2, RESTARTING)]
-    assert choose_slot(slots, "b") is None
+def test_busy_residents_are_suspended_after_a_quantum_never_evicted_by_requests():
+    w = worker(0, resident("a", active=1, loaded_at=10.0), resident("b", active=1,
+                                                                    loaded_at=50.0),
+               max_resident=2)
+    assert room(w, now=100.0, since=99.0) == Room(0, at=101.0)
+    # The one serving longest goes first.
+    assert room(w, now=101.0, since=99.0) == Room(0, suspend="a")
 
 
-def test_choose_slot_only_takes_workers_of_the_models_tensor_parallel_size():
-    slots = [slot(0, IDLE), slot(1, SERVING, "big", last_used=5.0, tp=2),
-             slot(2, SERVING, "other", last_used=1.0, tp=2)]
-    assert choose_slot(slots, "huge", tensor_parallel_size=2).index == 2
-    assert choose_slot(slots, "small").index == 0
-    assert choose_slot(slots, "giant", tensor_parallel_size=4) is None
+def test_a_resident_serves_at_least_a_quantum_before_it_is_suspended():
+    w = worker(0, resident("a", active=1, loaded_at=99.5), max_resident=1)
+    assert room(w, now=100.0, since=90.0) == Room(0, at=101.5)
 
 
-def test_a_group_that_serves_smaller_models_is_chosen_after_the_workers_that_fit():
-    """A TP=2 group configured to serve TP=1 too: it takes a TP=1 model when it
-    is empty or the only choice, and is evicted last among equals."""
-    group = dict(tp=2, serves=(1, 2))
-    assert choose_slot([slot(0, IDLE, **group), slot(1, IDLE)], "small").index == 1
-    assert choose_slot([slot(0, IDLE, **group), slot(1, model="a", last_used=1.0)],
-                       "small").index == 0
-    assert choose_slot([slot(0, model="big", last_used=1.0, **group),
-                        slot(1, model="a", last_used=9.0)], "small").index == 1
-    assert choose_slot([slot(0, model="big", **group), slot(1, model="a", active=2)],
-                       "small").index == 0
-    assert choose_slot([slot(0, model="a", **group)], "small").index == 0
+def test_no_suspension_where_it_would_not_make_room():
+    # Suspending a frees its KV cache (5 bytes): not enough for 30 more.
+    w = worker(0, resident("a", active=1, bytes=10, kv_bytes=5), budget=20)
+    assert room(w, need=30, now=200.0, since=0.0) is None
 
 
-def test_choose_slot_goes_where_the_model_is_parked():
-    slots = [slot(0, IDLE), slot(1, SERVING, "a", last_used=9.0, parked=("b",))]
-    assert choose_slot(slots, "b").index == 1
-    assert choose_slot(slots, "c").index == 0
+def test_an_operator_drains_busy_residents_when_idle_ones_are_not_enough():
+    w = worker(0, resident("a", active=1, last_used=5), resident("b", last_used=9),
+               max_resident=2, budget=100)
+    assert room(w, need=95, min_resident=None) == Room(0, evict=("b", "a"))
+
+
+def test_a_group_drains_its_busy_resident_after_a_quantum_instead_of_suspending():
+    group = worker(0, resident("a", active=2), max_resident=1, tp=2, serves=(1, 2))
+    assert room(group, now=100.0, since=99.0) == Room(0, at=101.0)
+    assert room(group, now=101.0, since=99.0) == Room(0, evict=("a",))
+
+
+def test_a_suspended_model_resuming_is_not_its_own_victim():
+    w = worker(0, resident("s", state=SUSPENDED, active=1, last_used=0),
+               resident("a", last_used=5), max_resident=1)
+    assert room(w, exclude="s") == Room(0, evict=("a",))
+
+
+def test_place_prefers_a_fit_then_parked_then_the_smallest_worker():
+    full = worker(0, resident("a", last_used=1), max_resident=1)
+    free = worker(1, resident("b"), max_resident=2)
+    group = worker(2, max_resident=1, tp=2, serves=(1, 2))
+    args = dict(now=100.0, waited_since=100.0, quantum_s=2.0, min_resident_s=0.0)
+    assert place([full, free, group], "c", 1, 10, **args) == Room(1)
+    parked = worker(0, resident("a", last_used=1), max_resident=1, parked=("c",))
+    assert place([parked, group], "c", 1, 10, **args) == Room(0, evict=("a",))
+    assert place([full, group], "c", 1, 10, **args) == Room(2)  # no eviction beats size
+    assert place([full, group], "w", 2, 10, **args) == Room(2)
+
+
+def test_place_skips_busy_workers_and_those_of_another_size():
+    busy = worker(0, available=False)
+    other = worker(1, serves=(2,), tp=2)
+    assert place([busy, other], "c", 1, 10, now=0.0, waited_since=0.0, quantum_s=1.0,
+                 min_resident_s=0.0) is None
+
+
+def test_choose_worker_for_an_operators_swap():
+    idle = worker(0, resident("a", last_used=5))
+    empty = worker(1)
+    parked = worker(2, resident("b"), parked=("c",))
+    assert choose_worker([idle, empty, parked], "c", 1).index == 2
+    assert choose_worker([idle, empty], "c", 1).index == 1
+    busy = worker(1, resident("b", active=1, last_used=1))
+    assert choose_worker([idle, busy], "c", 1).index == 0
+
+
+def test_footprint_estimate_before_the_first_load():
+    assert footprint_estimate(100, {"kv_cache_memory_bytes": 50}, "cpu", 0) == 150
+    assert footprint_estimate(100, {}, "cpu", 0) == 100 + 4 * GIB
+    assert footprint_estimate(GIB, {}, "cuda", 100 * GIB) == 90 * GIB
+    assert footprint_estimate(GIB, {"gpu_memory_utilization": 0.3}, "cuda",
+                              100 * GIB) == 30 * GIB
 
 
 def test_expired_honours_keep_alive_and_activity():
-    slots = [slot(0, model="a", last_used=0), slot(1, model="b", last_used=0, active=1),
-             slot(2, model="c", last_used=95), slot(3, model="forever", last_used=0)]
-    keep = {"a": 60, "b": 60, "c": 60, "forever": 0}
-    assert [s.index for s in expired(slots, 100, keep.get)] == [0]
+    w = worker(0, resident("a", last_used=0), resident("b", last_used=0, active=1),
+               resident("c", last_used=95), resident("forever", last_used=0),
+               resident("s", last_used=0, state=SUSPENDED))
+    keep = {"a": 60, "b": 60, "c": 60, "forever": 0, "s": 60}
+    assert [r.name for r in expired(w, 100, keep.get)] == ["a", "s"]
 
 
 def test_restart_delay_backs_off_exponentially_to_a_cap():

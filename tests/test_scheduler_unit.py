@@ -56,28 +56,54 @@ class FakeProcess:
 
 
 class FakeWorker:
+    """Keeps resident models as a worker would: in the order they came in,
+    suspended or not."""
+
     def __init__(self, fleet: Fleet, options: WorkerOptions, pid: int):
         self.fleet = fleet
         self.options = options
         self.pid = pid
         self.process = FakeProcess()
-        self.ready = p.Ready(pid, "cpu", p.PROTOCOL_VERSION, "fake", "fake", 0.0)
-        self.model: str | None = None
+        self.ready = p.Ready(pid, "cpu", p.PROTOCOL_VERSION, "fake", "fake", 0.0,
+                             memory_bytes=fleet.memory_bytes)
+        self.models: list[str] = []
+        self.suspended: set[str] = set()
         self._ops = itertools.count(1)
 
-    async def swap(self, model: p.ModelSpec, *, drain_timeout_s: float, force: bool,
-                   on_phase=None) -> p.OpDone:
+    @property
+    def model(self) -> str | None:
+        """The model that came in last (one-model tests)."""
+        return self.models[-1] if self.models else None
+
+    def residents(self) -> list[p.Resident]:
+        return [p.Resident(name, self.fleet.footprint(name, name in self.suspended), 0,
+                           name in self.suspended) for name in self.models]
+
+    async def swap(self, model: p.ModelSpec, *, replace=(), drain_timeout_s: float,
+                   force: bool, on_phase=None) -> p.OpDone:
         self.fleet.swaps.append(model.name)
         await self.fleet.swap_gate.wait()
-        self.model = model.name
-        return p.OpDone(next(self._ops), model.name, "rebuild", {"build": 0.0}, 0.0, "disk")
+        self.models = [m for m in self.models if m not in replace]
+        path = "resume" if model.name in self.suspended else "rebuild"
+        self.suspended.discard(model.name)
+        if model.name not in self.models:
+            self.models.append(model.name)
+        return p.OpDone(next(self._ops), model.name, path, {"build": 0.0}, 0.0,
+                        self.residents(), "disk")
 
-    async def unload(self, *, drain_timeout_s: float, force: bool, on_phase=None) -> p.OpDone:
-        self.model = None
-        return p.OpDone(next(self._ops), None, "unload", {}, 0.0)
+    async def unload(self, models, *, drain_timeout_s: float, force: bool,
+                     on_phase=None) -> p.OpDone:
+        self.models = [m for m in self.models if m not in models]
+        self.suspended -= set(models)
+        return p.OpDone(next(self._ops), None, "unload", {}, 0.0, self.residents())
+
+    async def suspend(self, model: str, *, on_phase=None) -> p.OpDone:
+        self.fleet.suspensions.append(model)
+        self.suspended.add(model)
+        return p.OpDone(next(self._ops), model, "suspend", {}, 0.0, self.residents())
 
     async def ping(self, timeout_s: float) -> p.Pong:
-        return p.Pong(0, self.model, None)
+        return p.Pong(0, self.residents(), None)
 
     async def stop(self) -> int:
         self.process.exit(0)
@@ -96,10 +122,17 @@ class Fleet:
         self.workers: list[FakeWorker] = []
         self.started_at: list[float] = []
         self.swaps: list[str] = []
+        self.suspensions: list[str] = []
+        self.memory_bytes = 0  # what workers say residents may use; 0: no limit
+        self.footprints: dict[str, int] = {}  # a model's bytes; its KV cache is half
         self.swap_gate = asyncio.Event()  # cleared: swaps hang in the worker
         self.swap_gate.set()
         self.start_gate = asyncio.Event()  # cleared: workers take their time to start
         self.start_gate.set()
+
+    def footprint(self, model: str, suspended: bool) -> int:
+        size = self.footprints.get(model, 0)
+        return size // 2 if suspended else size
 
     async def __call__(self, options: WorkerOptions) -> FakeWorker:
         await self.start_gate.wait()
@@ -114,8 +147,10 @@ def make_settings(tmp_path, preload=("a",), workers=({"device": "cpu"},), **poli
     for name in MODELS:
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name / "config.json").write_text("{}")
+    # One model per worker unless a test says otherwise: most tests here are
+    # about draining and swapping.
     policy = {"min_resident": 0, "queue_wait": 2, "drain_timeout": 10,
-              "health_interval": 10, **policy}
+              "health_interval": 10, "max_resident": 1, **policy}
     return parse_settings({"workers": list(workers), "model_roots": [str(root)],
                            "models": {n: {"path": str(root / n)} for n in MODELS},
                            "preload": list(preload), "policy": policy},
@@ -209,6 +244,11 @@ async def test_a_request_kept_by_min_resident_loads_when_the_time_is_up(tmp_path
         assert running.fleet.swaps == ["a", "b"]
 
 
+# A tensor-parallel group keeps one engine and never suspends: a request for
+# another model drains the busy one, at once with preempt_after 0.
+GROUP = ({"device": "cpu", "tensor_parallel_size": 2, "serves_tensor_parallel_sizes": [1, 2]},)
+
+
 async def drain_for_b(running: Running) -> None:
     await eventually(lambda: running.worker()["state"] == "draining")
     assert running.fleet.swaps == ["a"]
@@ -216,7 +256,7 @@ async def drain_for_b(running: Running) -> None:
 
 @run_async
 async def test_a_cancelled_request_cancels_the_swap_it_was_waiting_for(tmp_path):
-    async with Running(tmp_path) as running:
+    async with Running(tmp_path, workers=GROUP, preempt_after=0) as running:
         async with running.scheduler.lease("a"):  # a request in flight: b must drain it
             lease_b = asyncio.create_task(running.lease_once("b"))
             await drain_for_b(running)
@@ -233,7 +273,7 @@ async def test_a_cancelled_request_cancels_the_swap_it_was_waiting_for(tmp_path)
 
 @run_async
 async def test_a_request_that_times_out_cancels_the_swap_it_was_waiting_for(tmp_path):
-    async with Running(tmp_path, queue_wait=0.1) as running:
+    async with Running(tmp_path, queue_wait=0.1, workers=GROUP, preempt_after=0) as running:
         async with running.scheduler.lease("a"):
             with pytest.raises(errors.Unavailable):
                 await running.lease_once("b")
@@ -244,7 +284,7 @@ async def test_a_request_that_times_out_cancels_the_swap_it_was_waiting_for(tmp_
 
 @run_async
 async def test_the_swap_stays_while_another_request_still_waits_for_it(tmp_path):
-    async with Running(tmp_path) as running:
+    async with Running(tmp_path, workers=GROUP, preempt_after=0) as running:
         async with running.scheduler.lease("a"):
             first = asyncio.create_task(running.lease_once("b"))
             await drain_for_b(running)
@@ -369,12 +409,13 @@ async def test_health_reports_are_applied_by_the_owner_for_the_current_worker_on
         worker = running.fleet.workers[0]
 
         async def ping(timeout_s: float) -> p.Pong:
-            return p.Pong(0, worker.model, None, running=3,
+            return p.Pong(0, [p.Resident(worker.model, 5, running=3)], None,
                           parked=[p.CachedModel("b", 7)], device_bytes=11)
 
         worker.ping = ping
         await eventually(lambda: running.worker()["running"] == 3)
         assert running.worker()["device_bytes"] == 11
+        assert running.worker()["residents"][0]["bytes"] == 5
         worker.process.exit(1)
         await eventually(lambda: len(running.fleet.workers) == 2)
         # The dead worker's figures went with it; the new one reports its own.
@@ -399,3 +440,52 @@ async def test_a_swap_asked_for_while_workers_start_waits_on_one_of_its_size(tmp
         assert (done["model"], done["worker"]) == ("a", 1)
     finally:
         await running.scheduler.stop()
+
+
+# ---- several models resident on one worker ------------------------------------------------
+
+
+def residents(running: Running) -> dict[str, str]:
+    return {r["model"]: r["state"] for r in running.worker()["residents"]}
+
+
+@run_async
+async def test_a_second_model_comes_in_beside_a_busy_one_without_draining_it(tmp_path):
+    async with Running(tmp_path, max_resident=2) as running:
+        async with running.scheduler.lease("a"):  # in flight throughout
+            assert await asyncio.wait_for(running.lease_once("b"), 0.5) == "b"
+            assert residents(running) == {"a": "serving", "b": "serving"}
+        assert running.fleet.swaps == ["a", "b"]
+        assert running.fleet.workers[0].models == ["a", "b"]
+        assert running.fleet.suspensions == []
+
+
+@run_async
+async def test_a_busy_resident_is_suspended_after_the_quantum_then_resumed(tmp_path):
+    async with Running(tmp_path, max_resident=1, preempt_after=0.1) as running:
+        async with running.scheduler.lease("a") as lease_a:
+            started = time.monotonic()
+            async with running.scheduler.lease("b") as lease_b:
+                # b waited the quantum, then a was suspended, not drained: its
+                # lease (its request in flight) is still held.
+                assert time.monotonic() - started >= 0.1
+                assert running.fleet.suspensions == ["a"]
+                assert residents(running) == {"a": "suspended", "b": "serving"}
+                assert lease_b.slot == lease_a.slot == 0
+            # b idle: a, whose request is in flight, comes back at once, and
+            # b leaves (one model at a time here).
+            await eventually(lambda: residents(running) == {"a": "serving"})
+        assert running.fleet.swaps == ["a", "b", "a"]
+        assert running.fleet.workers[0].models == ["a"]
+        await eventually(lambda: running.worker()["active"] == 0)
+
+
+@run_async
+async def test_every_resident_comes_back_after_a_worker_death(tmp_path):
+    async with Running(tmp_path, max_resident=2, restart_backoff_min=0.01) as running:
+        assert await running.lease_once("b") == "b"
+        running.fleet.workers[0].process.exit(1)
+        await eventually(lambda: len(running.fleet.workers) == 2
+                         and residents(running) == {"a": "serving", "b": "serving"})
+        assert running.fleet.workers[1].models == ["a", "b"]
+        assert running.worker()["restarts"] == 1

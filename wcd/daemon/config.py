@@ -142,6 +142,14 @@ class PolicySettings:
     on_demand: bool = True
     # How long a model stays before an OpenAI request may evict it (wcctl may always).
     min_resident_s: float = 5.0
+    # Models a worker keeps resident and steps side by side (a tensor-parallel
+    # group: one), and the bytes their footprints may take on it (0: 90% of
+    # the device's memory; the host's available memory on CPU).
+    max_resident: int = 4
+    worker_memory_bytes: int = 0
+    # How long busy residents may keep a waiting model out before one of
+    # them is suspended (its requests preempted, resumed later) to make room.
+    preempt_after_s: float = 2.0
     # A chat template render on a worker's main thread that runs longer is
     # aborted (the request gets 400); an engine step that runs longer restarts
     # the worker: nothing may hold a worker silently.
@@ -332,7 +340,8 @@ _POLICY_KEYS = (
     "keep_alive", "max_parked", "park_min_free_bytes", "host_cache_bytes", "queue_max", "queue_wait", "drain_timeout",
     "health_interval", "health_timeout", "restart_backoff_min", "restart_backoff_max",
     "worker_ready_timeout", "stop_timeout", "restart_backoff_reset", "on_demand", "min_resident",
-    "render_timeout", "step_timeout",
+    "render_timeout", "step_timeout", "max_resident", "worker_memory_bytes",
+    "preempt_after",
 )
 # Keys that look at home in `defaults` but are wcd's, not vLLM's: refused there
 # rather than handed to vLLM, which would fail every load with them.
@@ -479,6 +488,9 @@ def _parse_policy(section: _Reader) -> PolicySettings:
                                             d.restart_backoff_reset_s),
         on_demand=section.get("on_demand", _bool, d.on_demand),
         min_resident_s=section.get("min_resident", parse_duration, d.min_resident_s),
+        max_resident=section.get("max_resident", _positive_int, d.max_resident),
+        worker_memory_bytes=section.get("worker_memory_bytes", _count, d.worker_memory_bytes),
+        preempt_after_s=section.get("preempt_after", parse_duration, d.preempt_after_s),
         render_timeout_s=section.get("render_timeout", _positive_duration, d.render_timeout_s),
         step_timeout_s=section.get("step_timeout", _positive_duration, d.step_timeout_s),
     )

@@ -55,7 +55,7 @@ class Metrics:
                                     registry=r)
 
     def track(self, queue_length: Callable[[], int],
-              resident: Callable[[], list[tuple[int, str]]],
+              resident: Callable[[], list[dict]],
               cached_bytes: Callable[[], int]) -> None:
         """Gauges read at scrape time from the state's owner."""
         self.registry.register(_StateCollector(queue_length, resident, cached_bytes))
@@ -122,7 +122,7 @@ class RequestTimer:
 
 class _StateCollector:
     def __init__(self, queue_length: Callable[[], int],
-                 resident: Callable[[], list[tuple[int, str]]],
+                 resident: Callable[[], list[dict]],
                  cached_bytes: Callable[[], int]):
         self.queue_length = queue_length
         self.resident = resident
@@ -131,11 +131,23 @@ class _StateCollector:
     def collect(self):
         yield GaugeMetricFamily("wcd_queue_requests", "Requests waiting for a model",
                                 value=self.queue_length())
-        models = GaugeMetricFamily("wcd_resident_models", "Models served, by worker",
-                                   labels=["model", "worker"])
-        for worker, model in self.resident():
-            models.add_metric([model, str(worker)], 1)
-        yield models
+        labels = ["model", "worker"]
+        models = GaugeMetricFamily("wcd_resident_models", "Models resident on a worker, by "
+                                   "state (serving, draining, suspended)",
+                                   labels=[*labels, "state"])
+        footprint = GaugeMetricFamily("wcd_resident_bytes", "A resident model's footprint: "
+                                      "weights plus KV cache", labels=labels)
+        running = GaugeMetricFamily("wcd_resident_running_requests",
+                                    "Requests in flight on a resident model", labels=labels)
+        waiting = GaugeMetricFamily("wcd_resident_waiting_requests",
+                                    "Requests waiting for a resident model", labels=labels)
+        for r in self.resident():
+            key = [r["model"], str(r["worker"])]
+            models.add_metric([*key, r["state"]], 1)
+            footprint.add_metric(key, r["bytes"])
+            running.add_metric(key, r["running"])
+            waiting.add_metric(key, r["waiting"])
+        yield from (models, footprint, running, waiting)
         yield GaugeMetricFamily("wcd_host_cache_bytes",
                                 "Bytes of model snapshots in the workers' host caches",
                                 value=self.cached_bytes())

@@ -1,91 +1,240 @@
-"""Placement and eviction decisions as pure functions of a snapshot of the
-workers, so they are unit-tested without processes (tests/test_policy.py)."""
+"""Placement, room-making and eviction decisions as pure functions of a
+snapshot of the workers, so they are unit-tested without processes
+(tests/test_policy.py). The scheduler's state machine asks; it alone acts.
+
+A worker holds several resident models. A model comes in where its
+footprint (weights plus KV cache, measured at its first load, estimated
+before) fits beside the residents under the worker's memory budget and its
+most resident models. Room is made from idle residents first (least recently
+used first, never one younger than its minimum residence when a request
+asks); busy residents are never evicted by requests: once a waiting model has
+waited a quantum, a busy resident that has served at least a quantum is
+suspended instead (its requests preempted and resumed later, no work lost).
+Idle residents are evicted, never suspended.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-# Worker slot states, as the scheduler keeps them.
-STARTING, IDLE, SERVING, DRAINING, SWAPPING, RESTARTING = (
-    "starting", "idle", "serving", "draining", "swapping", "restarting")
+# A model's life on a worker.
+LOADING, SERVING, DRAINING, LEAVING, SUSPENDING, SUSPENDED = (
+    "loading", "serving", "draining", "leaving", "suspending", "suspended")
+# A worker's life.
+STARTING, READY, RESTARTING = "starting", "ready", "restarting"
+# Estimates for a model never loaded, before its footprint is measured.
+CPU_DEFAULT_KV_BYTES = 4 << 30  # vLLM's CPU default KV cache space (VLLM_CPU_KVCACHE_SPACE)
+GPU_DEFAULT_UTILIZATION = 0.9  # vLLM's gpu_memory_utilization default
 
 
 @dataclass(frozen=True)
-class SlotView:
-    index: int
+class ResidentView:
+    name: str
     state: str
-    model: str | None  # served, or being swapped to
-    active: int  # requests in flight
+    active: int  # leases held
+    waiting: int  # requests queued for it
+    bytes: int  # its footprint now (weights only while suspended, usually)
+    loaded_at: float  # when it last began serving (loaded or resumed)
     last_used: float
-    tensor_parallel_size: int = 1  # of the worker (group)
-    parked: tuple[str, ...] = ()  # models parked on the worker's device
-    serves: tuple[int, ...] = (1,)  # tensor-parallel sizes of the models it may serve
-    loaded_at: float = 0.0  # when the served model's swap finished
-    waiting: int = 0  # requests queued for the served model
-    incoming: str | None = None  # the model a draining slot will swap to
+    kv_bytes: int = 0  # what suspending it would free
+
+    @property
+    def busy(self) -> bool:
+        return self.active > 0 or self.waiting > 0
 
 
-def serving_slot(slots: Sequence[SlotView], model: str) -> SlotView | None:
-    """The slot that serves `model` or is bringing it in (swapping to it, or
-    draining its current model to swap to it)."""
-    return next((s for s in slots if s.state != RESTARTING and (
-        s.incoming == model if s.state == DRAINING else s.model == model)), None)
+@dataclass(frozen=True)
+class WorkerView:
+    index: int
+    available: bool  # ready, with no operation under way or queued
+    serves: tuple[int, ...]  # tensor-parallel sizes of the models it may serve
+    tensor_parallel_size: int = 1
+    residents: tuple[ResidentView, ...] = ()
+    parked: tuple[str, ...] = ()
+    budget_bytes: int = 0  # 0: no memory limit known
+    max_resident: int = 1
+    can_suspend: bool = True  # a tensor-parallel group keeps one engine and never suspends
+
+    def stepped(self) -> list[ResidentView]:
+        """Residents that take part in stepping (not suspended)."""
+        return [r for r in self.residents if r.state not in (SUSPENDED, SUSPENDING)]
+
+    def used_bytes(self) -> int:
+        return sum(r.bytes for r in self.residents)
 
 
-def choose_slot(slots: Sequence[SlotView], model: str, tensor_parallel_size: int = 1, *,
-                now: float = 0.0, min_resident_s: float | None = None) -> SlotView | None:
-    """Where to bring `model` in: among workers that serve its tensor-parallel
-    size, one that has it parked, else an empty one, else the least recently
-    used one, preferring those with no request in flight or waiting. Among
-    equals the smallest worker, so a group stays free for the models that need
-    all of it. None: all busy.
+@dataclass(frozen=True)
+class Room:
+    """How to bring a model in on `worker`: `evict` (idle residents, or busy
+    ones drained where nothing else works) leave in the same operation; or
+    first `suspend` one resident and decide again. `at`: nothing to do yet,
+    look again then."""
 
-    `min_resident_s` is given for a load that a request asks for (an
-    operator's may evict anything): then no model is evicted that came in less
-    than `min_resident_s` before `now`, so one client alternating models cannot
-    take a worker from under the others' feet faster than that; the request
-    waits instead (None)."""
-    candidates = [s for s in slots if s.state in (IDLE, SERVING)
-                  and tensor_parallel_size in s.serves]
-    if min_resident_s is not None:
-        candidates = [s for s in candidates if not too_new(s, now, min_resident_s)]
-    parked = [s for s in candidates if model in s.parked]
-    if parked:
-        return min(parked, key=in_use)
-    empty = [s for s in candidates if s.model is None]
-    if empty:
-        return min(empty, key=lambda s: s.tensor_parallel_size)
+    worker: int
+    evict: tuple[str, ...] = ()
+    suspend: str | None = None
+    at: float | None = None
+
+
+def footprint_estimate(disk_bytes: int, engine_args: dict, device: str,
+                       memory_bytes: int) -> int:
+    """A model's footprint before its first load: its weights plus the KV
+    cache its engine args ask for (vLLM's default where they do not)."""
+    kv = engine_args.get("kv_cache_memory_bytes")
+    if isinstance(kv, int) and kv > 0:
+        return disk_bytes + kv
+    if device == "cuda":
+        share = engine_args.get("gpu_memory_utilization", GPU_DEFAULT_UTILIZATION)
+        return max(disk_bytes, int(share * memory_bytes))
+    return disk_bytes + CPU_DEFAULT_KV_BYTES
+
+
+def fits(worker: WorkerView, need: int, leaving: Sequence[ResidentView] = ()) -> bool:
+    gone = {r.name for r in leaving}
+    stepped = [r for r in worker.stepped() if r.name not in gone]
+    if len(stepped) >= worker.max_resident:
+        return False
+    used = worker.used_bytes() - sum(r.bytes for r in leaving)
+    return worker.budget_bytes <= 0 or used + need <= worker.budget_bytes
+
+
+def make_room(worker: WorkerView, need: int, *, now: float, waited_since: float,
+              quantum_s: float, min_resident_s: float | None,
+              exclude: str | None = None) -> Room | None:
+    """How `worker` takes a model needing `need` bytes that has waited since
+    `waited_since`; None: it cannot now, nor at a time known in advance.
+
+    `min_resident_s` None: an operator asks, and may evict any idle resident
+    and drain busy ones (least recently used first). `exclude`: the model
+    itself (a suspended resident resuming is not its own victim)."""
+    if fits(worker, need):
+        return Room(worker.index)
+    # Suspended residents nobody waits for go first: no work is lost.
+    idle = sorted((r for r in worker.residents if r.state in (SERVING, SUSPENDED)
+                   and r.name != exclude and not r.busy),
+                  key=lambda r: (r.state != SUSPENDED, r.last_used))
+    serving = sorted((r for r in worker.residents if r.state == SERVING and r.name != exclude),
+                     key=lambda r: r.last_used)
+    evictable = [r for r in idle if min_resident_s is None
+                 or not too_new(r, now, min_resident_s)]
+    victims: list[ResidentView] = []
+    for resident in evictable:
+        victims.append(resident)
+        if fits(worker, need, victims):
+            return Room(worker.index, evict=tuple(r.name for r in victims))
+    if min_resident_s is None:
+        # An operator's load drains busy residents too, as a swap does.
+        for resident in (r for r in serving if r.busy):
+            victims.append(resident)
+            if fits(worker, need, victims):
+                return Room(worker.index, evict=tuple(r.name for r in victims))
+        return None
+    return _suspend_for(worker, need, now, waited_since, quantum_s, min_resident_s, serving)
+
+
+def _suspend_for(worker: WorkerView, need: int, now: float, waited_since: float,
+                 quantum_s: float, min_resident_s: float,
+                 serving: list[ResidentView]) -> Room | None:
+    """Room by suspending a busy resident, one at a time (the one serving
+    longest first), once the model waited a quantum and the victim served
+    one; else the time something changes: a quantum ends, or an idle
+    resident comes of age and may be evicted. Idle residents are never
+    suspended: suspended models keep their weights, and only work in flight
+    is worth keeping that way."""
+    if not worker.can_suspend:
+        return _drain_in_a_group(worker, need, now, waited_since, quantum_s, serving)
+    times = [r.loaded_at + min_resident_s for r in serving if not r.busy]
+    busy = sorted((r for r in serving if r.busy), key=lambda r: r.loaded_at)
+    if busy and _suspension_helps(worker, need, busy):
+        victim = busy[0]
+        at = max(waited_since, victim.loaded_at) + quantum_s
+        if at <= now:
+            return Room(worker.index, suspend=victim.name)
+        times.append(at)
+    return Room(worker.index, at=min(times)) if times else None
+
+
+def _suspension_helps(worker: WorkerView, need: int,
+                      candidates: Sequence[ResidentView]) -> bool:
+    """Whether suspending every candidate would make room: fewer engines
+    stepped, and their KV caches freed."""
+    stepped = len(worker.stepped()) - len(candidates)
+    used = worker.used_bytes() - sum(r.kv_bytes for r in candidates)
+    return stepped < worker.max_resident and (worker.budget_bytes <= 0
+                                              or used + need <= worker.budget_bytes)
+
+
+def _drain_in_a_group(worker: WorkerView, need: int, now: float, waited_since: float,
+                      quantum_s: float, serving: list[ResidentView]) -> Room | None:
+    """A tensor-parallel group keeps one engine: after a quantum its busy
+    resident drains (its requests finish, bounded by the drain timeout)."""
+    if not serving:
+        return None
+    at = waited_since + quantum_s
+    if at > now:
+        return Room(worker.index, at=at)
+    return Room(worker.index, evict=tuple(r.name for r in serving))
+
+
+def place(workers: Sequence[WorkerView], model: str, tensor_parallel_size: int, need: int, *,
+          now: float, waited_since: float, quantum_s: float,
+          min_resident_s: float | None) -> Room | None:
+    """Where to bring `model` in, among available workers that serve its
+    tensor-parallel size: one that has it parked, else one where it fits as
+    is, else one where idle residents make room, else one where a suspension
+    will. Among equals the smallest worker, so a group stays free for the
+    models that need all of it. A Room with `at` only: look again then."""
+    rooms = []
+    for worker in workers:
+        if not worker.available or tensor_parallel_size not in worker.serves:
+            continue
+        room = make_room(worker, need, now=now, waited_since=waited_since,
+                         quantum_s=quantum_s, min_resident_s=min_resident_s)
+        if room is not None:
+            rooms.append((worker, room))
+    if not rooms:
+        return None
+
+    def rank(item: tuple[WorkerView, Room]) -> tuple:
+        worker, room = item
+        waits = room.at is not None
+        costs = (room.suspend is not None, len(room.evict),
+                 sum(r.busy for r in worker.residents if r.name in room.evict))
+        return (waits, model not in worker.parked, costs, worker.tensor_parallel_size,
+                min((r.last_used for r in worker.residents), default=0.0))
+
+    return min(rooms, key=rank)[1]
+
+
+def choose_worker(workers: Sequence[WorkerView], model: str, tensor_parallel_size: int
+                  ) -> WorkerView | None:
+    """The worker an operator's swap replaces the residents of: one that has
+    `model` parked, else an empty one, else the least recently used, idle
+    first; among equals the smallest."""
+    candidates = [w for w in workers if tensor_parallel_size in w.serves]
     if not candidates:
         return None
-    return min(candidates, key=lambda s: (in_use(s), s.tensor_parallel_size, s.last_used))
+
+    def rank(worker: WorkerView) -> tuple:
+        return (model not in worker.parked, bool(worker.residents),
+                any(r.busy for r in worker.residents), worker.tensor_parallel_size,
+                max((r.last_used for r in worker.residents), default=0.0))
+
+    return min(candidates, key=rank)
 
 
-def in_use(slot: SlotView) -> bool:
-    return slot.active > 0 or slot.waiting > 0
+def too_new(resident: ResidentView, now: float, min_resident_s: float) -> bool:
+    """Whether a resident has not yet stayed its minimum time."""
+    return now - resident.loaded_at < min_resident_s
 
 
-def too_new(slot: SlotView, now: float, min_resident_s: float) -> bool:
-    """Whether the slot's model has not yet stayed its minimum time."""
-    return slot.model is not None and now - slot.loaded_at < min_resident_s
-
-
-def next_evictable_at(slots: Sequence[SlotView], now: float,
-                      min_resident_s: float) -> float | None:
-    """The earliest time a model now kept by its minimum residence may be
-    evicted by a request: when to look again at the requests that wait for a
-    slot. None: no model is kept that way."""
-    times = [s.loaded_at + min_resident_s for s in slots
-             if s.state == SERVING and too_new(s, now, min_resident_s)]
-    return min(times, default=None)
-
-
-def expired(slots: Sequence[SlotView], now: float,
-            keep_alive_of: Callable[[str], float]) -> list[SlotView]:
-    """Serving slots idle for longer than their model's keep-alive (0: forever)."""
-    return [s for s in slots
-            if s.state == SERVING and s.model is not None and s.active == 0
-            and keep_alive_of(s.model) > 0 and now - s.last_used > keep_alive_of(s.model)]
+def expired(worker: WorkerView, now: float,
+            keep_alive_of: Callable[[str], float]) -> list[ResidentView]:
+    """Residents idle for longer than their keep-alive (0: forever)."""
+    return [r for r in worker.residents
+            if r.state in (SERVING, SUSPENDED) and not r.busy
+            and keep_alive_of(r.name) > 0 and now - r.last_used > keep_alive_of(r.name)]
 
 
 def failures_in_a_row(previous: int, up_s: float | None, reset_after_s: float) -> int:

@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 class WorkerError(Exception):
     """A worker reported a failure as data."""
 
-    def __init__(self, error: p.ErrorInfo, serving: str | None = None,
+    def __init__(self, error: p.ErrorInfo, residents: list[p.Resident] | None = None,
                  phases: dict[str, float] | None = None):
         super().__init__(error.message)
         self.error = error
-        self.serving = serving
+        self.residents = residents  # what the worker serves after the failure; None: unknown
         self.phases = phases or {}
 
 
@@ -188,17 +188,25 @@ class WorkerProcess:
 
     # ---- operations ------------------------------------------------------------------
 
-    async def swap(self, model: p.ModelSpec, *, drain_timeout_s: float = 30.0,
-                   force: bool = False,
+    async def swap(self, model: p.ModelSpec, *, replace: list[str] = (),
+                   drain_timeout_s: float = 30.0, force: bool = False,
                    on_phase: Callable[[p.Phase], None] | None = None) -> p.OpDone:
+        """Make `model` resident, `replace` leaving first (protocol.Swap)."""
         op_id = next(self._op_ids)
-        return await self._operation(op_id, p.Swap(op_id, model, drain_timeout_s, force),
-                                     on_phase)
+        return await self._operation(
+            op_id, p.Swap(op_id, model, list(replace), drain_timeout_s, force), on_phase)
 
-    async def unload(self, *, drain_timeout_s: float = 30.0, force: bool = False,
+    async def unload(self, models: list[str], *, drain_timeout_s: float = 30.0,
+                     force: bool = False,
                      on_phase: Callable[[p.Phase], None] | None = None) -> p.OpDone:
         op_id = next(self._op_ids)
-        return await self._operation(op_id, p.Unload(op_id, drain_timeout_s, force), on_phase)
+        return await self._operation(
+            op_id, p.Unload(op_id, list(models), drain_timeout_s, force), on_phase)
+
+    async def suspend(self, model: str, *,
+                      on_phase: Callable[[p.Phase], None] | None = None) -> p.OpDone:
+        op_id = next(self._op_ids)
+        return await self._operation(op_id, p.Suspend(op_id, model), on_phase)
 
     async def stats(self) -> p.Stats:
         op_id = next(self._op_ids)
@@ -216,7 +224,7 @@ class WorkerProcess:
                     if on_phase is not None:
                         on_phase(event)
                 elif isinstance(event, p.OpFailed):
-                    raise WorkerError(event.error, event.serving, event.phases)
+                    raise WorkerError(event.error, event.residents, event.phases)
                 elif isinstance(event, p.ErrorInfo):
                     raise WorkerGone(event)
                 else:

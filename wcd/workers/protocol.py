@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
@@ -51,19 +51,41 @@ ERROR_KINDS = (BAD_MODEL, BAD_ARGS, OUT_OF_MEMORY, NOT_LOADED, ABORTED, BUSY, IN
 
 
 class Swap(msgspec.Struct, tag="swap", frozen=True):
-    """Serve `model`, replacing whatever the worker serves now (a load into an
-    empty worker is a swap from nothing)."""
+    """Make `model` resident: served beside the worker's other residents.
+
+    The residents named in `replace` leave first (drained: their requests
+    finish, bounded by `drain_timeout_s`, or are aborted when `force`), while
+    every other resident keeps serving. A model of the same shape as the one
+    resident it replaces reloads in place; a parked one unparks; a suspended
+    one resumes, its requests continuing where they stopped."""
 
     op_id: int
     model: ModelSpec
+    replace: list[str] = []
     drain_timeout_s: float = 30.0
-    force: bool = False  # abort in-flight requests instead of draining them
+    force: bool = False
 
 
 class Unload(msgspec.Struct, tag="unload", frozen=True):
+    """The residents named in `models` leave (drained as for Swap), parked
+    where the worker's parking policy allows, else released."""
+
     op_id: int
+    models: list[str]
     drain_timeout_s: float = 30.0
     force: bool = False
+
+
+class Suspend(msgspec.Struct, tag="suspend", frozen=True):
+    """Make room without losing work: at a step boundary the resident's
+    running requests are preempted (vLLM's preemption by recompute: back to
+    its waiting queue with what they generated) and its KV cache is released;
+    its weights stay. It is stepped no more until a Swap of the same model
+    resumes it; every request then completes with the output it would have
+    had."""
+
+    op_id: int
+    model: str
 
 
 class Prompt(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -118,14 +140,16 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     pass
 
 
-Command = Union[Swap, Unload, Generate, Abort, GetStats, Ping, Shutdown]
+Command = Union[Swap, Unload, Suspend, Generate, Abort, GetStats, Ping, Shutdown]
 
 
 # ---- events: worker -> daemon ---------------------------------------------------
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):
-    """Sent once, after torch and vLLM are imported and the device initialised."""
+    """Sent once, after torch and vLLM are imported and the device initialised.
+    `memory_bytes`: what its residents may use at most: the device's memory
+    (CUDA), or the host's available memory at start (CPU)."""
 
     pid: int
     device: str
@@ -134,21 +158,33 @@ class Ready(msgspec.Struct, tag="ready", frozen=True):
     torch_version: str
     startup_s: float
     group_pids: list[int] = []  # the followers of a tensor-parallel group
+    memory_bytes: int = 0
 
 
 class CachedModel(msgspec.Struct, frozen=True):
-    """A model a worker holds besides the one it serves: a snapshot in its
-    host cache, or a parked engine on its device."""
+    """A model a worker holds besides its residents: a snapshot in its host
+    cache, or a parked engine on its device."""
 
     name: str
     bytes: int
 
 
+class Resident(msgspec.Struct, frozen=True):
+    """A model a worker serves. `bytes`: its footprint on the device, its
+    weights plus its KV cache (without the KV cache while suspended, unless
+    CUDA graphs hold its addresses); `running`: its requests in the engine;
+    `suspended`: preempted by Suspend, waiting for a Swap to resume it."""
+
+    name: str
+    bytes: int
+    running: int = 0
+    suspended: bool = False
+
+
 class Pong(msgspec.Struct, tag="pong", frozen=True):
     seq: int
-    model: str | None
-    busy: str | None  # the operation under way ("swap", "unload"), if any
-    running: int = 0  # requests in the engine: shows that an abort took effect
+    residents: list[Resident]  # in the order they came in
+    busy: str | None  # the operation under way ("swap", "unload", "suspend"), if any
     cached: list[CachedModel] = []  # the host cache, most recently used last
     device_bytes: int = 0  # torch.cuda.memory_allocated(); 0 on CPU
     parked: list[CachedModel] = []  # engines parked on the device, oldest first
@@ -163,24 +199,27 @@ class Phase(msgspec.Struct, tag="phase", frozen=True):
 
 
 class OpDone(msgspec.Struct, tag="op_done", frozen=True):
-    """A swap/unload finished. `path` is "same_shape", "rebuild", "unpark",
-    "noop" or "unload"; `weights` where the weights came from: "host_cache",
-    "disk" or "parked" (on the device)."""
+    """A swap/unload/suspend finished. `path` is "same_shape", "rebuild",
+    "unpark", "resume", "noop", "unload" or "suspend"; `weights` where the
+    weights came from: "host_cache", "disk" or "parked" (on the device).
+    `residents`: what the worker serves now."""
 
     op_id: int
     model: str | None
     path: str
     phases: dict[str, float]
     total_s: float
+    residents: list[Resident] = []
     weights: str | None = None
 
 
 class OpFailed(msgspec.Struct, tag="op_failed", frozen=True):
-    """A swap/unload failed; `serving` is the model the worker still serves."""
+    """A swap/unload/suspend failed; `residents`: what the worker serves now
+    (those it served before, brought back where they had to leave)."""
 
     op_id: int
     error: ErrorInfo
-    serving: str | None
+    residents: list[Resident] = []
     phases: dict[str, float] = {}
 
 
@@ -218,7 +257,7 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     op_id: int
     pid: int
     rss_bytes: int
-    model: str | None
+    models: list[str]
     running_requests: int
     device_allocated_bytes: int
 
