@@ -115,7 +115,8 @@ class Daemon:
             done = self.wcctl("ps", "--json")
             if done.returncode == 0:
                 workers = json.loads(done.stdout)["workers"]
-                if any(w["model"] == model and w["state"] == "serving" for w in workers):
+                if any(r["model"] == model and r["state"] == "serving"
+                       for w in workers for r in w["residents"]):
                     return workers[0]
             assert self.process.poll() is None, self.log_text()
             time.sleep(0.2)

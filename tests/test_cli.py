@@ -30,14 +30,20 @@ PHASES = {"resolve": 0.0012, "drain": 0.0, "release": 0.0004, "fetch": 0.0018,
           "build": 0.0294, "warm": 0.0, "ready": 0.0003}
 WORKERS = [
     {"index": 0, "device": "cuda:0", "pid": 4242, "state": "serving", "model": "small-a",
+     "residents": [{"model": "small-a", "state": "serving", "bytes": 1 << 30, "active": 1,
+                    "running": 1, "waiting": 0},
+                   {"model": "wide-a", "state": "suspended", "bytes": 1 << 29, "active": 2,
+                    "running": 2, "waiting": 0}],
+     "resident_bytes": 3 << 29, "memory_budget_bytes": 8 << 30,
      "restarts": 0, "rss_bytes": 3 << 29,
      "last_swap": {"model": "small-a", "path": "rebuild", "phases": PHASES, "total_s": 3.5}},
     {"index": 1, "device": "cuda:1", "pid": None, "state": "starting", "model": None,
+     "residents": [], "resident_bytes": 0, "memory_budget_bytes": 0,
      "restarts": 1, "rss_bytes": None, "last_swap": None},
 ]
 MODELS = [
     {"name": "small-a", "path": "/srv/models/small-a", "state": "serving", "worker": 0,
-     "bytes": 250 << 20, "where": "serving"},
+     "bytes": 250 << 20, "where": "serving", "active": 1, "waiting": 3},
     {"name": "small-b", "path": "/srv/models/small-b", "state": "available", "worker": None,
      "bytes": 250 << 20, "where": "host"},
 ]
@@ -156,10 +162,12 @@ def test_ps_prints_worker_table(fake_daemon):
     done = wcctl("--socket", fake_daemon.socket, "ps")
     assert done.returncode == 0, done.stderr
     header, first, second = done.stdout.splitlines()
-    assert header.split() == ["WORKER", "DEVICE", "PID", "STATE", "MODEL", "RSS", "LAST", "SWAP"]
-    assert first.split()[:7] == ["0", "cuda:0", "4242", "serving", "small-a", "1.5", "GiB"]
+    assert header.split() == ["WORKER", "DEVICE", "PID", "STATE", "MODELS", "MEMORY", "RSS",
+                              "LAST", "SWAP"]
+    assert first.split()[:10] == ["0", "cuda:0", "4242", "serving", "small-a,", "wide-a",
+                                  "(suspended)", "1.5", "GiB/8.0", "GiB"]
     assert "small-a (rebuild) 3.500 s" in first
-    assert second.split() == ["1", "cuda:1", "-", "starting", "-", "-", "-"]
+    assert second.split() == ["1", "cuda:1", "-", "starting", "-", "0", "B", "-", "-"]
     # Columns line up: every row's STATE starts where the header's does.
     column = header.index("STATE")
     assert first[column:].startswith("serving") and second[column:].startswith("starting")
@@ -169,10 +177,11 @@ def test_models_prints_model_table(fake_daemon):
     done = wcctl("models", "--socket", fake_daemon.socket)  # options after the command too
     assert done.returncode == 0, done.stderr
     header, *rows = done.stdout.splitlines()
-    assert header.split() == ["MODEL", "STATE", "WHERE", "WORKER", "SIZE", "PATH"]
-    assert rows[0].split() == ["small-a", "serving", "serving", "0", "250.0", "MiB",
+    assert header.split() == ["MODEL", "STATE", "WHERE", "WORKER", "SIZE", "RUNNING",
+                              "WAITING", "PATH"]
+    assert rows[0].split() == ["small-a", "serving", "serving", "0", "250.0", "MiB", "1", "3",
                                "/srv/models/small-a"]
-    assert rows[1].split() == ["small-b", "available", "host", "-", "250.0", "MiB",
+    assert rows[1].split() == ["small-b", "available", "host", "-", "250.0", "MiB", "0", "0",
                                "/srv/models/small-b"]
 
 
@@ -393,15 +402,15 @@ def test_models_table_escapes_control_characters(fake_daemon):
     assert done.returncode == 0, done.stderr
     assert not CONTROL_CHARACTER.search(done.stdout)
     header, first, second = done.stdout.splitlines()  # the newline forged no line
-    assert first.split() == [HOSTILE_SHOWN, "serving", "serving", "0", "250.0", "MiB",
-                             "/srv/\\x1b[2J"]
+    assert first.split() == [HOSTILE_SHOWN, "serving", "serving", "0", "250.0", "MiB", "1",
+                             "3", "/srv/\\x1b[2J"]
     # Columns are measured as shown, escapes included.
     column = header.index("STATE")
     assert first[column:].startswith("serving") and second[column:].startswith("available")
 
 
 def test_status_summary_escapes_control_characters(fake_daemon):
-    workers = [{**WORKERS[0], "model": HOSTILE}]
+    workers = [{**WORKERS[0], "residents": [{**WORKERS[0]["residents"][0], "model": HOSTILE}]}]
     fake_daemon.documents["/v1/status"] = {**STATUS, "workers": workers, "state": "ready\r"}
     done = wcctl("status", "--socket", fake_daemon.socket)
     assert done.returncode == 0, done.stderr

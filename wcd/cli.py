@@ -281,11 +281,28 @@ def fmt_pids(worker: dict) -> str:
                     if pid is not None) or "-"
 
 
+def fmt_residents(worker: dict) -> str:
+    """Every resident model, with its state where it is not simply serving."""
+    residents = worker.get("residents")
+    if residents is None:
+        return dash(worker.get("model"))
+    return ", ".join(r["model"] + ("" if r["state"] == "serving" else f" ({r['state']})")
+                     for r in residents) or "-"
+
+
+def fmt_memory(worker: dict) -> str:
+    used, budget = worker.get("resident_bytes"), worker.get("memory_budget_bytes")
+    if used is None:
+        return "-"
+    return fmt_bytes(used) + (f"/{fmt_bytes(budget)}" if budget else "")
+
+
 def workers_table(workers: list[dict]) -> list[str]:
-    rows = [[str(w["index"]), fmt_device(w), fmt_pids(w), w["state"], dash(w.get("model")),
-             fmt_bytes(w.get("rss_bytes")), fmt_last_swap(w.get("last_swap"))]
+    rows = [[str(w["index"]), fmt_device(w), fmt_pids(w), w["state"], fmt_residents(w),
+             fmt_memory(w), fmt_bytes(w.get("rss_bytes")), fmt_last_swap(w.get("last_swap"))]
             for w in workers]
-    return table(["WORKER", "DEVICE", "PID", "STATE", "MODEL", "RSS", "LAST SWAP"], rows)
+    return table(["WORKER", "DEVICE", "PID", "STATE", "MODELS", "MEMORY", "RSS", "LAST SWAP"],
+                 rows)
 
 
 def ps_tables(doc: dict) -> list[str]:
@@ -297,8 +314,9 @@ def ps_tables(doc: dict) -> list[str]:
 
 def models_table(models: list[dict]) -> list[str]:
     rows = [[m["name"], m["state"], m["where"], dash(m.get("worker")), fmt_bytes(m.get("bytes")),
-             m["path"]] for m in models]
-    return table(["MODEL", "STATE", "WHERE", "WORKER", "SIZE", "PATH"], rows)
+             str(m.get("active", 0)), str(m.get("waiting", 0)), m["path"]] for m in models]
+    return table(["MODEL", "STATE", "WHERE", "WORKER", "SIZE", "RUNNING", "WAITING", "PATH"],
+                 rows)
 
 
 WHERE_WORDS = {"serving": "serving", "device": "parked on the device", "host": "in host memory",
@@ -312,7 +330,8 @@ def counts(items: list[str], words: dict[str, str] | None = None) -> str:
 
 def status_summary(doc: dict) -> list[str]:
     workers, models = doc.get("workers", []), doc.get("models", [])
-    serving = [f"{w['model']} on worker {w['index']}" for w in workers if w.get("model")]
+    serving = [f"{r['model']} on worker {w['index']}" for w in workers
+               for r in w.get("residents", []) if r["state"] == "serving"]
     lines = [
         f"wcd {doc.get('version')} (pid {doc.get('pid')}): {doc.get('state')}, "
         f"up {fmt_uptime(doc.get('uptime_s', 0))}",

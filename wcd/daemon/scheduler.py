@@ -346,6 +346,8 @@ class Scheduler:
                      event["total_s"], _phases(event["phases"]))
         elif what == "failed":
             self.metrics.swap_failed(model)
+        elif what == "suspended":
+            self.metrics.suspensions.labels(model).inc()
         elif what == "restart":
             self.metrics.restarts.labels(str(index)).inc()
 
@@ -449,7 +451,8 @@ class Scheduler:
             finished(error=p.ErrorInfo(p.INTERNAL, f"{type(exc).__name__}: {exc}"))
             return
         if op.kind == "suspend":
-            log.info("worker %d: suspended %s in %.3f s", index, op.targets[0], result.total_s)
+            log.info("worker %d: suspended %s in %.3f s: %s", index, op.targets[0],
+                     result.total_s, _phases(result.phases))
         phases = dict(result.phases)
         phases["drain"] = phases.get("drain", 0.0) + drained_s
         finished(done={"event": "done", "model": result.model, "worker": index,

@@ -321,7 +321,8 @@ class SetTimer:
 
 @dataclass(frozen=True)
 class Recorded:
-    """For metrics: an operation done ("done") or failed ("failed"), a restart."""
+    """For metrics: an operation done ("done") or failed ("failed"), a
+    suspension ("suspended"), a restart ("restart")."""
 
     what: str
     model: str | None
@@ -552,7 +553,9 @@ def _on_op_finished(state: State, ev: OpFinished, out: list[Effect]) -> None:
     _reconcile(state, worker, ev.residents, ev.now)
     name = op.entry.name if op.entry else (op.targets[0] if op.targets else None)
     if ev.error is None:
-        if op.kind != "suspend":
+        if op.kind == "suspend":
+            out.append(Recorded("suspended", name, worker.index))
+        else:
             worker.last_swap = {k: ev.done[k] for k in ("model", "path", "phases", "total_s")}
             state.recent_swaps.append({"time": ev.done.get("time"), "worker": worker.index,
                                        **{k: ev.done.get(k) for k in (
