@@ -123,6 +123,7 @@ class Served:
     suspended: bool = False  # preempted and not stepped until resumed
     weight_bytes: int = 0
     kv_bytes: int = 0  # 0 while its KV cache is released
+    workspace: Any = None  # vLLM's workspace manager made by its build (vllm_seams)
 
     @property
     def name(self) -> str:
@@ -297,6 +298,7 @@ class EngineHost:
                        clock: PhaseClock) -> None:
         served = self.residents[name]
         previous = served.plan
+        vllm_seams.use_workspace(served.workspace)  # weight processing may run its kernels
         try:
             with clock.phase("fetch"):
                 # A group's ranks read the files themselves, in build.
@@ -415,7 +417,8 @@ class EngineHost:
         with vllm_seams.collections_deferred():
             engine = LLMEngine.from_vllm_config(config, disable_log_stats=True)
         return Served(plan, engine, plan.checkpoint.frontend_key(),
-                      engine.model_config.get_diff_sampling_param())
+                      engine.model_config.get_diff_sampling_param(),
+                      workspace=vllm_seams.built_workspace())
 
     @staticmethod
     def _load_weights(engine: LLMEngine, weights) -> None:
@@ -493,6 +496,10 @@ class EngineHost:
             vllm_seams.keep_distributed_state(self._engines_alive)
         if served is None:
             vllm_seams.cleanup_failed_build()
+            if self.group is None:
+                vllm_seams.unpin_orphaned_models(
+                    [s.engine for s in (*self.residents.values(), *self.parked.values(),
+                                        self._arriving) if s is not None])
             return
         vllm_seams.unpin_compiled_model(served.engine)
         with vllm_seams.collections_deferred():
@@ -524,6 +531,7 @@ class EngineHost:
             return []
         try:
             with clock.phase("preempt"):
+                vllm_seams.use_workspace(served.workspace)
                 with self._bounded("step"):
                     finished = vllm_seams.finish_batches_in_flight(served.engine)
                 outputs = [out for ro in finished for out in served.requests.outputs(ro)]
@@ -678,6 +686,7 @@ class EngineHost:
             served = residents[(self._turn + i) % len(residents)]
             if served.has_work:
                 self._turn = (self._turn + i + 1) % len(residents)
+                vllm_seams.use_workspace(served.workspace)
                 with self._bounded("step"):
                     outputs = served.engine.step()
                 return [out for ro in outputs for out in served.requests.outputs(ro)]

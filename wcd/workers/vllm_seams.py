@@ -424,6 +424,32 @@ def _admit_builds_beside_residents() -> None:
     gpu_worker.request_memory = request_memory
 
 
+# ---- seam 13: one workspace per engine ---------------------------------------------
+# vllm 0.32 and 0.26, CUDA: the GPU worker's init_device makes a new process-wide
+# WorkspaceManager (vllm/v1/worker/workspace.py, module global `_manager`):
+# scratch buffers of the MLA, MoE and DCP attention kernels, locked after
+# warm-up, their addresses captured by CUDA graphs. An engine built beside a
+# resident replaces the resident's manager (H200, vLLM 0.26: "WorkspaceManager
+# already initialized ... reinitializing"): the resident's buffers would be
+# freed under its captured graphs, and its eager kernels would draw from the
+# newcomer's locked workspace. So each engine keeps the manager its build made,
+# and runs its steps with it. (No manager on CPU: None throughout.)
+
+
+def built_workspace():
+    """The workspace manager of the engine just built."""
+    from vllm.v1.worker import workspace
+
+    return workspace._manager
+
+
+def use_workspace(manager) -> None:
+    """Make `manager` (an engine's built_workspace()) the one its kernels use."""
+    from vllm.v1.worker import workspace
+
+    workspace._manager = manager
+
+
 def free_device_bytes() -> int:
     """What the device has free: CUDA's own count, or the host's available
     memory for the CPU backend."""
@@ -474,8 +500,10 @@ def check() -> None:
     if "self.scheduler.has_requests()" not in inspect.getsource(core.EngineCore.step_with_batch_queue):
         raise SeamBroken("step_with_batch_queue no longer asks the scheduler before scheduling "
                          "(finish_batches_in_flight)")
-    from vllm.v1.worker import gpu_worker
+    from vllm.v1.worker import gpu_worker, workspace
 
+    if "_manager = WorkspaceManager(" not in inspect.getsource(workspace.init_workspace_manager):
+        raise SeamBroken("the workspace manager is no longer the module's _manager")
     if "request_memory(" not in inspect.getsource(gpu_worker.Worker.init_device):
         raise SeamBroken("the CUDA worker no longer checks free memory through request_memory")
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -492,6 +520,11 @@ def check() -> None:
     if "_bytecode_hook_handle" not in inspect.getsource(TorchCompileWithNoGuardsWrapper):
         raise SeamBroken("compiled modules no longer keep _bytecode_hook_handle "
                          "(unpin_compiled_model)")
+    from torch._dynamo import convert_frame
+
+    if not isinstance(getattr(convert_frame, "_bytecode_hooks", None), dict):
+        raise SeamBroken("torch._dynamo no longer keeps its bytecode hooks in _bytecode_hooks "
+                         "(unpin_orphaned_models)")
 
 
 def _ignored_hash_factors() -> str:
@@ -546,13 +579,36 @@ def unpin_worker_model(worker) -> None:
     for module in worker.model_runner.get_model().modules():
         reload_table.pop(module, None)
         if isinstance(module, TorchCompileWithNoGuardsWrapper):
-            handle = getattr(module, "_bytecode_hook_handle", None)
-            if handle is not None:
-                handle.remove()
-                module._bytecode_hook_handle = None
-            for name in _COMPILED_STATE:
-                if name in vars(module):
-                    setattr(module, name, None)
+            _unpin_compiled(module)
+
+
+def _unpin_compiled(module) -> None:
+    handle = getattr(module, "_bytecode_hook_handle", None)
+    if handle is not None:
+        handle.remove()
+        module._bytecode_hook_handle = None
+    for name in _COMPILED_STATE:
+        if name in vars(module):
+            setattr(module, name, None)
+
+
+def unpin_orphaned_models(live_engines) -> int:
+    """A build that failed after compiling (out of memory at the KV cache, say)
+    leaves its compiled modules pinned as above, with no engine left to unpin
+    them through (H200, vLLM 0.26: the failed model's weights, 8.3 MiB per
+    failed wide-a build, stayed allocated). Every hooked compiled module that
+    belongs to none of `live_engines` is unpinned; returns how many. One
+    process only: live_model cannot fetch a group's models."""
+    from torch._dynamo import convert_frame
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+
+    live = {id(module) for engine in live_engines for module in live_model(engine).modules()}
+    orphans = [hook.__self__ for hook in list(convert_frame._bytecode_hooks.values())
+               if isinstance(getattr(hook, "__self__", None), TorchCompileWithNoGuardsWrapper)
+               and id(hook.__self__) not in live]
+    for module in orphans:
+        _unpin_compiled(module)
+    return len(orphans)
 
 
 def _layerwise_reload_table():
