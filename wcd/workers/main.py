@@ -292,7 +292,7 @@ class Worker:
             self._publish()
             self.channel.send(p.OpDone(command.op_id, command.model, "suspend", clock.phases,
                                        clock.total(), self._residents()))
-            log.info("suspend %s: %d requests preempted in %.3f s %s", command.model,
+            log.info("suspend %s: %d requests held in %.3f s %s", command.model,
                      sum(1 for model in self.inflight.values() if model == command.model),
                      clock.total(), _phases(clock.phases))
         finally:
