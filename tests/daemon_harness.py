@@ -27,6 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Fast supervision for tests; a module may add keys ({**POLICY, ...}).
+POLICY = {"health_interval": "250ms", "health_timeout": "5s", "drain_timeout": "20s",
+          "restart_backoff_min": "0.5s", "queue_wait": "120s", "host_cache_bytes": 64 << 20,
+          "min_resident": 0}
+
+
 def write_config(directory: Path, model_root: Path, **overrides) -> Path:
     config = {
         "control": {"socket": str(directory / "control.sock")},
@@ -37,9 +43,7 @@ def write_config(directory: Path, model_root: Path, **overrides) -> Path:
         "models": {name: {"path": str(model_root / name)}
                    for name in ("small-a", "small-b", "wide-a")},
         "preload": ["small-a"],
-        "policy": {"health_interval": "250ms", "health_timeout": "5s", "drain_timeout": "20s",
-                   "restart_backoff_min": "0.5s", "queue_wait": "120s",
-                   "host_cache_bytes": 64 << 20, "min_resident": 0},
+        "policy": dict(POLICY),
     }
     for key, value in overrides.items():
         config[key] = value

@@ -92,7 +92,9 @@ def daemon(tmp_path_factory, demo_models):
             "write_timeout": "2s", "trust_request_chat_template": True}
     policy = {"health_interval": "250ms", "health_timeout": "5s", "drain_timeout": "20s",
               "restart_backoff_min": "0.5s", "queue_wait": "120s", "host_cache_bytes": 64 << 20,
-              "min_resident": "5s", "render_timeout": "2s"}
+              "min_resident": "5s", "render_timeout": "2s",
+              # The evictions these attacks try need a worker that holds one model.
+              "max_resident": 1}
     with serving(directory, demo_models, env={"WCD_API_KEYS": ENV_KEY}, http=http,
                  policy=policy) as daemon:
         yield daemon

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import CHATS, GREEDY, PROMPTS
-from daemon_harness import free_port, openai_client, paused, serving
+from daemon_harness import POLICY, free_port, openai_client, paused, serving
 
 pytestmark = pytest.mark.vllm
 
@@ -24,7 +24,10 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, demo_models):
     http = {"host": "127.0.0.1", "port": free_port(), "api_keys": ["test-key"]}
-    with serving(tmp_path_factory.mktemp("wcd-openai"), demo_models, http=http) as daemon:
+    # One model per worker: these tests follow requests through swaps (several
+    # models at once are tests/test_multi_model.py's).
+    with serving(tmp_path_factory.mktemp("wcd-openai"), demo_models, http=http,
+                 policy={**POLICY, "max_resident": 1}) as daemon:
         yield daemon
 
 
