@@ -27,7 +27,7 @@ from wcd.daemon import errors, policy
 from wcd.daemon.catalog import ModelEntry
 from wcd.daemon.config import Settings, WorkerSettings
 from wcd.daemon.policy import (DRAINING, LEAVING, LOADING, READY, RESTARTING, SERVING,
-                               STARTING, SUSPENDED, SUSPENDING, ResidentView, Room,
+                               STARTING, SUSPENDED, SUSPENDING, ResidentView,
                                WorkerView)
 from wcd.workers import protocol as p
 
@@ -771,7 +771,7 @@ def _wanted(state: State, now: float) -> list[_Wanted]:
     """Models requests wait for and nobody brings in, oldest first; and
     suspended residents with requests, since their suspension."""
     coming = {name for w in state.workers for name, r in w.residents.items()
-              if r.state in (SERVING, LOADING)}
+              if r.state in (SERVING, LOADING, SUSPENDING)}
     coming |= {w.op.entry.name for w in state.workers
                if w.op is not None and w.op.entry is not None}
     coming |= {op.entry.name for w in state.workers for op in (w.queued,)
