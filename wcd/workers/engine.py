@@ -13,7 +13,8 @@ replaces leaving first:
   frontend (tokenizer, chat template, generation config) only where its files
   differ;
 - parked: its engine comes back beside the residents with a new KV cache;
-- suspended: its KV cache comes back and its preempted requests go on;
+- suspended: its KV cache comes back with the blocks its requests use, and
+  they go on where they were;
 - else: a new engine is built beside the residents, reusing the compile
   cache (see vllm_seams).
 
@@ -120,9 +121,10 @@ class Served:
     frontend_key: str
     sampling_defaults: dict[str, Any]
     requests: _Requests = field(default_factory=lambda: _Requests())
-    suspended: bool = False  # preempted and not stepped until resumed
+    suspended: bool = False  # not stepped until resumed
     weight_bytes: int = 0
-    kv_bytes: int = 0  # 0 while its KV cache is released
+    kv_bytes: int = 0  # while suspended: the blocks kept, where they take the device's memory
+    kept_bytes: int = 0  # the KV blocks kept in host memory while suspended
     workspace: Any = None  # vLLM's workspace manager made by its build (vllm_seams)
 
     @property
@@ -520,8 +522,11 @@ class EngineHost:
     # ---- suspended residents -------------------------------------------------------
 
     def suspend(self, name: str, clock: PhaseClock) -> list[p.Output]:
-        """Preempt every running request of a resident at this step boundary and
-        release its KV cache; it is stepped no more until resumed. Returns the
+        """At this step boundary, a resident stops being stepped, its engine
+        untouched: the KV blocks its requests use are kept in host memory and
+        its KV cache is released (where CUDA graphs hold the KV cache's
+        addresses, or its layout is one vllm_seams cannot copy, the KV cache
+        stays instead). Resumed, it goes on exactly where it was. Returns the
         outputs of the steps that were in flight."""
         served = self.residents.get(name)
         if served is None:
@@ -530,16 +535,18 @@ class EngineHost:
         if served.suspended:
             return []
         try:
-            with clock.phase("preempt"):
+            with clock.phase("save"):
                 vllm_seams.use_workspace(served.workspace)
                 with self._bounded("step"):
                     finished = vllm_seams.finish_batches_in_flight(served.engine)
                 outputs = [out for ro in finished for out in served.requests.outputs(ro)]
-                vllm_seams.preempt_running_requests(served.engine)
+                kept = vllm_seams.keep_kv_blocks(served.engine)
                 served.suspended = True
             with clock.phase("release"):
-                if vllm_seams.release_kv_cache(served.engine):
-                    served.kv_bytes = 0
+                if kept is not None:
+                    vllm_seams.release_kv_cache(served.engine)
+                    served.kept_bytes = kept
+                    served.kv_bytes = kept if vllm_seams.device_is_host() else 0
                     vllm_seams.release_engine_memory(others_alive=True, collect=False)
         except Exception as exc:
             log.exception("suspend of %s failed", name)
@@ -547,8 +554,8 @@ class EngineHost:
         return outputs
 
     def _resume(self, name: str) -> None:
-        """A suspended resident gets its KV cache back; its preempted requests
-        recompute their prefix at its next step and go on."""
+        """A suspended resident gets its KV cache back, with the blocks its
+        requests use, and is stepped again."""
         served = self.residents[name]
         self._wake(served)
         self._keep_headroom()
@@ -557,6 +564,7 @@ class EngineHost:
         if served.suspended:
             vllm_seams.restore_kv_cache(served.engine)
             served.kv_bytes = vllm_seams.kv_cache_bytes(served.engine)
+            served.kept_bytes = 0
             served.suspended = False
 
     # ---- parked engines ------------------------------------------------------------
@@ -583,6 +591,9 @@ class EngineHost:
         where its addresses are not captured); its requests were drained."""
         served = self.residents.pop(name)
         served.requests.clear()
+        if served.suspended:  # its requests were aborted: the blocks kept are nobody's
+            vllm_seams.drop_kept_kv_blocks(served.engine)
+            served.kept_bytes = 0
         served.engine.reset_prefix_cache()
         served.suspended = False
         stale = self.parked.pop(name, None)  # an engine of other args or files

@@ -292,9 +292,11 @@ class Worker:
             self._publish()
             self.channel.send(p.OpDone(command.op_id, command.model, "suspend", clock.phases,
                                        clock.total(), self._residents()))
-            log.info("suspend %s: %d requests held in %.3f s %s", command.model,
+            log.info("suspend %s: %d requests held, %d bytes of KV blocks kept in %.3f s %s",
+                     command.model,
                      sum(1 for model in self.inflight.values() if model == command.model),
-                     clock.total(), _phases(clock.phases))
+                     self.host.residents[command.model].kept_bytes, clock.total(),
+                     _phases(clock.phases))
         finally:
             self._publish()
             self.busy = None

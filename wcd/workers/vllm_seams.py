@@ -16,6 +16,7 @@ import gc
 import inspect
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -275,11 +276,15 @@ def _guard_distributed_teardown() -> None:
 
 def release_kv_cache(engine) -> bool:
     """True if the KV cache went."""
-    mode = engine.vllm_config.compilation_config.cudagraph_mode
-    if torch.cuda.is_available() and mode is not None and mode.has_full_cudagraphs():
+    if _kv_cache_captured(engine):
         return False
     engine.collective_rpc(_release_worker_kv_cache)
     return True
+
+
+def _kv_cache_captured(engine) -> bool:
+    mode = engine.vllm_config.compilation_config.cudagraph_mode
+    return torch.cuda.is_available() and mode is not None and mode.has_full_cudagraphs()
 
 
 def _release_worker_kv_cache(worker) -> None:
@@ -291,13 +296,17 @@ def _release_worker_kv_cache(worker) -> None:
 
 
 def restore_kv_cache(engine) -> None:
+    """A new KV cache, with the blocks a suspension kept put back (seam 11)."""
     engine.collective_rpc(_restore_worker_kv_cache)
 
 
 def _restore_worker_kv_cache(worker) -> None:
-    runner = worker.model_runner
-    if runner.kv_caches:
-        return
+    if not worker.model_runner.kv_caches:
+        _allocate_worker_kv_cache(worker.model_runner)
+    _put_back_worker_kv_blocks(worker)
+
+
+def _allocate_worker_kv_cache(runner) -> None:
     if hasattr(runner, "initialize_kv_cache_tensors"):  # vllm 0.32's runners
         runner.initialize_kv_cache_tensors(runner.kv_cache_config, runner._kernel_block_sizes)
     else:  # vllm 0.26's CUDA runner, v1/worker/gpu/model_runner.py
@@ -343,20 +352,40 @@ def _worker_parameter_bytes(worker) -> int | None:
     return sum(param.numel() * param.element_size() for param in model.parameters())
 
 
-# ---- seam 11: suspending an engine's requests ----------------------------------------
-# vllm 0.32 and 0.26: Scheduler.reset_prefix_cache(reset_running_requests=True)
-# (through LLMEngine and EngineCore) preempts every running request by
-# recompute (_preempt_request: its blocks freed, num_computed_tokens 0, back to
-# the front of the waiting queue with the tokens it generated) and empties the
-# prefix cache; the model runner keeps each request's cached state (its seeded
-# generator among them) for the resume. Output already in flight when it runs
-# is discarded and resampled (0.32: drop_stale_output; 0.26:
-# async_tokens_to_discard): with async scheduling (on by default for CUDA's
-# uni executor; off on CPU) EngineCore keeps one batch in its batch queue
-# between steps, so the batches in flight are collected first, without
-# scheduling new ones (step_with_batch_queue only collects while the
-# scheduler says it has nothing to schedule), and their tokens are delivered.
-# Nothing then points into the KV cache, which can go.
+# ---- seam 11: suspending an engine with the KV blocks it uses ----------------------
+# vllm 0.32 and 0.26: an engine's request state (the scheduler's requests with
+# their block tables and computed tokens; the model runner's cached request
+# state, seeded generators among them) lives outside the KV cache tensors, and
+# what the tensors hold that matters is the blocks with references
+# (BlockPool.blocks[i].ref_cnt > 0: held by running requests and by waiting
+# ones with computed tokens, a shared prefix once). So a suspension leaves the
+# engine as it is and keeps only those blocks: at a step boundary, each rank
+# copies them out of every KV cache tensor into one host buffer (pinned on
+# CUDA), the prefix cache forgets the hashes of every other block (their
+# contents go with the tensors: a later request must not hit them), and the
+# tensors are released as a parked engine's are (seam 10). restore_kv_cache
+# re-allocates them and copies the blocks back to the same block ids: the next
+# step is the one the engine would have taken, nothing recomputed, so outputs
+# are exact. (Preemption by recompute, reset_prefix_cache(
+# reset_running_requests=True), was exact on CUDA but not on CPU in bfloat16:
+# a recomputed prefix differs from the decoded one in the last bits, and
+# greedy outputs parted.)
+#   With async scheduling (on by default for CUDA's uni executor; off on CPU)
+# EngineCore keeps one batch in its batch queue between steps: the batches in
+# flight are collected first, without scheduling new ones
+# (step_with_batch_queue only collects while the scheduler says it has nothing
+# to schedule), and their tokens delivered.
+#   The block dimension: 0.32's runners keep views laid out [blocks, heads,
+# tokens, channels] (worker/utils.py allocate_kv_cache); 0.26's CUDA runner
+# keeps each backend's get_kv_cache_shape view, permuted back from its
+# kv_cache_stride_order, so indexing the view addresses the right bytes
+# whatever the physical order. A block may be split in k kernel blocks,
+# b*k .. b*k+k-1. Either way the block dimension is the one whose size is a
+# multiple of the pool's block count; where no single dimension is (a cache of
+# a handful of blocks, Mamba's lists of state tensors), or a KV cache group
+# keeps a pool of its own (0.32's HiSparse host tier), the KV cache stays, as
+# where full CUDA graphs captured its addresses (seam 10): the engine is then
+# only not stepped, which is exact too. No case needs preemption by recompute.
 
 
 def finish_batches_in_flight(engine) -> list:
@@ -378,9 +407,136 @@ def _nothing_to_schedule() -> bool:
     return False
 
 
-def preempt_running_requests(engine) -> None:
-    if not engine.reset_prefix_cache(reset_running_requests=True):
-        raise RuntimeError("vLLM could not free the KV cache of the preempted requests")
+def keep_kv_blocks(engine) -> int | None:
+    """With no batch in flight: copy the KV blocks `engine`'s requests use to
+    host memory and make the prefix cache forget every other block, so that
+    its KV cache can be released (release_kv_cache) and come back exact
+    (restore_kv_cache). Returns the bytes kept on this rank; None where the
+    KV cache must stay (nothing was done)."""
+    if _kv_cache_captured(engine):
+        return None
+    manager = engine.engine_core.engine_core.scheduler.kv_cache_manager
+    pool = manager.block_pool
+    if any(group.block_pool is not pool for group in manager.coordinator.single_type_managers):
+        return None
+    used = [block.block_id for block in pool.blocks if block.ref_cnt > 0 and not block.is_null]
+    kept = engine.collective_rpc(_keep_worker_kv_blocks, args=(used, pool.num_gpu_blocks))
+    if None in kept:
+        engine.collective_rpc(drop_worker_kv_blocks)
+        return None
+    pool.evict_blocks({block.block_id for block in pool.blocks
+                       if block.ref_cnt == 0 and block.block_hash is not None})
+    return kept[0]
+
+
+def drop_kept_kv_blocks(engine) -> None:
+    """A suspended engine that leaves (parks) forgets its kept blocks: its
+    requests were aborted, and its KV cache comes back empty."""
+    engine.collective_rpc(drop_worker_kv_blocks)
+
+
+@dataclass
+class _KeptBlocks:
+    """One rank's KV blocks of a suspended engine, for each distinct KV cache
+    view: (block dimension, offset in `buffer`, shape, dtype)."""
+
+    block_ids: torch.Tensor
+    num_blocks: int
+    buffer: torch.Tensor
+    parts: list[tuple[int, int, torch.Size, torch.dtype]]
+
+    def part(self, index: int) -> torch.Tensor:
+        _, offset, shape, dtype = self.parts[index]
+        size = shape.numel() * dtype.itemsize
+        return self.buffer[offset:offset + size].view(dtype).view(shape)
+
+
+def _keep_worker_kv_blocks(worker, block_ids: list[int], num_blocks: int) -> int | None:
+    views = _distinct_views(worker.model_runner.kv_caches)
+    dims = [_block_dim(view, num_blocks) for view in views]
+    if None in dims:
+        return None
+    parts, size = [], 0
+    for view, dim in zip(views, dims):
+        shape = list(_by_block(view, dim, num_blocks).shape)
+        shape[dim] = len(block_ids)
+        parts.append((dim, size, torch.Size(shape), view.dtype))
+        size += _aligned(torch.Size(shape).numel() * view.element_size())
+    on_cuda = bool(views) and views[0].is_cuda
+    kept = _KeptBlocks(torch.tensor(block_ids, dtype=torch.long), num_blocks,
+                       torch.empty(size, dtype=torch.uint8, pin_memory=on_cuda), parts)
+    for i, (view, dim) in enumerate(zip(views, dims)):
+        ids = kept.block_ids.to(view.device)
+        kept.part(i).copy_(_by_block(view, dim, num_blocks).index_select(dim, ids),
+                           non_blocking=True)
+    if on_cuda:
+        torch.cuda.synchronize()
+    worker._wcd_kept_kv_blocks = kept
+    return size
+
+
+def _put_back_worker_kv_blocks(worker) -> None:
+    """Kept until copied back: a resume that fails can be tried again."""
+    kept = getattr(worker, "_wcd_kept_kv_blocks", None)
+    if kept is None:
+        return
+    views = _distinct_views(worker.model_runner.kv_caches)
+    if len(views) != len(kept.parts):
+        raise SeamBroken(f"the KV cache came back as {len(views)} views, "
+                         f"{len(kept.parts)} were kept")
+    for i, view in enumerate(views):
+        dim = kept.parts[i][0]
+        _by_block(view, dim, kept.num_blocks).index_copy_(
+            dim, kept.block_ids.to(view.device), kept.part(i).to(view.device, non_blocking=True))
+    pinned = kept.buffer.is_pinned()
+    if pinned:
+        torch.cuda.synchronize()  # before the buffer can be freed
+    del kept, worker._wcd_kept_kv_blocks
+    if pinned:
+        _empty_host_cache()
+
+
+def drop_worker_kv_blocks(worker) -> None:
+    vars(worker).pop("_wcd_kept_kv_blocks", None)
+
+
+def _distinct_views(kv_caches: list) -> list:
+    """The runner's KV cache views, each once (layers that share a KV cache
+    share its view)."""
+    seen, views = set(), []
+    for view in kv_caches:
+        key = (view.data_ptr(), tuple(view.shape), view.stride(), view.dtype) \
+            if isinstance(view, torch.Tensor) else id(view)
+        if key not in seen:
+            seen.add(key)
+            views.append(view)
+    return views
+
+
+def _block_dim(view, num_blocks: int) -> int | None:
+    if not isinstance(view, torch.Tensor):
+        return None
+    dims = [dim for dim, size in enumerate(view.shape)
+            if size >= num_blocks and size % num_blocks == 0]
+    return dims[0] if len(dims) == 1 else None
+
+
+def _by_block(view: torch.Tensor, dim: int, num_blocks: int) -> torch.Tensor:
+    """`view` with its block dimension split in (blocks, kernel blocks per block)."""
+    return view.unflatten(dim, (num_blocks, view.shape[dim] // num_blocks))
+
+
+def _aligned(size: int) -> int:
+    """Each part starts 64-byte aligned, so that it views as any dtype."""
+    return -(-size // 64) * 64
+
+
+def _empty_host_cache() -> None:
+    """torch keeps freed pinned buffers cached for reuse; the kept blocks'
+    go back to the host."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is not None:
+        empty()
 
 
 # ---- seam 12: an engine built beside resident ones ---------------------------------
@@ -450,6 +606,11 @@ def use_workspace(manager) -> None:
     workspace._manager = manager
 
 
+def device_is_host() -> bool:
+    """Whether the engines' device memory is the host's (the CPU backend)."""
+    return not (torch.cuda.is_available() and torch.cuda.is_initialized())
+
+
 def free_device_bytes() -> int:
     """What the device has free: CUDA's own count, or the host's available
     memory for the CPU backend."""
@@ -495,8 +656,14 @@ def check() -> None:
     for name in ("collective_rpc", "reset_prefix_cache", "add_request", "step", "abort_request"):
         if not hasattr(LLMEngine, name):
             raise SeamBroken(f"LLMEngine.{name} is gone")
-    if "reset_running_requests" not in inspect.signature(LLMEngine.reset_prefix_cache).parameters:
-        raise SeamBroken("LLMEngine.reset_prefix_cache cannot preempt running requests")
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+    block = KVCacheBlock(0)
+    if not hasattr(BlockPool, "evict_blocks") or not all(
+            hasattr(block, name) for name in ("ref_cnt", "is_null", "block_hash")):
+        raise SeamBroken("the block pool no longer says which blocks are used and hashed "
+                         "(keep_kv_blocks)")
     if "self.scheduler.has_requests()" not in inspect.getsource(core.EngineCore.step_with_batch_queue):
         raise SeamBroken("step_with_batch_queue no longer asks the scheduler before scheduling "
                          "(finish_batches_in_flight)")
