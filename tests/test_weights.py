@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import ENGINE_ARGS, GREEDY, PROMPTS
+from test_worker import serving
 from wcd.daemon.worker_process import WorkerOptions, WorkerProcess
 from wcd.workers import protocol as p
 
@@ -32,7 +33,8 @@ def cached(loop, worker) -> dict[str, int]:
 
 
 def swap(loop, worker, path, name: str) -> p.OpDone:
-    done = loop.run_until_complete(worker.swap(spec(path, name)))
+    """Serve `name` in place of whatever the worker serves."""
+    done = loop.run_until_complete(worker.swap(spec(path, name), replace=serving(loop, worker)))
     assert done.model == name
     return done
 
