@@ -113,7 +113,7 @@ def test_group_re_partitions_in_the_same_processes(leader_run):
 
 def test_a_failed_re_partition_brings_the_tp2_model_back(leader_run, tp_reference):
     failed = leader_run["failed_re_partition"]
-    assert (failed["kind"], failed["serving"]) == ("out_of_memory", "small-a")
+    assert (failed["kind"], failed["residents"]) == ("out_of_memory", ["small-a"])
     assert failed["state"]["pids"] == leader_run["before_first_build"]["pids"]
     assert [s["world_size"] for s in (failed["state"]["leader"], *failed["state"]["followers"])] \
         == [2, 2]
@@ -138,12 +138,13 @@ def leader(models: str) -> dict:
         for name, tp, _ in SEQUENCE:
             spec = p.ModelSpec(name, f"{models}/{name}",
                                {**ENGINE_ARGS, "tensor_parallel_size": tp})
-            path = host.swap(spec, PhaseClock(lambda phase, s: None), drain=lambda: None)
+            path = host.swap(spec, host.models, PhaseClock(lambda phase, s: None),
+                             lambda names: None)
             result["steps"].append({
                 "model": name, "path": path, "state": group.state(),
                 "token_ids": [_generate(host, name, prompt) for prompt in TP_PROMPTS]})
         result["failed_re_partition"] = _fail_a_re_partition(host, group, models)
-        host.release()
+        host.release_all()
     finally:
         group.close()
     return result
@@ -159,9 +160,10 @@ def _fail_a_re_partition(host, group, models: str) -> dict:
                        {**ENGINE_ARGS, "tensor_parallel_size": 1,
                         "kv_cache_memory_bytes": 1 << 45})
     try:
-        host.swap(spec, PhaseClock(lambda phase, s: None), drain=lambda: None)
+        host.swap(spec, host.models, PhaseClock(lambda phase, s: None), lambda names: None)
     except SwapFailed as failed:
-        return {"kind": failed.error.kind, "serving": failed.serving, "state": group.state(),
+        return {"kind": failed.error.kind, "residents": failed.residents,
+                "state": group.state(),
                 "token_ids": [_generate(host, "small-a", prompt) for prompt in TP_PROMPTS]}
     return {"kind": None}
 
@@ -172,7 +174,7 @@ def _generate(host, model: str, prompt: str) -> list[int]:
     host.add(p.Generate(f"r-{time.monotonic_ns()}", model, [p.Prompt(prompt=prompt)],
                         dict(GREEDY)))
     tokens: list[int] = []
-    while host.has_unfinished():
+    while host.has_work():
         for out in host.step():
             tokens += out.token_ids
     return tokens
