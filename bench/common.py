@@ -1,5 +1,5 @@
 """What the benchmarks share: vLLM's own API server as the baseline, the
-machine description, percentiles, and BENCHMARKS.md sections."""
+machine description, percentiles, /metrics series, and BENCHMARKS.md sections."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -108,6 +109,16 @@ def tail(path: Path, lines: int = 20) -> str:
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
+
+
+def metric_series(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Each series of the metric `name` in a Prometheus text page: its labels and value."""
+    series = []
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")):
+            head, value = line.rsplit(" ", 1)
+            series.append((dict(re.findall(r'(\w+)="([^"]*)"', head)), float(value)))
+    return series
 
 
 def machine() -> str:

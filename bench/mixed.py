@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -45,8 +44,8 @@ import aiohttp
 import psutil
 import yaml
 
-from common import (CACHE, ROOT, command_line, first_completion, free_port, machine, pct,
-                    shown, stop_group, tail, write_section)
+from common import (CACHE, ROOT, command_line, first_completion, free_port, machine,
+                    metric_series, pct, shown, stop_group, tail, write_section)
 
 SECTION = "## Mixed load (bench/mixed.py)"
 LONG, SHORT = "small-a", "wide-a"
@@ -75,15 +74,15 @@ class Requests:
         return pct(self.ttft_s, q) if self.ttft_s else float("nan")
 
 
-def long_request() -> tuple[str, dict]:
+def long_request(model: str = LONG) -> tuple[str, dict]:
     return "/v1/completions", {
-        "model": LONG, "prompt": "tell me a story about llamas", "max_tokens": LONG_TOKENS,
+        "model": model, "prompt": "tell me a story about llamas", "max_tokens": LONG_TOKENS,
         "min_tokens": LONG_TOKENS, "ignore_eos": True, "temperature": 0}
 
 
-def short_request() -> tuple[str, dict]:
+def short_request(model: str = SHORT) -> tuple[str, dict]:
     return "/v1/chat/completions", {
-        "model": SHORT, "messages": [{"role": "user", "content": "what is the capital of france"}],
+        "model": model, "messages": [{"role": "user", "content": "what is the capital of france"}],
         "max_tokens": SHORT_TOKENS, "ignore_eos": True, "temperature": 0}
 
 
@@ -127,15 +126,15 @@ async def stream(session: aiohttp.ClientSession, url: str, request: tuple[str, d
     into.done += 1
 
 
-async def long_load(url: str, seconds: float) -> Requests:
-    """LONG_CLIENTS clients, each starting completions back to back until
-    `seconds` are over; the wall runs until the last one ends."""
+async def long_load(url: str, seconds: float, model: str = LONG) -> Requests:
+    """LONG_CLIENTS clients, each starting completions of `model` back to back
+    until `seconds` are over; the wall runs until the last one ends."""
     into = Requests()
     started = time.perf_counter()
 
     async def client(session: aiohttp.ClientSession) -> None:
         while time.perf_counter() - started < seconds:
-            await stream(session, url, long_request(), into)
+            await stream(session, url, long_request(model), into)
 
     async with session_for() as session:
         await asyncio.gather(*(client(session) for _ in range(LONG_CLIENTS)))
@@ -143,16 +142,17 @@ async def long_load(url: str, seconds: float) -> Requests:
     return into
 
 
-async def short_load(url: str, seconds: float) -> Requests:
-    """A short request every SHORT_EVERY_S for `seconds` (open loop: arrivals
-    do not wait for answers)."""
+async def short_load(url: str, seconds: float, model: str = SHORT) -> Requests:
+    """A short request for `model` every SHORT_EVERY_S for `seconds` (open
+    loop: arrivals do not wait for answers)."""
     into = Requests()
     started = time.perf_counter()
     async with session_for() as session:
         requests = []
         for k in range(math.ceil(seconds / SHORT_EVERY_S)):
             await asyncio.sleep(max(0.0, started + k * SHORT_EVERY_S - time.perf_counter()))
-            requests.append(asyncio.create_task(stream(session, url, short_request(), into)))
+            requests.append(asyncio.create_task(stream(session, url, short_request(model),
+                                                       into)))
         await asyncio.gather(*requests)
     into.wall_s = time.perf_counter() - started
     return into
@@ -220,9 +220,19 @@ def tree_revision() -> str:
     return done.stdout.strip() or "not a git checkout"
 
 
+def swap_counts(metrics: str) -> Counter:
+    """wcd_swaps_total on a /metrics page, by path where they succeeded, else by outcome."""
+    counts: Counter = Counter()
+    for labels, value in metric_series(metrics, "wcd_swaps_total"):
+        key = labels.get("path") if labels.get("outcome") == "ok" else labels.get("outcome")
+        counts[key or "?"] += value
+    return counts
+
+
 @dataclass
 class Daemon:
-    process: asyncio.subprocess.Process
+    # Only its pid is read here (bench/gpu.py passes the Popen of its own daemon).
+    process: asyncio.subprocess.Process | subprocess.Popen
     url: str
     log: Path
 
@@ -230,14 +240,7 @@ class Daemon:
         """wcd_swaps_total so far, by path and outcome."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             async with session.get(self.url + "/metrics") as response:
-                text = await response.text()
-        counts: Counter = Counter()
-        for line in text.splitlines():
-            if line.startswith("wcd_swaps_total{"):
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-                key = labels["path"] if labels.get("outcome") == "ok" else labels.get("outcome")
-                counts[key or "?"] += float(line.rsplit(" ", 1)[1])
-        return counts
+                return swap_counts(await response.text())
 
     def cpu_s(self) -> float:
         """CPU seconds of the daemon, its worker and theirs, and of this script."""
@@ -291,11 +294,14 @@ def busy_s() -> float:
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
-async def phase(name: str, daemon: Daemon, seconds: float, long: bool, short: bool) -> Phase:
+async def phase(name: str, daemon: Daemon, seconds: float, long: str | None,
+                short: str | None) -> Phase:
+    """`seconds` of the long load on model `long` and the short one on `short`
+    (None: not that load)."""
     swaps, busy, ours, load = await daemon.swaps(), busy_s(), daemon.cpu_s(), os.getloadavg()[0]
     started = time.perf_counter()
-    loads = await asyncio.gather(long_load(daemon.url, seconds) if long else none(),
-                                 short_load(daemon.url, seconds) if short else none())
+    loads = await asyncio.gather(long_load(daemon.url, seconds, long) if long else none(),
+                                 short_load(daemon.url, seconds, short) if short else none())
     wall = time.perf_counter() - started
     others = (busy_s() - busy) - (daemon.cpu_s() - ours)
     result = Phase(name, *loads, await daemon.swaps() - swaps, max(0.0, others) / wall,
@@ -308,17 +314,23 @@ async def none() -> None:
     return None
 
 
+async def phases(daemon: Daemon, seconds: float, long: str = LONG,
+                 short: str = SHORT) -> list[Phase]:
+    """The long load alone, the short load alone, both at once: `seconds` each."""
+    await warm_up(daemon.url, long_request(long), LONG_CLIENTS)
+    alone_long = await phase(f"{long} alone", daemon, seconds, long, None)
+    await warm_up(daemon.url, short_request(short), 1)
+    alone_short = await phase(f"{short} alone", daemon, seconds, None, short)
+    mixed = await phase("both at once", daemon, seconds, long, short)
+    if mixed.long.errors or mixed.short.errors:
+        print(tail(daemon.log))
+    return [alone_long, alone_short, mixed]
+
+
 async def bench(args: argparse.Namespace) -> list[Phase]:
     daemon = await start_daemon(args.config, CACHE / "bench-mixed")
     try:
-        await warm_up(daemon.url, long_request(), LONG_CLIENTS)
-        alone_long = await phase(f"{LONG} alone", daemon, args.seconds, True, False)
-        await warm_up(daemon.url, short_request(), 1)
-        alone_short = await phase(f"{SHORT} alone", daemon, args.seconds, False, True)
-        mixed = await phase("both at once", daemon, args.seconds, True, True)
-        if mixed.long.errors or mixed.short.errors:
-            print(tail(daemon.log))
-        return [alone_long, alone_short, mixed]
+        return await phases(daemon, args.seconds)
     finally:
         await stop_group(daemon.process)
 
@@ -342,13 +354,21 @@ def row(p: Phase) -> str:
             f"{p.load_avg[0]:.2f} → {p.load_avg[1]:.2f}")
 
 
-def summary(alone_long: Phase, alone_short: Phase, mixed: Phase) -> str:
+def table(phases: list[Phase]) -> list[str]:
+    return ["| phase | short TTFT p50 / p99 | short answered (failed) | long tokens/s | "
+            "long answered (failed) | swaps | other CPU (cores) | load avg (1 min) |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+            *[f"| {p.name} | {row(p)} |" for p in phases]]
+
+
+def summary(alone_long: Phase, alone_short: Phase, mixed: Phase, long: str = LONG,
+            short: str = SHORT) -> str:
     ratio = mixed.long.tokens_per_s() / alone_long.long.tokens_per_s()
     slower = mixed.short.ttft(50) / alone_short.short.ttft(50)
-    return (f"Both at once against each alone: {SHORT} TTFT p50 {mixed.short.ttft(50):.3f} s "
+    return (f"Both at once against each alone: {short} TTFT p50 {mixed.short.ttft(50):.3f} s "
             f"against {alone_short.short.ttft(50):.3f} s (×{slower:.0f}), p99 "
             f"{mixed.short.ttft(99):.3f} s against {alone_short.short.ttft(99):.3f} s; "
-            f"{LONG} {mixed.long.tokens_per_s():.0f} tokens/s against "
+            f"{long} {mixed.long.tokens_per_s():.0f} tokens/s against "
             f"{alone_long.long.tokens_per_s():.0f} ({ratio:.0%}).")
 
 
@@ -380,10 +400,7 @@ def section(args: argparse.Namespace, phases: list[Phase], imported_from: str) -
         "follow untimed warm-up requests. Swaps: wcd_swaps_total during the phase, by "
         "path. Other CPU: cores busy on average with anything but this script, the daemon "
         "and its worker (the box is shared).", "",
-        "| phase | short TTFT p50 / p99 | short answered (failed) | long tokens/s | "
-        "long answered (failed) | swaps | other CPU (cores) | load avg (1 min) |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
-        *[f"| {p.name} | {row(p)} |" for p in phases], "",
+        *table(phases), "",
         summary(*phases), "",
         *errors(phases), "",
     ])
