@@ -21,6 +21,15 @@ wcd.workers.demo_models.
   answer against vLLM's own TP=2 run.
 - throughput: the same streamed load (bench/serve.py's clients) against vLLM's
   own API server and then wcd's OpenAI endpoint, each serving big-a alone.
+- residents (issue 14; not in the default parts: `--parts residents`, ~4 min):
+  one daemon, one CUDA worker keeping up to three models resident. bigwide-a
+  and big-b loaded beside big-a (load paths and times, footprints, torch's
+  allocated memory); a greedy 128-token completion of each alone, then the
+  three at once (same texts? wall against the sum alone); bench/mixed.py's
+  load with big-a as the long model and bigwide-a as the short one (TTFT and
+  tokens/s alone and together, swaps: none); then a budget (reloaded by
+  SIGHUP) short of three busy models: 512-token streams of big-a and
+  bigwide-a, then big-b: suspensions, texts against alone, big-b's first token.
 
 Writes DIR/gpu-PART.json per part. Back on the development machine,
 `python bench/gpu.py --report DIR` turns them into the "## GPU (bench/gpu.py)"
@@ -30,16 +39,21 @@ section of BENCHMARKS.md and bench/gpu-swaps.png.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -473,6 +487,271 @@ def run_throughput(models: Path, out: Path) -> dict:
     return result
 
 
+# ---- several models resident at once (issue 14) -------------------------------------
+
+RESIDENTS = (SAME[0], OTHER, SAME[1])  # big-a preloaded; bigwide-a and big-b loaded beside it
+SIDE_TOKENS, LONG_TOKENS = 128, 512
+MIXED_SECONDS = 20.0  # per phase of bench/mixed.py's load
+PREEMPT_AFTER = "0.5s"
+STORY = "tell me a story about llamas"
+STREAM_TIMEOUT_S = 120  # a stream silent this long is stuck (suspensions pause for quanta)
+
+
+def run_residents(models: Path, out: Path) -> dict:
+    """Several models resident on one CUDA worker, in one daemon: three loaded
+    side by side; their greedy completions at once against each alone;
+    bench/mixed.py's load; then a memory budget short of three busy models,
+    where a busy one is suspended and resumed."""
+    result: dict = {"device": _device(), "failures": []}
+    directory = out / "wcd-residents"
+    wcd = Wcd(directory, models, max_resident=3)
+    with daemon_part(wcd, result, "residents"):
+        wcd.wait_serving(SAME[0])
+        result["start_to_serving_s"] = time.perf_counter() - wcd.started
+        result["loaded"] = _load_beside(wcd, result["failures"])
+        result["side_by_side"] = _side_by_side(wcd, result["failures"])
+        result["mixed"] = _mixed_load(wcd, result["failures"])
+        result["memory_short"] = _memory_short(wcd, directory, result["loaded"]["residents"],
+                                               result["failures"])
+        log("residents: failures:", result["failures"])
+    return result
+
+
+def _device() -> dict:
+    """The GPU and the vLLM and torch this part ran with."""
+    from importlib import metadata
+
+    found: dict = {"gpu": None, "driver": None}
+    if shutil.which("nvidia-smi"):
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                               "--format=csv,noheader", "--id=0"], capture_output=True,
+                              text=True)
+        if done.returncode == 0 and "," in done.stdout:
+            found["gpu"], found["driver"] = (x.strip() for x in done.stdout.split(",", 1))
+    for package in ("vllm", "torch"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def _load_beside(wcd: Wcd, failures: list[str]) -> dict:
+    """bigwide-a and big-b loaded beside big-a: each load's path and times;
+    then the residents with their footprints, and torch's allocated memory."""
+    loads = []
+    for model in RESIDENTS[1:]:
+        wall, event = wcd.wcctl("load", model)
+        loads.append({"model": model, "path": event["path"], "weights": event.get("weights"),
+                      "wcctl_s": wall, "worker_s": event["total_s"],
+                      "phases": event["phases"]})
+        log(f"residents: load {model}: {event['path']} worker {event['total_s']:.2f} s "
+            f"wcctl {wall:.2f} s")
+    device_bytes = wcd.device_bytes()  # after a ping, which also measures the footprints
+    worker = wcd.worker()
+    states = {r["model"]: r["state"] for r in worker["residents"]}
+    if states != {m: "serving" for m in RESIDENTS}:
+        failures.append(f"residents after the loads: {states}")
+    log("residents:", worker["residents"], "device_bytes", device_bytes)
+    return {"loads": loads, "residents": worker["residents"],
+            "resident_bytes": worker["resident_bytes"],
+            "memory_budget_bytes": worker["memory_budget_bytes"], "device_bytes": device_bytes}
+
+
+def _side_by_side(wcd: Wcd, failures: list[str]) -> dict:
+    """Each model's greedy completion alone, one after another, then the three
+    at once: each text must be its alone text; the wall of the three at once
+    against the sum alone."""
+    for model in RESIDENTS:  # untimed: the first request of an engine sets things up
+        _stream(wcd, model, 8)
+    alone = {m: _stream(wcd, m, SIDE_TOKENS) for m in RESIDENTS}
+    together, wall = _streams(wcd, SIDE_TOKENS, RESIDENTS)
+    rows = _compared(alone, together, "side by side", failures)
+    log(f"residents: side by side {wall:.2f} s, alone "
+        f"{sum(r['seconds'] for r in alone.values()):.2f} s:", rows)
+    return {"tokens": SIDE_TOKENS, "alone": alone, "together": together,
+            "together_wall_s": wall, "equal": rows}
+
+
+def _mixed_load(wcd: Wcd, failures: list[str]) -> dict:
+    """bench/mixed.py's phases with big-a as the long model and bigwide-a as
+    the short one, both resident: no swap may happen."""
+    import asyncio
+
+    import mixed
+
+    daemon = mixed.Daemon(wcd.process, f"http://127.0.0.1:{wcd.port}", wcd.log_path)
+    phases = asyncio.run(mixed.phases(daemon, MIXED_SECONDS, SAME[0], OTHER))
+    for p in phases:
+        errors = [e for r in (p.long, p.short) if r for e in r.errors]
+        if errors:
+            failures.append(f"mixed load, {p.name}: {len(errors)} failed, first {errors[0]}")
+    if sum(phases[-1].swaps.values()):
+        failures.append(f"mixed load: swaps while both were resident: {dict(phases[-1].swaps)}")
+    return {"seconds": MIXED_SECONDS, "phases": [_phase_json(p) for p in phases]}
+
+
+def _phase_json(p) -> dict:
+    # (dataclasses.asdict would rebuild the Counter of swaps from (key, value) pairs.)
+    return {"name": p.name, "long": p.long and dataclasses.asdict(p.long),
+            "short": p.short and dataclasses.asdict(p.short), "swaps": dict(p.swaps),
+            "other_cores": p.other_cores, "load_avg": list(p.load_avg)}
+
+
+def _memory_short(wcd: Wcd, directory: Path, residents: list[dict],
+                  failures: list[str]) -> dict:
+    """A budget short of three busy models: long greedy streams of big-a and
+    bigwide-a, then big-b, which comes in only once a busy resident is
+    suspended (after preempt_after) or done. Each text against its alone text
+    at the same length; suspensions, swaps, big-b's first token, and the
+    residents' states over time."""
+    from mixed import swap_counts
+
+    footprints = {r["model"]: r["bytes"] for r in residents}
+    if sorted(footprints) != sorted(RESIDENTS) or min(footprints.values()) <= 0:
+        raise RuntimeError(f"footprints not measured: {footprints}")
+    alone = {m: _stream(wcd, m, LONG_TOKENS) for m in RESIDENTS}
+    # Two busy models and a suspended one's weights fit, three busy ones do
+    # not: the policy counts what a suspended resident still holds.
+    budget = sum(footprints.values()) - ENGINE_ARGS["kv_cache_memory_bytes"] // 2
+    wcd.wcctl("unload", SAME[1])
+    _reload_budget(wcd, directory, budget)
+    before = _get(wcd, "/metrics")
+    with _timeline(wcd) as timeline:
+        streams, wall = _streams(wcd, LONG_TOKENS, RESIDENTS[:2], RESIDENTS[2:])
+    after = _get(wcd, "/metrics")
+    suspended = dict(_suspensions(after) - _suspensions(before))
+    rows = _compared(alone, streams, "memory short", failures)
+    swaps = dict(swap_counts(after) - swap_counts(before))
+    log(f"residents: memory short: suspensions {suspended} swaps {swaps} big-b first token "
+        f"{streams[SAME[1]]['ttft_s']} s, equal {rows}")
+    return {"tokens": LONG_TOKENS, "footprints": footprints, "budget_bytes": budget,
+            "preempt_after": PREEMPT_AFTER, "alone": alone, "streams": streams,
+            "wall_s": wall, "equal": rows, "suspensions": suspended, "swaps": swaps,
+            "timeline": timeline, "worker_after": wcd.worker()}
+
+
+def _suspensions(metrics: str) -> Counter:
+    from common import metric_series
+
+    return Counter({labels.get("model"): value for labels, value in
+                    metric_series(metrics, "wcd_suspensions_total")})
+
+
+def _compared(alone: dict, other: dict, label: str, failures: list[str]) -> dict[str, bool]:
+    """Per model: whether its text equals its alone text, both without error."""
+    equal = {}
+    for model, got in other.items():
+        errors = [s["error"] for s in (alone[model], got) if "error" in s]
+        equal[model] = not errors and got["text"] == alone[model]["text"]
+        if errors:
+            failures.append(f"{label}: {model}: {errors[0]}")
+        elif not equal[model]:
+            failures.append(f"{label}: {model} answered otherwise than alone")
+    return equal
+
+
+def _reload_budget(wcd: Wcd, directory: Path, budget: int) -> None:
+    """The memory budget and quantum set by SIGHUP, as `systemctl reload wcd`
+    sends it; returns once the worker's view shows the budget."""
+    path = directory / "wcd.yaml"
+    config = json.loads(path.read_text())
+    config["policy"].update(worker_memory_bytes=budget, preempt_after=PREEMPT_AFTER)
+    path.write_text(json.dumps(config))
+    wcd.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while wcd.worker()["memory_budget_bytes"] != budget:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the reload never applied a budget of {budget}:\n{wcd.tail()}")
+        time.sleep(0.2)
+
+
+def _stream(wcd: Wcd, model: str, tokens: int, first: threading.Event | None = None) -> dict:
+    """A greedy streamed completion of `tokens` tokens (ignore_eos): its text,
+    seconds to its first text (when `first` is set) and to its end; its
+    error, if any, as text."""
+    from mixed import chunk_text
+
+    body = {"model": model, "prompt": STORY, "max_tokens": tokens, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    request = urllib.request.Request(f"http://127.0.0.1:{wcd.port}/v1/completions",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    result: dict = {"text": "", "ttft_s": None}
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=STREAM_TIMEOUT_S) as response:
+            for line in response:
+                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"].get("message", chunk["error"]))
+                text = chunk_text(chunk)
+                if text and result["ttft_s"] is None:
+                    result["ttft_s"] = time.perf_counter() - started
+                    if first is not None:
+                        first.set()
+                result["text"] += text
+    except (OSError, RuntimeError, ValueError) as exc:  # urllib's errors are OSErrors
+        result["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _streams(wcd: Wcd, tokens: int, *waves: tuple[str, ...]) -> tuple[dict, float]:
+    """Streams of `tokens` tokens, one per model: each wave's at once, the
+    next wave once each of these has streamed text (or ended). Each stream's
+    result with when it was sent (`sent_s`), and the wall of them all."""
+    futures = {}
+    sent = {}
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(sum(map(len, waves))) as pool:
+        for wave in waves:
+            firsts = {m: threading.Event() for m in wave}
+            for model in wave:
+                sent[model] = time.perf_counter() - started
+                futures[model] = pool.submit(_stream, wcd, model, tokens, firsts[model])
+            for model in wave:  # a stream that fails never sets its event
+                while not (firsts[model].wait(0.05) or futures[model].done()):
+                    continue
+        results = {m: {**f.result(), "sent_s": sent[m]} for m, f in futures.items()}
+    return results, time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def _timeline(wcd: Wcd):
+    """The worker's residents ([model, state, bytes]) each time they change,
+    polled from /status.json, with the seconds since the timeline began."""
+    rows: list[dict] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        started, last = time.perf_counter(), None
+        while not done.wait(0.1):
+            try:
+                worker = json.loads(_get(wcd, "/status.json"))["workers"][0]
+            except (OSError, ValueError):
+                continue  # the next poll tells
+            now = [[r["model"], r["state"], r["bytes"]] for r in worker["residents"]]
+            if now != last:
+                rows.append({"t_s": round(time.perf_counter() - started, 2), "residents": now})
+                last = now
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield rows
+    finally:
+        done.set()
+        thread.join()
+
+
+def _get(wcd: Wcd, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{wcd.port}{path}", timeout=30) as response:
+        return response.read().decode()
+
+
 # ---- report (on the development machine) ---------------------------------------------
 
 
@@ -543,6 +822,112 @@ def throughput_lines(t: dict) -> list[str]:
     ]
 
 
+def residents_lines(r: dict) -> list[str]:
+    device = r["device"]
+    lines = [
+        f"Several models at once on CUDA (`--parts residents`, issue 14), measured "
+        f"{r['date']} on {device['gpu']} (driver {device['driver']}), vLLM {device['vllm']}, "
+        f"torch {device['torch']}: one daemon, one CUDA worker with `policy.max_resident: "
+        f"3`, big-a preloaded (daemon start to serving "
+        f"{r.get('start_to_serving_s', float('nan')):.1f} s), the engine args above.", ""]
+    for key, render in (("loaded", _loaded_lines), ("side_by_side", _side_by_side_lines),
+                        ("mixed", _mixed_lines), ("memory_short", _memory_short_lines)):
+        if key in r:
+            lines += render(r[key])
+    if "error" in r:
+        lines += [f"The part stopped early: `{r['error'].splitlines()[0][:300]}`.", ""]
+    failures = r["failures"]
+    if failures:
+        lines += [f"{len(failures)} checks failed:", "", *[f"- {f}" for f in failures], ""]
+    elif "error" not in r:
+        lines += ["Every check held.", ""]
+    return lines
+
+
+def _loaded_lines(r: dict) -> list[str]:
+    residents = ", ".join(f"{x['model']} {x['state']} {x['bytes'] / GiB:.2f} GiB"
+                          for x in r["residents"])
+    return [
+        "bigwide-a and big-b loaded beside big-a (`wcctl load --json`):", "",
+        "| load | path | weights from | worker (s) | `wcctl` (s) |",
+        "| --- | --- | --- | ---: | ---: |",
+        *[f"| {x['model']} | {x['path']} | {x['weights'] or '-'} | {x['worker_s']:.2f} | "
+          f"{x['wcctl_s']:.2f} |" for x in r["loads"]], "",
+        f"Then `wcctl ps --json`: {residents}; resident bytes "
+        f"{r['resident_bytes'] / GiB:.2f} GiB of a budget of "
+        f"{r['memory_budget_bytes'] / GiB:.1f} GiB (`worker_memory_bytes: 0`, 90% of the "
+        f"device); torch allocated (`device_bytes`) {r['device_bytes'] / GiB:.2f} GiB.", ""]
+
+
+def _side_by_side_lines(r: dict) -> list[str]:
+    alone, together = r["alone"], r["together"]
+    alone_s = sum(x["seconds"] for x in alone.values())
+    return [
+        f"Side by side: a greedy {r['tokens']}-token streamed completion (`ignore_eos`) of "
+        "each model alone, one after another, then the three at once; \"output\" compares "
+        "each text at once with its text alone.", "",
+        "| model | alone: first token / end (s) | at once: first token / end (s) | output |",
+        "| --- | ---: | ---: | --- |",
+        *[f"| {m} | {_seconds(alone[m]['ttft_s'])} / {alone[m]['seconds']:.2f} | "
+          f"{_seconds(together[m]['ttft_s'])} / {together[m]['seconds']:.2f} | "
+          f"{'same' if r['equal'][m] else '**differs**'} |" for m in alone], "",
+        f"The three at once took {r['together_wall_s']:.2f} s against {alone_s:.2f} s one "
+        f"after another (×{alone_s / r['together_wall_s']:.2f}).", ""]
+
+
+def _mixed_lines(r: dict) -> list[str]:
+    import mixed
+
+    phases = [mixed.Phase(p["name"], *(p[k] and mixed.Requests(**p[k]) for k in ("long", "short")),
+                          Counter(p["swaps"]), p["other_cores"], tuple(p["load_avg"]))
+              for p in r["phases"]]
+    return [
+        f"bench/mixed.py's load (issue 14) on the GPU, {r['seconds']:g} s per phase, in this "
+        f"order on the same daemon: {SAME[0]} streamed by {mixed.LONG_CLIENTS} clients "
+        f"({mixed.LONG_TOKENS}-token completions back to back, `ignore_eos`), {OTHER} asked "
+        f"a streamed {mixed.SHORT_TOKENS}-token chat request every {mixed.SHORT_EVERY_S:g} s; "
+        "each alone after warm-up requests, then both. Swaps: wcd_swaps_total during the "
+        "phase (both stay resident, so none). Other CPU: cores busy with anything but the "
+        "benchmark, the daemon and its worker.", "",
+        *mixed.table(phases), "",
+        mixed.summary(*phases, SAME[0], OTHER), ""]
+
+
+def _memory_short_lines(r: dict) -> list[str]:
+    streams = r["streams"]
+    suspensions = sum(r["suspensions"].values())
+    by_model = ", ".join(f"{m} {n:.0f}" for m, n in sorted(r["suspensions"].items()))
+    swaps = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["swaps"].items())) or "none"
+    timeline = r["timeline"][:24]
+    return [
+        f"Memory short: the policy reloaded (SIGHUP) with `worker_memory_bytes` "
+        f"{r['budget_bytes'] / GiB:.2f} GiB (the three footprints measured above, "
+        f"{', '.join(f'{m} {b / GiB:.2f} GiB' for m, b in r['footprints'].items())}, less "
+        "half a KV cache: two busy models and a suspended one's weights fit, three busy "
+        f"ones do not) and `preempt_after: {r['preempt_after']}`; big-b unloaded; greedy "
+        f"{r['tokens']}-token streams (`ignore_eos`) of {SAME[0]} and {OTHER}, then "
+        f"{SAME[1]} once both streamed. \"output\" compares each with its text alone at "
+        "the same length, generated first.", "",
+        "| model | sent at (s) | first token (s) | end (s) | output |",
+        "| --- | ---: | ---: | ---: | --- |",
+        *[f"| {m} | {s['sent_s']:.2f} | {_seconds(s['ttft_s'])} | {s['seconds']:.2f} | "
+          f"{'same' if r['equal'][m] else '**differs**'} |" for m, s in streams.items()], "",
+        f"Suspensions (wcd_suspensions_total): {suspensions:.0f}"
+        + (f" ({by_model})" if by_model else "") + f"; swaps meanwhile: {swaps}; "
+        f"{SAME[1]}'s first token {_seconds(streams[SAME[1]]['ttft_s'])} s after its "
+        f"request; all done in {r['wall_s']:.2f} s. The worker's residents as they "
+        "changed (/status.json polled every 0.1 s; GiB):", "",
+        "| t (s) | residents |", "| ---: | --- |",
+        *[f"| {row['t_s']:.2f} | "
+          + ", ".join(f"{m} {state} {b / GiB:.2f}" for m, state, b in row["residents"])
+          + " |" for row in timeline], "",
+        *([f"({len(r['timeline']) - len(timeline)} later changes left out.)", ""]
+          if len(r["timeline"]) > len(timeline) else [])]
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
 
 def median(values: list[float]) -> float:
     ordered = sorted(values)
@@ -556,6 +941,7 @@ def report(directory: Path) -> None:
     wcd, cold, sleep, throughput, parked, tp = (
         json.loads((directory / f"gpu-{part}.json").read_text())
         for part in ("wcd", "cold", "sleep", "throughput", "parked", "tp"))
+    residents = directory / "gpu-residents.json"  # a later part: older runs lack it
     rows: dict[str, list[dict]] = {}
     for swap in wcd["swaps"]:
         rows.setdefault(swap["label"], []).append(swap)
@@ -625,7 +1011,9 @@ def report(directory: Path) -> None:
         "until the next release; it does not accumulate over rebuilds, and on CPU no "
         "engine outlives its release (checked with gc). Not found yet.", "",
         *parked_lines(parked), *tp_lines(tp),
-        *throughput_lines(throughput),        "### Goals", "", "| goal | target | measured | |", "| --- | --- | --- | --- |",
+        *throughput_lines(throughput),
+        *(residents_lines(json.loads(residents.read_text())) if residents.exists() else []),
+        "### Goals", "", "| goal | target | measured | |", "| --- | --- | --- | --- |",
         *[f"| {what} | {target} | {got} | {'met' if ok else '**missed**'} |"
           for what, target, got, ok in [
               ("same-shape swap from the cache, copy rate", "≥ 48 GB/s",
@@ -685,7 +1073,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--report", type=Path, help="write BENCHMARKS.md from a run's JSON")
     parser.add_argument("--models", type=Path, default=Path("/tmp/wcd-gpu-models"))
-    parser.add_argument("--parts", default="wcd,cold,sleep,throughput,parked")
+    parser.add_argument("--parts", default="wcd,cold,sleep,throughput,parked",
+                        help="comma-separated, of: wcd, cold, sleep, throughput, parked, tp "
+                             "(2 GPUs), hostile, residents (default: %(default)s)")
     args = parser.parse_args()
     if args.report:
         report(args.report)
@@ -698,7 +1088,8 @@ def main() -> int:
                "throughput": lambda: run_throughput(args.models, args.out),
                "parked": lambda: run_parked(args.models, args.out),
                "tp": lambda: run_tp(args.models, args.out),
-               "hostile": lambda: run_hostile(args.models, args.out)}
+               "hostile": lambda: run_hostile(args.models, args.out),
+               "residents": lambda: run_residents(args.models, args.out)}
     for part in args.parts.split(","):
         result = runners[part]()
         result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
