@@ -504,7 +504,10 @@ def run_residents(models: Path, out: Path) -> dict:
     where a busy one is suspended and resumed."""
     result: dict = {"device": _device(), "failures": []}
     directory = out / "wcd-residents"
-    wcd = Wcd(directory, models, max_resident=3)
+    # Attention outside the CUDA graphs: a suspended model's KV cache can go
+    # (full graphs capture its addresses, and it would stay).
+    wcd = Wcd(directory, models, max_resident=3,
+              defaults={**ENGINE_ARGS, "compilation_config": {"cudagraph_mode": "PIECEWISE"}})
     with daemon_part(wcd, result, "residents"):
         wcd.wait_serving(SAME[0])
         result["start_to_serving_s"] = time.perf_counter() - wcd.started

@@ -148,7 +148,7 @@ class PolicySettings:
     max_resident: int = 4
     worker_memory_bytes: int = 0
     # How long busy residents may keep a waiting model out before one of
-    # them is suspended (its requests preempted, resumed later) to make room.
+    # them is suspended (its requests paused, resumed later) to make room.
     preempt_after_s: float = 2.0
     # A chat template render on a worker's main thread that runs longer is
     # aborted (the request gets 400); an engine step that runs longer restarts

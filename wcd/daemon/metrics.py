@@ -48,7 +48,7 @@ class Metrics:
         self.swap_total = Histogram("wcd_swap_duration_seconds", "Whole swaps", ["path"],
                                     buckets=_SWAP_BUCKETS, registry=r)
         self.suspensions = Counter("wcd_suspensions", "Busy resident models suspended to "
-                                   "make room (their requests preempted, then resumed)",
+                                   "make room (their requests paused, then resumed)",
                                    ["model"], registry=r)
         self.restarts = Counter("wcd_worker_restarts", "Worker processes restarted",
                                 ["worker"], registry=r)

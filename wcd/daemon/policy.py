@@ -9,7 +9,7 @@ most resident models. Room is made from idle residents first (least recently
 used first, never one younger than its minimum residence when a request
 asks); busy residents are never evicted by requests: once a waiting model has
 waited a quantum, a busy resident that has served at least a quantum is
-suspended instead (its requests preempted and resumed later, no work lost).
+suspended instead (its requests paused and resumed later, no work lost).
 Idle residents are evicted, never suspended.
 """
 

@@ -77,12 +77,12 @@ class Unload(msgspec.Struct, tag="unload", frozen=True):
 
 
 class Suspend(msgspec.Struct, tag="suspend", frozen=True):
-    """Make room without losing work: at a step boundary the resident's
-    running requests are preempted (vLLM's preemption by recompute: back to
-    its waiting queue with what they generated) and its KV cache is released;
-    its weights stay. It is stepped no more until a Swap of the same model
-    resumes it; every request then completes with the output it would have
-    had."""
+    """Make room without losing work: at a step boundary the resident stops
+    being stepped, the KV blocks its requests hold are copied to host memory
+    and its KV cache is released (kept where full CUDA graphs captured its
+    addresses); its weights stay. A Swap of the same model resumes it: the
+    blocks go back to the same ids and its requests continue exactly where
+    they stopped, with the output they would have had."""
 
     op_id: int
     model: str
@@ -171,9 +171,10 @@ class CachedModel(msgspec.Struct, frozen=True):
 
 class Resident(msgspec.Struct, frozen=True):
     """A model a worker serves. `bytes`: its footprint on the device, its
-    weights plus its KV cache (without the KV cache while suspended, unless
-    CUDA graphs hold its addresses); `running`: its requests in the engine;
-    `suspended`: preempted by Suspend, waiting for a Swap to resume it."""
+    weights plus its KV cache (while suspended: its weights, plus its kept
+    blocks on CPU, plus the KV cache where CUDA graphs hold its addresses);
+    `running`: its requests in the engine; `suspended`: by Suspend, waiting
+    for a Swap to resume it."""
 
     name: str
     bytes: int
