@@ -306,6 +306,19 @@ def test_a_build_that_fails_beside_residents_leaves_them_serving(loop, worker, d
             reference[model]["prompts"][0]["token_ids"]
 
 
+def test_a_resume_also_takes_out_the_residents_it_replaces(loop, worker, demo_models,
+                                                           reference):
+    """The daemon makes room for a suspended model by evicting an idle one in
+    the same operation: the resume path must honour `replace` too."""
+    run(loop, worker.suspend("wide-a"))
+    done = run(loop, worker.swap(spec(demo_models, "wide-a"), replace=["small-b"]))
+    assert done.path == "resume"
+    assert [(r.name, r.suspended) for r in done.residents] == [("small-a", False),
+                                                               ("wide-a", False)]
+    assert run(loop, alone(worker, "wide-a", PROMPTS[0], GREEDY)) == \
+        reference["wide-a"]["prompts"][0]["token_ids"]
+
+
 def test_a_tensor_parallel_group_keeps_one_resident(demo_models):
     """A group re-forms its world per tensor-parallel size, so a swap that
     would leave two residents in it is refused before anything is touched."""

@@ -205,9 +205,11 @@ class EngineHost:
             current = self.residents.get(spec.name)
             stays = current is not None and current.plan.spec == spec and \
                 current.plan.cache_key == plan.cache_key
-            # A resident of this name with other args or files leaves too.
+            # A resident of this name with other args or files leaves too; the
+            # others named leave whatever path this model takes (a resume too).
             leaving = [name for name in self.residents
-                       if (name in replace or name == spec.name) and not stays]
+                       if (name in replace and name != spec.name)
+                       or (name == spec.name and not stays)]
             if self.group is not None and set(self.residents) - set(leaving) - {spec.name}:
                 raise ModelError(p.BAD_ARGS, f"{spec.name}: a tensor-parallel group serves one "
                                              f"model at a time (resident: {self.models})")
