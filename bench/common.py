@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import re
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -156,3 +158,17 @@ def write_section(benchmarks: Path, title: str, new: str) -> None:
         updated = "".join(lines[:start]) + new + ("\n" + rest if rest else "")
     benchmarks.parent.mkdir(parents=True, exist_ok=True)
     benchmarks.write_text(updated)
+
+
+async def sse_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The JSON chunks of an OpenAI stream; a status other than 200 or an
+    error chunk raises RuntimeError."""
+    if response.status != 200:
+        raise RuntimeError(f"{response.status}: {(await response.text())[:200]}")
+    async for line in response.content:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise RuntimeError(chunk["error"].get("message", chunk["error"]))
+        yield chunk

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import math
 import os
 import platform
@@ -45,7 +44,7 @@ import psutil
 import yaml
 
 from common import (CACHE, ROOT, command_line, first_completion, free_port, machine,
-                    metric_series, pct, shown, stop_group, tail, write_section)
+                    metric_series, pct, shown, sse_chunks, stop_group, tail, write_section)
 
 SECTION = "## Mixed load (bench/mixed.py)"
 LONG, SHORT = "small-a", "wide-a"
@@ -104,14 +103,7 @@ async def stream(session: aiohttp.ClientSession, url: str, request: tuple[str, d
     first, tokens = None, 0
     try:
         async with session.post(url + path, json=body) as response:
-            if response.status != 200:
-                raise RuntimeError(f"{response.status}: {(await response.text())[:200]}")
-            async for line in response.content:
-                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"].get("message", chunk["error"]))
+            async for chunk in sse_chunks(response):
                 if first is None and chunk_text(chunk):
                     first = time.perf_counter()
                 if chunk.get("usage"):

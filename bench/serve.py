@@ -37,7 +37,7 @@ import aiohttp
 import yaml
 
 from common import (CACHE, ENGINE_ARGS, MODELS, ROOT, command_line, first_completion,
-                    free_port, machine, pct, shown, tail, vllm_server, write_section)
+                    free_port, machine, pct, shown, sse_chunks, tail, vllm_server, write_section)
 
 SECTION = "## Serve (bench/serve.py)"
 PROMPTS = ["hello world", "the quick brown fox", "tell me a story about llamas",
@@ -86,14 +86,7 @@ async def stream_completion(session: aiohttp.ClientSession, url: str, model: str
     started = time.perf_counter()
     arrivals, tokens = [], 0
     async with session.post(url + "/v1/completions", json=body) as response:
-        if response.status != 200:
-            raise RuntimeError(f"{response.status}: {(await response.text())[:200]}")
-        async for line in response.content:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
+        async for chunk in sse_chunks(response):
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 arrivals.append(time.perf_counter())
             if chunk.get("usage"):
