@@ -91,8 +91,10 @@ class Op:
     force: bool = False
     ticket: int | None = None  # the operator's operation it answers
     # An operator's swap decides what leaves when it begins, not when asked:
-    # "replace" (every other resident) or "load" (room as policy makes it).
+    # "replace" (every other resident) or "load" (room as policy makes it,
+    # for a model whose footprint, never measured, is `estimate`).
     mode: str = ""
+    estimate: int = 0
     on_demand: bool = False  # asked for by requests: dropped when none waits any more
     running: bool = False  # sent to the worker (else its targets still drain)
     drain_started: float = 0.0
@@ -409,9 +411,8 @@ def _on_operate(state: State, ev: Operate, out: list[Effect]) -> None:
             "every worker already has an operation waiting; try again shortly")))
         return
     mode = "replace" if ev.kind == "swap" else "load"
-    op = Op(next(state.serials), "swap", ev.entry, (), ev.force, ev.ticket, mode=mode)
-    if ev.estimate and name not in state.footprints:
-        state.footprints.setdefault(name, ev.estimate)
+    op = Op(next(state.serials), "swap", ev.entry, (), ev.force, ev.ticket, mode=mode,
+            estimate=ev.estimate)
     _submit(state, worker, op, ev.now, out)
 
 
@@ -491,9 +492,9 @@ def _operator_targets(state: State, worker: Worker, op: Op, now: float) -> tuple
     others = tuple(n for n in worker.residents if n != op.entry.name)
     if op.mode == "replace":
         return others
-    room = policy.make_room(_view(state, worker, now), _need(state, op.entry, 0, worker),
-                            now=now, waited_since=now, quantum_s=0.0, min_resident_s=None,
-                            exclude=op.entry.name)
+    need = _need(state, op.entry, op.estimate, worker)
+    room = policy.make_room(_view(state, worker, now), need, now=now, waited_since=now,
+                            quantum_s=0.0, min_resident_s=None, exclude=op.entry.name)
     return room.evict if room is not None and room.at is None else others
 
 
