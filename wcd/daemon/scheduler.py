@@ -335,9 +335,11 @@ class Scheduler:
         if old is not None:
             old.cancel()
         delay = max(0.0, at - time.monotonic())
-        self._timers[key] = asyncio.get_running_loop().call_later(
-            delay, lambda: (self._timers.pop(key, None),
-                            self._post(core.Timer(key, time.monotonic()))))
+        self._timers[key] = asyncio.get_running_loop().call_later(delay, self._fire, key)
+
+    def _fire(self, key: tuple) -> None:
+        del self._timers[key]
+        self._post(core.Timer(key, time.monotonic()))
 
     def _record(self, what: str, model: str | None, index: int, event: dict | None) -> None:
         if what == "done":
