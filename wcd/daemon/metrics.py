@@ -2,6 +2,14 @@
 
 Model labels only ever carry canonical names of models the daemon resolved,
 never what a client typed, so a hostile client cannot grow the label set.
+
+Beside the wcd_* series, the vllm:* series that `vllm serve` (v1
+PrometheusStatLogger) exposes and that the daemon can compute, with vLLM's
+names, help, labels and buckets, so vLLM dashboards and routers read wcd as
+they read vLLM. Each served model is one vLLM "engine" (engine="0"), as a
+`vllm serve` without data parallelism labels it; a request's unit is one
+completion (a prompt's i-th of n choices), as each is its own engine request
+in vLLM.
 """
 
 from __future__ import annotations
@@ -21,6 +29,21 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _SWAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 UNRESOLVED = ""  # requests refused before their model was resolved
+
+# vLLM 0.32's defaults (vllm/v1/metrics/buckets.py), copied: the daemon never imports vLLM.
+_VLLM_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                         50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                      2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_VLLM_N_BUCKETS = (1, 2, 5, 10, 20)
+# vLLM caps its 1-2-5 token buckets at the one model's max_model_len; one
+# registry here serves many models, so the cap covers a 1M-token context.
+_VLLM_TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(7) for m in (1, 2, 5)
+                            if m * 10 ** e <= 10 ** 6)
+VLLM_LABELS = ["model_name", "engine"]
+VLLM_ENGINE = "0"
 
 
 class Metrics:
@@ -56,6 +79,7 @@ class Metrics:
                                     "Swaps by where their weights came from: parked (on the "
                                     "device), host_cache (a hit) or disk (a miss)", ["source"],
                                     registry=r)
+        self.vllm = _VllmSeries(r)
 
     def track(self, queue_length: Callable[[], int],
               resident: Callable[[], list[dict]],
@@ -83,8 +107,59 @@ class Metrics:
         return RequestTimer(self)
 
 
+class _VllmSeries:
+    """vLLM's per-request series (vllm/v1/metrics/loggers.py PrometheusStatLogger)."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        def counter(name, doc, extra=()):
+            return Counter(name, doc, [*VLLM_LABELS, *extra], registry=r)
+
+        def histogram(name, doc, buckets):
+            return Histogram(name, doc, VLLM_LABELS, buckets=buckets, registry=r)
+
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens",
+                                         "Number of generation tokens processed.")
+        self.request_success = counter("vllm:request_success",
+                                       "Count of successfully processed requests.",
+                                       ["finished_reason"])
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens",
+                                               "Number of prefill tokens processed.",
+                                               _VLLM_TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("vllm:request_generation_tokens",
+                                                   "Number of generation tokens processed.",
+                                                   _VLLM_TOKEN_BUCKETS)
+        self.max_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.", _VLLM_TOKEN_BUCKETS)
+        self.params_n = histogram("vllm:request_params_n",
+                                  "Histogram of the n request parameter.", _VLLM_N_BUCKETS)
+        self.ttft = histogram("vllm:time_to_first_token_seconds",
+                              "Histogram of time to first token in seconds.", _VLLM_TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds",
+                             "Histogram of inter-token latency in seconds.", _VLLM_ITL_BUCKETS)
+        self.tpot = histogram("vllm:request_time_per_output_token_seconds",
+                              "Histogram of time_per_output_token_seconds per request.",
+                              _VLLM_ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds",
+                             "Histogram of e2e request latency in seconds.",
+                             _VLLM_LATENCY_BUCKETS)
+
+
+class _Completion:
+    """One choice of one prompt: what vLLM calls a request."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None  # its first token's arrival
+        self.last: float | None = None
+        self.tokens = 0
+        self.finish_reason: str | None = None
+
+
 class RequestTimer:
-    """One request's timings; `model` is set once the request holds a lease."""
+    """One request's timings; `model` is set once the request holds a lease.
+    Every Output is observed once, here, and feeds both the wcd_* and the
+    vllm:* series."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -96,6 +171,7 @@ class RequestTimer:
         self.last: float | None = None
         self.prompt_tokens: dict[int, int] = {}
         self.completion_tokens = 0
+        self.completions: dict[tuple[int, int], _Completion] = {}
 
     async def observe(self, outputs: AsyncIterator[p.Output]) -> AsyncIterator[p.Output]:
         """Closing this closes `outputs` at once, which aborts in the worker."""
@@ -110,7 +186,45 @@ class RequestTimer:
                 self.last = now
                 self.prompt_tokens[output.prompt_index] = output.prompt_tokens
                 self.completion_tokens += len(output.token_ids)
+                self._observe_vllm(output, now)
                 yield output
+
+    def _observe_vllm(self, output: p.Output, now: float) -> None:
+        v, labels = self.metrics.vllm, (self.model, VLLM_ENGINE)
+        c = self.completions.setdefault((output.prompt_index, output.index), _Completion())
+        if output.token_ids:
+            if c.first is None:
+                c.first = now
+                v.ttft.labels(*labels).observe(now - self.started)
+                v.prompt_tokens.labels(*labels).inc(output.prompt_tokens)
+            else:
+                v.itl.labels(*labels).observe(now - c.last)
+            c.last = now
+            c.tokens += len(output.token_ids)
+            v.generation_tokens.labels(*labels).inc(len(output.token_ids))
+        if output.finish_reason is None:
+            return
+        # As vLLM, only completions the engine finished count: ones a client
+        # abandoned are aborted without a finished-request record.
+        c.finish_reason = output.finish_reason
+        v.request_success.labels(*labels, output.finish_reason).inc()
+        v.e2e.labels(*labels).observe((c.last or now) - self.started)
+        v.request_prompt_tokens.labels(*labels).observe(output.prompt_tokens)
+        v.request_generation_tokens.labels(*labels).observe(c.tokens)
+        decode = (c.last - c.first) / (c.tokens - 1) if c.tokens > 1 else 0
+        v.tpot.labels(*labels).observe(decode)
+
+    def _finish_prompts(self) -> None:
+        """vLLM records n and the longest choice once all of a prompt's n
+        choices finished; by the request's end every choice has shown up."""
+        prompts: dict[int, list[_Completion]] = {}
+        for (prompt_index, _), c in self.completions.items():
+            prompts.setdefault(prompt_index, []).append(c)
+        v, labels = self.metrics.vllm, (self.model, VLLM_ENGINE)
+        for choices in prompts.values():
+            if all(c.finish_reason is not None for c in choices):
+                v.params_n.labels(*labels).observe(len(choices))
+                v.max_generation_tokens.labels(*labels).observe(max(c.tokens for c in choices))
 
     def finish(self, outcome: str) -> None:
         m = self.metrics
@@ -121,6 +235,7 @@ class RequestTimer:
             m.e2e.labels(self.model).observe(self.last - self.started)
         m.tokens.labels(self.model, "prompt").inc(sum(self.prompt_tokens.values()))
         m.tokens.labels(self.model, "completion").inc(self.completion_tokens)
+        self._finish_prompts()
 
 
 class _StateCollector:
@@ -144,13 +259,33 @@ class _StateCollector:
                                     "Requests in flight on a resident model", labels=labels)
         waiting = GaugeMetricFamily("wcd_resident_waiting_requests",
                                     "Requests waiting for a resident model", labels=labels)
-        for r in self.resident():
+        resident = self.resident()
+        for r in resident:
             key = [r["model"], str(r["worker"])]
             models.add_metric([*key, r["state"]], 1)
             footprint.add_metric(key, r["bytes"])
             running.add_metric(key, r["running"])
             waiting.add_metric(key, r["waiting"])
         yield from (models, footprint, running, waiting)
+        yield from _vllm_gauges(resident)
         yield GaugeMetricFamily("wcd_host_cache_bytes",
                                 "Bytes of model snapshots in the workers' host caches",
                                 value=self.cached_bytes())
+
+
+def _vllm_gauges(resident: list[dict]):
+    """vLLM's scheduler gauges, per served model across the workers serving it."""
+    running: dict[str, int] = {}
+    waiting: dict[str, int] = {}
+    for r in resident:
+        running[r["model"]] = running.get(r["model"], 0) + r["running"]
+        waiting[r["model"]] = r["waiting"]  # the model's queue, the same on each of its workers
+    for name, doc, counts in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.",
+             running),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+             waiting)):
+        family = GaugeMetricFamily(name, doc, labels=VLLM_LABELS)
+        for model, count in counts.items():
+            family.add_metric([model, VLLM_ENGINE], count)
+        yield family
