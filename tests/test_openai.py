@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import CHATS, GREEDY, PROMPTS
+from conftest import CHATS, ENGINE_ARGS, GREEDY, PROMPTS
 from daemon_harness import POLICY, free_port, openai_client, paused, serving
 
 pytestmark = pytest.mark.vllm
@@ -135,10 +135,22 @@ def test_models_list_shows_states(client):
     assert client.models.retrieve("small-b").id == "small-b"
 
 
+def test_version_and_model_fields_as_vllms(daemon, client):
+    """/version is the running worker's vLLM, open without a key, as vLLM's."""
+    import vllm  # the test process may; the daemon never does
+    with urllib.request.urlopen(daemon.url + "/version", timeout=30) as response:
+        assert json.load(response) == {"version": vllm.__version__}
+    small_a = client.models.retrieve("small-a")
+    assert (small_a.owned_by, small_a.parent, small_a.max_model_len) == \
+        ("vllm", None, ENGINE_ARGS["max_model_len"])  # the engine arg, over config.json's 2048
+    assert small_a.root.endswith("small-a") and small_a.permission[0]["allow_sampling"]
+
+
 def test_unknown_model_is_404_model_not_found(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
     assert caught.value.code == "model_not_found"
+    assert caught.value.body["message"] == "The model `no-such-model` does not exist."
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="../../etc/passwd",
                                        messages=CHATS[0], max_tokens=2)

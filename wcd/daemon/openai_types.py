@@ -143,7 +143,8 @@ class _Sampling(_Request, kw_only=True):
 
 class CompletionRequest(_Sampling, kw_only=True):
     # One prompt (text or token ids) or a batch of them; checked in prompts().
-    prompt: str | list[str | int | list[int]]
+    # Optional as in vLLM, which refuses a missing prompt as an empty one.
+    prompt: str | list[str | int | list[int]] | None = None
     logprobs: int | None = None
     echo: bool | None = None
     suffix: str | None = None
@@ -151,6 +152,9 @@ class CompletionRequest(_Sampling, kw_only=True):
 
     def check(self) -> None:
         super().check()
+        if self.prompt is None or self.prompt == "":
+            raise errors.VllmBadRequest("Either prompt or prompt_embeds must be provided and "
+                                        "non-empty. (parameter=prompt)", param="prompt")
         if self.echo:
             raise errors.BadRequest("echo is not supported", param="echo")
         if self.suffix:
@@ -371,11 +375,34 @@ class ChatCompletionChunk(Struct, kw_only=True):
     usage: Usage | None | UnsetType = UNSET
 
 
+class ModelPermission(Struct, kw_only=True):
+    """vLLM's ModelPermission, with its defaults."""
+
+    id: str
+    object: Literal["model_permission"] = "model_permission"
+    created: int
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class Model(Struct, kw_only=True):
+    """vLLM's ModelCard, and wcd's state of the model."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
-    owned_by: str = "wcd"
+    owned_by: str = "vllm"
+    root: str | None = None  # the model's directory
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[ModelPermission]
     # wcd's additions: "serving", "loading" or "available" (loaded on first use).
     state: str
     worker: int | None
@@ -395,6 +422,10 @@ class ErrorDetail(Struct, kw_only=True):
 
 class ErrorResponse(Struct, kw_only=True):
     error: ErrorDetail
+
+
+class Version(Struct, kw_only=True):
+    version: str  # the vLLM the workers run
 
 
 class Health(Struct, kw_only=True):
