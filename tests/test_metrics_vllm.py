@@ -75,7 +75,7 @@ def _served(metrics: Metrics) -> Metrics:
         {"model": MODEL, "worker": 0, "state": "serving", "bytes": 1, "running": 2, "waiting": 3},
         {"model": MODEL, "worker": 1, "state": "serving", "bytes": 1, "running": 1, "waiting": 3},
         {"model": "small-b", "worker": 1, "state": "draining", "bytes": 1, "running": 0,
-         "waiting": 0}], lambda: 0)
+         "waiting": 0}], lambda: 0, lambda: {MODEL: 3, "wide-a": 2})
     return metrics
 
 
@@ -123,6 +123,9 @@ def test_gauges_per_model():
     assert _value(families, running, running, model_name=MODEL, engine="0") == 3
     assert _value(families, waiting, waiting, model_name=MODEL, engine="0") == 3
     assert _value(families, running, running, model_name="small-b") == 0
+    assert _value(families, waiting, waiting, model_name="small-b") == 0
+    # A model no worker has yet: its queue counts too.
+    assert _value(families, waiting, waiting, model_name="wide-a", engine="0") == 2
 
 
 def test_a_request_with_two_choices_and_two_prompts():

@@ -129,8 +129,9 @@ class FakeScheduler:
         return SimpleNamespace(path=self.MODELS[name]["path"],
                                engine_args=self.ENGINE_ARGS.get(name, {}))
 
-    def _process(self, index: int) -> SimpleNamespace | None:
-        return self.processes.get(index)
+    def vllm_version(self) -> str | None:
+        return next((w.ready.vllm_version for _, w in sorted(self.processes.items())
+                     if w.ready is not None), None)
 
     def resolve_name(self, name: str) -> str:
         name = self.ALIASES.get(name, name)

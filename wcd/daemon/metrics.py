@@ -83,9 +83,11 @@ class Metrics:
 
     def track(self, queue_length: Callable[[], int],
               resident: Callable[[], list[dict]],
-              cached_bytes: Callable[[], int]) -> None:
-        """Gauges read at scrape time from the state's owner."""
-        self.registry.register(_StateCollector(queue_length, resident, cached_bytes))
+              cached_bytes: Callable[[], int],
+              waiting: Callable[[], dict[str, int]]) -> None:
+        """Gauges read at scrape time from the state's owner; `waiting`:
+        requests waiting per model, resident or not."""
+        self.registry.register(_StateCollector(queue_length, resident, cached_bytes, waiting))
 
     async def handler(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),
@@ -241,10 +243,12 @@ class RequestTimer:
 class _StateCollector:
     def __init__(self, queue_length: Callable[[], int],
                  resident: Callable[[], list[dict]],
-                 cached_bytes: Callable[[], int]):
+                 cached_bytes: Callable[[], int],
+                 waiting: Callable[[], dict[str, int]]):
         self.queue_length = queue_length
         self.resident = resident
         self.cached_bytes = cached_bytes
+        self.waiting = waiting
 
     def collect(self):
         yield GaugeMetricFamily("wcd_queue_requests", "Requests waiting for a model",
@@ -267,19 +271,19 @@ class _StateCollector:
             running.add_metric(key, r["running"])
             waiting.add_metric(key, r["waiting"])
         yield from (models, footprint, running, waiting)
-        yield from _vllm_gauges(resident)
+        yield from _vllm_gauges(resident, self.waiting())
         yield GaugeMetricFamily("wcd_host_cache_bytes",
                                 "Bytes of model snapshots in the workers' host caches",
                                 value=self.cached_bytes())
 
 
-def _vllm_gauges(resident: list[dict]):
-    """vLLM's scheduler gauges, per served model across the workers serving it."""
+def _vllm_gauges(resident: list[dict], waiting_for: dict[str, int]):
+    """vLLM's scheduler gauges, per model: running across the workers serving
+    it, waiting whether or not a worker has it yet (a cold model's queue)."""
     running: dict[str, int] = {}
-    waiting: dict[str, int] = {}
     for r in resident:
         running[r["model"]] = running.get(r["model"], 0) + r["running"]
-        waiting[r["model"]] = r["waiting"]  # the model's queue, the same on each of its workers
+    waiting = {**dict.fromkeys(running, 0), **waiting_for}
     for name, doc, counts in (
             ("vllm:num_requests_running", "Number of requests in model execution batches.",
              running),

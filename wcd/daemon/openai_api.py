@@ -226,11 +226,7 @@ class _Api:
     def _vllm_version(self) -> str:
         """The vLLM a running worker reported; with none up, the one installed
         beside the daemon, which is what its workers start (the same venv)."""
-        for index in range(len(self.scheduler.settings.workers)):
-            process = self.scheduler._process(index)
-            if process is not None and process.ready is not None:
-                return process.ready.vllm_version
-        return _installed_vllm()
+        return self.scheduler.vllm_version() or _installed_vllm()
 
     async def list_models(self, request: web.Request) -> web.Response:
         allowed = self._allowed(request)

@@ -59,7 +59,8 @@ class Scheduler:
         self.catalog = Catalog(settings)
         self.state = core.State.initial(settings, self._preload(self.catalog, settings))
         self.metrics = metrics or Metrics()
-        self.metrics.track(self.waiting, self.resident, self.cached_bytes)
+        self.metrics.track(self.waiting, self.resident, self.cached_bytes,
+                           lambda: views.waiting_by_model(self.state))
         self._on_change = on_change or (lambda: None)
         self._worker_env = worker_env
         self._start_worker_process = start_worker
@@ -245,6 +246,14 @@ class Scheduler:
 
     def recent_swaps(self) -> list[dict]:
         return list(self.state.recent_swaps)
+
+    def vllm_version(self) -> str | None:
+        """The vLLM version the first ready worker reported; None: none is up."""
+        for index in range(len(self.state.workers)):
+            process = self._process(index)
+            if process is not None and process.ready is not None:
+                return process.ready.vllm_version
+        return None
 
     def _process(self, index: int) -> WorkerProcess | None:
         current = self._processes.get(index)

@@ -44,7 +44,7 @@ def worker_model(worker: Worker) -> str | None:
 
 
 def worker_views(state: State, process: Callable[[int], WorkerProcess | None]) -> list[dict]:
-    waiting = _waiting(state)
+    waiting = waiting_by_model(state)
     result = []
     for worker in state.workers:
         settings = worker.settings
@@ -121,7 +121,7 @@ def status_line(state: State) -> str:
 def resident(state: State) -> list[dict]:
     """Every resident model with its worker, state, footprint, requests in
     flight (leases) and requests waiting for it."""
-    waiting = _waiting(state)
+    waiting = waiting_by_model(state)
     return [{"worker": w.index, "model": r.name, "state": r.state, "bytes": r.bytes,
              "running": r.active, "waiting": waiting.get(r.name, 0)}
             for w in state.workers for r in w.residents.values()
@@ -132,7 +132,7 @@ def cached_bytes(state: State) -> int:
     return sum(sum(w.cached.values()) for w in state.workers)
 
 
-def _waiting(state: State) -> dict[str, int]:
+def waiting_by_model(state: State) -> dict[str, int]:
     counts: dict[str, int] = {}
     for waiter in state.waiters.values():
         counts[waiter.entry.name] = counts.get(waiter.entry.name, 0) + 1
