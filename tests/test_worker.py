@@ -180,6 +180,38 @@ def test_bad_sampling_params_are_refused_by_vllm(loop, worker, demo_models):
     assert raised.value.error.kind == p.BAD_ARGS  # longer than max_model_len
 
 
+async def generate_ids(worker: WorkerProcess, model: str, prompt_len: int,
+                       **sampling) -> list[p.Output]:
+    request = p.Generate(f"t-{time.monotonic_ns()}", model,
+                         [p.Prompt(prompt_token_ids=[100] * prompt_len)], {**GREEDY, **sampling})
+    return [out async for out in worker.generate(request)]
+
+
+def test_max_tokens_is_fitted_to_the_context_as_vllms_server_does(loop, worker, demo_models):
+    """vLLM 0.32's OpenAI server (get_max_tokens, TokenizeParams) trims
+    max_tokens to the rest of the context and refuses only what cannot fit."""
+    swap(loop, worker, spec(demo_models, "small-a"))  # max_model_len 512
+    outs = loop.run_until_complete(generate_ids(worker, "small-a", 500, max_tokens=100,
+                                                ignore_eos=True))
+    assert sum(len(out.token_ids) for out in outs) == 12
+    assert outs[-1].finish_reason == "length"
+    refused = {
+        (500, 600): "max_tokens=600 cannot be greater than max_model_len=512. Please request "
+                    "fewer output tokens. (parameter=max_tokens, value=600)",
+        (520, 16): "This model's maximum context length is 512 tokens. However, your prompt "
+                   "contains 520 input tokens, which exceeds this limit even without any output "
+                   "tokens. Please reduce the length of the input prompt. "
+                   "(parameter=input_tokens, value=520)",
+        (512, 16): "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+    }
+    for (prompt_len, max_tokens), message in refused.items():
+        with pytest.raises(WorkerError) as raised:
+            loop.run_until_complete(generate_ids(worker, "small-a", prompt_len,
+                                                 max_tokens=max_tokens))
+        assert raised.value.error.kind == p.BAD_ARGS
+        assert raised.value.error.message == message
+
+
 def _copy(demo_models, tmp_path, name="small-b"):
     target = tmp_path / f"broken-{name}"
     shutil.copytree(demo_models / name, target)

@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.engine.arg_utils import EngineArgs
+from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.outputs import RequestOutput
+from vllm.renderers.params import TokenizeParams
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -653,8 +655,8 @@ class EngineHost:
             for index, prompt in enumerate(request.prompts):
                 engine_input = self._render(served.engine, request, prompt)
                 prompt_params = params.clone()
-                _fit_max_tokens(served.engine.model_config.max_model_len, engine_input,
-                                prompt_params, asked="max_tokens" in sampling)
+                _fit_max_tokens(served.engine.model_config, served.sampling_defaults,
+                                engine_input, prompt_params, request.sampling.get("max_tokens"))
                 sub_id = served.requests.add(request.request_id, index)
                 added.append(sub_id)
                 served.engine.add_request(sub_id, engine_input, prompt_params)
@@ -827,22 +829,34 @@ def _unknown_arg(exc: TypeError) -> str:
     return message
 
 
-def _fit_max_tokens(max_model_len: int, engine_input, params: SamplingParams,
-                    asked: bool) -> None:
-    """As vLLM's OpenAI server does: no max_tokens means the rest of the
-    context, and max_tokens past the context is refused (vLLM's offline
-    engine would default to 16 and silently stop at the context's end). A
-    prompt that alone is too long is left to vLLM's own check and message."""
+def _fit_max_tokens(model_config, defaults: dict[str, Any], engine_input,
+                    params: SamplingParams, requested: int | None) -> None:
+    """max_tokens as vLLM's OpenAI server sets it (completion/chat serving):
+    max_tokens over max_model_len and a prompt past the context are refused,
+    anything else is trimmed to the rest of the context (vLLM's offline engine
+    would default to 16 instead). vLLM's own functions, for its outcomes and
+    messages; the refusals are VLLMValidationErrors, so BAD_ARGS."""
+    max_model_len = model_config.max_model_len
+    limits = TokenizeParams(max_total_tokens=max_model_len, max_output_tokens=requested or 0,
+                            max_total_tokens_param="max_model_len",
+                            max_output_tokens_param="max_tokens")
     prompt = engine_input.get("prompt_token_ids") if isinstance(engine_input, dict) else None
-    if prompt is None or len(prompt) >= max_model_len:
+    if prompt is None:
         return
-    if not asked:
-        params.max_tokens = max_model_len - len(prompt)
-    elif params.max_tokens is not None and len(prompt) + params.max_tokens > max_model_len:
-        raise ModelError(p.BAD_ARGS, (
-            f"'max_tokens' is too large: {params.max_tokens}. This model's maximum context "
-            f"length is {max_model_len} tokens and your request has {len(prompt)} input "
-            f"tokens ({params.max_tokens} > {max_model_len} - {len(prompt)})"))
+    limits.apply_post_tokenization(None, {"prompt_token_ids": prompt})
+    params.max_tokens = get_max_tokens(max_model_len, requested, len(prompt), defaults,
+                                       _override_max_tokens(model_config, defaults))
+    # A prompt of exactly max_model_len leaves 0: the server's SamplingParams
+    # refuses that with its own message, so does this one.
+    SamplingParams(max_tokens=params.max_tokens)
+
+
+def _override_max_tokens(model_config, defaults: dict[str, Any]) -> int | None:
+    """The server's cap from the generation config (OpenAIServingCompletion /
+    OpenAIServingChat __init__)."""
+    if model_config.generation_config not in ("auto", "vllm"):
+        return defaults.get("max_tokens")
+    return (getattr(model_config, "override_generation_config", None) or {}).get("max_new_tokens")
 
 
 def _first_line(exc: BaseException) -> str:
