@@ -402,6 +402,30 @@ async def test_completion_logprobs():
     assert [c.choices[0].logprobs.text_offset for c in chunks] == [[0], [5]]
 
 
+def token_strings_run_ahead_of_text(request: p.Generate) -> list:
+    """The detokenizer holds back the first token's text (a stop string may
+    begin there), then releases it with the second: as vLLM streams it."""
+    entries = [{"token_id": tid, "token": text, "logprob": -1.0, "top": []}
+               for tid, text in ((11, " The"), (12, " cat"), (13, " sat"))]
+    texts = ["", " The cat", " sat"]
+    return [p.Output(request.request_id, 0, text, [entry["token_id"]], 5,
+                     finish_reason="length" if i == 2 else None, logprobs=[entry],
+                     finished=i == 2) for i, (text, entry) in enumerate(zip(texts, entries))]
+
+
+@run_async
+async def test_streamed_text_offset_is_the_non_streamed_one():
+    scheduler = FakeScheduler(FakeWorker(token_strings_run_ahead_of_text))
+    async with serve(scheduler) as url, client(url) as api:
+        result = await api.completions.create(model="demo", prompt="hi", logprobs=0)
+        stream = await api.completions.create(model="demo", prompt="hi", logprobs=0,
+                                              stream=True)
+        chunks = [chunk async for chunk in stream]
+    assert result.choices[0].logprobs.text_offset == [0, 4, 8]  # vLLM's: summed tokens
+    assert [offset for c in chunks for offset in c.choices[0].logprobs.text_offset] == \
+        [0, 4, 8]
+
+
 @run_async
 async def test_chat_logprobs():
     scheduler = FakeScheduler()
@@ -625,7 +649,7 @@ async def test_bad_completion_requests_are_400(body, param):
     ({"tool_choice": "required"}, "tool_choice"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"modalities": ["text", "audio"]}, "modalities"),
-    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
      "messages[0].tool_calls"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
@@ -638,6 +662,96 @@ async def test_bad_chat_requests_are_400(extra, param):
     async with serve(FakeScheduler()) as url:
         status, _, answer = await post(url, "/v1/chat/completions", body)
     assert (status, answer["error"]["param"]) == (400, param), answer
+
+
+def test_every_vllm_request_field_is_accepted_with_vllms_default():
+    """Clients written for `vllm serve` send any of vLLM's fields: wcd knows
+    them all, so the list cannot drift when vLLM adds one."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.generate.base.protocol import StreamOptions
+
+    from wcd.daemon import openai_types as t
+
+    for vllm_type, wcd_type in ((CompletionRequest, t.CompletionRequest),
+                                (ChatCompletionRequest, t.ChatCompletionRequest),
+                                (StreamOptions, t.StreamOptions)):
+        ours = {f.name: f.default for f in msgspec.structs.fields(wcd_type)}
+        for name, info in vllm_type.model_fields.items():
+            assert name in ours, f"{wcd_type.__name__}.{name} is missing"
+            # None leaves a sampling field to the model's generation_config, as
+            # vLLM's own None-or-default does; wcd requires `model` (it serves many).
+            if ours[name] not in (None, msgspec.NODEFAULT):
+                assert ours[name] == info.default, f"{wcd_type.__name__}.{name}"
+
+
+VLLM_DEFAULTS = {
+    "use_beam_search": False, "length_penalty": 1.0, "spaces_between_special_tokens": True,
+    "truncate_prompt_tokens": None, "prompt_logprobs": None, "logprob_token_ids": None,
+    "priority": 0, "request_id": "mine-1", "return_token_ids": False, "cache_salt": "salt",
+    "return_tokens_as_token_ids": False, "return_token_offsets": False,
+    "mm_payload": "tensors", "kv_transfer_params": None, "vllm_xargs": None}
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "hi", "echo": False, "add_special_tokens": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "echo": False, "add_generation_prompt": True,
+                              "continue_final_message": False, "add_special_tokens": False,
+                              "reasoning_effort": "low", "include_reasoning": True}),
+])
+@run_async
+async def test_vllm_fields_at_their_defaults_are_served(path, body):
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, path, {"model": "demo", **VLLM_DEFAULTS, **body})
+    assert status == 200, answer
+    assert "spaces_between_special_tokens" not in sampling_sent(scheduler)
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"return_token_ids": True}, "return_token_ids"),
+    ("/v1/completions", {"prompt_logprobs": 2}, "prompt_logprobs"),
+    ("/v1/completions", {"truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"add_special_tokens": False}, "add_special_tokens"),
+    ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
+    ("/v1/chat/completions", {"add_generation_prompt": False}, "add_generation_prompt"),
+    ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
+    ("/v1/chat/completions", {"logprob_token_ids": [1]}, "logprob_token_ids"),
+])
+@run_async
+async def test_vllm_fields_wcd_lacks_are_400_off_their_defaults(path, extra, param):
+    body = {"model": "demo", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
+    body.pop("messages" if path == "/v1/completions" else "prompt")
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, path, {**body, **extra})
+    assert (status, answer["error"]["param"]) == (400, param), answer
+    assert param.split(".")[-1] in answer["error"]["message"]
+    assert not scheduler.leased
+
+
+@run_async
+async def test_continuous_usage_stats_off_is_served():
+    async with serve(FakeScheduler()) as url, client(url) as api:
+        stream = await api.completions.create(
+            model="demo", prompt="hi", stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": False})
+        chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage.completion_tokens == 2
+
+
+@run_async
+async def test_spaces_between_special_tokens_reaches_vllm():
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, _ = await post(url, "/v1/completions", {
+            "model": "demo", "prompt": "hi", "spaces_between_special_tokens": False})
+    assert status == 200
+    assert sampling_sent(scheduler)["spaces_between_special_tokens"] is False
 
 
 @run_async

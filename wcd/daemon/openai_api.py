@@ -519,7 +519,9 @@ def _json(body: Any) -> web.Response:
 @dataclass
 class _Choice:
     text: list[str] = field(default_factory=list)
-    text_len: int = 0
+    # Where the next logprob token starts: vLLM's text_offset sums token
+    # strings, which may run ahead of or behind the detokenized text.
+    token_text_len: int = 0
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -534,14 +536,16 @@ class _Tally:
         self.completion_tokens = 0
 
     def add(self, output: p.Output) -> tuple[int, int]:
-        """Record `output`; returns its choice index and where its text starts."""
+        """Record `output`; returns its choice index and where its first logprob
+        token starts."""
         prompt_index = output.prompt_index
         # A batch of prompts gives prompt i the choices i*n ... i*n + n-1, as OpenAI does.
         index = prompt_index * self.n + output.index
         choice = self.choices.setdefault(index, _Choice())
-        offset = choice.text_len
+        offset = choice.token_text_len
         choice.text.append(output.text)
-        choice.text_len += len(output.text)
+        choice.token_text_len += sum(len(_token(entry["token"], entry["token_id"]))
+                                     for entry in output.logprobs or ())
         choice.logprobs.extend(output.logprobs or ())
         choice.finish_reason = output.finish_reason or choice.finish_reason
         self.prompt_tokens[prompt_index] = output.prompt_tokens

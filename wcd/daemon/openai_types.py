@@ -24,6 +24,23 @@ _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_p
               "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
               "min_tokens", "include_stop_str_in_output", "skip_special_tokens", "logit_bias",
               "allowed_token_ids", "bad_words")
+# vLLM request fields wcd does not implement yet: accepted at their defaults
+# (vLLM's, as the structs declare them), since clients written for `vllm serve`
+# send them; refused at any other value, never silently ignored. None counts as
+# the default where the type allows it, and false for such a flag.
+_UNIMPLEMENTED = ("use_beam_search", "watermarking", "length_penalty", "truncate_prompt_tokens",
+                  "truncation_side", "prompt_logprobs", "logprob_token_ids",
+                  "return_tokens_as_token_ids", "return_token_ids", "routed_experts_prompt_start",
+                  "return_token_offsets", "mm_payload", "return_mm_kwargs", "kv_transfer_params",
+                  "ec_transfer_params", "vllm_xargs", "repetition_detection",
+                  "thinking_token_budget", "stream_interval")
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    # A flag whose default is None is as off at false.
+    return value is None or value == default or (default is None and value is False)
+
+
 # OpenAI's completions default, which vLLM's SamplingParams happens to share;
 # sent explicitly so a model's generation_config cannot change the API's meaning.
 COMPLETIONS_MAX_TOKENS = 16
@@ -40,6 +57,7 @@ class _Request(Struct, forbid_unknown_fields=True):
 
 class StreamOptions(_Request):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = False
 
 
 class JsonSchema(_Request):
@@ -97,12 +115,48 @@ class _Sampling(_Request, kw_only=True):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+    # vLLM's fields that only tag the request, without changing its output
+    # (wcd has no priority scheduling, and a session or salt only keys caches).
+    request_id: str | None = None
+    priority: int = 0
+    session_id: str | None = None
+    cache_salt: str | None = None
+    # vLLM's fields, honoured.
+    spaces_between_special_tokens: bool = True
+    # vLLM's fields, accepted only at their defaults (_UNIMPLEMENTED).
+    use_beam_search: bool = False
+    watermarking: bool | None = None
+    length_penalty: float = 1.0
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1, le=2 ** 63 - 1)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    prompt_logprobs: int | None = None
+    logprob_token_ids: list[int] | None = None
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    routed_experts_prompt_start: int = 0
+    return_token_offsets: bool | None = False
+    mm_payload: Literal["tensors", "none"] = "tensors"
+    return_mm_kwargs: bool | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    ec_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    repetition_detection: dict[str, Any] | None = None
+    thinking_token_budget: int | None = None
+    stream_interval: Annotated[int, Meta(ge=1)] | None = None
 
     def check(self) -> None:
         """Raise a 400 naming the first field this request sets that wcd cannot honour."""
         if self.stream_options is not None and not self.stream:
             raise errors.BadRequest("stream_options is only allowed when stream is true",
                                     param="stream_options")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise errors.BadRequest("stream_options.continuous_usage_stats is not supported",
+                                    param="stream_options.continuous_usage_stats")
+        defaults = {f.name: f.default for f in msgspec.structs.fields(self)}
+        for name in (*_UNIMPLEMENTED, *self._unimplemented()):
+            if not _is_default(getattr(self, name), default := defaults[name]):
+                raise errors.BadRequest(f"{name} is not supported (only its default "
+                                        f"{default!r})", param=name)
         if self.structured_outputs is not None and self._format() is not None:
             raise errors.BadRequest("set response_format or structured_outputs, not both",
                                     param="structured_outputs")
@@ -112,6 +166,8 @@ class _Sampling(_Request, kw_only=True):
         worker applies the model's generation_config defaults to the rest."""
         params = {name: value for name in _SAME_NAME
                   if (value := getattr(self, name)) is not None}
+        if not self.spaces_between_special_tokens:
+            params["spaces_between_special_tokens"] = False
         if self.stop is not None:
             params["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
         structured = self._format() or self.structured_outputs
@@ -121,6 +177,10 @@ class _Sampling(_Request, kw_only=True):
 
     def prompt_count(self) -> int:
         return 1
+
+    def _unimplemented(self) -> tuple[str, ...]:
+        """This endpoint's own fields to add to _UNIMPLEMENTED."""
+        return ()
 
     def template(self, trusted: bool) -> str | None:
         """The request's own chat template; only chat requests have one."""
@@ -149,6 +209,8 @@ class CompletionRequest(_Sampling, kw_only=True):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True
+    prompt_embeds: bytes | list[bytes] | None = None
 
     def check(self) -> None:
         super().check()
@@ -172,6 +234,9 @@ class CompletionRequest(_Sampling, kw_only=True):
 
     def prompt_count(self) -> int:
         return len(self._prompts())
+
+    def _unimplemented(self) -> tuple[str, ...]:
+        return "add_special_tokens", "prompt_embeds"
 
     def prompts(self) -> list[p.Prompt]:
         """One worker input per prompt: text or token ids."""
@@ -219,6 +284,23 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
+    # vLLM's: without a reasoning parser they change nothing, as in vLLM.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
+                              "max"] | None = None
+    include_reasoning: bool = True
+    # vLLM's, accepted only at their defaults.
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, str]] | None = None
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    return_prompt_text: bool | None = None
+
+    def _unimplemented(self) -> tuple[str, ...]:
+        return ("echo", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+                "documents", "media_io_kwargs", "mm_processor_kwargs", "return_prompt_text")
 
     def check(self) -> None:
         super().check()
