@@ -715,8 +715,6 @@ async def test_vllm_fields_at_their_defaults_are_served(path, body):
     ("/v1/completions", {"prompt_logprobs": 2}, "prompt_logprobs"),
     ("/v1/completions", {"truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
     ("/v1/completions", {"add_special_tokens": False}, "add_special_tokens"),
-    ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
-     "stream_options.continuous_usage_stats"),
     ("/v1/chat/completions", {"echo": True}, "echo"),
     ("/v1/chat/completions", {"add_generation_prompt": False}, "add_generation_prompt"),
     ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
@@ -734,14 +732,24 @@ async def test_vllm_fields_wcd_lacks_are_400_off_their_defaults(path, extra, par
     assert not scheduler.leased
 
 
+@pytest.mark.parametrize("continuous", [False, True])
 @run_async
-async def test_continuous_usage_stats_off_is_served():
+async def test_continuous_usage_stats_puts_usage_so_far_in_every_chunk(continuous):
+    options = {"include_usage": True, "continuous_usage_stats": continuous}
     async with serve(FakeScheduler()) as url, client(url) as api:
-        stream = await api.completions.create(
-            model="demo", prompt="hi", stream=True,
-            stream_options={"include_usage": True, "continuous_usage_stats": False})
-        chunks = [chunk async for chunk in stream]
-    assert chunks[-1].usage.completion_tokens == 2
+        completion = await api.completions.create(model="demo", prompt="hi", stream=True,
+                                                  stream_options=options)
+        chunks = [chunk async for chunk in completion]
+        chat = await api.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], stream=True,
+            stream_options=options)
+        chat_chunks = [chunk async for chunk in chat]
+    for stream in (chunks, chat_chunks):
+        assert stream[-1].usage.completion_tokens == 2 and not stream[-1].choices
+        so_far = [c.usage and (c.usage.prompt_tokens, c.usage.completion_tokens)
+                  for c in stream[:-1]]
+        expected = [(5, 0)] * (len(so_far) - 2) + [(5, 1), (5, 2)]
+        assert so_far == (expected if continuous else [None] * len(so_far))
 
 
 @run_async

@@ -163,6 +163,8 @@ class _Job:
     n: int
     stream: bool
     include_usage: bool
+    # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk.
+    continuous_usage: bool
     top_logprobs: int | None  # None: no logprobs asked for
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -181,6 +183,8 @@ class _Job:
                   template=body.template(http.trust_request_chat_template),
                   n=body.n or 1, stream=bool(body.stream),
                   include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                  continuous_usage=bool(body.stream_options and body.stream_options.include_usage
+                                        and body.stream_options.continuous_usage_stats),
                   top_logprobs=sampling.get("logprobs"))
         size = _payload_bytes(job.sampling, job.template_kwargs, job.template)
         if size > http.max_sampling_bytes:
@@ -480,10 +484,15 @@ async def _send_events(sink: _Sink, job: _Job, fmt: _Format, first: p.Output | N
     tally = _Tally(job.n)
     try:
         for chunk in fmt.opening():
+            if job.continuous_usage and first is not None:  # nothing generated yet
+                chunk.usage = t.Usage(prompt_tokens=first.prompt_tokens, completion_tokens=0,
+                                      total_tokens=first.prompt_tokens)
             await sink.event(chunk)
         async for output in _chain(first, outputs):
             chunk = fmt.chunk(*tally.add(output), output)
             if chunk is not None:
+                if job.continuous_usage:
+                    chunk.usage = tally.usage()
                 await sink.event(chunk)
         if job.include_usage:
             await sink.event(fmt.usage_chunk(tally.usage()))

@@ -149,9 +149,6 @@ class _Sampling(_Request, kw_only=True):
         if self.stream_options is not None and not self.stream:
             raise errors.BadRequest("stream_options is only allowed when stream is true",
                                     param="stream_options")
-        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
-            raise errors.BadRequest("stream_options.continuous_usage_stats is not supported",
-                                    param="stream_options.continuous_usage_stats")
         defaults = {f.name: f.default for f in msgspec.structs.fields(self)}
         for name in (*_UNIMPLEMENTED, *self._unimplemented()):
             if not _is_default(getattr(self, name), default := defaults[name]):
