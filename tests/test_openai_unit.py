@@ -753,13 +753,18 @@ async def test_continuous_usage_stats_puts_usage_so_far_in_every_chunk(continuou
 
 
 @run_async
-async def test_spaces_between_special_tokens_reaches_vllm():
+async def test_vllm_sampling_fields_reach_vllm():
     scheduler = FakeScheduler()
     async with serve(scheduler) as url:
         status, _, _ = await post(url, "/v1/completions", {
-            "model": "demo", "prompt": "hi", "spaces_between_special_tokens": False})
+            "model": "demo", "prompt": "hi", "spaces_between_special_tokens": False,
+            "stream_interval": 4})
+        refused, _, answer = await post(url, "/v1/completions", {
+            "model": "demo", "prompt": "hi", "stream_interval": 0})
     assert status == 200
-    assert sampling_sent(scheduler)["spaces_between_special_tokens"] is False
+    assert sampling_sent(scheduler) == {"max_tokens": 16, "spaces_between_special_tokens": False,
+                                        "stream_interval": 4}
+    assert (refused, answer["error"]["param"]) == (400, "stream_interval")
 
 
 @run_async

@@ -23,7 +23,7 @@ from wcd.workers import protocol as p
 _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
               "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
               "min_tokens", "include_stop_str_in_output", "skip_special_tokens", "logit_bias",
-              "allowed_token_ids", "bad_words")
+              "allowed_token_ids", "bad_words", "stream_interval")
 # vLLM request fields wcd does not implement yet: accepted at their defaults
 # (vLLM's, as the structs declare them), since clients written for `vllm serve`
 # send them; refused at any other value, never silently ignored. None counts as
@@ -33,7 +33,7 @@ _UNIMPLEMENTED = ("use_beam_search", "watermarking", "length_penalty", "truncate
                   "return_tokens_as_token_ids", "return_token_ids", "routed_experts_prompt_start",
                   "return_token_offsets", "mm_payload", "return_mm_kwargs", "kv_transfer_params",
                   "ec_transfer_params", "vllm_xargs", "repetition_detection",
-                  "thinking_token_budget", "stream_interval")
+                  "thinking_token_budget")
 
 
 def _is_default(value: Any, default: Any) -> bool:
@@ -123,6 +123,8 @@ class _Sampling(_Request, kw_only=True):
     cache_salt: str | None = None
     # vLLM's fields, honoured.
     spaces_between_special_tokens: bool = True
+    # Tokens per streamed chunk, at least the engine's own interval.
+    stream_interval: Annotated[int, Meta(ge=1)] | None = None
     # vLLM's fields, accepted only at their defaults (_UNIMPLEMENTED).
     use_beam_search: bool = False
     watermarking: bool | None = None
@@ -142,7 +144,6 @@ class _Sampling(_Request, kw_only=True):
     vllm_xargs: dict[str, Any] | None = None
     repetition_detection: dict[str, Any] | None = None
     thinking_token_budget: int | None = None
-    stream_interval: Annotated[int, Meta(ge=1)] | None = None
 
     def check(self) -> None:
         """Raise a 400 naming the first field this request sets that wcd cannot honour."""
