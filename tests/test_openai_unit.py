@@ -752,6 +752,24 @@ async def test_continuous_usage_stats_puts_usage_so_far_in_every_chunk(continuou
         assert so_far == (expected if continuous else [None] * len(so_far))
 
 
+@pytest.mark.parametrize("extra, variables", [
+    ({"reasoning_effort": "low"}, {"reasoning_effort": "low", "enable_thinking": True}),
+    ({"reasoning_effort": "none"}, {"reasoning_effort": "none", "enable_thinking": False}),
+    ({"reasoning_effort": "high", "chat_template_kwargs": {
+        "enable_thinking": False, "reasoning_effort": "low"}},
+     {"reasoning_effort": "high", "enable_thinking": False}),
+    ({}, {}),
+])
+@run_async
+async def test_reasoning_effort_reaches_the_chat_template_as_in_vllm(extra, variables):
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, _ = await post(url, "/v1/chat/completions", {
+            "model": "demo", "messages": [{"role": "user", "content": "hi"}], **extra})
+    assert status == 200
+    assert scheduler.worker.requests[-1].chat_template_kwargs == variables
+
+
 @run_async
 async def test_vllm_sampling_fields_reach_vllm():
     scheduler = FakeScheduler()

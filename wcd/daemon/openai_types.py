@@ -282,7 +282,8 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
-    # vLLM's: without a reasoning parser they change nothing, as in vLLM.
+    # vLLM's: reasoning_effort reaches the chat template (template_kwargs);
+    # include_reasoning only matters with a reasoning parser, which wcd lacks.
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
                               "max"] | None = None
     include_reasoning: bool = True
@@ -344,8 +345,14 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         return [p.Prompt(messages=msgspec.to_builtins(self.messages))]
 
     def template_kwargs(self) -> dict[str, Any]:
-        return {k: v for k, v in (self.chat_template_kwargs or {}).items()
-                if k != "chat_template"}
+        kwargs = {k: v for k, v in (self.chat_template_kwargs or {}).items()
+                  if k != "chat_template"}
+        # As vLLM: the template gets reasoning_effort, and thinking turned on or
+        # off by it unless the client chose; templates that read neither ignore them.
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return kwargs
 
 
 # ---- responses ------------------------------------------------------------------
