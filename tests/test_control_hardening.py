@@ -7,7 +7,6 @@ of it needs a vLLM worker: every refusal happens before workers start.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
