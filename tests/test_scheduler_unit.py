@@ -489,3 +489,13 @@ async def test_every_resident_comes_back_after_a_worker_death(tmp_path):
                          and residents(running) == {"a": "serving", "b": "serving"})
         assert running.fleet.workers[1].models == ["a", "b"]
         assert running.worker()["restarts"] == 1
+
+
+@run_async
+async def test_a_load_of_a_model_already_served_changes_nothing(tmp_path):
+    async with Running(tmp_path, max_resident=2) as running:
+        assert await running.lease_once("b") == "b"  # a and b resident: the worker is full
+        done = await running.scheduler.operate("load", "a")
+        assert (done["path"], done["worker"]) == ("noop", 0)
+        assert residents(running) == {"a": "serving", "b": "serving"}
+        assert running.fleet.workers[0].models == ["a", "b"]

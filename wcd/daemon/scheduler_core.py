@@ -459,13 +459,15 @@ def _begin(state: State, worker: Worker, op: Op, now: float, out: list[Effect]) 
     """The operation's targets stop taking requests; it runs once their
     leases end (at once when forced), or at the drain timeout."""
     if op.mode:
-        op.targets = _operator_targets(state, worker, op, now)
-        if op.entry.name in worker.residents and \
-                worker.residents[op.entry.name].state == SERVING:
+        serving = _serving(worker, op.entry.name)
+        # A load of a model served here is done; a swap to it asks that the
+        # others leave.
+        op.targets = () if serving and op.mode == "load" else \
+            _operator_targets(state, worker, op, now)
+        if serving:
             if not op.targets:
                 out.append(Answer(op.ticket, _noop(op.entry.name, worker.index)))
                 return
-            # Already serving here: what the swap asks is that the others leave.
             op.kind, op.entry = "unload", None
     # Decided before the worker restarted or a model left: what is left of it.
     op.targets = tuple(n for n in op.targets if n in worker.residents)
