@@ -773,13 +773,9 @@ class _Wanted:
 def _wanted(state: State, now: float) -> list[_Wanted]:
     """Models requests wait for and nobody brings in, oldest first; and
     suspended residents with requests, since their suspension."""
-    coming = {name for w in state.workers for name, r in w.residents.items()
-              if r.state in (SERVING, LOADING, SUSPENDING)}
-    coming |= {w.op.entry.name for w in state.workers
-               if w.op is not None and w.op.entry is not None}
-    coming |= {op.entry.name for w in state.workers for op in (w.queued,)
-               if op is not None and op.entry is not None}
-    coming |= {e.name for w in state.workers for e in w.restore}
+    coming = _brought_in(state) | {name for w in state.workers
+                                   for name, r in w.residents.items()
+                                   if r.state in (SERVING, LOADING, SUSPENDING)}
     wanted: dict[str, _Wanted] = {}
     for worker in state.workers:
         for resident in worker.residents.values():
@@ -837,15 +833,19 @@ def _need(state: State, entry: ModelEntry, estimate: int, worker: Worker | None 
     return max(0, full - held)
 
 
+def _brought_in(state: State) -> set[str]:
+    """Models an operation under way or queued, or a restart, brings in."""
+    return ({op.entry.name for w in state.workers for op in (w.op, w.queued)
+             if op is not None and op.entry is not None}
+            | {e.name for w in state.workers for e in w.restore})
+
+
 def _refuse_unloadable(state: State, out: list[Effect]) -> None:
     """With on-demand loading off, a request for a model nobody serves or
     brings in gets 404, not a wait."""
     if state.settings.policy.on_demand:
         return
-    coming = {name for w in state.workers for name in w.residents}
-    coming |= {op.entry.name for w in state.workers for op in (w.op, w.queued)
-               if op is not None and op.entry is not None}
-    coming |= {e.name for w in state.workers for e in w.restore}
+    coming = _brought_in(state) | {name for w in state.workers for name in w.residents}
     coming |= {e.name for w in state.workers if w.phase != READY and not w.preloaded
                for e in [_preload(state, w)] if e is not None}
     for waiter_id, waiter in list(state.waiters.items()):
