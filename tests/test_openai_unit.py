@@ -52,10 +52,14 @@ def two_tokens(request: p.Generate) -> list:
                     logprobs = [{"token_id": token_id, "token": text, "logprob": -2.0,
                                  "top": [*LOGPROB_TOPS, [token_id, text, -2.0],
                                          [9, "Z", float("-inf")]]}]
+                # The worker's PromptInfo: on each prompt's first Output, when asked.
+                prompt_info = p.PromptInfo([1] * prompt_tokens, "hi") \
+                    if request.return_prompt and step == 0 else None
                 outputs.append(p.Output(request.request_id, index, f"{text}{index or ''}",
                                         [token_id], prompt_tokens,
                                         finish_reason="stop" if last else None,
-                                        logprobs=logprobs, prompt_index=prompt_index))
+                                        logprobs=logprobs, prompt_index=prompt_index,
+                                        prompt=prompt_info))
     return [*outputs[:-1], msgspec.structs.replace(outputs[-1], finished=True)]
 
 
@@ -279,8 +283,10 @@ async def test_sse_framing():
     assert events[0]["object"] == "chat.completion.chunk"
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "usage" not in events[1]  # only with stream_options.include_usage
+    # vLLM's chunk: stop_reason on the last, token_ids null without return_token_ids.
     assert events[-2]["choices"][0] == {"index": 0, "delta": {"content": " world"},
-                                        "logprobs": None, "finish_reason": "stop"}
+                                        "logprobs": None, "finish_reason": "stop",
+                                        "stop_reason": None, "token_ids": None}
 
 
 @run_async
@@ -620,7 +626,6 @@ async def test_a_body_not_json_is_vllms_400(path, content_type):
     ({"model": "demo", "prompt": "hi", "n": "2"}, "n"),
     ({"model": "demo", "prompt": "hi", "temperature": "hot"}, "temperature"),
     ({"prompt": "hi"}, "model"),
-    ({"model": "demo", "prompt": "hi", "echo": True}, "echo"),
     ({"model": "demo", "prompt": "hi", "suffix": "end"}, "suffix"),
     ({"model": "demo", "prompt": "hi", "best_of": 3}, "best_of"),
     ({"model": "demo", "prompt": "hi", "frobnicate": 1}, "frobnicate"),
@@ -650,9 +655,7 @@ async def test_bad_completion_requests_are_400(body, param):
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
-    ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
-     "messages[0].tool_calls"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": 7, "content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0].type"),
 ])
@@ -711,14 +714,9 @@ async def test_vllm_fields_at_their_defaults_are_served(path, body):
 
 @pytest.mark.parametrize("path, extra, param", [
     ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
-    ("/v1/completions", {"return_token_ids": True}, "return_token_ids"),
-    ("/v1/completions", {"prompt_logprobs": 2}, "prompt_logprobs"),
-    ("/v1/completions", {"truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
-    ("/v1/completions", {"add_special_tokens": False}, "add_special_tokens"),
-    ("/v1/chat/completions", {"echo": True}, "echo"),
-    ("/v1/chat/completions", {"add_generation_prompt": False}, "add_generation_prompt"),
-    ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
+    ("/v1/completions", {"prompt_embeds": "AAAA"}, "prompt_embeds"),
     ("/v1/chat/completions", {"logprob_token_ids": [1]}, "logprob_token_ids"),
+    ("/v1/chat/completions", {"return_prompt_text": True}, "return_prompt_text"),
 ])
 @run_async
 async def test_vllm_fields_wcd_lacks_are_400_off_their_defaults(path, extra, param):
@@ -1287,3 +1285,59 @@ async def test_slow_reader_within_the_write_timeout_gets_the_whole_stream():
     texts = [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
     assert texts == ["y" * (1 << 20)] * 10 and not scheduler.worker.closed_early
     assert scheduler.released == 1
+
+
+# ---- vLLM's prompt and rendering fields: what travels to the worker -----------------
+
+
+@pytest.mark.parametrize("path, extra, render, sampling", [
+    ("/v1/completions", {}, p.RenderOptions(add_special_tokens=True), {}),
+    ("/v1/completions", {"add_special_tokens": False, "truncate_prompt_tokens": 5,
+                         "truncation_side": "left"},
+     p.RenderOptions(add_special_tokens=False, truncate_prompt_tokens=5, truncation_side="left"),
+     {}),
+    # An echo with logprobs asks for the prompt's logprobs too, as vLLM's to_sampling_params.
+    ("/v1/completions", {"echo": True, "logprobs": 2}, p.RenderOptions(add_special_tokens=True),
+     {"prompt_logprobs": 2, "logprobs": 2}),
+    # An echo of the prompt alone still runs one step.
+    ("/v1/completions", {"echo": True, "max_tokens": 0}, p.RenderOptions(add_special_tokens=True),
+     {"max_tokens": 1}),
+    ("/v1/chat/completions", {}, p.RenderOptions(add_special_tokens=False), {}),
+    ("/v1/chat/completions", {"add_generation_prompt": False, "continue_final_message": True,
+                              "documents": [{"title": "t", "text": "x"}]},
+     p.RenderOptions(add_special_tokens=False, add_generation_prompt=False,
+                     continue_final_message=True, documents=[{"title": "t", "text": "x"}]), {}),
+    ("/v1/chat/completions", {"echo": True}, p.RenderOptions(add_special_tokens=False),
+     {"prompt_logprobs": 0}),
+    ("/v1/chat/completions", {"prompt_logprobs": 3}, p.RenderOptions(add_special_tokens=False),
+     {"prompt_logprobs": 3}),
+])
+@run_async
+async def test_prompt_fields_travel_to_the_worker(path, extra, render, sampling):
+    body = {"model": "demo", "prompt": "hi"} if path == "/v1/completions" else \
+        {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, path, {**body, **extra})
+    assert status == 200, answer
+    sent = scheduler.worker.requests[-1]
+    assert sent.render == render
+    assert sampling.items() <= sent.sampling.items()
+    asks_prompt = any(k in extra for k in ("echo", "prompt_logprobs", "return_token_ids"))
+    assert sent.return_prompt == asks_prompt
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"prompt_logprobs": 1, "stream": True},
+     "`prompt_logprobs` are not available when `stream=True`. (parameter=prompt_logprobs)"),
+    ({"prompt_logprobs": -2},
+     "`prompt_logprobs` must be a positive value or -1. (parameter=prompt_logprobs, value=-2)"),
+])
+@run_async
+async def test_prompt_logprobs_refusals_are_vllms(extra, message):
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions",
+                                       {"model": "demo", "prompt": "hi", **extra})
+    assert (status, answer["error"]["message"]) == (400, message)
+    assert not scheduler.leased

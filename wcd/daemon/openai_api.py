@@ -166,6 +166,15 @@ class _Job:
     # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk.
     continuous_usage: bool
     top_logprobs: int | None  # None: no logprobs asked for
+    render: p.RenderOptions = p.RenderOptions()
+    return_prompt: bool = False
+    return_token_ids: bool = False
+    # Completions: echo the prompt (only it, at max_tokens 0); chat: the text
+    # the answer continues and the role it answers with.
+    echo: bool = False
+    echo_only: bool = False
+    echoed: str = ""
+    role: str = "assistant"
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -185,7 +194,13 @@ class _Job:
                   include_usage=bool(body.stream_options and body.stream_options.include_usage),
                   continuous_usage=bool(body.stream_options and body.stream_options.include_usage
                                         and body.stream_options.continuous_usage_stats),
-                  top_logprobs=sampling.get("logprobs"))
+                  top_logprobs=sampling.get("logprobs"), render=body.render(),
+                  return_prompt=body.wants_prompt(),
+                  return_token_ids=bool(body.return_token_ids))
+        if isinstance(body, t.CompletionRequest):
+            job.echo, job.echo_only = bool(body.echo), bool(body.echo) and body.max_tokens == 0
+        else:
+            job.echoed, job.role = body.echoed(), body.response_role()
         size = _payload_bytes(job.sampling, job.template_kwargs, job.template)
         if size > http.max_sampling_bytes:
             raise errors.PayloadTooLarge(
@@ -195,7 +210,7 @@ class _Job:
 
     def request(self, served: str) -> p.Generate:
         return p.Generate(self.id, served, self.prompts, self.sampling, self.template_kwargs,
-                          self.template)
+                          self.template, self.render, self.return_prompt)
 
 
 def _check_counts(prompts: int, n: int, http: HttpSettings) -> None:
@@ -317,7 +332,7 @@ class _Api:
             if job.stream:
                 write_timeout = self.scheduler.settings.http.write_timeout_s
                 return await _stream(request, job, fmt, outputs, write_timeout, timer)
-            tally = _Tally(job.n)
+            tally = _Tally(job)
             async for output in outputs:
                 tally.add(output)
             return _json(fmt.response(tally))
@@ -481,15 +496,15 @@ class _Sink:
 
 async def _send_events(sink: _Sink, job: _Job, fmt: _Format, first: p.Output | None,
                        outputs: AsyncIterator[p.Output]) -> None:
-    tally = _Tally(job.n)
+    tally = _Tally(job)
     try:
-        for chunk in fmt.opening():
+        for chunk in fmt.opening(first):
             if job.continuous_usage and first is not None:  # nothing generated yet
                 chunk.usage = t.Usage(prompt_tokens=first.prompt_tokens, completion_tokens=0,
                                       total_tokens=first.prompt_tokens)
             await sink.event(chunk)
         async for output in _chain(first, outputs):
-            chunk = fmt.chunk(*tally.add(output), output)
+            chunk = fmt.chunk(tally.add(output))
             if chunk is not None:
                 if job.continuous_usage:
                     chunk.usage = tally.usage()
@@ -527,47 +542,113 @@ def _json(body: Any) -> web.Response:
 
 @dataclass
 class _Choice:
+    prompt_index: int
     text: list[str] = field(default_factory=list)
     # Where the next logprob token starts: vLLM's text_offset sums token
     # strings, which may run ahead of or behind the detokenized text.
     token_text_len: int = 0
     logprobs: list[dict] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class _Delta:
+    """What one Output adds to its choice, echo included."""
+
+    index: int  # the choice
+    offset: int  # where its first logprob token starts in the choice's text
+    text: str
+    logprobs: list[dict]
+    prompt: p.PromptInfo | None  # on the choice's first delta, where the job returns it
+    output: p.Output
 
 
 class _Tally:
-    """What a request has produced so far, per choice, and its token counts."""
+    """What a request has produced so far, per choice, and its token counts;
+    a completion's echo, which vLLM puts before the choice's first tokens."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, job: _Job):
+        self.job = job
         self.choices: dict[int, _Choice] = {}
+        self.prompts: dict[int, p.PromptInfo] = {}
         self.prompt_tokens: dict[int, int] = {}
         self.completion_tokens = 0
 
-    def add(self, output: p.Output) -> tuple[int, int]:
-        """Record `output`; returns its choice index and where its first logprob
-        token starts."""
+    def add(self, output: p.Output) -> _Delta:
         prompt_index = output.prompt_index
+        if output.prompt is not None:
+            self.prompts.setdefault(prompt_index, output.prompt)
         # A batch of prompts gives prompt i the choices i*n ... i*n + n-1, as OpenAI does.
-        index = prompt_index * self.n + output.index
-        choice = self.choices.setdefault(index, _Choice())
+        index = prompt_index * self.job.n + output.index
+        first = index not in self.choices
+        choice = self.choices.setdefault(index, _Choice(prompt_index))
+        text, entries = self._echo(prompt_index) if first and self.job.echo else ("", [])
+        if not self.job.echo_only:
+            text += output.text
+            entries = entries + (output.logprobs or [])
         offset = choice.token_text_len
-        choice.text.append(output.text)
+        choice.text.append(text)
         choice.token_text_len += sum(len(_token(entry["token"], entry["token_id"]))
-                                     for entry in output.logprobs or ())
-        choice.logprobs.extend(output.logprobs or ())
+                                     for entry in entries)
+        choice.logprobs.extend(entries)
+        choice.token_ids.extend(output.token_ids)
         choice.finish_reason = output.finish_reason or choice.finish_reason
+        choice.stop_reason = output.stop_reason if output.finish_reason else choice.stop_reason
         self.prompt_tokens[prompt_index] = output.prompt_tokens
         self.completion_tokens += len(output.token_ids)
-        return index, offset
+        return _Delta(index, offset, text, entries,
+                      self.prompts.get(prompt_index) if first else None, output)
+
+    def _echo(self, prompt_index: int) -> tuple[str, list[dict]]:
+        """The prompt's text (none with return_token_ids, as vLLM) and its
+        logprob entries, where logprobs are asked for."""
+        prompt = self.prompts[prompt_index]
+        text = "" if self.job.return_token_ids else prompt.text
+        if self.job.top_logprobs is None or prompt.logprobs is None:
+            return text, []
+        return text, _prompt_entries(prompt)
+
+    def prompt(self, prompt_index: int) -> p.PromptInfo | None:
+        return self.prompts.get(prompt_index)
 
     def ordered(self) -> list[tuple[int, _Choice]]:
         return sorted(self.choices.items())
 
-    def usage(self) -> t.Usage:
+    def usage(self, details: bool = False) -> t.Usage:
+        """`details`: with the (null) token details a response has and chunks lack."""
         prompt = sum(self.prompt_tokens.values())
+        nulls = {"prompt_tokens_details": None, "completion_tokens_details": None} \
+            if details else {}
         return t.Usage(prompt_tokens=prompt, completion_tokens=self.completion_tokens,
-                       total_tokens=prompt + self.completion_tokens)
+                       total_tokens=prompt + self.completion_tokens, **nulls)
+
+
+def _prompt_entries(prompt: p.PromptInfo) -> list[dict]:
+    """A prompt's logprobs as the worker's logprob entries of generated
+    tokens; the first token has no logprob."""
+    entries = []
+    for token_id, position in zip(prompt.token_ids, prompt.logprobs or ()):
+        if position is None:
+            entries.append({"token_id": token_id, "token": prompt.first_token,
+                            "logprob": None, "top": None})
+            continue
+        chosen = next(c for c in position if c[0] == token_id)
+        entries.append({"token_id": token_id, "token": chosen[1], "logprob": chosen[2],
+                        "top": [[tid, text, lp] for tid, text, lp, _ in
+                                sorted(position, key=lambda c: c[3] or 0)]})
+    return entries
+
+
+def _prompt_logprobs(prompt: p.PromptInfo | None) -> t.PromptLogprobs | None:
+    """vLLM's prompt_logprobs field, -inf clamped as its server does."""
+    if prompt is None or prompt.logprobs is None:
+        return None
+    return [None if position is None else
+            {tid: t.PromptLogprob(logprob=_logprob(lp), rank=rank, decoded_token=text)
+             for tid, text, lp, rank in position}
+            for position in prompt.logprobs]
 
 
 class _Format:
@@ -579,33 +660,48 @@ class _Format:
         # Chunks carry `usage: null` only when a usage chunk will follow.
         self.chunk_usage = {"usage": None} if job.include_usage else {}
 
-    def opening(self) -> list[Any]:
+    def opening(self, first: p.Output | None) -> list[Any]:
         return []
 
     def response(self, tally: _Tally) -> Any:
         raise NotImplementedError
 
-    def chunk(self, index: int, offset: int, output: p.Output) -> Any | None:
+    def chunk(self, delta: _Delta) -> Any | None:
         raise NotImplementedError
 
     def usage_chunk(self, usage: t.Usage) -> Any:
         raise NotImplementedError
 
+    def _token_ids(self, token_ids: list[int]) -> list[int] | None:
+        return token_ids if self.job.return_token_ids else None
+
 
 class _CompletionFormat(_Format):
     def response(self, tally: _Tally) -> t.Completion:
-        choices = [t.CompletionChoice(index=i, text="".join(c.text),
-                                      logprobs=self._logprobs(c.logprobs, 0),
-                                      finish_reason=c.finish_reason)
-                   for i, c in tally.ordered()]
-        return t.Completion(**self.head, choices=choices, usage=tally.usage())
+        choices = []
+        for i, c in tally.ordered():
+            prompt = tally.prompt(c.prompt_index)
+            choices.append(t.CompletionChoice(
+                index=i, text="".join(c.text), logprobs=self._logprobs(c.logprobs, 0),
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                token_ids=self._token_ids(c.token_ids), prompt_logprobs=_prompt_logprobs(prompt),
+                prompt_token_ids=self._token_ids(prompt.token_ids) if prompt else None))
+        return t.Completion(**self.head, choices=choices,
+                            usage=tally.usage(details=True))
 
-    def chunk(self, index: int, offset: int, output: p.Output) -> t.CompletionChunk | None:
-        if not (output.text or output.finish_reason or output.logprobs):
+    def chunk(self, delta: _Delta) -> t.CompletionChunk | None:
+        output = delta.output
+        # vLLM's prompt_token_ids: on a choice's first chunk, with return_token_ids or echo.
+        prompt = delta.prompt if self.job.return_token_ids or self.job.echo else None
+        if not (delta.text or output.token_ids or output.finish_reason or delta.logprobs
+                or prompt):
             return None
-        choice = t.CompletionChoice(index=index, text=output.text,
-                                    logprobs=self._logprobs(output.logprobs or [], offset),
-                                    finish_reason=output.finish_reason)
+        choice = t.CompletionChunkChoice(
+            index=delta.index, text=delta.text,
+            logprobs=self._logprobs(delta.logprobs, delta.offset),
+            finish_reason=output.finish_reason, stop_reason=output.stop_reason,
+            prompt_token_ids=prompt.token_ids if prompt else None,
+            token_ids=self._token_ids(output.token_ids))
         return t.CompletionChunk(**self.head, choices=[choice], **self.chunk_usage)
 
     def usage_chunk(self, usage: t.Usage) -> t.CompletionChunk:
@@ -619,10 +715,14 @@ class _CompletionFormat(_Format):
         for entry in entries:
             token = _token(entry["token"], entry["token_id"])
             tokens.append(token)
-            token_logprobs.append(_logprob(entry["logprob"]))
-            top = {_token(text, tid): _logprob(lp) for tid, text, lp in entry["top"][:k]}
-            top.setdefault(token, token_logprobs[-1])  # OpenAI lists the chosen token too
-            tops.append(top)
+            if entry["logprob"] is None:  # an echoed prompt's first token
+                token_logprobs.append(None)
+                tops.append(None)
+            else:
+                token_logprobs.append(_logprob(entry["logprob"]))
+                top = {_token(text, tid): _logprob(lp) for tid, text, lp in entry["top"][:k]}
+                top.setdefault(token, token_logprobs[-1])  # OpenAI lists the chosen token too
+                tops.append(top)
             offsets.append(offset)
             offset += len(token)
         return t.CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs,
@@ -630,26 +730,44 @@ class _CompletionFormat(_Format):
 
 
 class _ChatFormat(_Format):
-    def opening(self) -> list[t.ChatCompletionChunk]:
-        # OpenAI announces the role of every choice before any content.
-        return [t.ChatCompletionChunk(**self.head, **self.chunk_usage, choices=[
-            t.ChatChunkChoice(index=i, delta=t.ChatDelta(role="assistant", content=""))])
+    def opening(self, first: p.Output | None) -> list[t.ChatCompletionChunk]:
+        # OpenAI announces the role of every choice before any content; vLLM
+        # then echoes, and gives the prompt's token ids with the role.
+        prompt = first.prompt if first is not None and self.job.return_token_ids else None
+        ids = prompt.token_ids if prompt is not None else None
+        chunks = [t.ChatCompletionChunk(**self.head, **self.chunk_usage, prompt_token_ids=ids, choices=[
+            t.ChatChunkChoice(index=i, delta=t.ChatDelta(role=self.job.role, content=""))])
             for i in range(self.job.n)]
+        if self.job.echoed:
+            chunks += [t.ChatCompletionChunk(**self.head, **self.chunk_usage, choices=[
+                t.ChatChunkChoice(index=i, delta=t.ChatDelta(content=self.job.echoed))])
+                for i in range(self.job.n)]
+        return chunks
 
     def response(self, tally: _Tally) -> t.ChatCompletion:
-        choices = [t.ChatChoice(index=i, message=t.ChatMessage(content="".join(c.text)),
+        choices = [t.ChatChoice(index=i, message=t.ChatMessage(
+                                    role=self.job.role, content=self.job.echoed + "".join(c.text)),
                                 logprobs=self._logprobs(c.logprobs),
-                                finish_reason=c.finish_reason)
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                token_ids=self._token_ids(c.token_ids))
                    for i, c in tally.ordered()]
-        return t.ChatCompletion(**self.head, choices=choices, usage=tally.usage())
+        prompt = tally.prompt(0)
+        return t.ChatCompletion(
+            **self.head, choices=choices, usage=tally.usage(details=True),
+            prompt_logprobs=_prompt_logprobs(prompt),
+            prompt_token_ids=self._token_ids(prompt.token_ids) if prompt else None)
 
-    def chunk(self, index: int, offset: int, output: p.Output) -> t.ChatCompletionChunk | None:
-        if not (output.text or output.finish_reason or output.logprobs):
+    def chunk(self, delta: _Delta) -> t.ChatCompletionChunk | None:
+        output = delta.output
+        if not (output.text or output.finish_reason or output.logprobs
+                or (output.token_ids and self.job.return_token_ids)):
             return None
-        delta = t.ChatDelta(content=output.text) if output.text else t.ChatDelta()
-        choice = t.ChatChunkChoice(index=index, delta=delta,
+        delta_message = t.ChatDelta(content=output.text) if output.text else t.ChatDelta()
+        ending = {"stop_reason": output.stop_reason} if output.finish_reason else {}
+        choice = t.ChatChunkChoice(index=delta.index, delta=delta_message,
                                    logprobs=self._logprobs(output.logprobs or []),
-                                   finish_reason=output.finish_reason)
+                                   finish_reason=output.finish_reason,
+                                   token_ids=self._token_ids(output.token_ids), **ending)
         return t.ChatCompletionChunk(**self.head, choices=[choice], **self.chunk_usage)
 
     def usage_chunk(self, usage: t.Usage) -> t.ChatCompletionChunk:

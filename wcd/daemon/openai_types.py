@@ -28,12 +28,17 @@ _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_p
 # (vLLM's, as the structs declare them), since clients written for `vllm serve`
 # send them; refused at any other value, never silently ignored. None counts as
 # the default where the type allows it, and false for such a flag.
-_UNIMPLEMENTED = ("use_beam_search", "watermarking", "length_penalty", "truncate_prompt_tokens",
-                  "truncation_side", "prompt_logprobs", "logprob_token_ids",
-                  "return_tokens_as_token_ids", "return_token_ids", "routed_experts_prompt_start",
+_UNIMPLEMENTED = ("use_beam_search", "watermarking", "length_penalty", "logprob_token_ids",
+                  "return_tokens_as_token_ids", "routed_experts_prompt_start",
                   "return_token_offsets", "mm_payload", "return_mm_kwargs", "kv_transfer_params",
                   "ec_transfer_params", "vllm_xargs", "repetition_detection",
                   "thinking_token_budget")
+
+
+def _vllm_refusal(message: str, param: str, value: Any = None) -> errors.VllmBadRequest:
+    """A VLLMValidationError as vLLM's server words it."""
+    extras = f"parameter={param}" + ("" if value is None else f", value={value}")
+    return errors.VllmBadRequest(f"{message} ({extras})", param=param)
 
 
 def _is_default(value: Any, default: Any) -> bool:
@@ -123,18 +128,18 @@ class _Sampling(_Request, kw_only=True):
     cache_salt: str | None = None
     # vLLM's fields, honoured.
     spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1, le=2 ** 63 - 1)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    prompt_logprobs: int | None = None
+    return_token_ids: bool | None = None
     # Tokens per streamed chunk, at least the engine's own interval.
     stream_interval: Annotated[int, Meta(ge=1)] | None = None
     # vLLM's fields, accepted only at their defaults (_UNIMPLEMENTED).
     use_beam_search: bool = False
     watermarking: bool | None = None
     length_penalty: float = 1.0
-    truncate_prompt_tokens: Annotated[int, Meta(ge=-1, le=2 ** 63 - 1)] | None = None
-    truncation_side: Literal["left", "right"] | None = None
-    prompt_logprobs: int | None = None
     logprob_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool | None = None
-    return_token_ids: bool | None = None
     routed_experts_prompt_start: int = 0
     return_token_offsets: bool | None = False
     mm_payload: Literal["tensors", "none"] = "tensors"
@@ -158,6 +163,13 @@ class _Sampling(_Request, kw_only=True):
         if self.structured_outputs is not None and self._format() is not None:
             raise errors.BadRequest("set response_format or structured_outputs, not both",
                                     param="structured_outputs")
+        if (asked := self.prompt_logprobs) is not None:
+            if self.stream and (asked > 0 or asked == -1):
+                raise _vllm_refusal("`prompt_logprobs` are not available when `stream=True`.",
+                                    "prompt_logprobs")
+            if asked < -1:
+                raise _vllm_refusal("`prompt_logprobs` must be a positive value or -1.",
+                                    "prompt_logprobs", asked)
 
     def sampling(self) -> dict[str, Any]:
         """vLLM SamplingParams fields for what the client set, and only that: the
@@ -171,7 +183,28 @@ class _Sampling(_Request, kw_only=True):
         structured = self._format() or self.structured_outputs
         if structured is not None:
             params["structured_outputs"] = structured
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self._echo():
+            prompt_logprobs = self._echo_prompt_logprobs()
+        if prompt_logprobs is not None:
+            params["prompt_logprobs"] = prompt_logprobs
         return params
+
+    def render(self) -> p.RenderOptions:
+        """How the worker tokenizes this request's prompts."""
+        return p.RenderOptions(truncate_prompt_tokens=self.truncate_prompt_tokens,
+                               truncation_side=self.truncation_side)
+
+    def wants_prompt(self) -> bool:
+        """Whether responses show the prompt's tokens, logprobs or text."""
+        return bool(self.return_token_ids or self.prompt_logprobs is not None or self._echo())
+
+    def _echo(self) -> bool:
+        return False
+
+    def _echo_prompt_logprobs(self) -> int | None:
+        """The prompt logprobs an echo asks for, as vLLM's to_sampling_params."""
+        return None
 
     def prompt_count(self) -> int:
         return 1
@@ -215,8 +248,6 @@ class CompletionRequest(_Sampling, kw_only=True):
         if self.prompt is None or self.prompt == "":
             raise errors.VllmBadRequest("Either prompt or prompt_embeds must be provided and "
                                         "non-empty. (parameter=prompt)", param="prompt")
-        if self.echo:
-            raise errors.BadRequest("echo is not supported", param="echo")
         if self.suffix:
             raise errors.BadRequest("suffix (insertion) is not supported", param="suffix")
         if self.best_of is not None and self.best_of != (self.n or 1):
@@ -226,15 +257,28 @@ class CompletionRequest(_Sampling, kw_only=True):
         params = super().sampling()
         params["max_tokens"] = self.max_tokens if self.max_tokens is not None \
             else COMPLETIONS_MAX_TOKENS
+        # An echo of the prompt alone still runs one engine step, as in vLLM.
+        if self.echo and self.max_tokens == 0:
+            params["max_tokens"] = 1
         if self.logprobs is not None:
             params["logprobs"] = self.logprobs
         return params
 
+    def render(self) -> p.RenderOptions:
+        return msgspec.structs.replace(super().render(),
+                                       add_special_tokens=self.add_special_tokens)
+
     def prompt_count(self) -> int:
         return len(self._prompts())
 
+    def _echo(self) -> bool:
+        return bool(self.echo)
+
+    def _echo_prompt_logprobs(self) -> int | None:
+        return self.logprobs
+
     def _unimplemented(self) -> tuple[str, ...]:
-        return "add_special_tokens", "prompt_embeds"
+        return ("prompt_embeds",)
 
     def prompts(self) -> list[p.Prompt]:
         """One worker input per prompt: text or token ids."""
@@ -254,14 +298,22 @@ class CompletionRequest(_Sampling, kw_only=True):
                                 "non-empty list of either (a batch)", param="prompt")
 
 
-class TextPart(_Request, tag_field="type", tag="text"):
+# Messages and their parts take fields of other clients' dialects (OpenAI's
+# newer ones, vendors' extensions) without a 400, as vLLM's parser does; like
+# it, the template sees only the fields below.
+class TextPart(Struct, tag_field="type", tag="text"):
     text: str
 
 
-class Message(_Request, omit_defaults=True):
-    role: Literal["system", "developer", "user", "assistant"]
+class Message(Struct, omit_defaults=True):
+    # Any role, as vLLM's custom messages: the chat template decides what it means.
+    role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
@@ -287,19 +339,47 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
                               "max"] | None = None
     include_reasoning: bool = True
-    # vLLM's, accepted only at their defaults.
+    # vLLM's, honoured.
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
     documents: list[dict[str, str]] | None = None
+    # vLLM's, accepted only at their defaults.
     media_io_kwargs: dict[str, dict[str, Any]] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
     return_prompt_text: bool | None = None
 
     def _unimplemented(self) -> tuple[str, ...]:
-        return ("echo", "add_generation_prompt", "continue_final_message", "add_special_tokens",
-                "documents", "media_io_kwargs", "mm_processor_kwargs", "return_prompt_text")
+        return ("media_io_kwargs", "mm_processor_kwargs", "return_prompt_text")
+
+    def render(self) -> p.RenderOptions:
+        return msgspec.structs.replace(
+            super().render(), add_special_tokens=self.add_special_tokens,
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message, documents=self.documents)
+
+    def response_role(self) -> str:
+        """The role vLLM's server answers with (get_chat_request_role)."""
+        if self.add_generation_prompt:
+            return "assistant"
+        return self.messages[-1].role if self.messages else "assistant"
+
+    def echoed(self) -> str:
+        """What an echo repeats: the last message's content, where it is the
+        response's role (the message the model continues)."""
+        if not (self.echo and self.messages) or self.messages[-1].role != self.response_role():
+            return ""
+        content = self.messages[-1].content or ""
+        if isinstance(content, list):
+            return "\n".join(part.text for part in content)
+        return content
+
+    def _echo(self) -> bool:
+        return self.echo
+
+    def _echo_prompt_logprobs(self) -> int | None:
+        return self.top_logprobs or 0  # vLLM's default top_logprobs
 
     def check(self) -> None:
         super().check()
@@ -362,14 +442,31 @@ class Usage(Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # vLLM's: null in a response (without --enable-prompt-tokens-details or
+    # reasoning), absent from chunks.
+    prompt_tokens_details: dict[str, int] | None | UnsetType = UNSET
+    completion_tokens_details: dict[str, int] | None | UnsetType = UNSET
 
 
 class CompletionLogprobs(Struct, kw_only=True):
     tokens: list[str]
-    token_logprobs: list[float]
+    # None for an echoed prompt's first token, which has no logprob.
+    token_logprobs: list[float | None]
     # Per token: the `logprobs` most likely tokens and the chosen one.
-    top_logprobs: list[dict[str, float]]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(Struct, kw_only=True):
+    """vLLM's Logprob, as its server writes prompt_logprobs."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+# Per prompt position: None for the first, else token id -> its logprob.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
 
 
 class CompletionChoice(Struct, kw_only=True):
@@ -377,6 +474,12 @@ class CompletionChoice(Struct, kw_only=True):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM's: the stop string or token id that ended the completion.
+    stop_reason: str | int | None = None
+    # vLLM's, with return_token_ids and prompt_logprobs.
+    token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class Completion(Struct, kw_only=True):
@@ -388,6 +491,17 @@ class Completion(Struct, kw_only=True):
     usage: Usage
 
 
+class CompletionChunkChoice(Struct, kw_only=True):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    # On a choice's first chunk, with return_token_ids or echo.
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+
+
 class CompletionChunk(Struct, kw_only=True):
     """One `data:` event of a streamed completion."""
 
@@ -395,7 +509,7 @@ class CompletionChunk(Struct, kw_only=True):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionChunkChoice]
     # Present (null, then the totals on a last chunk without choices) only
     # when stream_options.include_usage is set.
     usage: Usage | None | UnsetType = UNSET
@@ -419,8 +533,16 @@ class ChatLogprobs(Struct, kw_only=True):
 
 
 class ChatMessage(Struct, kw_only=True):
-    role: Literal["assistant"] = "assistant"
+    # "assistant", or the last message's role when the model continues it
+    # (add_generation_prompt false), as vLLM answers.
+    role: str = "assistant"
     content: str
+    # OpenAI's fields, null as vLLM writes them for text.
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(Struct, kw_only=True):
@@ -428,6 +550,8 @@ class ChatChoice(Struct, kw_only=True):
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    token_ids: list[int] | None = None  # vLLM's, with return_token_ids
 
 
 class ChatCompletion(Struct, kw_only=True):
@@ -437,10 +561,13 @@ class ChatCompletion(Struct, kw_only=True):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    # vLLM's, with prompt_logprobs (or echo) and return_token_ids.
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class ChatDelta(Struct, kw_only=True):
-    role: Literal["assistant"] | UnsetType = UNSET
+    role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
 
 
@@ -449,6 +576,9 @@ class ChatChunkChoice(Struct, kw_only=True):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None | UnsetType = UNSET  # on the last chunk
+    # vLLM's, with return_token_ids; null on other generated chunks.
+    token_ids: list[int] | None | UnsetType = UNSET
 
 
 class ChatCompletionChunk(Struct, kw_only=True):
@@ -459,6 +589,8 @@ class ChatCompletionChunk(Struct, kw_only=True):
     created: int
     model: str
     choices: list[ChatChunkChoice]
+    # vLLM's: on the opening chunks, null unless return_token_ids.
+    prompt_token_ids: list[int] | None | UnsetType = UNSET
     usage: Usage | None | UnsetType = UNSET
 
 

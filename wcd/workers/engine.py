@@ -543,7 +543,8 @@ class EngineHost:
                 vllm_seams.use_workspace(served.workspace)
                 with self._bounded("step"):
                     finished = vllm_seams.finish_batches_in_flight(served.engine)
-                outputs = [out for ro in finished for out in served.requests.outputs(ro)]
+                outputs = [out for ro in finished
+                           for out in served.requests.outputs(ro, served.engine)]
                 kept = vllm_seams.keep_kv_blocks(served.engine)
                 served.suspended = True
             with clock.phase("release"):
@@ -657,7 +658,7 @@ class EngineHost:
                 prompt_params = params.clone()
                 _fit_max_tokens(served.engine.model_config, served.sampling_defaults,
                                 engine_input, prompt_params, request.sampling.get("max_tokens"))
-                sub_id = served.requests.add(request.request_id, index)
+                sub_id = served.requests.add(request.request_id, index, request.return_prompt)
                 added.append(sub_id)
                 served.engine.add_request(sub_id, engine_input, prompt_params)
         except BaseException as exc:
@@ -671,16 +672,19 @@ class EngineHost:
             raise ModelError(p.BAD_ARGS, _first_line(exc)) from exc
 
     def _render(self, engine: LLMEngine, request: p.Generate, prompt: p.Prompt):
-        """The prompt as vLLM's offline LLM.generate / LLM.chat render it."""
-        if prompt.prompt_token_ids is not None:
-            return {"prompt_token_ids": prompt.prompt_token_ids}
+        """The prompt as vLLM's OpenAI server renders it, with the request's
+        tokenization and chat options."""
+        chat = prompt.messages is not None
+        tok_params = vllm_seams.tokenize_params(engine, request.render, chat,
+                                                detokenize=request.return_prompt)
         with self._bounded("render"):
-            if prompt.messages is not None:
+            if chat:
                 return vllm_seams.render_chat(engine, prompt.messages,
                                               request.chat_template_kwargs,
-                                              request.chat_template)
-            if prompt.prompt is not None:
-                return vllm_seams.render_completion(engine, prompt.prompt)
+                                              request.chat_template, request.render, tok_params)
+            text_or_ids = prompt.prompt if prompt.prompt is not None else prompt.prompt_token_ids
+            if text_or_ids is not None:
+                return vllm_seams.render_completion(engine, text_or_ids, tok_params)
         raise ModelError(p.BAD_ARGS, "one of prompt, prompt_token_ids, messages is required")
 
     def has_work(self, names: list[str] | None = None) -> bool:
@@ -704,7 +708,8 @@ class EngineHost:
                 vllm_seams.use_workspace(served.workspace)
                 with self._bounded("step"):
                     outputs = served.engine.step()
-                return [out for ro in outputs for out in served.requests.outputs(ro)]
+                return [out for ro in outputs
+                        for out in served.requests.outputs(ro, served.engine)]
         return []
 
     def abort(self, request_ids: list[str]) -> None:
@@ -721,11 +726,14 @@ class _Requests:
     def __init__(self) -> None:
         self._prompt_of: dict[str, tuple[str, int]] = {}  # engine id -> (request, index)
         self._open: dict[str, set[str]] = {}  # request -> its unfinished engine ids
+        self._prompt_owed: set[str] = set()  # engine ids whose PromptInfo is not sent yet
 
-    def add(self, request_id: str, index: int) -> str:
+    def add(self, request_id: str, index: int, return_prompt: bool = False) -> str:
         sub_id = f"{request_id}-{index}"
         self._prompt_of[sub_id] = (request_id, index)
         self._open.setdefault(request_id, set()).add(sub_id)
+        if return_prompt:
+            self._prompt_owed.add(sub_id)
         return sub_id
 
     def forget(self, request_id: str) -> list[str]:
@@ -733,19 +741,25 @@ class _Requests:
         subs = sorted(self._open.pop(request_id, ()))
         for sub in subs:
             self._prompt_of.pop(sub, None)
+            self._prompt_owed.discard(sub)
         return subs
 
     def clear(self) -> None:
         self._prompt_of.clear()
         self._open.clear()
+        self._prompt_owed.clear()
 
-    def outputs(self, ro: RequestOutput) -> Iterator[p.Output]:
+    def outputs(self, ro: RequestOutput, engine: LLMEngine) -> Iterator[p.Output]:
         """One Output per completion with news; only the request's very last
         one says finished, so the daemon stops reading exactly there."""
         owner = self._prompt_of.get(ro.request_id)
         if owner is None:
             return  # aborted meanwhile, or wcd's own warm-up request
         request_id, index = owner
+        prompt = None
+        if ro.request_id in self._prompt_owed:
+            self._prompt_owed.discard(ro.request_id)
+            prompt = _prompt_info(ro, engine)
         last_of_request = False
         if ro.finished:
             self._prompt_of.pop(ro.request_id)
@@ -754,7 +768,7 @@ class _Requests:
             if not remaining:
                 del self._open[request_id]
                 last_of_request = True
-        yield from _outputs(ro, request_id, index, last_of_request)
+        yield from _outputs(ro, request_id, index, last_of_request, prompt)
 
 
 def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
@@ -769,7 +783,7 @@ def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
 
 
 def _outputs(ro: RequestOutput, request_id: str, prompt_index: int,
-             last_of_request: bool) -> Iterator[p.Output]:
+             last_of_request: bool, prompt: p.PromptInfo | None) -> Iterator[p.Output]:
     prompt_tokens = len(ro.prompt_token_ids or ())
     last = len(ro.outputs) - 1
     for i, completion in enumerate(ro.outputs):
@@ -784,7 +798,23 @@ def _outputs(ro: RequestOutput, request_id: str, prompt_index: int,
             finished=last_of_request and i == last,
             logprobs=_logprobs(completion),
             prompt_index=prompt_index,
+            prompt=prompt,
         )
+
+
+def _prompt_info(ro: RequestOutput, engine: LLMEngine) -> p.PromptInfo:
+    """The prompt as rendered (its text detokenized where the request asked
+    for it), and its logprobs in vLLM's order: the prompt's token, then the top."""
+    token_ids = list(ro.prompt_token_ids or ())
+    if ro.prompt_logprobs is None:
+        return p.PromptInfo(token_ids, ro.prompt or "")
+    logprobs = [None if position is None else
+                [(token_id, lp.decoded_token, lp.logprob, lp.rank)
+                 for token_id, lp in position.items()]
+                for position in ro.prompt_logprobs]
+    tokenizer = engine.renderer.tokenizer
+    first = tokenizer.decode(token_ids[0]) if token_ids and tokenizer is not None else ""
+    return p.PromptInfo(token_ids, ro.prompt or "", logprobs, first)
 
 
 def _logprobs(completion) -> list[dict[str, Any]] | None:

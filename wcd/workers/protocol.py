@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
@@ -105,6 +105,21 @@ RESERVED_CHAT_TEMPLATE_KWARGS = frozenset({
     "padding", "truncation", "max_length", "conversation", "tokenizer_kwargs"})
 
 
+class RenderOptions(msgspec.Struct, frozen=True, omit_defaults=True):
+    """How prompts become tokens: the fields of vLLM's TokenizeParams and
+    ChatParams a request may set, under vLLM's names. None: the endpoint's
+    default (special tokens are added to completion prompts, not to chats,
+    whose template writes its own)."""
+
+    add_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    truncation_side: str | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, str]] | None = None
+
+
 class Generate(msgspec.Struct, tag="generate", frozen=True):
     """One request: one prompt, or a batch sharing one `sampling`. The worker
     streams `Output`s tagged with the prompt's index.
@@ -112,6 +127,7 @@ class Generate(msgspec.Struct, tag="generate", frozen=True):
     `sampling` holds vLLM SamplingParams fields; the worker validates them
     with vLLM's own SamplingParams, so the daemon never needs vLLM.
     `chat_template` is set only where the operator trusts request templates.
+    `return_prompt`: each prompt's first Output carries its `PromptInfo`.
     """
 
     request_id: str
@@ -120,6 +136,8 @@ class Generate(msgspec.Struct, tag="generate", frozen=True):
     sampling: dict[str, Any] = {}
     chat_template_kwargs: dict[str, Any] = {}
     chat_template: str | None = None
+    render: RenderOptions = RenderOptions()
+    return_prompt: bool = False
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):
@@ -224,6 +242,22 @@ class OpFailed(msgspec.Struct, tag="op_failed", frozen=True):
     phases: dict[str, float] = {}
 
 
+# One candidate token at a prompt position: token id, its text (None where
+# vLLM did not detokenize it), logprob, rank in the vocabulary.
+PromptLogprob = tuple[int, "str | None", float, "int | None"]
+
+
+class PromptInfo(msgspec.Struct, frozen=True):
+    """A prompt as the engine saw it, for echo and return_token_ids.
+    `logprobs` (when sampling asked for prompt_logprobs): per position, None
+    for the first token, else the prompt's own token and the top ones."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[list[PromptLogprob] | None] | None = None
+    first_token: str = ""  # the first token's text, which has no logprob entry
+
+
 class Output(msgspec.Struct, tag="output", frozen=True):
     """New tokens of one completion (`index` < n) of one prompt since its last
     Output, streamed as vLLM produces them. `finished` is set on the request's
@@ -240,6 +274,7 @@ class Output(msgspec.Struct, tag="output", frozen=True):
     # Per new token: {"token_id", "token", "logprob", "top": [[token_id, token, logprob], ...]}
     logprobs: list[dict[str, Any]] | None = None
     prompt_index: int = 0
+    prompt: PromptInfo | None = None
 
 
 class Outputs(msgspec.Struct, tag="outputs", frozen=True):

@@ -827,17 +827,36 @@ def switch_frontend(engine, vllm_config) -> None:
 # a prompt served by wcd becomes exactly the tokens vLLM's own offline API makes.
 
 
-def render_completion(engine, prompt: str):
+def tokenize_params(engine, options, chat: bool, detokenize: bool):
+    """vLLM's TokenizeParams for a request, as its OpenAI server builds them
+    (build_tok_params): the endpoint's defaults and what the request set.
+    Output-length limits are applied later, with the sampling (engine.py)."""
+    import dataclasses
+
+    renderer = engine.renderer
+    default = renderer.default_chat_tok_params if chat else renderer.default_cmpl_tok_params
+    overrides = {key: value for key, value in (
+        ("add_special_tokens", options.add_special_tokens),
+        ("truncate_prompt_tokens", options.truncate_prompt_tokens),
+        ("truncation_side", options.truncation_side)) if value is not None}
+    if detokenize:
+        overrides["needs_detokenization"] = True
+    return dataclasses.replace(default, max_total_tokens_param="max_model_len", **overrides)
+
+
+def render_completion(engine, prompt: str | list[int], tok_params):
+    """A text or token-id prompt as vLLM's completions server renders it."""
     from vllm.renderers.inputs.preprocess import parse_model_prompt
 
     renderer = engine.renderer
-    (engine_input,) = renderer.render_cmpl(
-        [parse_model_prompt(engine.model_config, prompt)], renderer.default_cmpl_tok_params)
+    raw = prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+    (engine_input,) = renderer.render_cmpl([parse_model_prompt(engine.model_config, raw)],
+                                           tok_params)
     return engine_input
 
 
 def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
-                chat_template: str | None = None):
+                chat_template: str | None, options, tok_params):
     """`chat_template`: a request's own template, which the daemon passes
     only where the operator trusts request templates. wcd's own arguments are
     set after the request's template variables and win: vLLM's merge_kwargs
@@ -855,11 +874,14 @@ def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
         chat_template=chat_template,
         chat_template_content_format="auto",
         chat_template_kwargs={
-            **variables, "add_generation_prompt": True, "continue_final_message": False,
+            **variables, "add_generation_prompt": options.add_generation_prompt,
+            "continue_final_message": options.continue_final_message,
             "tokenize": is_mistral_tokenizer(renderer.tokenizer)
-            or engine.model_config.enable_prompt_embeds},
+            or engine.model_config.enable_prompt_embeds,
+            # Absent rather than None: templates test `tools is defined`.
+            **{key: value for key, value in (("tools", options.tools),
+                                             ("documents", options.documents))
+               if value is not None}},
     )
-    # The chat template emits BOS/EOS itself, as in LLM.chat.
-    tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
     _, (engine_input,) = renderer.render_chat([messages], chat_params, tok_params)
     return engine_input
