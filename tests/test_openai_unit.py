@@ -625,7 +625,6 @@ async def test_a_body_not_json_is_vllms_400(path, content_type):
     (b'[1, 2]', None),
     ({"model": "demo", "prompt": "hi", "n": "2"}, "n"),
     ({"model": "demo", "prompt": "hi", "temperature": "hot"}, "temperature"),
-    ({"prompt": "hi"}, "model"),
     ({"model": "demo", "prompt": "hi", "suffix": "end"}, "suffix"),
     ({"model": "demo", "prompt": "hi", "best_of": 3}, "best_of"),
     ({"model": "demo", "prompt": "hi", "frobnicate": 1}, "frobnicate"),
@@ -1341,3 +1340,13 @@ async def test_prompt_logprobs_refusals_are_vllms(extra, message):
                                        {"model": "demo", "prompt": "hi", **extra})
     assert (status, answer["error"]["message"]) == (400, message)
     assert not scheduler.leased
+
+
+@run_async
+async def test_a_request_without_a_model_goes_to_the_one_served():
+    """As vLLM's one-model server takes its model for a request naming none."""
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions", {"prompt": "hi"})
+    assert status == 200, answer
+    assert scheduler.worker.requests[-1].model == "demo"

@@ -98,6 +98,30 @@ CHATS = {
                                                 "continue_final_message": True},
 }
 
+# Whole bodies: no sampling fields, which these endpoints do not take.
+OTHERS = {
+    ("/tokenize", "prompt"): {"model": "small-a", "prompt": "hello world"},
+    ("/tokenize", "prompt, token strings, no special tokens"): {
+        "model": "small-a", "prompt": "hello world", "return_token_strs": True,
+        "add_special_tokens": False},
+    ("/tokenize", "messages"): {"model": "small-a", "messages": HI},
+    ("/tokenize", "messages continued"): {"model": "small-a", "messages": CONTINUED,
+                                          "add_generation_prompt": False,
+                                          "continue_final_message": True},
+    ("/tokenize", "without a model"): {"prompt": "hello"},
+    ("/tokenize", "both generation prompt and continuation"): {
+        "model": "small-a", "messages": HI, "continue_final_message": True},
+    ("/tokenize", "unknown model"): {"model": "nope", "prompt": "hello"},
+    ("/detokenize", "tokens"): {"model": "small-a", "tokens": [341, 383, 921, 272]},
+    ("/detokenize", "without a model"): {"tokens": [341, 383]},
+    ("/invocations", "completion"): {"model": "small-a", "prompt": "hello world",
+                                     "max_tokens": 3, "temperature": 0},
+    ("/invocations", "chat"): {"model": "small-a", "messages": HI, "max_tokens": 3,
+                               "temperature": 0},
+    ("/v1/completions", "without a model"): {"prompt": "hello world", "max_tokens": 3,
+                                             "temperature": 0},
+}
+
 
 @pytest.fixture(scope="module")
 def vllm_url(demo_models, tmp_path_factory):
@@ -140,17 +164,20 @@ def _wait_ready(url: str, server: subprocess.Popen, log_path) -> None:
 
 @pytest.fixture(scope="module")
 def wcd_url(demo_models, tmp_path_factory):
+    # small-a alone, as vLLM serves it: refusals name the models served.
     with serving(tmp_path_factory.mktemp("wcd"), demo_models,
+                 models={"small-a": {"path": str(demo_models / "small-a")}},
                  policy={**POLICY, "max_resident": 1}) as daemon:
         yield daemon.url
 
 
 @pytest.mark.parametrize("path, name", [
     *(("/v1/completions", name) for name in COMPLETIONS),
-    *(("/v1/chat/completions", name) for name in CHATS)])
+    *(("/v1/chat/completions", name) for name in CHATS),
+    *OTHERS])
 def test_answers_as_vllm_serve(vllm_url, wcd_url, path, name):
-    body = {"model": "small-a", **GREEDY,
-            **(COMPLETIONS if path == "/v1/completions" else CHATS)[name]}
+    body = OTHERS.get((path, name)) or {
+        "model": "small-a", **GREEDY, **(COMPLETIONS if path == "/v1/completions" else CHATS)[name]}
     expected, got = _answer(vllm_url, path, body), _answer(wcd_url, path, body)
     assert got[0] == expected[0], (expected, got)
     if expected[0] == 200:

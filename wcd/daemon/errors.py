@@ -75,8 +75,10 @@ class VllmModelNotFound(ModelNotFound):
 
     type = "NotFoundError"
 
-    def __init__(self, model: str):
-        super().__init__(f"The model `{model}` does not exist.", param="model")
+    def __init__(self, model: str, aliases: list[str] | None = None):
+        # vLLM's tokenizer endpoints name the models that do exist.
+        valid = "" if aliases is None else f" Valid aliases: {', '.join(aliases)}."
+        super().__init__(f"The model `{model}` does not exist.{valid}", param="model")
 
 
 class ModelUnusable(WcdError):

@@ -26,7 +26,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +88,11 @@ def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None, *,
     app.router.add_get("/v1/models/{id:.+}", api.get_model)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat_completions)
+    app.router.add_post("/tokenize", api.tokenize)
+    app.router.add_post("/detokenize", api.detokenize)
+    # SageMaker's routes, which vLLM's server has too.
+    app.router.add_post("/invocations", api.invocations)
+    app.router.add_route("*", "/ping", _ping)
     return app
 
 
@@ -127,6 +132,10 @@ def _authorized(request: web.Request, keys: tuple[str, ...]) -> str | None:
 
 
 # ---- open endpoints ---------------------------------------------------------------
+
+
+async def _ping(request: web.Request) -> web.Response:
+    return web.Response()
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -289,27 +298,83 @@ class _Api:
                 allowed.add(self.scheduler.resolve_name(name))
         return frozenset(allowed)
 
-    def _permitted(self, request: web.Request, model: str) -> str:
+    def _permitted(self, request: web.Request, model: str, name_valid: bool = False) -> str:
         """The canonical name of `model`, which the request's key must be
         allowed; to a key that is not, the model does not exist (as OpenAI
-        answers)."""
+        answers). `name_valid`: the refusal names the models that exist."""
         allowed = self._allowed(request)
         try:
             name = self.scheduler.resolve_name(model)
         except errors.ModelNotFound:
             name = None  # a limited key gets one answer, whether the model exists or not
         if name is None or (allowed is not None and name not in allowed):
-            raise errors.VllmModelNotFound(model)
+            valid = [v["name"] for v in self.scheduler.model_views()
+                     if allowed is None or v["name"] in allowed] if name_valid else None
+            raise errors.VllmModelNotFound(model, valid)
         return name
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        http = self.scheduler.settings.http
+        body = await self._body(request, t.TokenizeRequest)
+        body.check()
+        template = body.template(http.trust_request_chat_template)
+        self._permitted(request, body.model, name_valid=True)
+        async with self.scheduler.lease(body.model) as lease:
+            done = await _asked(lease.worker.tokenize(
+                lease.model, body.prompt_input(), render=body.render(),
+                chat_template_kwargs=body.template_kwargs(), chat_template=template,
+                return_token_strs=bool(body.return_token_strs)))
+        return _json(t.TokenizeResponse(count=len(done.token_ids),
+                                        max_model_len=done.max_model_len,
+                                        tokens=done.token_ids, token_strs=done.token_strs))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await self._body(request, t.DetokenizeRequest)
+        self._permitted(request, body.model, name_valid=True)
+        async with self.scheduler.lease(body.model) as lease:
+            done = await _asked(lease.worker.detokenize(lease.model, body.tokens))
+        return _json(t.DetokenizeResponse(prompt=done.text))
+
+    async def invocations(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's SageMaker entry point: the endpoint the body's shape names."""
+        try:
+            keys = msgspec.json.decode(await request.read(), type=dict[str, msgspec.Raw])
+        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+            keys = {}
+        if "messages" in keys:
+            return await self.chat_completions(request)
+        if "prompt" in keys:
+            return await self.completions(request)
+        raise errors.VllmBadRequest("Cannot find suitable handler for request. Expected one "
+                                    "of: ['ChatCompletionRequest', 'CompletionRequest']")
+
+    async def _body(self, request: web.Request, shape: type):
+        """The request decoded as `shape`, the default model where it names none."""
+        if request.content_type != "application/json":
+            raise errors.UnsupportedMediaType()
+        body = await _decode(request, shape, self.scheduler.settings.http)
+        if body.model is None:
+            body.model = self._default_model()
+        return body
+
+    def _default_model(self) -> str:
+        """What vLLM's one-model server takes for a request without `model`:
+        here the one model served, else the first preloaded."""
+        serving = {v["name"] for v in self.scheduler.model_views() if v["state"] == "serving"}
+        if len(serving) == 1:
+            return serving.pop()
+        if self.scheduler.settings.preload:
+            return self.scheduler.settings.preload[0]
+        raise errors.BadRequest("model is required: this server serves several models",
+                                param="model")
 
     async def _timed(self, request: web.Request, shape: type, prefix: str,
                      format_: type) -> web.StreamResponse:
         timer = self.metrics.request_timer()
         try:
             http = self.scheduler.settings.http
-            if request.content_type != "application/json":
-                raise errors.UnsupportedMediaType()
-            job = _Job.of(await _decode(request, shape, http), prefix, http)
+            body = await self._body(request, shape)
+            job = _Job.of(body, prefix, http)
             self._permitted(request, job.model)
             response = await self._serve(request, job, format_(job), timer)
         except asyncio.CancelledError:
@@ -430,6 +495,15 @@ def _validation_problem(message: str) -> tuple[str, str | None]:
     if named.group(1) == "contains unknown":
         return f"unsupported field `{path}`", path
     return f"missing required field `{path}`", path
+
+
+async def _asked(answer: Awaitable[Any]) -> Any:
+    """A worker's answer to a question (tokenize, detokenize); its failures
+    come out as WcdErrors."""
+    try:
+        return await answer
+    except WorkerError as exc:
+        raise errors.from_worker(exc.error) from None
 
 
 async def _outputs(worker, request: p.Generate) -> AsyncIterator[p.Output]:

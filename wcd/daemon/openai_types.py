@@ -87,7 +87,9 @@ class JsonSchemaFormat(_Request, tag_field="type", tag="json_schema"):
 class _Sampling(_Request, kw_only=True):
     """Fields both endpoints share."""
 
-    model: str
+    # Optional as in vLLM, whose server then uses its one model: wcd's default
+    # model (openai_api) stands in.
+    model: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
@@ -392,23 +394,10 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             raise errors.BadRequest("only text output is supported", param="modalities")
         if self.top_logprobs and not self.logprobs:
             raise errors.BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-        reserved = sorted(p.RESERVED_CHAT_TEMPLATE_KWARGS.intersection(
-            self.chat_template_kwargs or ()) - {"chat_template"})
-        if reserved:
-            raise errors.BadRequest(f"chat_template_kwargs may not set {reserved[0]!r}: wcd "
-                                    "sets it", param=f"chat_template_kwargs.{reserved[0]}")
+        _check_template_kwargs(self.chat_template_kwargs)
 
     def template(self, trusted: bool) -> str | None:
-        """The request's own chat template, refused unless the operator trusts
-        request templates, as vLLM's --trust-request-chat-template does."""
-        template = (self.chat_template_kwargs or {}).get("chat_template", self.chat_template)
-        if template is not None and not trusted:
-            raise errors.BadRequest(
-                "a chat template was passed with the request, but "
-                "http.trust_request_chat_template is not set: refused", param="chat_template")
-        if template is not None and not isinstance(template, str):
-            raise errors.BadRequest("chat_template must be a string", param="chat_template")
-        return template
+        return _request_template(self.chat_template, self.chat_template_kwargs, trusted)
 
     def sampling(self) -> dict[str, Any]:
         params = super().sampling()
@@ -433,6 +422,77 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             kwargs["reasoning_effort"] = self.reasoning_effort
             kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
         return kwargs
+
+
+def _check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
+    reserved = sorted(p.RESERVED_CHAT_TEMPLATE_KWARGS.intersection(kwargs or ())
+                      - {"chat_template"})
+    if reserved:
+        raise errors.BadRequest(f"chat_template_kwargs may not set {reserved[0]!r}: wcd "
+                                "sets it", param=f"chat_template_kwargs.{reserved[0]}")
+
+
+def _request_template(template: str | None, kwargs: dict[str, Any] | None,
+                      trusted: bool) -> str | None:
+    """A request's own chat template, refused unless the operator trusts
+    request templates, as vLLM's --trust-request-chat-template does."""
+    template = (kwargs or {}).get("chat_template", template)
+    if template is not None and not trusted:
+        raise errors.BadRequest(
+            "a chat template was passed with the request, but "
+            "http.trust_request_chat_template is not set: refused", param="chat_template")
+    if template is not None and not isinstance(template, str):
+        raise errors.BadRequest("chat_template must be a string", param="chat_template")
+    return template
+
+
+class TokenizeRequest(_Request, kw_only=True):
+    """vLLM's /tokenize request: a completion's prompt or a chat's messages."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    # None: added to a prompt, not to messages (the template writes them).
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise errors.BadRequest("give either prompt or messages", param="prompt")
+        for name in ("media_io_kwargs", "mm_processor_kwargs"):
+            if getattr(self, name):
+                raise errors.BadRequest(f"{name} is not supported", param=name)
+        _check_template_kwargs(self.chat_template_kwargs)
+
+    def template(self, trusted: bool) -> str | None:
+        return _request_template(self.chat_template, self.chat_template_kwargs, trusted)
+
+    def prompt_input(self) -> p.Prompt:
+        if self.messages is not None:
+            return p.Prompt(messages=msgspec.to_builtins(self.messages))
+        return p.Prompt(prompt=self.prompt)
+
+    def render(self) -> p.RenderOptions:
+        return p.RenderOptions(add_special_tokens=self.add_special_tokens,
+                               add_generation_prompt=self.add_generation_prompt,
+                               continue_final_message=self.continue_final_message,
+                               tools=self.tools)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in (self.chat_template_kwargs or {}).items()
+                if k != "chat_template"}
+
+
+class DetokenizeRequest(_Request, kw_only=True):
+    model: str | None = None
+    tokens: list[Annotated[int, Meta(ge=0, le=2 ** 63 - 1)]]
 
 
 # ---- responses ------------------------------------------------------------------
@@ -641,6 +701,17 @@ class ErrorDetail(Struct, kw_only=True):
 
 class ErrorResponse(Struct, kw_only=True):
     error: ErrorDetail
+
+
+class TokenizeResponse(Struct, kw_only=True):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(Struct, kw_only=True):
+    prompt: str
 
 
 class Version(Struct, kw_only=True):

@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from wcd.workers import protocol as p
 
@@ -150,7 +151,8 @@ class WorkerProcess:
             queue = self._requests.get(event.request_id)
             if queue is not None:
                 queue.put_nowait(event)
-        elif isinstance(event, (p.Phase, p.OpDone, p.OpFailed, p.Stats)):
+        elif isinstance(event, (p.Phase, p.OpDone, p.OpFailed, p.Stats, p.Tokenized,
+                                p.Detokenized)):
             queue = self._ops.get(event.op_id)
             if queue is not None:
                 queue.put_nowait(event)
@@ -211,6 +213,15 @@ class WorkerProcess:
     async def stats(self) -> p.Stats:
         op_id = next(self._op_ids)
         return await self._operation(op_id, p.GetStats(op_id), None)
+
+    async def tokenize(self, model: str, prompt: p.Prompt, **options: Any) -> p.Tokenized:
+        """`options`: the other fields of protocol.Tokenize."""
+        op_id = next(self._op_ids)
+        return await self._operation(op_id, p.Tokenize(op_id, model, prompt, **options), None)
+
+    async def detokenize(self, model: str, token_ids: list[int]) -> p.Detokenized:
+        op_id = next(self._op_ids)
+        return await self._operation(op_id, p.Detokenize(op_id, model, token_ids), None)
 
     async def _operation(self, op_id: int, command: p.Command,
                          on_phase: Callable[[p.Phase], None] | None):

@@ -639,46 +639,53 @@ class EngineHost:
 
     # ---- requests ----------------------------------------------------------------
 
+    def _resident(self, name: str) -> Served:
+        served = self.residents.get(name)
+        if served is None:
+            raise ModelError(p.NOT_LOADED, f"model {name!r} is not served by this "
+                                           f"worker (residents: {self.models})")
+        return served
+
     def add(self, request: p.Generate) -> None:
         """Add every prompt of `request` to its model's engine, or none of them.
         A suspended resident takes them too: they wait for its resume."""
-        served = self.residents.get(request.model)
-        if served is None:
-            raise ModelError(p.NOT_LOADED, f"model {request.model!r} is not served by this "
-                                           f"worker (residents: {self.models})")
+        served = self._resident(request.model)
         if not request.prompts:
             raise ModelError(p.BAD_ARGS, "a request needs at least one prompt")
         added: list[str] = []
         try:
-            sampling = {**served.sampling_defaults, **request.sampling}
-            params = _sampling_params(sampling)
-            params.output_kind = RequestOutputKind.DELTA
-            for index, prompt in enumerate(request.prompts):
-                engine_input = self._render(served.engine, request, prompt)
-                prompt_params = params.clone()
-                _fit_max_tokens(served.engine.model_config, served.sampling_defaults,
-                                engine_input, prompt_params, request.sampling.get("max_tokens"))
-                sub_id = served.requests.add(request.request_id, index, request.return_prompt)
-                added.append(sub_id)
-                served.engine.add_request(sub_id, engine_input, prompt_params)
-        except BaseException as exc:
+            with _as_bad_args():
+                sampling = {**served.sampling_defaults, **request.sampling}
+                params = _sampling_params(sampling)
+                params.output_kind = RequestOutputKind.DELTA
+                for index, prompt in enumerate(request.prompts):
+                    engine_input = self._render(served.engine, request, prompt)
+                    prompt_params = params.clone()
+                    _fit_max_tokens(served.engine.model_config, served.sampling_defaults,
+                                    engine_input, prompt_params,
+                                    request.sampling.get("max_tokens"))
+                    sub_id = served.requests.add(request.request_id, index,
+                                                 request.return_prompt)
+                    added.append(sub_id)
+                    served.engine.add_request(sub_id, engine_input, prompt_params)
+        except BaseException:
             if added:
                 served.engine.abort_request(added)
             served.requests.forget(request.request_id)
-            if isinstance(exc, RenderTimeout):
-                raise ModelError(p.BAD_ARGS, str(exc)) from None
-            if isinstance(exc, ModelError) or not isinstance(exc, Exception):
-                raise
-            raise ModelError(p.BAD_ARGS, _first_line(exc)) from exc
+            raise
 
     def _render(self, engine: LLMEngine, request: p.Generate, prompt: p.Prompt):
         """The prompt as vLLM's OpenAI server renders it, with the request's
         tokenization and chat options."""
-        chat = prompt.messages is not None
-        tok_params = vllm_seams.tokenize_params(engine, request.render, chat,
+        tok_params = vllm_seams.tokenize_params(engine, request.render,
+                                                prompt.messages is not None,
                                                 detokenize=request.return_prompt)
+        return self._render_with(engine, prompt, request, tok_params)
+
+    def _render_with(self, engine: LLMEngine, prompt: p.Prompt,
+                     request: p.Generate | p.Tokenize, tok_params):
         with self._bounded("render"):
-            if chat:
+            if prompt.messages is not None:
                 return vllm_seams.render_chat(engine, prompt.messages,
                                               request.chat_template_kwargs,
                                               request.chat_template, request.render, tok_params)
@@ -686,6 +693,24 @@ class EngineHost:
             if text_or_ids is not None:
                 return vllm_seams.render_completion(engine, text_or_ids, tok_params)
         raise ModelError(p.BAD_ARGS, "one of prompt, prompt_token_ids, messages is required")
+
+    def tokenize(self, command: p.Tokenize) -> p.Tokenized:
+        """vLLM's /tokenize: the prompt rendered as for generation, with no
+        context limit; a suspended resident answers too (its tokenizer stays)."""
+        engine = self._resident(command.model).engine
+        tok_params = vllm_seams.tokenize_only_params(command.render,
+                                                     command.prompt.messages is not None)
+        with _as_bad_args():
+            token_ids = list(self._render_with(engine, command.prompt, command, tok_params)
+                             ["prompt_token_ids"])
+            strs = engine.renderer.tokenizer.convert_ids_to_tokens(token_ids) \
+                if command.return_token_strs else None
+        return p.Tokenized(command.op_id, token_ids, engine.model_config.max_model_len, strs)
+
+    def detokenize(self, command: p.Detokenize) -> p.Detokenized:
+        engine = self._resident(command.model).engine
+        with _as_bad_args():
+            return p.Detokenized(command.op_id, vllm_seams.detokenize(engine, command.token_ids))
 
     def has_work(self, names: list[str] | None = None) -> bool:
         """Whether a resident (of `names`, if given) has requests to step:
@@ -831,6 +856,19 @@ def _logprobs(completion) -> list[dict[str, Any]] | None:
                     for tid, lp in sorted(top.items(), key=lambda kv: kv[1].rank or 0)],
         })
     return entries
+
+
+@contextlib.contextmanager
+def _as_bad_args() -> Iterator[None]:
+    """A request vLLM's renderer or tokenizer refuses is the client's error."""
+    try:
+        yield
+    except RenderTimeout as exc:
+        raise ModelError(p.BAD_ARGS, str(exc)) from None
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(p.BAD_ARGS, _first_line(exc)) from exc
 
 
 def _reload_from_files(worker, path: str, root: str) -> None:

@@ -151,8 +151,19 @@ class Worker:
             self._unload(command)
         elif isinstance(command, p.Suspend):
             self._suspend(command)
+        elif isinstance(command, (p.Tokenize, p.Detokenize)):
+            self._tokenize(command)
         elif isinstance(command, p.GetStats):
             self.channel.send(self._stats(command.op_id))
+
+    def _tokenize(self, command: p.Tokenize | p.Detokenize) -> None:
+        from wcd.workers.engine import ModelError
+
+        answer = self.host.tokenize if isinstance(command, p.Tokenize) else self.host.detokenize
+        try:
+            self.channel.send(answer(command))
+        except ModelError as exc:
+            self.channel.send(p.OpFailed(command.op_id, exc.info(), self._residents()))
 
     def _generate(self, command: p.Generate) -> None:
         from wcd.workers.engine import ModelError
@@ -218,9 +229,9 @@ class Worker:
                 return
             if isinstance(command, p.Abort) and command.request_id in self.inflight:
                 self._abort([command.request_id], reason=None)
-            elif isinstance(command, p.Generate) and command.model not in leaving and \
-                    command.model in self.host.residents:
-                self._generate(command)
+            elif isinstance(command, (p.Generate, p.Tokenize, p.Detokenize)) and \
+                    command.model not in leaving and command.model in self.host.residents:
+                self.handle(command)
             else:
                 # An Abort of a deferred Generate is deferred behind it.
                 self.deferred.append(command)

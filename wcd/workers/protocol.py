@@ -140,6 +140,28 @@ class Generate(msgspec.Struct, tag="generate", frozen=True):
     return_prompt: bool = False
 
 
+class Tokenize(msgspec.Struct, tag="tokenize", frozen=True):
+    """A prompt to tokens as `model` renders it, without generating: vLLM's
+    /tokenize. Answered by `Tokenized`, or `OpFailed`."""
+
+    op_id: int
+    model: str
+    prompt: Prompt
+    render: RenderOptions = RenderOptions()
+    chat_template_kwargs: dict[str, Any] = {}
+    chat_template: str | None = None
+    return_token_strs: bool = False
+
+
+class Detokenize(msgspec.Struct, tag="detokenize", frozen=True):
+    """Token ids to text with `model`'s tokenizer: vLLM's /detokenize.
+    Answered by `Detokenized`, or `OpFailed`."""
+
+    op_id: int
+    model: str
+    token_ids: list[int]
+
+
 class Abort(msgspec.Struct, tag="abort", frozen=True):
     request_id: str
 
@@ -158,7 +180,8 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     pass
 
 
-Command = Union[Swap, Unload, Suspend, Generate, Abort, GetStats, Ping, Shutdown]
+Command = Union[Swap, Unload, Suspend, Generate, Tokenize, Detokenize, Abort, GetStats, Ping,
+                Shutdown]
 
 
 # ---- events: worker -> daemon ---------------------------------------------------
@@ -289,6 +312,18 @@ class RequestFailed(msgspec.Struct, tag="request_failed", frozen=True):
     error: ErrorInfo
 
 
+class Tokenized(msgspec.Struct, tag="tokenized", frozen=True):
+    op_id: int
+    token_ids: list[int]
+    max_model_len: int
+    token_strs: list[str] | None = None
+
+
+class Detokenized(msgspec.Struct, tag="detokenized", frozen=True):
+    op_id: int
+    text: str
+
+
 class Stats(msgspec.Struct, tag="stats", frozen=True):
     op_id: int
     pid: int
@@ -298,7 +333,8 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     device_allocated_bytes: int
 
 
-Event = Union[Ready, Pong, Phase, OpDone, OpFailed, Outputs, RequestFailed, Stats]
+Event = Union[Ready, Pong, Phase, OpDone, OpFailed, Outputs, RequestFailed, Tokenized,
+              Detokenized, Stats]
 
 SWAP_PHASES = ("resolve", "drain", "release", "fetch", "build", "warm", "ready")
 

@@ -844,6 +844,25 @@ def tokenize_params(engine, options, chat: bool, detokenize: bool):
     return dataclasses.replace(default, max_total_tokens_param="max_model_len", **overrides)
 
 
+def tokenize_only_params(options, chat: bool, detokenize: bool = False):
+    """vLLM's /tokenize and /detokenize TokenizeParams: no context limit,
+    since nothing is generated."""
+    from vllm.renderers.params import TokenizeParams
+
+    add_special = options.add_special_tokens
+    return TokenizeParams(max_total_tokens=None, max_output_tokens=0,
+                          add_special_tokens=(not chat) if add_special is None else add_special,
+                          needs_detokenization=detokenize)
+
+
+def detokenize(engine, token_ids: list[int]) -> str:
+    """Token ids to text as vLLM's /detokenize does it."""
+    from wcd.workers.protocol import RenderOptions
+
+    tok_params = tokenize_only_params(RenderOptions(), chat=False, detokenize=True)
+    return engine.renderer.tokenize_prompt({"prompt_token_ids": token_ids}, tok_params)["prompt"]
+
+
 def render_completion(engine, prompt: str | list[int], tok_params):
     """A text or token-id prompt as vLLM's completions server renders it."""
     from vllm.renderers.inputs.preprocess import parse_model_prompt
