@@ -5,6 +5,7 @@ values a request's Outputs give them."""
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 
 import prometheus_client
@@ -23,7 +24,7 @@ PER_REQUEST = ("vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_suc
                "vllm:request_max_num_generation_tokens", "vllm:request_params_n",
                "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
                "vllm:request_time_per_output_token_seconds", "vllm:e2e_request_latency_seconds")
-GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 TOKEN_COUNTS = ("vllm:request_prompt_tokens", "vllm:request_generation_tokens",
                 "vllm:request_max_num_generation_tokens")
 
@@ -72,10 +73,12 @@ def _run(metrics: Metrics, outputs: list[p.Output], outcome: str = "200",
 
 def _served(metrics: Metrics) -> Metrics:
     metrics.track(lambda: 3, lambda: [
-        {"model": MODEL, "worker": 0, "state": "serving", "bytes": 1, "running": 2, "waiting": 3},
-        {"model": MODEL, "worker": 1, "state": "serving", "bytes": 1, "running": 1, "waiting": 3},
+        {"model": MODEL, "worker": 0, "state": "serving", "bytes": 1, "running": 2, "waiting": 3,
+         "kv_usage": 0.25},
+        {"model": MODEL, "worker": 1, "state": "serving", "bytes": 1, "running": 1, "waiting": 3,
+         "kv_usage": 0.5},
         {"model": "small-b", "worker": 1, "state": "draining", "bytes": 1, "running": 0,
-         "waiting": 0}], lambda: 0, lambda: {MODEL: 3, "wide-a": 2})
+         "waiting": 0, "kv_usage": 0.0}], lambda: 0, lambda: {MODEL: 3, "wide-a": 2})
     return metrics
 
 
@@ -124,6 +127,10 @@ def test_gauges_per_model():
     assert _value(families, waiting, waiting, model_name=MODEL, engine="0") == 3
     assert _value(families, running, running, model_name="small-b") == 0
     assert _value(families, waiting, waiting, model_name="small-b") == 0
+    # On two workers: as full as the fuller.
+    usage = "vllm:kv_cache_usage_perc"
+    assert _value(families, usage, usage, model_name=MODEL, engine="0") == 0.5
+    assert _value(families, usage, usage, model_name="small-b", engine="0") == 0
     # A model no worker has yet: its queue counts too.
     assert _value(families, waiting, waiting, model_name="wide-a", engine="0") == 2
 
@@ -169,13 +176,34 @@ def test_an_abandoned_request_counts_its_tokens_not_a_success():
     assert _value(f, "wcd_requests", "wcd_requests_total", outcome="client_gone") == 1
 
 
+def _scrape(url: str) -> dict:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        return {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+
+def _poll(url: str, done, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        families = _scrape(url)
+        if done(families) or time.monotonic() > deadline:
+            return families
+        time.sleep(0.1)
+
+
 def test_a_daemon_serves_them(tmp_path, demo_models):
-    with serving(tmp_path, demo_models) as daemon:
-        reply = openai_client(daemon).completions.create(
-            model=MODEL, prompt="hello world", n=2, max_tokens=4, seed=0)
-        with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as response:
-            f = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
     model = {"model_name": MODEL, "engine": "0"}
+    usage = "vllm:kv_cache_usage_perc"
+    with serving(tmp_path, demo_models) as daemon:
+        client = openai_client(daemon)
+        reply = client.completions.create(
+            model=MODEL, prompt="hello world", n=2, max_tokens=4, seed=0)
+        f = _scrape(daemon.url)
+        # A long generation holds KV blocks, which the worker's health reports show.
+        with client.completions.create(model=MODEL, prompt="hello world", max_tokens=400,
+                                       stream=True, extra_body={"ignore_eos": True}) as stream:
+            next(iter(stream))
+            busy = _poll(daemon.url, lambda f: _value(f, usage, usage, **model) > 0)
+    assert 0 < _value(busy, usage, usage, **model) <= 1
     reasons = [c.finish_reason for c in reply.choices]
     for reason in set(reasons):
         assert _value(f, "vllm:request_success", "vllm:request_success_total",

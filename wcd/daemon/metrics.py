@@ -281,14 +281,19 @@ def _vllm_gauges(resident: list[dict], waiting_for: dict[str, int]):
     """vLLM's scheduler gauges, per model: running across the workers serving
     it, waiting whether or not a worker has it yet (a cold model's queue)."""
     running: dict[str, int] = {}
+    kv_usage: dict[str, float] = {}
     for r in resident:
         running[r["model"]] = running.get(r["model"], 0) + r["running"]
+        # A model on several workers is as full as its fullest KV cache.
+        kv_usage[r["model"]] = max(kv_usage.get(r["model"], 0.0), r["kv_usage"])
     waiting = {**dict.fromkeys(running, 0), **waiting_for}
     for name, doc, counts in (
             ("vllm:num_requests_running", "Number of requests in model execution batches.",
              running),
             ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-             waiting)):
+             waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+             kv_usage)):
         family = GaugeMetricFamily(name, doc, labels=VLLM_LABELS)
         for model, count in counts.items():
             family.add_metric([model, VLLM_ENGINE], count)

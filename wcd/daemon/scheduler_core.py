@@ -68,6 +68,7 @@ class Resident:
     active: int = 0  # leases held on it
     running: int = 0  # its requests in the engine, at the last health report
     bytes: int = 0  # footprint, as the worker last reported it
+    kv_usage: float = 0.0  # fraction of its KV cache in use, likewise
     loaded_at: float = 0.0  # when it last began serving (loaded or resumed)
     last_used: float = 0.0
     generation: int = 0  # leases of an earlier generation count no more
@@ -601,6 +602,7 @@ def _reconcile(state: State, worker: Worker, reported: list[p.Resident], now: fl
 def _measure(state: State, resident: Resident, report: p.Resident) -> None:
     resident.bytes = report.bytes
     resident.running = report.running
+    resident.kv_usage = report.kv_usage
     if report.bytes <= 0:
         return
     if report.suspended:

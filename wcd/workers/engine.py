@@ -127,6 +127,7 @@ class Served:
     weight_bytes: int = 0
     kv_bytes: int = 0  # while suspended: the blocks kept, where they take the device's memory
     kept_bytes: int = 0  # the KV blocks kept in host memory while suspended
+    kv_usage: float = 0.0  # after its last step, published for health reports
     workspace: Any = None  # vLLM's workspace manager made by its build (vllm_seams)
 
     @property
@@ -178,6 +179,12 @@ class EngineHost:
 
     def report(self) -> list[p.Resident]:
         return [served.resident() for served in self.residents.values()]
+
+    def kv_usage(self, name: str) -> float:
+        """Any thread: a resident's KV cache usage after its last step (0
+        while suspended, its KV cache released, or gone)."""
+        served = self.residents.get(name)
+        return 0.0 if served is None or served.suspended else served.kv_usage
 
     # ---- swap ------------------------------------------------------------------
 
@@ -733,6 +740,7 @@ class EngineHost:
                 vllm_seams.use_workspace(served.workspace)
                 with self._bounded("step"):
                     outputs = served.engine.step()
+                served.kv_usage = vllm_seams.kv_cache_usage(served.engine)
                 return [out for ro in outputs
                         for out in served.requests.outputs(ro, served.engine)]
         return []

@@ -117,10 +117,13 @@ class Worker:
                                  self._device_bytes(), self.parked))
 
     def _residents(self) -> list[p.Resident]:
-        """The published residents with their requests in flight now. Either
-        thread: dict.copy() of str keys runs under the GIL in one piece."""
+        """The published residents with their requests in flight and KV cache
+        usage now. Either thread: dict.copy() of str keys runs under the GIL
+        in one piece, and the usage is a float the main thread sets."""
         running = collections.Counter(self.inflight.copy().values())
-        return [msgspec.structs.replace(r, running=running[r.name]) for r in self.residents]
+        return [msgspec.structs.replace(r, running=running[r.name],
+                                        kv_usage=self.host.kv_usage(r.name))
+                for r in self.residents]
 
     # ---- main thread ---------------------------------------------------------------
 

@@ -215,12 +215,14 @@ class Resident(msgspec.Struct, frozen=True):
     weights plus its KV cache (while suspended: its weights, plus its kept
     blocks on CPU, plus the KV cache where CUDA graphs hold its addresses);
     `running`: its requests in the engine; `suspended`: by Suspend, waiting
-    for a Swap to resume it."""
+    for a Swap to resume it; `kv_usage`: the fraction of its KV cache blocks
+    in use (vLLM's kv_cache_usage_perc)."""
 
     name: str
     bytes: int
     running: int = 0
     suspended: bool = False
+    kv_usage: float = 0.0
 
 
 class Pong(msgspec.Struct, tag="pong", frozen=True):

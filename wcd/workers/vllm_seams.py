@@ -388,6 +388,12 @@ def _worker_parameter_bytes(worker) -> int | None:
 # only not stepped, which is exact too. No case needs preemption by recompute.
 
 
+def kv_cache_usage(engine) -> float:
+    """The fraction of `engine`'s KV cache blocks in use, as vLLM's stat
+    logger reports it."""
+    return engine.engine_core.engine_core.scheduler.kv_cache_manager.usage
+
+
 def finish_batches_in_flight(engine) -> list:
     """Step `engine` without scheduling until no batch is in flight; returns
     the RequestOutputs those steps made."""
@@ -687,11 +693,32 @@ def check() -> None:
     if "_bytecode_hook_handle" not in inspect.getsource(TorchCompileWithNoGuardsWrapper):
         raise SeamBroken("compiled modules no longer keep _bytecode_hook_handle "
                          "(unpin_compiled_model)")
+    _check_rendering()
     from torch._dynamo import convert_frame
 
     if not isinstance(getattr(convert_frame, "_bytecode_hooks", None), dict):
         raise SeamBroken("torch._dynamo no longer keeps its bytecode hooks in _bytecode_hooks "
                          "(unpin_orphaned_models)")
+
+
+def _check_rendering() -> None:
+    import dataclasses
+
+    from vllm.renderers.base import BaseRenderer
+    from vllm.renderers.params import TokenizeParams
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    fields = {f.name for f in dataclasses.fields(TokenizeParams)}
+    missing = {"add_special_tokens", "truncate_prompt_tokens", "truncation_side",
+               "needs_detokenization", "max_total_tokens_param"} - fields
+    if missing:
+        raise SeamBroken(f"TokenizeParams has no {sorted(missing)} (tokenize_params)")
+    for name in ("render_cmpl", "render_chat", "tokenize_prompt", "default_cmpl_tok_params",
+                 "default_chat_tok_params"):
+        if not hasattr(BaseRenderer, name):
+            raise SeamBroken(f"the renderer has no {name} (render_completion, render_chat)")
+    if not isinstance(getattr(KVCacheManager, "usage", None), property):
+        raise SeamBroken("KVCacheManager.usage is gone (kv_cache_usage)")
 
 
 def _ignored_hash_factors() -> str:
@@ -822,9 +849,10 @@ def switch_frontend(engine, vllm_config) -> None:
     engine.model_config = vllm_config.model_config
 
 
-# vllm 0.32: the prompt rendering of LLM.generate / LLM.chat
-# (vllm/entrypoints/common/offline.py, _preprocess_cmpl / _preprocess_chat), so
-# a prompt served by wcd becomes exactly the tokens vLLM's own offline API makes.
+# vllm 0.32 / 0.26: the prompt rendering of vLLM's OpenAI server (the
+# renderer's render_cmpl / render_chat with the TokenizeParams its requests'
+# build_tok_params make, and /tokenize's and /detokenize's), so a prompt
+# served by wcd becomes exactly the tokens `vllm serve` makes of it.
 
 
 def tokenize_params(engine, options, chat: bool, detokenize: bool):
