@@ -70,6 +70,9 @@ COMPLETIONS = {
     "truncation past the context": {"prompt": "hello", "max_tokens": 3,
                                     "truncate_prompt_tokens": 100000},
     "empty prompt": {"prompt": "", "max_tokens": 3},
+    "suffix": {"prompt": "hello", "max_tokens": 3, "suffix": "world"},
+    # vLLM 0.32 ignores best_of.
+    "best_of": {"prompt": "hello", "max_tokens": 3, "best_of": 3},
 }
 CHATS = {
     "plain": {"messages": HI, "max_tokens": 4},

@@ -241,6 +241,7 @@ class CompletionRequest(_Sampling, kw_only=True):
     logprobs: int | None = None
     echo: bool | None = None
     suffix: str | None = None
+    # OpenAI's; vLLM 0.32 ignores it (returns n completions), so does wcd.
     best_of: int | None = None
     add_special_tokens: bool = True
     prompt_embeds: bytes | list[bytes] | None = None
@@ -251,9 +252,8 @@ class CompletionRequest(_Sampling, kw_only=True):
             raise errors.VllmBadRequest("Either prompt or prompt_embeds must be provided and "
                                         "non-empty. (parameter=prompt)", param="prompt")
         if self.suffix:
-            raise errors.BadRequest("suffix (insertion) is not supported", param="suffix")
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise errors.BadRequest("best_of other than n is not supported", param="best_of")
+            raise errors.VllmBadRequest("suffix is only supported for models with FIM "
+                                        "completion rendering", param="suffix")
 
     def sampling(self) -> dict[str, Any]:
         params = super().sampling()
