@@ -99,9 +99,12 @@ def _vllm_versions() -> list[str]:
 
 
 def _content_digest(directory: Path) -> str:
+    """Subdirectories too: a sentence-transformers model keeps its pooling
+    config in one (1_Pooling/config.json)."""
     digest = hashlib.sha256()
-    for file in sorted(f for f in directory.iterdir() if f.is_file()):
-        digest.update(file.name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    for file in sorted(f for f in directory.rglob("*") if f.is_file()):
+        name = file.relative_to(directory).as_posix()
+        digest.update(name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
 
 

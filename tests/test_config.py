@@ -61,7 +61,8 @@ def test_shipped_config_loads():
     settings = load_settings(str(SHIPPED))
     assert settings.source == str(SHIPPED)
     assert settings.model_roots == (str(REPO / "models"),)
-    assert set(settings.models) == {"small-a", "small-b", "wide-a"}
+    assert set(settings.models) == {"small-a", "small-b", "wide-a", "embed-a"}
+    assert settings.models["embed-a"].engine_args == {"runner": "pooling"}
     assert settings.models["wide-a"].path == str(REPO / "models" / "wide-a")
     assert settings.preload == ("small-a",)
     assert [w.device for w in settings.workers] == ["cpu"]

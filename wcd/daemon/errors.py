@@ -81,6 +81,16 @@ class VllmModelNotFound(ModelNotFound):
         super().__init__(f"The model `{model}` does not exist.{valid}", param="model")
 
 
+class TaskUnsupported(WcdError):
+    """A request for a task its model does not do (an embedding for a
+    generating model, a completion for a pooling one): vLLM's server has no
+    such route for that model, so a 404, with its handlers' words."""
+
+    status = 404
+    type = "NotFoundError"
+    code = "not_found"
+
+
 class ModelUnusable(WcdError):
     """The model is known but its files, config or engine args cannot be served."""
 
@@ -124,6 +134,7 @@ def from_worker(error: p.ErrorInfo) -> WcdError:
         p.BAD_ARGS: BadRequest,
         p.OUT_OF_MEMORY: InsufficientMemory,
         p.NOT_LOADED: Conflict,
+        p.UNSUPPORTED: TaskUnsupported,
         p.ABORTED: Unavailable,
         p.BUSY: Conflict,
     }

@@ -26,7 +26,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ from aiohttp import web
 
 import wcd
 from wcd.daemon import errors
+from wcd.daemon import openai_embeddings as emb
 from wcd.daemon import openai_types as t
 from wcd.daemon.config import HttpSettings
 from wcd.daemon.http_errors import error_middleware
@@ -88,6 +89,7 @@ def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None, *,
     app.router.add_get("/v1/models/{id:.+}", api.get_model)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat_completions)
+    app.router.add_post("/v1/embeddings", api.embeddings)
     app.router.add_post("/tokenize", api.tokenize)
     app.router.add_post("/detokenize", api.detokenize)
     # SageMaker's routes, which vLLM's server has too.
@@ -222,10 +224,10 @@ class _Job:
                           self.template, self.render, self.return_prompt)
 
 
-def _check_counts(prompts: int, n: int, http: HttpSettings) -> None:
+def _check_counts(prompts: int, n: int, http: HttpSettings, param: str = "prompt") -> None:
     if prompts > http.max_prompts:
         raise errors.BadRequest(f"{prompts} prompts in one request; at most "
-                                f"{http.max_prompts} (http.max_prompts)", param="prompt")
+                                f"{http.max_prompts} (http.max_prompts)", param=param)
     if prompts * max(n, 1) > http.max_choices:
         raise errors.BadRequest(f"{prompts * max(n, 1)} completions asked for (prompts x n); "
                                 f"at most {http.max_choices} (http.max_choices)", param="n")
@@ -282,10 +284,15 @@ class _Api:
                        permission=[permission], state=view["state"], worker=view.get("worker"))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._timed(request, t.CompletionRequest, "cmpl", _CompletionFormat)
+        return await self._timed(request, self._generation(t.CompletionRequest, "cmpl",
+                                                           _CompletionFormat))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._timed(request, t.ChatCompletionRequest, "chatcmpl", _ChatFormat)
+        return await self._timed(request, self._generation(t.ChatCompletionRequest, "chatcmpl",
+                                                           _ChatFormat))
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._timed(request, self._embed)
 
     def _allowed(self, request: web.Request) -> frozenset[str] | None:
         """The canonical names the request's API key may use; None: any."""
@@ -345,8 +352,11 @@ class _Api:
             return await self.chat_completions(request)
         if "prompt" in keys:
             return await self.completions(request)
+        if "input" in keys:
+            return await self.embeddings(request)
         raise errors.VllmBadRequest("Cannot find suitable handler for request. Expected one "
-                                    "of: ['ChatCompletionRequest', 'CompletionRequest']")
+                                    "of: ['ChatCompletionRequest', 'CompletionRequest', "
+                                    "'EmbeddingRequest']")
 
     async def _body(self, request: web.Request, shape: type):
         """The request decoded as `shape`, the default model where it names none."""
@@ -368,15 +378,10 @@ class _Api:
         raise errors.BadRequest("model is required: this server serves several models",
                                 param="model")
 
-    async def _timed(self, request: web.Request, shape: type, prefix: str,
-                     format_: type) -> web.StreamResponse:
+    async def _timed(self, request: web.Request, handle: _Handler) -> web.StreamResponse:
         timer = self.metrics.request_timer()
         try:
-            http = self.scheduler.settings.http
-            body = await self._body(request, shape)
-            job = _Job.of(body, prefix, http)
-            self._permitted(request, job.model)
-            response = await self._serve(request, job, format_(job), timer)
+            response = await handle(request, self.scheduler.settings.http, timer)
         except asyncio.CancelledError:
             timer.finish("cancelled")
             raise
@@ -388,6 +393,26 @@ class _Api:
             raise
         timer.finish(timer.stream_end or "200")
         return response
+
+    def _generation(self, shape: type, prefix: str, format_: type) -> _Handler:
+        async def handle(request: web.Request, http: HttpSettings,
+                         timer: RequestTimer) -> web.StreamResponse:
+            job = _Job.of(await self._body(request, shape), prefix, http)
+            self._permitted(request, job.model)
+            return await self._serve(request, job, format_(job), timer)
+
+        return handle
+
+    async def _embed(self, request: web.Request, http: HttpSettings,
+                     timer: RequestTimer) -> web.Response:
+        body = await self._body(request, emb.EmbeddingRequest)
+        _check_counts(body.prompt_count(), 1, http, param="input")
+        job = emb.EmbedJob.of(body)
+        self._permitted(request, job.model)
+        async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
+                _outputs(lease.worker, job.request(lease.model))) as items:
+            timer.model = lease.model
+            return _json(job.response([item async for item in items]))
 
     async def _serve(self, request: web.Request, job: _Job, fmt: _Format,
                      timer: RequestTimer) -> web.StreamResponse:
@@ -401,6 +426,10 @@ class _Api:
             async for output in outputs:
                 tally.add(output)
             return _json(fmt.response(tally))
+
+
+# What an endpoint does with a request once its body is known to be JSON.
+_Handler = Callable[[web.Request, HttpSettings, RequestTimer], Awaitable[web.StreamResponse]]
 
 
 def max_model_len(path: str, engine_args: dict) -> int | None:
@@ -445,8 +474,8 @@ def _installed_vllm() -> str:
 
 async def _decode(request: web.Request, shape: type, http: HttpSettings):
     body = await request.read()
-    if shape is t.CompletionRequest:
-        _count_batch_first(body, http)
+    if (key := _BATCH_FIELDS.get(shape)) is not None:
+        _count_batch_first(body, key, http)
     try:
         return msgspec.json.decode(body, type=shape)
     except msgspec.ValidationError as exc:
@@ -460,16 +489,24 @@ async def _decode(request: web.Request, shape: type, http: HttpSettings):
         raise errors.BadRequest("the body is nested too deeply") from None
 
 
-class _PromptOnly(msgspec.Struct):
-    prompt: msgspec.Raw = msgspec.Raw(b"null")
+# The requests whose body may carry a batch of prompts, and in which field.
+_BATCH_FIELDS = {t.CompletionRequest: "prompt", emb.EmbeddingRequest: "input"}
 
 
-def _count_batch_first(body: bytes, http: HttpSettings) -> None:
+@functools.cache
+def _batch_only(key: str) -> type:
+    """A body's `key` alone, undecoded, as `.prompt`."""
+    return msgspec.defstruct(f"_{key.title()}Only",
+                             [("prompt", msgspec.Raw, msgspec.Raw(b"null"))],
+                             rename={"prompt": key})
+
+
+def _count_batch_first(body: bytes, key: str, http: HttpSettings) -> None:
     """A batch over http.max_prompts is refused before its prompts are decoded:
     600k token-id prompts (a 3 MB body) took the loop 0.25 s to decode, and
     over a second on a busy machine; counting them undecoded takes 0.04 s."""
     try:
-        prompt = msgspec.json.decode(body, type=_PromptOnly).prompt
+        prompt = msgspec.json.decode(body, type=_batch_only(key)).prompt
         if not bytes(prompt).startswith(b"["):
             return
         items = msgspec.json.decode(prompt, type=list[msgspec.Raw])
@@ -477,7 +514,7 @@ def _count_batch_first(body: bytes, http: HttpSettings) -> None:
         return  # not a batch: the full decode says what is wrong
     # A list of token ids is one prompt; a list of strings or of lists, a batch.
     if items and bytes(items[0])[:1] in (b'"', b"["):
-        _check_counts(len(items), 1, http)
+        _check_counts(len(items), 1, http, param=key)
 
 
 _AT = re.compile(r"`\$\.?([^`]*)`$")
@@ -506,7 +543,8 @@ async def _asked(answer: Awaitable[Any]) -> Any:
         raise errors.from_worker(exc.error) from None
 
 
-async def _outputs(worker, request: p.Generate) -> AsyncIterator[p.Output]:
+async def _outputs(worker, request: p.Generate | p.Embed
+                   ) -> AsyncIterator[p.Output | p.Embedding]:
     """The request's Outputs, in arrival order; worker failures come out as
     WcdErrors. Closing this generator closes the worker stream, which aborts
     what is still running in the worker."""
@@ -881,16 +919,17 @@ def openapi_document() -> dict:
     this, written by `python -m wcd.daemon.openai_api > openapi.json`."""
     (_, components) = msgspec.json.schema_components(
         [t.CompletionRequest, t.ChatCompletionRequest, t.Completion, t.CompletionChunk,
-         t.ChatCompletion, t.ChatCompletionChunk, t.ModelList, t.Model, t.ErrorResponse,
-         t.Health, t.Version], ref_template="#/components/schemas/{name}")
+         t.ChatCompletion, t.ChatCompletionChunk, emb.EmbeddingRequest, emb.EmbeddingList,
+         t.ModelList, t.Model, t.ErrorResponse, t.Health, t.Version],
+        ref_template="#/components/schemas/{name}")
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "wcd OpenAI-compatible API",
             "version": wcd.__version__,
             "description": (
-                "OpenAI-compatible completions and chat completions served by wcd's warm "
-                "vLLM workers. A request for a known model that is not loaded waits while "
+                "OpenAI-compatible completions, chat completions and embeddings served by "
+                "wcd's warm vLLM workers. A request for a known model that is not loaded waits while "
                 "it loads. When API keys are configured, every endpoint but /health, "
                 "/metrics, /openapi.json and /version needs `Authorization: Bearer KEY` "
                 "(the status page, / and /status.json, too unless http.open_status is "
@@ -921,6 +960,12 @@ def openapi_document() -> dict:
             "/v1/chat/completions": {"post": _generation(
                 "createChatCompletion", "Chat completion (the model's chat template)",
                 "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk")},
+            "/v1/embeddings": {"post": {
+                **_operation("createEmbedding", "Embeddings of a pooling model "
+                             "(`runner: pooling`); a generating model answers 404",
+                             _ok("EmbeddingList"), (400, 401, 404, 413, 422, 500, 502, 503, 507)),
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}}}},
             "/version": {"get": {**_operation(
                 "version", "The vLLM version the workers run (vLLM's /version)",
                 _ok("Version"), ()), "security": []}},
@@ -950,7 +995,8 @@ _ERROR_STATUSES = {
     400: "Malformed or unsupported request, a body that is not application/json, or "
          "sampling parameters vLLM refused",
     401: "Missing or invalid API key",
-    404: "Unknown model",
+    404: "Unknown model, or one that does not do the endpoint's task (generation, "
+         "embeddings)",
     413: "Request body over http.max_body_bytes, or sampling payload over "
          "http.max_sampling_bytes",
     422: "The model cannot be served (files, config, engine args)",

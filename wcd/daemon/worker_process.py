@@ -243,9 +243,11 @@ class WorkerProcess:
         finally:
             del self._ops[op_id]
 
-    async def generate(self, request: p.Generate) -> AsyncIterator[p.Output]:
-        """Outputs of one request as the worker streams them. Leaving the
-        iteration early (client gone, cancellation) aborts it in the worker."""
+    async def generate(self, request: p.Generate | p.Embed
+                       ) -> AsyncIterator[p.Output | p.Embedding]:
+        """Outputs (Embeddings of an Embed) of one request as the worker streams
+        them. Leaving the iteration early (client gone, cancellation) aborts it
+        in the worker."""
         queue: asyncio.Queue = asyncio.Queue()
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in flight")

@@ -40,6 +40,11 @@ _FRONTEND_FILES = (
     "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
     "chat_template.json", "generation_config.json",
 )
+# A sentence-transformers model's files that vLLM reads for the pooler it
+# builds (pooling type, normalization, lengths), with the config of each
+# module that modules.json lists.
+_POOLING_FILES = ("modules.json", "sentence_bert_config.json",
+                  "config_sentence_transformers.json")
 
 
 class CheckpointError(Exception):
@@ -54,6 +59,7 @@ class Checkpoint:
     weights_key: str  # changes when any weight file is replaced or rewritten
     layout: str  # digest of every tensor's name, dtype and shape
     root: str = ""  # every file must resolve beneath it ("": not checked)
+    pooling: str = ""  # digest of the sentence-transformers files ("": none)
 
     @property
     def architecture(self) -> str:
@@ -65,7 +71,8 @@ class Checkpoint:
         The tensor layout is part of it: vLLM's in-place reload leaves layers
         half-loaded when a name does not fit, while a rebuild fails cleanly."""
         config = {k: v for k, v in self.config.items() if k not in _SHAPE_NEUTRAL_KEYS}
-        return _digest({"config": config, "engine_args": engine_args, "layout": self.layout})
+        return _digest({"config": config, "engine_args": engine_args, "layout": self.layout,
+                        "pooling": self.pooling})
 
     def frontend_key(self) -> str:
         """Equal keys mean the tokenizer, chat template and generation config match."""
@@ -128,7 +135,33 @@ def open_checkpoint(path: str | Path, root: str = "") -> Checkpoint:
         except OSError as exc:
             raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
         stats.append((file.name, st.st_size, st.st_mtime_ns))
-    return Checkpoint(directory, config, weight_files, _digest(stats), _digest(tensors), root)
+    return Checkpoint(directory, config, weight_files, _digest(stats), _digest(tensors), root,
+                      _pooling_key(files, names))
+
+
+def _pooling_key(files: _Directory, names: list[str]) -> str:
+    """The pooler is built from these files, not from anything a same-shape
+    swap reloads: checkpoints that differ in them must not share an engine.
+    Read beneath the root, as vLLM reads them by path."""
+    contents = {name: _read_json(files, name) for name in _POOLING_FILES if name in names}
+    if not contents:
+        return ""
+    modules = contents.get("modules.json")
+    for module in modules if isinstance(modules, list) else ():
+        path = module.get("path") if isinstance(module, dict) else None
+        if isinstance(path, str) and path and path.split("/", 1)[0] in names:
+            contents[f"{path}/config.json"] = _read_json(files, f"{path}/config.json")
+    return _digest(contents)
+
+
+def _read_json(files: _Directory, name: str) -> Any:
+    try:
+        with files.open(name) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{files.path / name} is not valid JSON: {exc}") from exc
 
 
 class _Directory:

@@ -1,11 +1,13 @@
 """Generate small Llama-architecture demo models, locally, with no model hub.
 
-    python -m wcd.workers.demo_models DIR [--names small-a,small-b,wide-a]
+    python -m wcd.workers.demo_models DIR [--names small-a,small-b,wide-a,embed-a]
 
 Each model gets a byte-level BPE tokenizer trained here (bos/eos/pad and a chat
 template) and random bf16 weights with head_dim 64 (vLLM's CPU attention needs
 it). Models of one shape differ only in their seed, so outputs tell them apart
-while a swap between them stays on the same-shape path.
+while a swap between them stays on the same-shape path. An `embed` model is a
+Llama without its LM head (`LlamaModel`, which vLLM serves with its pooling
+runner) and a sentence-transformers pooling config: mean pooling, normalized.
 """
 
 from __future__ import annotations
@@ -32,16 +34,28 @@ class Shape:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
+    embedding: bool = False  # no LM head; served by vLLM's pooling runner
 
 
 SHAPES = {
     "small": Shape(256, 512, 2, 4, 2),
     "wide": Shape(384, 768, 3, 6, 2),
+    "embed": Shape(256, 512, 2, 4, 2, embedding=True),
     # GPU benchmarks (bench/gpu.py): ~1.5 GB and ~1.6 GB in bf16.
     "big": Shape(2048, 5504, 16, 32, 8),
     "bigwide": Shape(2560, 6912, 12, 40, 8),
 }
-DEFAULT_NAMES = ("small-a", "small-b", "wide-a")
+DEFAULT_NAMES = ("small-a", "small-b", "wide-a", "embed-a")
+# sentence-transformers' module list, which vLLM reads for the pooling config
+# (transformers_utils/config.py get_pooling_config): mean pooling, then
+# normalize. Mean rather than vLLM's default for a Llama (last token), so that
+# an embedding shows the model's own config was honoured.
+ST_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Normalize",
+     "type": "sentence_transformers.models.Normalize"},
+]
 
 
 def shape_of(name: str) -> Shape:
@@ -95,7 +109,7 @@ def train_tokenizer():
 
 def write_model(directory: Path, name: str, tokenizer) -> Path:
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaModel
 
     shape = shape_of(name)
     config = LlamaConfig(
@@ -117,18 +131,30 @@ def write_model(directory: Path, name: str, tokenizer) -> Path:
     )
     torch.manual_seed(seed_of(name))
     # Random init of a GPU-sized model takes minutes on a CPU, seconds on a GPU.
+    architecture = LlamaModel if shape.embedding else LlamaForCausalLM
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = architecture(config).to(torch.bfloat16)
     out = directory / name
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ).save_pretrained(out)
+    if shape.embedding:
+        _write_pooling_config(out, shape)
+    else:
+        GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ).save_pretrained(out)
     (out / "wcd-demo.json").write_text(json.dumps({"name": name, "seed": seed_of(name)}))
     return out
+
+
+def _write_pooling_config(out: Path, shape: Shape) -> None:
+    (out / "modules.json").write_text(json.dumps(ST_MODULES, indent=2))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": shape.hidden_size, "pooling_mode_mean_tokens": True},
+        indent=2))
 
 
 def generate(directory: Path, names: list[str]) -> list[Path]:

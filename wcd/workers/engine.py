@@ -34,11 +34,12 @@ from typing import Any
 
 from vllm.engine.arg_utils import EngineArgs
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
-from vllm.outputs import RequestOutput
+from vllm.outputs import PoolingRequestOutput, RequestOutput
 from vllm.renderers.params import TokenizeParams
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.llm_engine import LLMEngine
 
+from wcd.workers import pooling
 from wcd.workers import protocol as p
 from wcd.workers import vllm_seams
 from wcd.workers.process import trim_heap
@@ -449,10 +450,10 @@ class EngineHost:
 
     @staticmethod
     def _warm(engine: LLMEngine) -> None:
-        """One greedy token through the new engine: proves it serves before
-        the swap is reported done, and pays first-request costs here."""
-        engine.add_request("wcd-warm", {"prompt_token_ids": [0]},
-                           SamplingParams(max_tokens=1, temperature=0.0))
+        """One greedy token (one pooled input for a pooling model) through the
+        new engine: proves it serves before the swap is reported done, and
+        pays first-request costs here."""
+        engine.add_request("wcd-warm", {"prompt_token_ids": [0]}, pooling.warm_params(engine))
         while engine.has_unfinished_requests():
             engine.step()
 
@@ -532,7 +533,7 @@ class EngineHost:
 
     # ---- suspended residents -------------------------------------------------------
 
-    def suspend(self, name: str, clock: PhaseClock) -> list[p.Output]:
+    def suspend(self, name: str, clock: PhaseClock) -> list[p.Output | p.Embedding]:
         """At this step boundary, a resident stops being stepped, its engine
         untouched: the KV blocks its requests use are kept in host memory and
         its KV cache is released (where CUDA graphs hold the KV cache's
@@ -653,33 +654,43 @@ class EngineHost:
                                            f"worker (residents: {self.models})")
         return served
 
-    def add(self, request: p.Generate) -> None:
+    def add(self, request: p.Generate | p.Embed) -> None:
         """Add every prompt of `request` to its model's engine, or none of them.
         A suspended resident takes them too: they wait for its resume."""
         served = self._resident(request.model)
         if not request.prompts:
             raise ModelError(p.BAD_ARGS, "a request needs at least one prompt")
+        if pooling.task_of(request) not in served.engine.get_supported_tasks():
+            raise ModelError(p.UNSUPPORTED, pooling.unsupported(request))
         added: list[str] = []
         try:
+            return_prompt = isinstance(request, p.Generate) and request.return_prompt
             with _as_bad_args():
-                sampling = {**served.sampling_defaults, **request.sampling}
-                params = _sampling_params(sampling)
-                params.output_kind = RequestOutputKind.DELTA
-                for index, prompt in enumerate(request.prompts):
-                    engine_input = self._render(served.engine, request, prompt)
-                    prompt_params = params.clone()
-                    _fit_max_tokens(served.engine.model_config, served.sampling_defaults,
-                                    engine_input, prompt_params,
-                                    request.sampling.get("max_tokens"))
-                    sub_id = served.requests.add(request.request_id, index,
-                                                 request.return_prompt)
+                for index, (engine_input, params) in enumerate(self._inputs(served, request)):
+                    sub_id = served.requests.add(request.request_id, index, return_prompt)
                     added.append(sub_id)
-                    served.engine.add_request(sub_id, engine_input, prompt_params)
+                    served.engine.add_request(sub_id, engine_input, params)
         except BaseException:
             if added:
                 served.engine.abort_request(added)
             served.requests.forget(request.request_id)
             raise
+
+    def _inputs(self, served: Served, request: p.Generate | p.Embed) -> Iterator[tuple]:
+        """(engine input, params) per prompt, rendered as vLLM renders them."""
+        if isinstance(request, p.Embed):
+            with self._bounded("render"):
+                inputs = pooling.engine_requests(served.engine, request)
+            yield from inputs
+            return
+        params = _sampling_params({**served.sampling_defaults, **request.sampling})
+        params.output_kind = RequestOutputKind.DELTA
+        for prompt in request.prompts:
+            engine_input = self._render(served.engine, request, prompt)
+            prompt_params = params.clone()
+            _fit_max_tokens(served.engine.model_config, served.sampling_defaults,
+                            engine_input, prompt_params, request.sampling.get("max_tokens"))
+            yield engine_input, prompt_params
 
     def _render(self, engine: LLMEngine, request: p.Generate, prompt: p.Prompt):
         """The prompt as vLLM's OpenAI server renders it, with the request's
@@ -729,7 +740,7 @@ class EngineHost:
         return sum(served.engine.get_num_unfinished_requests()
                    for served in self.residents.values())
 
-    def step(self) -> list[p.Output]:
+    def step(self) -> list[p.Output | p.Embedding]:
         """One engine step of the next resident with work, in turn, so one
         model's long generations do not starve another's."""
         residents = list(self.residents.values())
@@ -782,7 +793,8 @@ class _Requests:
         self._open.clear()
         self._prompt_owed.clear()
 
-    def outputs(self, ro: RequestOutput, engine: LLMEngine) -> Iterator[p.Output]:
+    def outputs(self, ro: RequestOutput | PoolingRequestOutput,
+                engine: LLMEngine) -> Iterator[p.Output | p.Embedding]:
         """One Output per completion with news; only the request's very last
         one says finished, so the daemon stops reading exactly there."""
         owner = self._prompt_of.get(ro.request_id)
@@ -801,7 +813,10 @@ class _Requests:
             if not remaining:
                 del self._open[request_id]
                 last_of_request = True
-        yield from _outputs(ro, request_id, index, last_of_request, prompt)
+        if isinstance(ro, PoolingRequestOutput):
+            yield pooling.embedding(ro, request_id, index, last_of_request)
+        else:
+            yield from _outputs(ro, request_id, index, last_of_request, prompt)
 
 
 def _sampling_params(fields: dict[str, Any]) -> SamplingParams:

@@ -144,7 +144,7 @@ class Worker:
             self.handle(command)
 
     def handle(self, command: p.Command) -> None:
-        if isinstance(command, p.Generate):
+        if isinstance(command, (p.Generate, p.Embed)):
             self._generate(command)
         elif isinstance(command, p.Abort):
             self._abort([command.request_id], reason=None)
@@ -168,7 +168,7 @@ class Worker:
         except ModelError as exc:
             self.channel.send(p.OpFailed(command.op_id, exc.info(), self._residents()))
 
-    def _generate(self, command: p.Generate) -> None:
+    def _generate(self, command: p.Generate | p.Embed) -> None:
         from wcd.workers.engine import ModelError
 
         try:
@@ -181,14 +181,14 @@ class Worker:
     def _step(self) -> None:
         self._deliver(self.host.step())
 
-    def _deliver(self, outputs: list[p.Output]) -> None:
+    def _deliver(self, outputs: list[p.Output | p.Embedding]) -> None:
         for output in outputs:
             if output.finished:
                 self.inflight.pop(output.request_id, None)
         if outputs:
             self._send_outputs(outputs)
 
-    def _send_outputs(self, outputs: list[p.Output]) -> None:
+    def _send_outputs(self, outputs: list[p.Output | p.Embedding]) -> None:
         """One frame per step; past the frame limit one per Output, and a
         single Output over it fails its request rather than the channel."""
         try:
@@ -232,7 +232,7 @@ class Worker:
                 return
             if isinstance(command, p.Abort) and command.request_id in self.inflight:
                 self._abort([command.request_id], reason=None)
-            elif isinstance(command, (p.Generate, p.Tokenize, p.Detokenize)) and \
+            elif isinstance(command, (p.Generate, p.Embed, p.Tokenize, p.Detokenize)) and \
                     command.model not in leaving and command.model in self.host.residents:
                 self.handle(command)
             else:

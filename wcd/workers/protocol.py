@@ -9,7 +9,7 @@ only msgspec and the stdlib so the daemon can share it.
 from __future__ import annotations
 
 import struct
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import msgspec
 
@@ -41,10 +41,12 @@ BAD_MODEL = "bad_model"  # path, config, weights or architecture unusable
 BAD_ARGS = "bad_args"  # an engine arg or sampling parameter vLLM refused
 OUT_OF_MEMORY = "out_of_memory"
 NOT_LOADED = "not_loaded"  # the request names a model this worker is not serving
+UNSUPPORTED = "unsupported"  # the model does not do the request's task (generate, embed)
 ABORTED = "aborted"  # the request was aborted (client gone, drain timeout)
 BUSY = "busy"  # another load/swap is running
 INTERNAL = "internal"
-ERROR_KINDS = (BAD_MODEL, BAD_ARGS, OUT_OF_MEMORY, NOT_LOADED, ABORTED, BUSY, INTERNAL)
+ERROR_KINDS = (BAD_MODEL, BAD_ARGS, OUT_OF_MEMORY, NOT_LOADED, UNSUPPORTED, ABORTED, BUSY,
+               INTERNAL)
 
 
 # ---- commands: daemon -> worker -------------------------------------------------
@@ -162,6 +164,25 @@ class Detokenize(msgspec.Struct, tag="detokenize", frozen=True):
     token_ids: list[int]
 
 
+class Embed(msgspec.Struct, tag="embed", frozen=True):
+    """One embeddings request for a pooling model: one input (text or token
+    ids) or a batch sharing one `pooling`. The worker answers an `Embedding`
+    per input, the request's last one `finished`.
+
+    `pooling` holds vLLM PoolingParams fields (dimensions, use_activation),
+    validated by vLLM's own PoolingParams in the worker; the other fields say
+    how text is tokenized, as vLLM's embeddings server does.
+    """
+
+    request_id: str
+    model: str
+    prompts: list[Prompt]
+    pooling: dict[str, Any] = {}
+    truncate_prompt_tokens: int | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    add_special_tokens: bool = True
+
+
 class Abort(msgspec.Struct, tag="abort", frozen=True):
     request_id: str
 
@@ -180,8 +201,8 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     pass
 
 
-Command = Union[Swap, Unload, Suspend, Generate, Tokenize, Detokenize, Abort, GetStats, Ping,
-                Shutdown]
+Command = Union[Swap, Unload, Suspend, Generate, Embed, Tokenize, Detokenize, Abort, GetStats,
+                Ping, Shutdown]
 
 
 # ---- events: worker -> daemon ---------------------------------------------------
@@ -302,11 +323,23 @@ class Output(msgspec.Struct, tag="output", frozen=True):
     prompt: PromptInfo | None = None
 
 
+class Embedding(msgspec.Struct, tag="embedding", frozen=True):
+    """The pooled vector of one input of an Embed, as float32 in the host's
+    byte order (daemon and worker share the host): it crosses exactly, in 4
+    bytes a value, and is what vLLM's base64 encoding sends."""
+
+    request_id: str
+    prompt_index: int
+    data: bytes
+    prompt_tokens: int
+    finished: bool = False
+
+
 class Outputs(msgspec.Struct, tag="outputs", frozen=True):
     """Everything one engine step produced: one message per step, not per
     request, so concurrent streams cost one write and one wake-up."""
 
-    items: list[Output]
+    items: list[Output | Embedding]
 
 
 class RequestFailed(msgspec.Struct, tag="request_failed", frozen=True):

@@ -699,6 +699,22 @@ def check() -> None:
     if not isinstance(getattr(convert_frame, "_bytecode_hooks", None), dict):
         raise SeamBroken("torch._dynamo no longer keeps its bytecode hooks in _bytecode_hooks "
                          "(unpin_orphaned_models)")
+    _check_pooling()
+
+
+def _check_pooling() -> None:
+    import dataclasses
+
+    from vllm.pooling_params import PoolingParams
+    from vllm.renderers.params import TokenizeParams
+
+    if not {"task", "dimensions", "use_activation"} <= set(PoolingParams.__struct_fields__):
+        raise SeamBroken("PoolingParams no longer takes task, dimensions and use_activation "
+                         "(workers/pooling.py)")
+    if not {"truncate_prompt_tokens", "truncation_side", "add_special_tokens",
+            "max_total_tokens_param"} <= {f.name for f in dataclasses.fields(TokenizeParams)}:
+        raise SeamBroken("TokenizeParams no longer truncates as the embeddings server asks "
+                         "(render_pooled)")
 
 
 def _check_rendering() -> None:
@@ -932,3 +948,35 @@ def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
     )
     _, (engine_input,) = renderer.render_chat([messages], chat_params, tok_params)
     return engine_input
+
+
+# vllm 0.32: the input rendering of vLLM's embeddings server
+# (entrypoints/pooling/base: PoolingBaseServing._validate_request, then
+# EmbeddingTokenizeParamsMixin.build_tok_params for the inputs of
+# PoolingIOProcessor.get_request_factory_online), so an input served by wcd
+# becomes the tokens `vllm serve --runner pooling` makes, truncated or refused
+# as there, in its words. Not done: a pooler's chunked processing of long
+# inputs (pooler_config.enable_chunked_processing).
+
+
+def render_pooled(engine, prompts: list[str | list[int]], truncate_prompt_tokens: int | None,
+                  truncation_side: str | None, add_special_tokens: bool) -> list:
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+    from vllm.renderers.params import TokenizeParams
+
+    model_config = engine.model_config
+    if truncate_prompt_tokens is not None and truncate_prompt_tokens > model_config.max_model_len:
+        raise ValueError("truncate_prompt_tokens value is greater than max_model_len. "
+                         "Please request a smaller truncation size.")
+    pooler = model_config.pooler_config
+    tok_params = TokenizeParams(
+        max_total_tokens=(pooler and pooler.max_embed_len) or model_config.max_model_len,
+        max_output_tokens=0,
+        truncate_prompt_tokens=truncate_prompt_tokens,
+        truncation_side=truncation_side,
+        do_lower_case=(model_config.encoder_config or {}).get("do_lower_case", False),
+        add_special_tokens=add_special_tokens,
+        max_total_tokens_param="max_model_len",
+    )
+    return engine.renderer.render_cmpl(
+        [parse_model_prompt(model_config, prompt) for prompt in prompts], tok_params)

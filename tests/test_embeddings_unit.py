@@ -1,0 +1,171 @@
+"""Unit tests of /v1/embeddings' request mapping and response shape, and of the
+endpoint against the FakeScheduler of test_openai_unit: no worker process, no
+vLLM (but vLLM's request type, for its field list)."""
+
+from __future__ import annotations
+
+import array
+import base64
+import json
+
+import msgspec
+import pytest
+
+from test_openai_unit import FakeScheduler, FakeWorker, post, run_async, serve
+from wcd.daemon import errors
+from wcd.daemon.openai_embeddings import EmbeddingRequest, EmbedJob
+from wcd.daemon.worker_process import WorkerError
+from wcd.workers import protocol as p
+
+VECTORS = [[0.5, -0.25, 1.0], [0.125, 2.0, -3.5]]
+
+
+def request(**body) -> EmbeddingRequest:
+    return msgspec.json.decode(msgspec.json.encode({"model": "demo", **body}),
+                               type=EmbeddingRequest)
+
+
+def embedded(vector: list[float], index: int, tokens: int, finished: bool = False):
+    return p.Embedding("r", index, array.array("f", vector).tobytes(), tokens, finished)
+
+
+def two_vectors(request: p.Embed) -> list[p.Embedding]:
+    """One vector per input, the last one first (a batch finishes in any
+    order): VECTORS[i] for input i."""
+    items = [embedded(VECTORS[i % 2], i, 3 + i) for i in range(len(request.prompts))]
+    return [msgspec.structs.replace(item, request_id=request.request_id, finished=i == 0)
+            for i, item in enumerate(reversed(items))]
+
+
+@pytest.mark.parametrize("given, prompts", [
+    ("hi", [p.Prompt(prompt="hi")]),
+    (["a", "b"], [p.Prompt(prompt="a"), p.Prompt(prompt="b")]),
+    ([1, 2, 3], [p.Prompt(prompt_token_ids=[1, 2, 3])]),
+    ([[1, 2], [3]], [p.Prompt(prompt_token_ids=[1, 2]), p.Prompt(prompt_token_ids=[3])]),
+])
+def test_every_input_form_becomes_its_prompts(given, prompts):
+    body = request(input=given)
+    assert body.prompts() == prompts
+    assert body.prompt_count() == len(prompts)
+
+
+def test_only_what_the_client_set_travels():
+    job = EmbedJob.of(request(input="hi", dimensions=8, truncate_prompt_tokens=3,
+                              truncation_side="left", add_special_tokens=False, user="u",
+                              priority=2, request_id="mine", cache_salt="salt"))
+    assert job.command.pooling == {"dimensions": 8}
+    assert (job.command.truncate_prompt_tokens, job.command.truncation_side,
+            job.command.add_special_tokens) == (3, "left", False)
+    assert EmbedJob.of(request(input="hi")).command.pooling == {}
+    assert EmbedJob.of(request(input="hi", use_activation=False)).command.pooling == \
+        {"use_activation": False}
+    served = job.request("canonical")
+    assert (served.model, served.request_id) == ("canonical", job.command.request_id)
+
+
+@pytest.mark.parametrize("body, error, param", [
+    ({"input": []}, "You must pass at least one prompt", "input"),
+    ({"input": ["a", [1]]}, "input must be", "input"),
+    ({"input": "hi", "normalize": True},
+     "Parameter `normalize` was removed; use `use_activation` instead.", "normalize"),
+    ({"input": "hi", "normalize": None}, "Parameter `normalize` was removed", "normalize"),
+    ({"input": "hi", "encoding_format": "bytes"}, "encoding_format 'bytes'", "encoding_format"),
+    ({"input": "hi", "embed_dtype": "float16"}, "embed_dtype is not supported", "embed_dtype"),
+    ({"input": "hi", "endianness": "big"}, "endianness is not supported", "endianness"),
+    ({"input": "hi", "padding": "max_length"}, "padding is not supported", "padding"),
+])
+def test_what_wcd_cannot_honour_is_refused(body, error, param):
+    with pytest.raises(errors.BadRequest) as refused:
+        EmbedJob.of(request(**body))
+    assert str(refused.value).startswith(error)
+    assert (refused.value.status, refused.value.param) == (400, param)
+
+
+def test_the_response_is_vllms_shape_in_input_order():
+    job = EmbedJob.of(request(input=["a", "b"]))
+    answer = msgspec.to_builtins(job.response([embedded(VECTORS[1], 1, 4),
+                                               embedded(VECTORS[0], 0, 3)]))
+    assert list(answer) == ["id", "object", "created", "model", "data", "usage"]
+    assert answer["id"].startswith("embd-") and answer["object"] == "list"
+    assert answer["model"] == "demo"
+    assert answer["data"] == [{"index": i, "object": "embedding", "embedding": VECTORS[i]}
+                              for i in (0, 1)]
+    assert answer["usage"] == {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
+
+
+def test_base64_is_the_float32_bytes():
+    job = EmbedJob.of(request(input="a", encoding_format="base64"))
+    (data,) = job.response([embedded(VECTORS[0], 0, 3)]).data
+    assert array.array("f", base64.b64decode(data.embedding)).tolist() == VECTORS[0]
+
+
+def test_every_vllm_request_field_is_known_with_vllms_default():
+    """Clients written for `vllm serve --runner pooling` send any of vLLM's
+    fields: wcd knows them all (refusing some at other values)."""
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+
+    ours = {f.name: f.default for f in msgspec.structs.fields(EmbeddingRequest)}
+    for name, info in EmbeddingCompletionRequest.model_fields.items():
+        assert name in ours, f"EmbeddingRequest.{name} is missing"
+        if ours[name] not in (None, msgspec.NODEFAULT):  # wcd requires model; ids are its own
+            assert ours[name] == info.default, name
+
+
+@run_async
+async def test_the_endpoint_sends_one_embed_and_answers_in_input_order():
+    scheduler = FakeScheduler(FakeWorker(two_vectors))
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/embeddings",
+                                       {"model": "alias", "input": [[1, 2], [3]]})
+    assert status == 200, answer
+    (sent,) = scheduler.worker.requests
+    assert isinstance(sent, p.Embed) and sent.model == "demo"
+    assert answer["model"] == "alias"  # as the client named it
+    assert [d["embedding"] for d in answer["data"]] == VECTORS
+    assert answer["usage"]["prompt_tokens"] == 7
+    assert scheduler.released == 1
+
+
+@run_async
+async def test_a_model_without_the_task_is_a_404_in_vllms_words():
+    refusal = WorkerError(p.ErrorInfo(p.UNSUPPORTED, "The model does not support Embeddings API"))
+    async with serve(FakeScheduler(FakeWorker(lambda request: [refusal]))) as url:
+        status, _, answer = await post(url, "/v1/embeddings", {"model": "demo", "input": "hi"})
+    assert status == 404
+    assert answer["error"]["message"] == "The model does not support Embeddings API"
+    assert answer["error"]["type"] == "NotFoundError"
+
+
+@run_async
+async def test_batches_are_bounded_before_they_are_decoded():
+    async with serve(FakeScheduler(FakeWorker(two_vectors)), max_prompts=2) as url:
+        status, _, answer = await post(url, "/v1/embeddings",
+                                       {"model": "demo", "input": [[1], [2], [3]]})
+        assert (status, answer["error"]["param"]) == (400, "input"), answer
+        status, _, answer = await post(url, "/v1/embeddings",
+                                       {"model": "demo", "input": "hi", "bogus": 1})
+        assert (status, answer["error"]["param"]) == (400, "bogus"), answer
+
+
+def test_a_pooling_config_of_its_own_keeps_a_checkpoint_off_the_same_shape_path(tmp_path):
+    """vLLM builds the pooler from the sentence-transformers files, which a
+    same-shape swap does not reload: two checkpoints that differ only there
+    get different shape keys."""
+    from wcd.workers.checkpoint import open_checkpoint
+
+    def checkpoint(name: str, pooling: dict):
+        directory = tmp_path / name
+        (directory / "1_Pooling").mkdir(parents=True)
+        (directory / "config.json").write_text('{"architectures": ["LlamaModel"]}')
+        (directory / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+        (directory / "modules.json").write_text(json.dumps(
+            [{"idx": 1, "name": "1", "path": "1_Pooling",
+              "type": "sentence_transformers.models.Pooling"}]))
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+        return open_checkpoint(directory, str(tmp_path))
+
+    mean = checkpoint("mean", {"pooling_mode_mean_tokens": True})
+    same = checkpoint("same", {"pooling_mode_mean_tokens": True})
+    last = checkpoint("last", {"pooling_mode_lasttoken": True})
+    args = {"runner": "pooling"}
+    assert mean.shape_key(args) == same.shape_key(args) != last.shape_key(args)

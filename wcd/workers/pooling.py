@@ -1,0 +1,66 @@
+"""Pooling models in a warm worker: embeddings as `vllm serve --runner pooling`
+makes them.
+
+A resident built with vLLM's pooling runner is stepped like any other; its
+requests carry PoolingParams instead of SamplingParams, and each input's
+PoolingRequestOutput becomes one protocol Embedding. A request for a task
+its model does not do is refused in vLLM's words: vLLM's server has no such
+route for that model (404).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.outputs import PoolingRequestOutput
+from vllm.pooling_params import PoolingParams
+from vllm.sampling_params import SamplingParams
+from vllm.tasks import POOLING_TASKS
+
+from wcd.workers import protocol as p
+from wcd.workers import vllm_seams
+
+EMBED = "embed"
+GENERATE = "generate"
+
+
+def task_of(request: p.Generate | p.Embed) -> str:
+    return EMBED if isinstance(request, p.Embed) else GENERATE
+
+
+def unsupported(request: p.Generate | p.Embed) -> str:
+    """vLLM's refusal of the API a request came through, had the server
+    routed it to a model without its task (vllm/entrypoints/*/api_router.py)."""
+    if isinstance(request, p.Embed):
+        api = "Embeddings API"
+    elif request.prompts and request.prompts[0].messages is not None:
+        api = "Chat Completions API"
+    else:
+        api = "Completions API"
+    return f"The model does not support {api}"
+
+
+def engine_requests(engine, request: p.Embed) -> list[tuple[dict, PoolingParams]]:
+    """Each input rendered as vLLM's embeddings server renders it, with its own
+    copy of the request's PoolingParams (the engine fills in its defaults)."""
+    params = PoolingParams(task=EMBED, **request.pooling)
+    inputs = vllm_seams.render_pooled(
+        engine, [prompt.prompt if prompt.prompt is not None else prompt.prompt_token_ids
+                 for prompt in request.prompts],
+        request.truncate_prompt_tokens, request.truncation_side, request.add_special_tokens)
+    return [(engine_input, params.clone()) for engine_input in inputs]
+
+
+def warm_params(engine) -> SamplingParams | PoolingParams:
+    """The warm-up request's: one greedy token, or one input pooled for the
+    model's first pooling task."""
+    tasks = engine.get_supported_tasks()
+    if GENERATE in tasks:
+        return SamplingParams(max_tokens=1, temperature=0.0)
+    return PoolingParams(task=next(task for task in tasks if task in POOLING_TASKS))
+
+
+def embedding(ro: PoolingRequestOutput, request_id: str, prompt_index: int,
+              last_of_request: bool) -> p.Embedding:
+    data = ro.outputs.data.to("cpu", torch.float32).contiguous()
+    return p.Embedding(request_id, prompt_index, data.numpy().tobytes(),
+                       len(ro.prompt_token_ids or ()), last_of_request)
