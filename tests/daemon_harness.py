@@ -27,6 +27,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The suite runs on the CPU; `WCD_TEST_DEVICE=cuda:0` runs a module's daemon on
+# a GPU instead (the device machine, for the modules that compare with vLLM).
+DEVICE = os.environ.get("WCD_TEST_DEVICE", "cpu")
 # Fast supervision for tests; a module may add keys ({**POLICY, ...}).
 POLICY = {"health_interval": "250ms", "health_timeout": "5s", "drain_timeout": "20s",
           "restart_backoff_min": "0.5s", "queue_wait": "120s", "host_cache_bytes": 64 << 20,
@@ -37,7 +40,7 @@ def write_config(directory: Path, model_root: Path, **overrides) -> Path:
     config = {
         "control": {"socket": str(directory / "control.sock")},
         "http": {"host": "127.0.0.1", "port": free_port()},
-        "workers": [{"device": "cpu"}],
+        "workers": [{"device": DEVICE}],
         "model_roots": [str(model_root)],
         "defaults": dict(ENGINE_ARGS),
         "models": {name: {"path": str(model_root / name)}
