@@ -71,6 +71,12 @@ COMPLETIONS = {
                                     "truncate_prompt_tokens": 100000},
     "empty prompt": {"prompt": "", "max_tokens": 3},
     "suffix": {"prompt": "hello", "max_tokens": 3, "suffix": "world"},
+    "empty prompt list": {"prompt": [], "max_tokens": 3},
+    "json_schema without its schema": {"prompt": "hello", "max_tokens": 3,
+                                       "response_format": {"type": "json_schema"}},
+    "logit_bias keys not token ids": {"prompt": "hello", "max_tokens": 3,
+                                      "logit_bias": {"x": 1, "7": 2}},
+    "logit_bias": {"prompt": "hello", "max_tokens": 3, "logit_bias": {"7": 100}},
     # vLLM 0.32 ignores best_of.
     "best_of": {"prompt": "hello", "max_tokens": 3, "best_of": 3},
 }

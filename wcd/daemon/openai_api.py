@@ -521,10 +521,22 @@ _AT = re.compile(r"`\$\.?([^`]*)`$")
 _FIELD = re.compile(r"Object (contains unknown|missing required) field `([^`]+)`")
 
 
+_BOUND = re.compile(r"Expected `[a-z]+` (>=|<=) (-?[0-9.e+]+) - at ")
+# pydantic's words for a bound, as vLLM's server reports a request out of one.
+_PYDANTIC_BOUNDS = {">=": ("greater_than_equal", "greater than or equal to", "ge"),
+                    "<=": ("less_than_equal", "less than or equal to", "le")}
+
+
 def _validation_problem(message: str) -> tuple[str, str | None]:
     """A message and the offending field's path (OpenAI's `param`) from msgspec's error."""
     at = _AT.search(message)
     path = at.group(1) if at else ""
+    if bound := _BOUND.match(message):
+        kind, words, key = _PYDANTIC_BOUNDS[bound.group(1)]
+        loc = "body." + path.replace("[", ".").replace("]", "")
+        return (f"1 validation error:\n  {{'type': '{kind}', 'loc': '{loc}', 'msg': 'Input "
+                f"should be {words} {bound.group(2)}', 'ctx': {{'{key}': {bound.group(2)}}}}}",
+                path)
     named = _FIELD.match(message)
     if named is None:
         return message, path or None

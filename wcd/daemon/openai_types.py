@@ -22,7 +22,7 @@ from wcd.workers import protocol as p
 # own extensions that clients send through `extra_body`.
 _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
               "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
-              "min_tokens", "include_stop_str_in_output", "skip_special_tokens", "logit_bias",
+              "min_tokens", "include_stop_str_in_output", "skip_special_tokens",
               "allowed_token_ids", "bad_words", "stream_interval")
 # vLLM request fields wcd does not implement yet: accepted at their defaults
 # (vLLM's, as the structs declare them), since clients written for `vllm serve`
@@ -41,6 +41,14 @@ def _vllm_refusal(message: str, param: str, value: Any = None) -> errors.VllmBad
     return errors.VllmBadRequest(f"{message} ({extras})", param=param)
 
 
+def _token_keys(bias: dict[str, float]) -> dict[int, float]:
+    bad = [key for key in bias if not key.lstrip("-").isdigit()]
+    if bad:
+        raise _vllm_refusal(f"logit_bias contains key(s) that cannot be converted to integer "
+                            f"token IDs: {bad}", "logit_bias", bad)
+    return {int(key): value for key, value in bias.items()}
+
+
 def _is_default(value: Any, default: Any) -> bool:
     # A flag whose default is None is as off at false.
     return value is None or value == default or (default is None and value is False)
@@ -51,6 +59,7 @@ def _is_default(value: Any, default: Any) -> bool:
 COMPLETIONS_MAX_TOKENS = 16
 # A torch generator's seed is an int64: vLLM's server refuses others with a 400.
 Seed = Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1)]
+TokenId = Annotated[int, Meta(ge=0)]
 
 
 # ---- requests -------------------------------------------------------------------
@@ -81,7 +90,8 @@ class JsonObjectFormat(_Request, tag_field="type", tag="json_object"):
 
 
 class JsonSchemaFormat(_Request, tag_field="type", tag="json_schema"):
-    json_schema: JsonSchema
+    # Required; checked in _format() to refuse its absence in vLLM's words.
+    json_schema: JsonSchema | None = None
 
 
 class _Sampling(_Request, kw_only=True):
@@ -109,7 +119,8 @@ class _Sampling(_Request, kw_only=True):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     # JSON keys are strings; msgspec reads them as the token ids vLLM wants.
-    logit_bias: dict[int, float] | None = None
+    # Token ids as JSON keys: converted in sampling(), refused in vLLM's words.
+    logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
@@ -178,6 +189,8 @@ class _Sampling(_Request, kw_only=True):
         worker applies the model's generation_config defaults to the rest."""
         params = {name: value for name in _SAME_NAME
                   if (value := getattr(self, name)) is not None}
+        if self.logit_bias is not None:
+            params["logit_bias"] = _token_keys(self.logit_bias)
         if not self.spaces_between_special_tokens:
             params["spaces_between_special_tokens"] = False
         if self.stop is not None:
@@ -227,6 +240,9 @@ class _Sampling(_Request, kw_only=True):
         if isinstance(fmt, JsonObjectFormat):
             return {"json_object": True}
         if isinstance(fmt, JsonSchemaFormat):
+            if fmt.json_schema is None:
+                raise _vllm_refusal("When response_format type is 'json_schema', the "
+                                    "'json_schema' field must be provided.", "response_format")
             if fmt.json_schema.schema is None:
                 raise errors.BadRequest("response_format json_schema needs a schema",
                                         param="response_format.json_schema.schema")
@@ -237,7 +253,7 @@ class _Sampling(_Request, kw_only=True):
 class CompletionRequest(_Sampling, kw_only=True):
     # One prompt (text or token ids) or a batch of them; checked in prompts().
     # Optional as in vLLM, which refuses a missing prompt as an empty one.
-    prompt: str | list[str | int | list[int]] | None = None
+    prompt: str | list[str | TokenId | list[TokenId]] | None = None
     logprobs: int | None = None
     echo: bool | None = None
     suffix: str | None = None
@@ -296,6 +312,8 @@ class CompletionRequest(_Sampling, kw_only=True):
         if prompt and (all(isinstance(item, str) for item in prompt)
                        or all(isinstance(item, list) for item in prompt)):
             return prompt
+        if prompt == []:
+            raise errors.VllmBadRequest("You must pass at least one prompt")
         raise errors.BadRequest("prompt must be a string, a list of token ids, or a "
                                 "non-empty list of either (a batch)", param="prompt")
 
