@@ -710,7 +710,6 @@ async def test_vllm_fields_at_their_defaults_are_served(path, body):
 
 @pytest.mark.parametrize("path, extra, param", [
     ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
-    ("/v1/completions", {"prompt_embeds": "AAAA"}, "prompt_embeds"),
     ("/v1/chat/completions", {"logprob_token_ids": [1]}, "logprob_token_ids"),
     ("/v1/chat/completions", {"return_prompt_text": True}, "return_prompt_text"),
 ])

@@ -72,6 +72,8 @@ COMPLETIONS = {
     "empty prompt": {"prompt": "", "max_tokens": 3},
     "suffix": {"prompt": "hello", "max_tokens": 3, "suffix": "world"},
     "empty prompt list": {"prompt": [], "max_tokens": 3},
+    "empty prompt and prompt_embeds": {"prompt": None, "prompt_embeds": [], "max_tokens": 3},
+    "prompt_embeds": {"prompt": None, "prompt_embeds": "AAAA", "max_tokens": 3},
     "json_schema without its schema": {"prompt": "hello", "max_tokens": 3,
                                        "response_format": {"type": "json_schema"}},
     "logit_bias keys not token ids": {"prompt": "hello", "max_tokens": 3,

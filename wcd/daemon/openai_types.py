@@ -264,9 +264,12 @@ class CompletionRequest(_Sampling, kw_only=True):
 
     def check(self) -> None:
         super().check()
-        if self.prompt is None or self.prompt == "":
+        if self.prompt in (None, "") and not self.prompt_embeds:
             raise errors.VllmBadRequest("Either prompt or prompt_embeds must be provided and "
                                         "non-empty. (parameter=prompt)", param="prompt")
+        if self.prompt_embeds:  # as a server started without --enable-prompt-embeds
+            raise _vllm_refusal("You must set `--enable-prompt-embeds` to input "
+                                "`prompt_embeds`.", "prompt_embeds")
         if self.suffix:
             raise errors.VllmBadRequest("suffix is only supported for models with FIM "
                                         "completion rendering", param="suffix")
@@ -294,9 +297,6 @@ class CompletionRequest(_Sampling, kw_only=True):
 
     def _echo_prompt_logprobs(self) -> int | None:
         return self.logprobs
-
-    def _unimplemented(self) -> tuple[str, ...]:
-        return ("prompt_embeds",)
 
     def prompts(self) -> list[p.Prompt]:
         """One worker input per prompt: text or token ids."""
