@@ -958,6 +958,7 @@ def chat_request(messages: list[dict], tools: list[dict] | None, options, render
     may change. A field vLLM refuses raises ValueError with its message."""
     import pydantic
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.exceptions import VLLMValidationError
 
     fields = {
         "messages": messages, "tools": tools, "tool_choice": options.tool_choice,
@@ -972,6 +973,8 @@ def chat_request(messages: list[dict], tools: list[dict] | None, options, render
                                          "spaces_between_special_tokens") if key in sampling}}
     try:
         return ChatCompletionRequest.model_validate(fields)
+    except VLLMValidationError as exc:  # its validators' own, raised through pydantic
+        raise ValueError(str(exc)) from None
     except pydantic.ValidationError as exc:
         raise ValueError(_validation_message(exc)) from None
 
