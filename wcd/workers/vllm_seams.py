@@ -917,12 +917,16 @@ def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
 # core holds a structured-output grammar back until the reasoning has ended,
 # told per request whether the prompt already ended it (reasoning_ended),
 # which LLMEngine.add_request does not take, so it goes in on vLLM's own
-# EngineCoreRequest (add_request below).
+# EngineCoreRequest (add_request below). Read against 0.32 only: on 0.26
+# nothing here is imported unless a model names parsers or a request sends
+# tools.
 
 
 def parser_class(tool_call_parser: str | None, reasoning_parser: str | None, engine):
     """The vLLM Parser class for a model's parsers, or None without any.
     Raises ValueError naming the parser its tokenizer cannot serve."""
+    if not tool_call_parser and not reasoning_parser:
+        return None  # as vLLM's, without importing what vLLM 0.26 may lack
     from vllm.parser import ParserManager
 
     try:
