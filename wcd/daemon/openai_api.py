@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET
 
 import wcd
 from wcd.daemon import errors
@@ -504,15 +505,15 @@ async def _send_events(sink: _Sink, job: _Job, fmt: _Format, first: p.Output | N
     try:
         for chunk in fmt.opening(first):
             if job.continuous_usage and first is not None:  # nothing generated yet
-                chunk.usage = t.Usage(prompt_tokens=first.prompt_tokens, completion_tokens=0,
-                                      total_tokens=first.prompt_tokens,
-                                      **_reasoning_details(first.parsed, 0))
+                chunk.usage = fmt.running_usage(t.Usage(
+                    prompt_tokens=first.prompt_tokens, completion_tokens=0,
+                    total_tokens=first.prompt_tokens, **_reasoning_details(first.parsed, 0)))
             await sink.event(chunk)
         async for output in _chain(first, outputs):
             chunk = fmt.chunk(tally.add(output))
             if chunk is not None:
                 if job.continuous_usage:
-                    chunk.usage = tally.usage()
+                    chunk.usage = fmt.running_usage(tally.usage())
                 await sink.event(chunk)
         if job.include_usage:
             await sink.event(fmt.usage_chunk(tally.usage()))
@@ -706,6 +707,10 @@ class _Format:
     def usage_chunk(self, usage: t.Usage) -> Any:
         raise NotImplementedError
 
+    def running_usage(self, usage: t.Usage) -> t.Usage:
+        """The usage so far, as a chunk carries it (continuous_usage_stats)."""
+        return usage
+
     def _token_ids(self, token_ids: list[int]) -> list[int] | None:
         return token_ids if self.job.return_token_ids else None
 
@@ -852,6 +857,13 @@ class _ChatFormat(_Format):
 
     def usage_chunk(self, usage: t.Usage) -> t.ChatCompletionChunk:
         return t.ChatCompletionChunk(**self.head, choices=[], usage=usage)
+
+    def running_usage(self, usage: t.Usage) -> t.Usage:
+        # vLLM's chat chunks always set completion_tokens_details: null
+        # without a reasoning parser.
+        if usage.completion_tokens_details is UNSET:
+            usage.completion_tokens_details = None
+        return usage
 
     def _logprobs(self, entries: list[dict]) -> t.ChatLogprobs | None:
         if self.job.top_logprobs is None:
