@@ -58,7 +58,7 @@ TOOL_HISTORY = [
     {"role": "tool", "tool_call_id": "call-1", "content": "sunny"}]
 PLAIN, PARSERS = "plain", "parsers"
 PARSER_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                "--reasoning-parser", "qwen3"]
+                "--reasoning-parser", "qwen3", "--trust-request-chat-template"]
 WCD_PARSERS = {"tool_call_parser": "hermes", "reasoning_parser": "qwen3"}
 
 COMPLETIONS = {
@@ -196,6 +196,12 @@ PARSER_CHATS = {
     "named and a structured output": {"messages": HI, **NAMED,
                                       "structured_outputs": {"regex": "[a-z]+"}},
     "named, n=2": {"messages": HI, **NAMED, "n": 2},
+    # What the template sees of the tools, in the prompt's tokens.
+    "tools in the template": {
+        "messages": HI, "max_tokens": 2, "return_token_ids": True, **NO_THINKING,
+        "tools": [WEATHER_STRICT, {**TIME, "extra": 1}], "tool_choice": "none",
+        "chat_template": "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+                         "{{ messages[-1]['content'] }}"},
     "reasoning n=2 stream": {"messages": HI, "max_tokens": 4, "n": 2, "stream": True,
                              "stream_options": {"include_usage": True}},
 }
@@ -251,7 +257,9 @@ def _wait_ready(url: str, server: subprocess.Popen, log_path) -> None:
 def wcd_url(flavor, demo_models, tmp_path_factory):
     parsers = WCD_PARSERS if flavor == PARSERS else {}
     models = {"small-a": {"path": str(demo_models / "small-a"), **parsers}}
-    with serving(tmp_path_factory.mktemp("wcd"), demo_models, models=models,
+    http = {"host": "127.0.0.1", "port": free_port(),
+            "trust_request_chat_template": flavor == PARSERS}
+    with serving(tmp_path_factory.mktemp("wcd"), demo_models, models=models, http=http,
                  policy={**POLICY, "max_resident": 1}) as daemon:
         yield daemon.url
 
