@@ -49,13 +49,16 @@ class ModelEntry:
     keep_alive_s: float | None  # None: the policy's default
     configured: bool
     root: str = ""  # the model root (real path) the directory lies beneath
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @property
     def tensor_parallel_size(self) -> int:
         return int(self.engine_args.get("tensor_parallel_size", 1))
 
     def spec(self) -> p.ModelSpec:
-        return p.ModelSpec(self.name, self.path, self.engine_args, self.root)
+        return p.ModelSpec(self.name, self.path, self.engine_args, self.root,
+                           self.tool_call_parser, self.reasoning_parser)
 
     def disk_bytes(self) -> int:
         try:
@@ -69,7 +72,9 @@ class Catalog:
         self._settings = settings
         self._roots = tuple(os.path.realpath(r) for r in settings.model_roots)
         self._configured = {
-            name: ModelEntry(name, m.path, settings.engine_args(m), m.keep_alive_s, True)
+            name: ModelEntry(name, m.path, settings.engine_args(m), m.keep_alive_s, True,
+                             tool_call_parser=m.tool_call_parser,
+                             reasoning_parser=m.reasoning_parser)
             for name, m in settings.models.items()
         }
         self._alias_at = {os.path.realpath(e.path): e.name for e in self._configured.values()}

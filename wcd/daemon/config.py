@@ -119,6 +119,10 @@ class ModelSettings:
     path: str
     keep_alive_s: float | None  # None: the policy's keep_alive applies
     engine_args: dict = field(default_factory=dict)
+    # vLLM's parsers of the model's chat output (vllm serve's --tool-call-parser
+    # with --enable-auto-tool-choice, and --reasoning-parser); None: none.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 @dataclass(frozen=True)
@@ -335,7 +339,7 @@ _HTTP_KEYS = ("host", "port", "api_keys", "max_body_bytes", "max_prompts", "max_
               "max_connections", "open_status", "trust_request_chat_template")
 _API_KEY_KEYS = ("key", "models")
 _WORKER_KEYS = ("device", "tensor_parallel_size", "serves_tensor_parallel_sizes")
-_MODEL_KEYS = ("path", "keep_alive")
+_MODEL_KEYS = ("path", "keep_alive", "tool_call_parser", "reasoning_parser")
 _POLICY_KEYS = (
     "keep_alive", "max_parked", "park_min_free_bytes", "host_cache_bytes", "queue_max", "queue_wait", "drain_timeout",
     "health_interval", "health_timeout", "restart_backoff_min", "restart_backoff_max",
@@ -348,9 +352,15 @@ _POLICY_KEYS = (
 _NOT_DEFAULTS = {
     "path": "a model's own key, not a default",
     "keep_alive": "a model's own key; the default for all models is policy.keep_alive",
+    "tool_call_parser": "a model's own key: the parser must fit the model's output",
+    "reasoning_parser": "a model's own key: the parser must fit the model's output",
 }
 # vLLM's `model` engine arg would contradict the model's `path`.
-_NOT_ENGINE_ARGS = {"model": "set by wcd from the model's path; use `path`"}
+_NOT_ENGINE_ARGS = {
+    "model": "set by wcd from the model's path; use `path`",
+    # vllm serve's flag, not an engine arg: a model's tool_call_parser turns it on.
+    "enable_auto_tool_choice": "set the model's tool_call_parser, which enables it",
+}
 
 
 def _parse_control(section: _Reader, base_dir: str) -> ControlSettings:
@@ -450,6 +460,8 @@ def _parse_model(entry: _Reader, alias: str, base_dir: str, roots: tuple[str, ..
         path=path,
         keep_alive_s=entry.get("keep_alive", parse_duration, None),
         engine_args=_engine_args(entry, own=_MODEL_KEYS, refused={}),
+        tool_call_parser=entry.get("tool_call_parser", _text, None),
+        reasoning_parser=entry.get("reasoning_parser", _text, None),
     )
 
 

@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET
 
 import wcd
 from wcd.daemon import errors
 from wcd.daemon import openai_embeddings as emb
+from wcd.daemon import openai_tools
 from wcd.daemon import openai_types as t
 from wcd.daemon.config import HttpSettings
 from wcd.daemon.http_errors import error_middleware
@@ -181,11 +183,13 @@ class _Job:
     return_prompt: bool = False
     return_token_ids: bool = False
     # Completions: echo the prompt (only it, at max_tokens 0); chat: the text
-    # the answer continues and the role it answers with.
+    # the answer continues (None: no echo), the role it answers with, and
+    # what the model's parsers need.
     echo: bool = False
     echo_only: bool = False
-    echoed: str = ""
+    echoed: str | None = None
     role: str = "assistant"
+    chat: p.ChatOptions | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -211,7 +215,8 @@ class _Job:
         if isinstance(body, t.CompletionRequest):
             job.echo, job.echo_only = bool(body.echo), bool(body.echo) and body.max_tokens == 0
         else:
-            job.echoed, job.role = body.echoed(), body.response_role()
+            job.echoed, job.role, job.chat = body.echoed(), body.response_role(), \
+                body.chat_options()
         size = _payload_bytes(job.sampling, job.template_kwargs, job.template)
         if size > http.max_sampling_bytes:
             raise errors.PayloadTooLarge(
@@ -221,7 +226,7 @@ class _Job:
 
     def request(self, served: str) -> p.Generate:
         return p.Generate(self.id, served, self.prompts, self.sampling, self.template_kwargs,
-                          self.template, self.render, self.return_prompt)
+                          self.template, self.render, self.return_prompt, self.chat)
 
 
 def _check_counts(prompts: int, n: int, http: HttpSettings, param: str = "prompt") -> None:
@@ -624,14 +629,15 @@ async def _send_events(sink: _Sink, job: _Job, fmt: _Format, first: p.Output | N
     try:
         for chunk in fmt.opening(first):
             if job.continuous_usage and first is not None:  # nothing generated yet
-                chunk.usage = t.Usage(prompt_tokens=first.prompt_tokens, completion_tokens=0,
-                                      total_tokens=first.prompt_tokens)
+                chunk.usage = fmt.running_usage(t.Usage(
+                    prompt_tokens=first.prompt_tokens, completion_tokens=0,
+                    total_tokens=first.prompt_tokens, **_reasoning_details(first.parsed, 0)))
             await sink.event(chunk)
         async for output in _chain(first, outputs):
             chunk = fmt.chunk(tally.add(output))
             if chunk is not None:
                 if job.continuous_usage:
-                    chunk.usage = tally.usage()
+                    chunk.usage = fmt.running_usage(tally.usage())
                 await sink.event(chunk)
         if job.include_usage:
             await sink.event(fmt.usage_chunk(tally.usage()))
@@ -640,6 +646,14 @@ async def _send_events(sink: _Sink, job: _Job, fmt: _Format, first: p.Output | N
     except Exception as exc:  # the status line is gone: report in-band
         await sink.event(_in_band(job, exc).body())
     await sink.raw(_DONE)
+
+
+def _reasoning_details(parsed: p.Parsed | None, tokens: int) -> dict[str, Any]:
+    """vLLM's usage field for reasoning tokens, where the model has a
+    reasoning parser (which counts them on the Outputs)."""
+    if parsed is None or parsed.reasoning_tokens is None:
+        return {}
+    return {"completion_tokens_details": {"reasoning_tokens": tokens}}
 
 
 def _in_band(job: _Job, exc: Exception) -> errors.WcdError:
@@ -675,6 +689,10 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # From the model's parsers: the whole completion parsed (not streamed),
+    # and its reasoning tokens so far.
+    message: p.ParsedMessage | None = None
+    reasoning_tokens: int = 0
 
 
 @dataclass
@@ -687,6 +705,7 @@ class _Delta:
     logprobs: list[dict]
     prompt: p.PromptInfo | None  # on the choice's first delta, where the job returns it
     output: p.Output
+    tokens: int  # the choice's generated tokens, these included
 
 
 class _Tally:
@@ -699,6 +718,7 @@ class _Tally:
         self.prompts: dict[int, p.PromptInfo] = {}
         self.prompt_tokens: dict[int, int] = {}
         self.completion_tokens = 0
+        self.counts_reasoning = False  # the model's reasoning parser counts them
 
     def add(self, output: p.Output) -> _Delta:
         prompt_index = output.prompt_index
@@ -722,8 +742,19 @@ class _Tally:
         choice.stop_reason = output.stop_reason if output.finish_reason else choice.stop_reason
         self.prompt_tokens[prompt_index] = output.prompt_tokens
         self.completion_tokens += len(output.token_ids)
+        if output.parsed is not None:
+            self._add_parsed(choice, output.parsed)
         return _Delta(index, offset, text, entries,
-                      self.prompts.get(prompt_index) if first else None, output)
+                      self.prompts.get(prompt_index) if first else None, output,
+                      len(choice.token_ids))
+
+    def _add_parsed(self, choice: _Choice, parsed: p.Parsed) -> None:
+        if parsed.error is not None:
+            raise errors.WorkerFailed(f"the model's parsers failed: {parsed.error}")
+        choice.message = parsed.message or choice.message
+        if parsed.reasoning_tokens is not None:
+            self.counts_reasoning = True
+            choice.reasoning_tokens = parsed.reasoning_tokens
 
     def _echo(self, prompt_index: int) -> tuple[str, list[dict]]:
         """The prompt's text (none with return_token_ids, as vLLM) and its
@@ -741,10 +772,14 @@ class _Tally:
         return sorted(self.choices.items())
 
     def usage(self, details: bool = False) -> t.Usage:
-        """`details`: with the (null) token details a response has and chunks lack."""
+        """`details`: with the (null) token details a response has and chunks
+        lack; the reasoning tokens, where the model's parser counts them."""
         prompt = sum(self.prompt_tokens.values())
         nulls = {"prompt_tokens_details": None, "completion_tokens_details": None} \
             if details else {}
+        if self.counts_reasoning:
+            reasoning = sum(choice.reasoning_tokens for choice in self.choices.values())
+            nulls["completion_tokens_details"] = {"reasoning_tokens": reasoning}
         return t.Usage(prompt_tokens=prompt, completion_tokens=self.completion_tokens,
                        total_tokens=prompt + self.completion_tokens, **nulls)
 
@@ -795,6 +830,10 @@ class _Format:
 
     def usage_chunk(self, usage: t.Usage) -> Any:
         raise NotImplementedError
+
+    def running_usage(self, usage: t.Usage) -> t.Usage:
+        """The usage so far, as a chunk carries it (continuous_usage_stats)."""
+        return usage
 
     def _token_ids(self, token_ids: list[int]) -> list[int] | None:
         return token_ids if self.job.return_token_ids else None
@@ -854,6 +893,10 @@ class _CompletionFormat(_Format):
 
 
 class _ChatFormat(_Format):
+    def __init__(self, job: _Job):
+        super().__init__(job)
+        self.streamed_tools: set[int] = set()  # choices whose chunks carried tool calls
+
     def opening(self, first: p.Output | None) -> list[t.ChatCompletionChunk]:
         # OpenAI announces the role of every choice before any content; vLLM
         # then echoes, and gives the prompt's token ids with the role.
@@ -869,20 +912,36 @@ class _ChatFormat(_Format):
         return chunks
 
     def response(self, tally: _Tally) -> t.ChatCompletion:
-        choices = [t.ChatChoice(index=i, message=t.ChatMessage(
-                                    role=self.job.role, content=self.job.echoed + "".join(c.text)),
-                                logprobs=self._logprobs(c.logprobs),
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                token_ids=self._token_ids(c.token_ids))
-                   for i, c in tally.ordered()]
+        choices = [self._choice(i, c) for i, c in tally.ordered()]
         prompt = tally.prompt(0)
         return t.ChatCompletion(
             **self.head, choices=choices, usage=tally.usage(details=True),
             prompt_logprobs=_prompt_logprobs(prompt),
             prompt_token_ids=self._token_ids(prompt.token_ids) if prompt else None)
 
+    def _choice(self, index: int, c: _Choice) -> t.ChatChoice:
+        if c.message is None:  # the model has no parsers: its text is the content
+            return t.ChatChoice(index=index, message=t.ChatMessage(
+                                    role=self.job.role,
+                                    content=(self.job.echoed or "") + "".join(c.text)),
+                                logprobs=self._logprobs(c.logprobs),
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                token_ids=self._token_ids(c.token_ids))
+        message, called = openai_tools.message(self.job.role, c.message, self.job.chat)
+        if self.job.echoed is not None:
+            message.content = self.job.echoed + (message.content or "")
+        # Without the reasoning, nothing may show its tokens either (vLLM).
+        shown = self.job.chat.include_reasoning
+        return t.ChatChoice(
+            index=index, message=message,
+            logprobs=self._logprobs(c.logprobs) if shown else None,
+            finish_reason=openai_tools.finish_reason(c.finish_reason, called, self.job.chat),
+            stop_reason=c.stop_reason, token_ids=self._token_ids(c.token_ids) if shown else None)
+
     def chunk(self, delta: _Delta) -> t.ChatCompletionChunk | None:
         output = delta.output
+        if output.parsed is not None:
+            return self._parsed_chunk(delta)
         if not (output.text or output.finish_reason or output.logprobs
                 or (output.token_ids and self.job.return_token_ids)):
             return None
@@ -894,8 +953,41 @@ class _ChatFormat(_Format):
                                    token_ids=self._token_ids(output.token_ids), **ending)
         return t.ChatCompletionChunk(**self.head, choices=[choice], **self.chunk_usage)
 
+    def _parsed_chunk(self, delta: _Delta) -> t.ChatCompletionChunk | None:
+        """A chunk of what the model's parsers made of an Output, as vLLM's
+        chat_completion_stream_generator writes it."""
+        output = delta.output
+        if not output.text and not delta.tokens:
+            return None  # nothing generated yet (vLLM: chunked prefill)
+        message = openai_tools.delta(output.parsed.delta, self.job.chat)
+        if output.parsed.delta is not None and output.parsed.delta.tool_calls:
+            self.streamed_tools.add(delta.index)
+        # Without the reasoning, nothing may show its tokens either (vLLM).
+        shown = self.job.chat.include_reasoning
+        logprobs = self._logprobs(output.logprobs or []) if shown else None
+        token_ids = self._token_ids(output.token_ids) if shown else None
+        if message is None:
+            if output.finish_reason is None and logprobs is None and token_ids is None:
+                return None
+            message = t.ChatDelta()
+        ending = {}
+        if output.finish_reason:
+            ending = {"finish_reason": openai_tools.stream_finish_reason(
+                output.finish_reason, delta.index in self.streamed_tools, self.job.chat),
+                "stop_reason": output.stop_reason}
+        choice = t.ChatChunkChoice(index=delta.index, delta=message, logprobs=logprobs,
+                                   token_ids=token_ids, **ending)
+        return t.ChatCompletionChunk(**self.head, choices=[choice], **self.chunk_usage)
+
     def usage_chunk(self, usage: t.Usage) -> t.ChatCompletionChunk:
         return t.ChatCompletionChunk(**self.head, choices=[], usage=usage)
+
+    def running_usage(self, usage: t.Usage) -> t.Usage:
+        # vLLM's chat chunks always set completion_tokens_details: null
+        # without a reasoning parser.
+        if usage.completion_tokens_details is UNSET:
+            usage.completion_tokens_details = None
+        return usage
 
     def _logprobs(self, entries: list[dict]) -> t.ChatLogprobs | None:
         if self.job.top_logprobs is None:

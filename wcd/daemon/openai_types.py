@@ -336,6 +336,22 @@ class Message(Struct, omit_defaults=True):
     reasoning_content: str | None = None
 
 
+# vLLM's ChatCompletionToolsParam: fields of other dialects are taken and
+# dropped, as its model does.
+class ToolFunction(Struct):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    defer_loading: bool | None = None
+
+
+class Tool(Struct):
+    function: ToolFunction
+    type: Literal["function"] = "function"
+    defer_loading: bool | None = None
+
+
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: list[Message]
     max_completion_tokens: int | None = None
@@ -345,17 +361,20 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     # vLLM's own field: a Jinja template of the client's, run only where the
     # operator trusts request templates (http.trust_request_chat_template).
     chat_template: str | None = None
+    # vLLM's tool calling: the tools reach the chat template, and the model's
+    # parsers (its tool_call_parser) make its output tool calls. Unset,
+    # tool_choice is "auto" with tools and "none" without; null stays null.
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None | UnsetType = UNSET
+    parallel_tool_calls: bool | None = True
     # Refused when set to anything that asks for behaviour wcd lacks.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     # vLLM's: reasoning_effort reaches the chat template (template_kwargs);
-    # include_reasoning only matters with a reasoning parser, which wcd lacks.
+    # include_reasoning false drops what the model's reasoning_parser finds.
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
                               "max"] | None = None
     include_reasoning: bool = True
@@ -377,7 +396,17 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         return msgspec.structs.replace(
             super().render(), add_special_tokens=self.add_special_tokens,
             add_generation_prompt=self.add_generation_prompt,
-            continue_final_message=self.continue_final_message, documents=self.documents)
+            continue_final_message=self.continue_final_message, documents=self.documents,
+            tools=None if self.tools is None else msgspec.to_builtins(self.tools))
+
+    def chat_options(self) -> p.ChatOptions:
+        """What the model's parsers need of this request."""
+        usage = self.stream_options
+        return p.ChatOptions(
+            tool_choice=self.effective_tool_choice(),
+            parallel_tool_calls=self.parallel_tool_calls,
+            include_reasoning=self.include_reasoning, stream=bool(self.stream),
+            continuous_usage=bool(usage and usage.include_usage and usage.continuous_usage_stats))
 
     def response_role(self) -> str:
         """The role vLLM's server answers with (get_chat_request_role)."""
@@ -385,10 +414,12 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             return "assistant"
         return self.messages[-1].role if self.messages else "assistant"
 
-    def echoed(self) -> str:
+    def echoed(self) -> str | None:
         """What an echo repeats: the last message's content, where it is the
-        response's role (the message the model continues)."""
-        if not (self.echo and self.messages) or self.messages[-1].role != self.response_role():
+        response's role (the message the model continues); None without echo."""
+        if not self.echo:
+            return None
+        if not self.messages or self.messages[-1].role != self.response_role():
             return ""
         content = self.messages[-1].content or ""
         if isinstance(content, list):
@@ -403,16 +434,45 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
     def check(self) -> None:
         super().check()
-        for name in ("tools", "functions", "function_call", "audio", "prediction"):
+        for name in ("functions", "function_call", "audio", "prediction"):
             if getattr(self, name):
                 raise errors.BadRequest(f"{name} is not supported", param=name)
-        if self.tool_choice not in (None, "none", "auto"):
-            raise errors.BadRequest("tool calling is not supported", param="tool_choice")
+        self._check_tools()
         if self.modalities not in (None, ["text"]):
             raise errors.BadRequest("only text output is supported", param="modalities")
         if self.top_logprobs and not self.logprobs:
             raise errors.BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         _check_template_kwargs(self.chat_template_kwargs)
+
+    def effective_tool_choice(self) -> str | dict[str, Any] | None:
+        """tool_choice as vLLM reads it: unset, "auto" with tools, else "none"."""
+        if self.tool_choice is UNSET:
+            return "auto" if self.tools else "none"
+        return self.tool_choice
+
+    def _check_tools(self) -> None:
+        """vLLM's refusals of tool fields, in its words and order
+        (ChatCompletionRequest's check_tool_usage, then
+        check_structured_outputs_count)."""
+        if self.tools == []:
+            raise _vllm_refusal("`tools` must not be an empty array. Either provide at least "
+                                "one tool or omit the field entirely.", "tools")
+        choice = self.effective_tool_choice()
+        if choice not in (None, "none"):
+            if self.tools is None:
+                raise _vllm_refusal("When using `tool_choice`, `tools` must be set.",
+                                    "tool_choice")
+            if isinstance(choice, dict):
+                _check_named_tool(choice, self.tools)
+            elif choice not in ("auto", "required"):
+                raise _vllm_refusal(f"Invalid value for `tool_choice`: {choice}! Only named "
+                                    'tools, "none", "auto" or "required" are supported.',
+                                    "tool_choice")
+        constraints = [key for key in ("json", "regex", "choice")
+                       if (self.structured_outputs or {}).get(key) is not None]
+        if constraints and choice not in ("none", "auto", "required"):
+            raise errors.VllmBadRequest("You can only either use constraints for structured "
+                                        "outputs or tools, not both.")
 
     def template(self, trusted: bool) -> str | None:
         return _request_template(self.chat_template, self.chat_template_kwargs, trusted)
@@ -440,6 +500,26 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             kwargs["reasoning_effort"] = self.reasoning_effort
             kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
         return kwargs
+
+
+_NAMED_TOOL_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
+def _check_named_tool(choice: dict[str, Any], tools: list[Tool]) -> None:
+    function = choice.get("function")
+    if not isinstance(function, dict):
+        raise _vllm_refusal(f"Invalid value for `function`: `{function}` in `tool_choice`! "
+                            f"{_NAMED_TOOL_USAGE}", "tool_choice.function")
+    if "name" not in function:
+        raise _vllm_refusal(f"Expected field `name` in `function` in `tool_choice`! "
+                            f"{_NAMED_TOOL_USAGE}", "tool_choice.function.name")
+    name = function["name"]
+    if not isinstance(name, str) or not name:
+        raise _vllm_refusal(f"Invalid `name` in `function`: `{name}` in `tool_choice`! "
+                            f"{_NAMED_TOOL_USAGE}", "tool_choice.function.name")
+    if all(tool.function.name != name for tool in tools):
+        raise _vllm_refusal("The tool specified in `tool_choice` does not match any of the "
+                            "specified `tools`", "tool_choice")
 
 
 def _check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
@@ -610,16 +690,30 @@ class ChatLogprobs(Struct, kw_only=True):
     content: list[TokenLogprob] | None
 
 
+class FunctionCall(Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(Struct, kw_only=True):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Struct, kw_only=True):
     # "assistant", or the last message's role when the model continues it
     # (add_generation_prompt false), as vLLM answers.
     role: str = "assistant"
-    content: str
+    # null where the model's parsers found only reasoning or tool calls.
+    content: str | None
     # OpenAI's fields, null as vLLM writes them for text.
     refusal: str | None = None
     annotations: list[dict[str, Any]] | None = None
     audio: dict[str, Any] | None = None
     function_call: dict[str, Any] | None = None
+    # Absent without tool calls, as vLLM writes it.
+    tool_calls: list[ToolCall] | UnsetType = UNSET
     reasoning: str | None = None
 
 
@@ -645,8 +739,13 @@ class ChatCompletion(Struct, kw_only=True):
 
 
 class ChatDelta(Struct, kw_only=True):
+    """vLLM's DeltaMessage: a field it leaves unset is absent, one it sets to
+    None is null."""
+
     role: str | UnsetType = UNSET
-    content: str | UnsetType = UNSET
+    content: str | None | UnsetType = UNSET
+    reasoning: str | None | UnsetType = UNSET
+    tool_calls: list[p.ToolCallDelta] | UnsetType = UNSET
 
 
 class ChatChunkChoice(Struct, kw_only=True):

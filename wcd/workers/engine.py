@@ -39,7 +39,7 @@ from vllm.renderers.params import TokenizeParams
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.llm_engine import LLMEngine
 
-from wcd.workers import pooling
+from wcd.workers import parsing, pooling
 from wcd.workers import protocol as p
 from wcd.workers import vllm_seams
 from wcd.workers.process import trim_heap
@@ -130,6 +130,7 @@ class Served:
     kept_bytes: int = 0  # the KV blocks kept in host memory while suspended
     kv_usage: float = 0.0  # after its last step, published for health reports
     workspace: Any = None  # vLLM's workspace manager made by its build (vllm_seams)
+    parsers: parsing.ModelParsers | None = None  # set once its tokenizer is known
 
     @property
     def name(self) -> str:
@@ -195,9 +196,17 @@ class EngineHost:
         except CheckpointError as exc:
             raise ModelError(p.BAD_MODEL, f"{spec.name}: {exc}") from exc
         engine_args = dict(spec.engine_args)
-        for key in ("model", *FORCED_ENGINE_ARGS):
+        for key in ("model", "reasoning_parser", *FORCED_ENGINE_ARGS):
             if key in engine_args:
                 raise ModelError(p.BAD_ARGS, f"{spec.name}: engine arg {key!r} is set by wcd")
+        try:
+            parsing.check_names(spec)
+        except ValueError as exc:
+            raise ModelError(p.BAD_ARGS, str(exc)) from None
+        if spec.reasoning_parser:
+            # vllm serve's --reasoning-parser is an engine arg too: the engine
+            # core holds structured outputs back until the reasoning ends.
+            engine_args["reasoning_parser"] = spec.reasoning_parser
         tp = engine_args.setdefault("tensor_parallel_size", 1)
         if not isinstance(tp, int) or not 1 <= tp <= self.max_tensor_parallel_size:
             raise ModelError(p.BAD_ARGS, f"{spec.name}: tensor_parallel_size {tp!r} on a worker "
@@ -251,7 +260,7 @@ class EngineHost:
                 with clock.phase("release"):
                     self._leave(leaving)
                 with clock.phase("build"):
-                    self._unpark()
+                    self._unpark(plan)
                 self.weights_source = "parked"
                 return "unpark"
             self.weights_source = "host_cache" if snapshot else "disk"
@@ -331,6 +340,7 @@ class EngineHost:
                     vllm_seams.switch_frontend(served.engine, self._engine_config(plan))
                     served.frontend_key = frontend_key
                 served.sampling_defaults = served.engine.model_config.get_diff_sampling_param()
+                served.parsers = _parsers(plan.spec, served.engine)
                 served.plan = plan
         except Exception as exc:
             log.warning("swap to %s failed in place (%s); reloading %s", plan.spec.name,
@@ -379,6 +389,7 @@ class EngineHost:
                 # From the cache: vLLM's dummy load format builds the engine
                 # without reading the checkpoint, then the snapshot is copied in.
                 served = self._build(plan, config)
+                served.parsers = _parsers(plan.spec, served.engine)
                 if snapshot:
                     self._apply(served.engine, snapshot)
             with clock.phase("warm"):
@@ -398,7 +409,7 @@ class EngineHost:
             try:
                 if self._parked_for(plan) is not None:
                     self._arriving = self.parked.pop(plan.spec.name)
-                    self._unpark()
+                    self._unpark(plan)
                     continue
                 snapshot = self.cache.get(plan.cache_key)
                 self._build_resident(plan, self._engine_config(plan, dummy=bool(snapshot)),
@@ -621,14 +632,18 @@ class EngineHost:
             served.kv_bytes = 0
             vllm_seams.release_engine_memory(others_alive=True, collect=False)
 
-    def _unpark(self) -> None:
-        """The arriving parked engine becomes resident."""
+    def _unpark(self, plan: Plan) -> None:
+        """The arriving parked engine becomes resident, serving `plan` (its
+        files and engine args the same; its spec, the parsers included, may
+        be newer)."""
         parked, self._arriving = self._arriving, None
         try:
             vllm_seams.restore_kv_cache(parked.engine)
+            parked.parsers = _parsers(plan.spec, parked.engine)
         except Exception:
             self._shut_down(parked)  # freed at the next collection
             raise
+        parked.plan = plan
         parked.engine.reset_prefix_cache()
         self._admit(parked)
 
@@ -666,10 +681,14 @@ class EngineHost:
         try:
             return_prompt = isinstance(request, p.Generate) and request.return_prompt
             with _as_bad_args():
-                for index, (engine_input, params) in enumerate(self._inputs(served, request)):
-                    sub_id = served.requests.add(request.request_id, index, return_prompt)
+                for index, (engine_input, params, turn) in enumerate(
+                        self._inputs(served, request)):
+                    sub_id = served.requests.add(request.request_id, index, return_prompt, turn)
                     added.append(sub_id)
-                    served.engine.add_request(sub_id, engine_input, params)
+                    reasoning = {} if turn is None else \
+                        turn.engine_reasoning(engine_input.get("prompt_token_ids") or [])
+                    vllm_seams.add_request(served.engine, sub_id, engine_input, params,
+                                           **reasoning)
         except BaseException:
             if added:
                 served.engine.abort_request(added)
@@ -677,20 +696,36 @@ class EngineHost:
             raise
 
     def _inputs(self, served: Served, request: p.Generate | p.Embed) -> Iterator[tuple]:
-        """(engine input, params) per prompt, rendered as vLLM renders them."""
+        """(engine input, params, chat turn) per prompt, rendered as vLLM
+        renders them; the turn runs the model's parsers on a chat."""
         if isinstance(request, p.Embed):
             with self._bounded("render"):
                 inputs = pooling.engine_requests(served.engine, request)
-            yield from inputs
+            for engine_input, params in inputs:
+                yield engine_input, params, None
             return
-        params = _sampling_params({**served.sampling_defaults, **request.sampling})
+        sampling = {**served.sampling_defaults, **request.sampling}
+        turn = self._chat_turn(served, request, sampling)
+        if turn is not None:
+            sampling = turn.sampling(sampling)
+        params = _sampling_params(sampling)
         params.output_kind = RequestOutputKind.DELTA
         for prompt in request.prompts:
             engine_input = self._render(served.engine, request, prompt)
             prompt_params = params.clone()
             _fit_max_tokens(served.engine.model_config, served.sampling_defaults,
                             engine_input, prompt_params, request.sampling.get("max_tokens"))
-            yield engine_input, prompt_params
+            yield engine_input, prompt_params, turn
+
+    @staticmethod
+    def _chat_turn(served: Served, request: p.Generate,
+                   sampling: dict[str, Any]) -> parsing.ChatTurn | None:
+        """A chat request's turn with the model's parsers; None without any
+        (a chat has one prompt, its messages)."""
+        if request.chat is None or request.prompts[0].messages is None:
+            return None
+        return parsing.ChatTurn.start(served.parsers, request, request.prompts[0].messages,
+                                      sampling)
 
     def _render(self, engine: LLMEngine, request: p.Generate, prompt: p.Prompt):
         """The prompt as vLLM's OpenAI server renders it, with the request's
@@ -771,13 +806,17 @@ class _Requests:
         self._prompt_of: dict[str, tuple[str, int]] = {}  # engine id -> (request, index)
         self._open: dict[str, set[str]] = {}  # request -> its unfinished engine ids
         self._prompt_owed: set[str] = set()  # engine ids whose PromptInfo is not sent yet
+        self._turns: dict[str, parsing.ChatTurn] = {}  # engine id -> its chat's parsing
 
-    def add(self, request_id: str, index: int, return_prompt: bool = False) -> str:
+    def add(self, request_id: str, index: int, return_prompt: bool = False,
+            turn: parsing.ChatTurn | None = None) -> str:
         sub_id = f"{request_id}-{index}"
         self._prompt_of[sub_id] = (request_id, index)
         self._open.setdefault(request_id, set()).add(sub_id)
         if return_prompt:
             self._prompt_owed.add(sub_id)
+        if turn is not None:
+            self._turns[sub_id] = turn
         return sub_id
 
     def forget(self, request_id: str) -> list[str]:
@@ -786,12 +825,14 @@ class _Requests:
         for sub in subs:
             self._prompt_of.pop(sub, None)
             self._prompt_owed.discard(sub)
+            self._turns.pop(sub, None)
         return subs
 
     def clear(self) -> None:
         self._prompt_of.clear()
         self._open.clear()
         self._prompt_owed.clear()
+        self._turns.clear()
 
     def outputs(self, ro: RequestOutput | PoolingRequestOutput,
                 engine: LLMEngine) -> Iterator[p.Output | p.Embedding]:
@@ -805,9 +846,11 @@ class _Requests:
         if ro.request_id in self._prompt_owed:
             self._prompt_owed.discard(ro.request_id)
             prompt = _prompt_info(ro, engine)
+        turn = self._turns.get(ro.request_id)
         last_of_request = False
         if ro.finished:
             self._prompt_of.pop(ro.request_id)
+            self._turns.pop(ro.request_id, None)
             remaining = self._open[request_id]
             remaining.discard(ro.request_id)
             if not remaining:
@@ -816,22 +859,26 @@ class _Requests:
         if isinstance(ro, PoolingRequestOutput):
             yield pooling.embedding(ro, request_id, index, last_of_request)
         else:
-            yield from _outputs(ro, request_id, index, last_of_request, prompt)
+            yield from _outputs(ro, request_id, index, last_of_request, prompt, turn)
 
 
 def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
     """vLLM's own SamplingParams validates every field; structured outputs
-    arrive as a plain dict because the protocol carries no vLLM types."""
+    arrive as a plain dict because the protocol carries no vLLM types (or
+    built already, where a chat's parsers adjusted them)."""
     structured = fields.pop("structured_outputs", None)
-    if structured is not None:
+    if isinstance(structured, dict):
         from vllm.sampling_params import StructuredOutputsParams
 
-        fields["structured_outputs"] = StructuredOutputsParams(**structured)
+        structured = StructuredOutputsParams(**structured)
+    if structured is not None:
+        fields["structured_outputs"] = structured
     return SamplingParams(**fields)
 
 
 def _outputs(ro: RequestOutput, request_id: str, prompt_index: int,
-             last_of_request: bool, prompt: p.PromptInfo | None) -> Iterator[p.Output]:
+             last_of_request: bool, prompt: p.PromptInfo | None,
+             turn: parsing.ChatTurn | None) -> Iterator[p.Output]:
     prompt_tokens = len(ro.prompt_token_ids or ())
     last = len(ro.outputs) - 1
     for i, completion in enumerate(ro.outputs):
@@ -847,6 +894,7 @@ def _outputs(ro: RequestOutput, request_id: str, prompt_index: int,
             logprobs=_logprobs(completion),
             prompt_index=prompt_index,
             prompt=prompt,
+            parsed=turn.parse(completion, ro.prompt_token_ids or ()) if turn else None,
         )
 
 
@@ -892,6 +940,13 @@ def _as_bad_args() -> Iterator[None]:
         raise
     except Exception as exc:
         raise ModelError(p.BAD_ARGS, _first_line(exc)) from exc
+
+
+def _parsers(spec: p.ModelSpec, engine: LLMEngine) -> parsing.ModelParsers:
+    try:
+        return parsing.model_parsers(spec, engine)
+    except ValueError as exc:
+        raise ModelError(p.BAD_ARGS, f"{spec.name}: {exc}") from None
 
 
 def _reload_from_files(worker, path: str, root: str) -> None:

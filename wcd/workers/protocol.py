@@ -12,8 +12,9 @@ import struct
 from typing import Any, Literal, Union
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
@@ -21,12 +22,17 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 class ModelSpec(msgspec.Struct, frozen=True):
     """What to load: the served name, a local directory and vLLM engine args.
     `root`: the model root the directory must lie beneath, checked again by
-    the worker when it opens the files ("" for none)."""
+    the worker when it opens the files ("" for none).
+    `tool_call_parser`, `reasoning_parser`: the vLLM parsers the worker runs
+    on the model's chat output, as `vllm serve --enable-auto-tool-choice
+    --tool-call-parser X --reasoning-parser Y` does (None: none)."""
 
     name: str
     path: str
     engine_args: dict[str, Any] = {}
     root: str = ""
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
@@ -122,6 +128,22 @@ class RenderOptions(msgspec.Struct, frozen=True, omit_defaults=True):
     documents: list[dict[str, str]] | None = None
 
 
+class ChatOptions(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A chat request's tool calling and reasoning fields, under vLLM's names
+    and with its defaults, for the model's parsers; the tools themselves are
+    `RenderOptions.tools`, which the chat template sees too. `tool_choice`:
+    "none", "auto", "required", a named function ({"type": "function",
+    "function": {"name": ...}}), or None where the client sent null.
+    `stream`: parsed delta by delta (vLLM's parse_delta) rather than whole at
+    the end; `continuous_usage`: reasoning tokens counted at every Output."""
+
+    tool_choice: str | dict[str, Any] | None = "none"
+    parallel_tool_calls: bool | None = True
+    include_reasoning: bool = True
+    stream: bool = False
+    continuous_usage: bool = False
+
+
 class Generate(msgspec.Struct, tag="generate", frozen=True):
     """One request: one prompt, or a batch sharing one `sampling`. The worker
     streams `Output`s tagged with the prompt's index.
@@ -130,6 +152,7 @@ class Generate(msgspec.Struct, tag="generate", frozen=True):
     with vLLM's own SamplingParams, so the daemon never needs vLLM.
     `chat_template` is set only where the operator trusts request templates.
     `return_prompt`: each prompt's first Output carries its `PromptInfo`.
+    `chat`: set on chat requests, whose output the model's parsers parse.
     """
 
     request_id: str
@@ -140,6 +163,7 @@ class Generate(msgspec.Struct, tag="generate", frozen=True):
     chat_template: str | None = None
     render: RenderOptions = RenderOptions()
     return_prompt: bool = False
+    chat: ChatOptions | None = None
 
 
 class Tokenize(msgspec.Struct, tag="tokenize", frozen=True):
@@ -304,6 +328,63 @@ class PromptInfo(msgspec.Struct, frozen=True):
     first_token: str = ""  # the first token's text, which has no logprob entry
 
 
+# What vLLM's parsers make of a chat completion. The deltas keep vLLM's
+# distinction between a field left unset (absent from its JSON) and one set
+# to None (null), so the daemon writes a chunk exactly as vLLM's server does.
+
+
+class FunctionDelta(msgspec.Struct, frozen=True):
+    name: str | None | UnsetType = UNSET
+    arguments: str | None | UnsetType = UNSET
+
+
+class ToolCallDelta(msgspec.Struct, frozen=True):
+    """vLLM's DeltaToolCall."""
+
+    index: int
+    id: str | None | UnsetType = UNSET
+    type: str | None | UnsetType = UNSET
+    function: FunctionDelta | None | UnsetType = UNSET
+
+
+class MessageDelta(msgspec.Struct, frozen=True):
+    """vLLM's DeltaMessage, as one streamed chunk carries it (an empty
+    tool_calls is absent there too)."""
+
+    content: str | None | UnsetType = UNSET
+    reasoning: str | None | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
+
+
+class ToolCall(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+class ParsedMessage(msgspec.Struct, frozen=True):
+    """A whole completion parsed (vLLM's Parser.parse): what the chat
+    response's message is made of."""
+
+    content: str | None
+    reasoning: str | None
+    tool_calls: list[ToolCall] = []
+
+
+class Parsed(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The model's parsers on an Output: streamed, `delta` is what vLLM's
+    parse_delta made of its tokens (None: held back, as a partial tag);
+    not streamed, the completion's last Output has `message`.
+    `reasoning_tokens`: the completion's so far, with a reasoning parser, on
+    its last Output and, with ChatOptions.continuous_usage, on every one.
+    `error`: the parser failed; the request fails with it."""
+
+    delta: MessageDelta | None = None
+    message: ParsedMessage | None = None
+    reasoning_tokens: int | None = None
+    error: str | None = None
+
+
 class Output(msgspec.Struct, tag="output", frozen=True):
     """New tokens of one completion (`index` < n) of one prompt since its last
     Output, streamed as vLLM produces them. `finished` is set on the request's
@@ -321,6 +402,7 @@ class Output(msgspec.Struct, tag="output", frozen=True):
     logprobs: list[dict[str, Any]] | None = None
     prompt_index: int = 0
     prompt: PromptInfo | None = None
+    parsed: Parsed | None = None  # chat requests to a model with parsers
 
 
 class Embedding(msgspec.Struct, tag="embedding", frozen=True):

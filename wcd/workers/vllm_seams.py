@@ -700,6 +700,7 @@ def check() -> None:
         raise SeamBroken("torch._dynamo no longer keeps its bytecode hooks in _bytecode_hooks "
                          "(unpin_orphaned_models)")
     _check_pooling()
+    _check_parser_seams(LLMEngine)
 
 
 def _check_pooling() -> None:
@@ -735,6 +736,23 @@ def _check_rendering() -> None:
             raise SeamBroken(f"the renderer has no {name} (render_completion, render_chat)")
     if not isinstance(getattr(KVCacheManager, "usage", None), property):
         raise SeamBroken("KVCacheManager.usage is gone (kv_cache_usage)")
+
+
+def _check_parser_seams(engine_class) -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.parser import Parser, ParserManager
+
+    if "finished" not in inspect.signature(Parser.parse_delta).parameters or \
+            not hasattr(ParserManager, "get_parser"):
+        raise SeamBroken("vLLM's chat parsers changed (ParserManager.get_parser, "
+                         "Parser.parse_delta)")
+    for name in ("resolve_reasoning_ended", "extract_structured_outputs", "build_chat_params"):
+        if not hasattr(ChatCompletionRequest, name):
+            raise SeamBroken(f"ChatCompletionRequest.{name} is gone (workers/parsing.py)")
+    if "isinstance(prompt, EngineCoreRequest)" not in inspect.getsource(
+            engine_class.add_request):
+        raise SeamBroken("LLMEngine.add_request no longer takes an EngineCoreRequest "
+                         "(add_request's reasoning fields)")
 
 
 def _ignored_hash_factors() -> str:
@@ -942,7 +960,7 @@ def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
             "tokenize": is_mistral_tokenizer(renderer.tokenizer)
             or engine.model_config.enable_prompt_embeds,
             # Absent rather than None: templates test `tools is defined`.
-            **{key: value for key, value in (("tools", options.tools),
+            **{key: value for key, value in (("tools", normalized_tools(options.tools)),
                                              ("documents", options.documents))
                if value is not None}},
     )
@@ -980,3 +998,144 @@ def render_pooled(engine, prompts: list[str | list[int]], truncate_prompt_tokens
     )
     return engine.renderer.render_cmpl(
         [parse_model_prompt(model_config, prompt) for prompt in prompts], tok_params)
+
+
+# ---- chat parsers ------------------------------------------------------------------
+# vllm 0.32: `vllm serve --enable-auto-tool-choice --tool-call-parser X
+# --reasoning-parser Y` composes both parsers into one vllm.parser.Parser class
+# (ParserManager.get_parser, checked against the tokenizer at start) and runs
+# it in its API server (OpenAIServingChat, OnlineRenderer.preprocess_chat) on
+# its own ChatCompletionRequest: adjust_request before sampling, parse or
+# parse_delta on the output. The worker builds the same request from wcd's
+# fields and runs the same calls (workers/parsing.py). The reasoning parser is
+# also an engine arg (StructuredOutputsConfig.reasoning_parser): the engine
+# core holds a structured-output grammar back until the reasoning has ended,
+# told per request whether the prompt already ended it (reasoning_ended),
+# which LLMEngine.add_request does not take, so it goes in on vLLM's own
+# EngineCoreRequest (add_request below). Read against 0.32 only: on 0.26
+# nothing here is imported unless a model names parsers or a request sends
+# tools.
+
+
+def parser_class(tool_call_parser: str | None, reasoning_parser: str | None, engine):
+    """The vLLM Parser class for a model's parsers, or None without any.
+    Raises ValueError naming the parser its tokenizer cannot serve."""
+    if not tool_call_parser and not reasoning_parser:
+        return None  # as vLLM's, without importing what vLLM 0.26 may lack
+    from vllm.parser import ParserManager
+
+    try:
+        return ParserManager.get_parser(
+            tool_parser_name=tool_call_parser, reasoning_parser_name=reasoning_parser,
+            enable_auto_tools=tool_call_parser is not None,
+            model_name=engine.model_config.model,
+            is_harmony=engine.model_config.hf_config.model_type == "gpt_oss",
+            tokenizer=engine.renderer.tokenizer)
+    except TypeError as exc:  # vLLM's words name its CLI flags
+        raise ValueError(str(exc).replace("--tool-call-parser", "tool_call_parser")
+                         .replace("--reasoning-parser", "reasoning_parser")) from exc
+
+
+def unknown_parsers(tool_call_parser: str | None, reasoning_parser: str | None) -> list[str]:
+    """The parser names vLLM does not know, as `key 'name'`, checked before
+    any engine is touched."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    unknown = []
+    if tool_call_parser and tool_call_parser not in ToolParserManager.list_registered():
+        unknown.append(f"tool_call_parser {tool_call_parser!r}")
+    if reasoning_parser and reasoning_parser not in ReasoningParserManager.list_registered():
+        unknown.append(f"reasoning_parser {reasoning_parser!r}")
+    return unknown
+
+
+def chat_request(messages: list[dict], tools: list[dict] | None, options, render,
+                 chat_template_kwargs: dict, sampling: dict):
+    """vLLM's ChatCompletionRequest with what its parsers read: the tool
+    fields, the template's arguments, and the sampling fields adjust_request
+    may change. A field vLLM refuses raises ValueError with its message."""
+    import pydantic
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    fields = {
+        "messages": messages, "tools": tools, "tool_choice": options.tool_choice,
+        "parallel_tool_calls": options.parallel_tool_calls,
+        "include_reasoning": options.include_reasoning, "stream": options.stream,
+        "chat_template_kwargs": chat_template_kwargs,
+        "add_generation_prompt": render.add_generation_prompt,
+        "continue_final_message": render.continue_final_message,
+        "documents": render.documents,
+        "structured_outputs": sampling.get("structured_outputs"),
+        **{key: sampling[key] for key in ("skip_special_tokens",
+                                         "spaces_between_special_tokens") if key in sampling}}
+    try:
+        return ChatCompletionRequest.model_validate(fields)
+    except VLLMValidationError as exc:  # its validators' own, raised through pydantic
+        raise ValueError(str(exc)) from None
+    except pydantic.ValidationError as exc:
+        raise ValueError(_validation_message(exc)) from None
+
+
+def _validation_message(exc) -> str:
+    """vLLM's own message where one of its validators refused (as its
+    server answers), else pydantic's first error."""
+    for error in exc.errors():
+        cause = (error.get("ctx") or {}).get("error")
+        if cause is not None:
+            return str(cause)
+    first = exc.errors()[0]
+    return f"{'.'.join(str(part) for part in first.get('loc', ()))}: {first.get('msg', '')}"
+
+
+def template_kwargs(request) -> dict:
+    """The chat template arguments vLLM's server gives its output parsers
+    (OpenAIServingChat._effective_chat_template_kwargs)."""
+    return request.build_chat_params(None, "auto").chat_template_kwargs
+
+
+def adjusting_template_kwargs(request) -> dict:
+    """Those it gives the parser that adjusts the request
+    (OnlineRenderer.preprocess_chat): with the tools and `tokenize`."""
+    from vllm.renderers.params import merge_kwargs
+
+    tools = [tool.model_dump() for tool in request.tools] if request.tools else None
+    defaults = merge_kwargs(None, {"tools": tools, "tokenize": False})
+    return request.build_chat_params(None, "auto").with_defaults(defaults).chat_template_kwargs
+
+
+def normalized_tools(tools: list[dict] | None) -> list[dict] | None:
+    """Tools as vLLM's server hands them to the chat template: its
+    ChatCompletionToolsParam dumped (unknown fields dropped, `strict` and
+    `defer_loading` only where set)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
+
+    if tools is None:
+        return None
+    return [ChatCompletionToolsParam.model_validate(tool).model_dump() for tool in tools]
+
+
+def tool_call_id() -> str:
+    """A tool call's id where the parser gave none, as vLLM's server makes it."""
+    from vllm.renderers.chat_utils import make_tool_call_id
+
+    return make_tool_call_id()
+
+
+def add_request(engine, request_id: str, engine_input, params,
+                reasoning_ended: bool | None = None,
+                reasoning_parser_kwargs: dict | None = None) -> None:
+    """engine.add_request, with AsyncLLM.add_request's reasoning fields set
+    on the EngineCoreRequest where the chat's parsers give any."""
+    if reasoning_ended is None and reasoning_parser_kwargs is None:
+        engine.add_request(request_id, engine_input, params)
+        return
+    from vllm.renderers.inputs.preprocess import extract_prompt_components
+
+    request = engine.input_processor.process_inputs(
+        request_id, engine_input, params, supported_tasks=engine.get_supported_tasks())
+    request.reasoning_ended = reasoning_ended
+    request.reasoning_parser_kwargs = reasoning_parser_kwargs
+    prompt_text, _, _ = extract_prompt_components(engine.model_config, engine_input)
+    engine.add_request(request_id, request, params, prompt_text=prompt_text)
