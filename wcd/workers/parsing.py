@@ -134,8 +134,8 @@ class ChatTurn:
         (OpenAIServingChat._engine_reasoning_kwargs)."""
         kwargs = {"chat_template_kwargs": self.template_kwargs} \
             if self.parsers.counts_reasoning else None
-        return {"reasoning_ended": self.request.resolve_reasoning_ended(self.adjuster,
-                                                                        prompt_token_ids),
+        return {"reasoning_ended": vllm_seams.reasoning_ended(self.request, self.adjuster,
+                                                              prompt_token_ids),
                 "reasoning_parser_kwargs": kwargs}
 
     def parse(self, completion, prompt_token_ids: list[int]) -> p.Parsed | None:

@@ -746,7 +746,7 @@ def _check_parser_seams(engine_class) -> None:
             not hasattr(ParserManager, "get_parser"):
         raise SeamBroken("vLLM's chat parsers changed (ParserManager.get_parser, "
                          "Parser.parse_delta)")
-    for name in ("resolve_reasoning_ended", "extract_structured_outputs", "build_chat_params"):
+    for name in ("extract_structured_outputs", "build_chat_params"):
         if not hasattr(ChatCompletionRequest, name):
             raise SeamBroken(f"ChatCompletionRequest.{name} is gone (workers/parsing.py)")
     if "isinstance(prompt, EngineCoreRequest)" not in inspect.getsource(
@@ -1012,7 +1012,8 @@ def render_pooled(engine, prompts: list[str | list[int]], truncate_prompt_tokens
 # core holds a structured-output grammar back until the reasoning has ended,
 # told per request whether the prompt already ended it (reasoning_ended),
 # which LLMEngine.add_request does not take, so it goes in on vLLM's own
-# EngineCoreRequest (add_request below). Read against 0.32 only: on 0.26
+# EngineCoreRequest (add_request below). Read against 0.32, and against 0.26
+# where it differs (get_parser takes no tokenizer; reasoning_ended inline);
 # nothing here is imported unless a model names parsers or a request sends
 # tools.
 
@@ -1024,16 +1025,31 @@ def parser_class(tool_call_parser: str | None, reasoning_parser: str | None, eng
         return None  # as vLLM's, without importing what vLLM 0.26 may lack
     from vllm.parser import ParserManager
 
+    # 0.32 checks the parsers against the tokenizer; 0.26 takes none.
+    checked = {"tokenizer": engine.renderer.tokenizer} if "tokenizer" in \
+        inspect.signature(ParserManager.get_parser).parameters else {}
     try:
         return ParserManager.get_parser(
             tool_parser_name=tool_call_parser, reasoning_parser_name=reasoning_parser,
             enable_auto_tools=tool_call_parser is not None,
             model_name=engine.model_config.model,
-            is_harmony=engine.model_config.hf_config.model_type == "gpt_oss",
-            tokenizer=engine.renderer.tokenizer)
+            is_harmony=engine.model_config.hf_config.model_type == "gpt_oss", **checked)
     except TypeError as exc:  # vLLM's words name its CLI flags
         raise ValueError(str(exc).replace("--tool-call-parser", "tool_call_parser")
                          .replace("--reasoning-parser", "reasoning_parser")) from exc
+
+
+def reasoning_ended(request, parser, prompt_token_ids: list[int]) -> bool | None:
+    """The engine's `reasoning_ended` for a chat, as vLLM's server resolves it
+    (0.32: ChatCompletionRequest.resolve_reasoning_ended; 0.26: the same
+    rules inline in OpenAIServingChat.create_chat_completion)."""
+    if hasattr(request, "resolve_reasoning_ended"):
+        return request.resolve_reasoning_ended(parser, prompt_token_ids)
+    if not request.include_reasoning or getattr(request, "_grammar_from_tool_parser", False):
+        return True
+    if parser is not None and parser.reasoning_parser is not None:
+        return parser.is_reasoning_end(prompt_token_ids)
+    return None
 
 
 def unknown_parsers(tool_call_parser: str | None, reasoning_parser: str | None) -> list[str]:
