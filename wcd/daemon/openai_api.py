@@ -425,9 +425,8 @@ class _Api:
                      timer: RequestTimer) -> web.StreamResponse:
         async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
                 timer.observe(_outputs(lease.worker, job.request(lease.model)))) as outputs:
-            # Chat usage gained completion_tokens_details after vLLM 0.26.
-            job.completion_details = isinstance(fmt, _CompletionFormat) or \
-                _version(self._vllm_version()) >= (0, 32)
+            # Usage gained completion_tokens_details after vLLM 0.26.
+            job.completion_details = _version(self._vllm_version()) >= (0, 32)
             timer.model = lease.model
             if job.stream:
                 write_timeout = self.scheduler.settings.http.write_timeout_s

@@ -105,8 +105,10 @@ class ChatTurn:
         self.template_kwargs = vllm_seams.template_kwargs(self.request)
         self.adjuster = parsers.make(self.request.tools,
                                      vllm_seams.adjusting_template_kwargs(self.request))
-        if parsers.cls.always_adjust_request or parsers.counts_reasoning or \
-                self.options.tool_choice != "none":
+        # OnlineRenderer.preprocess_chat's rule; vLLM 0.26's parsers lack
+        # always_adjust_request, which is false there.
+        if getattr(parsers.cls, "always_adjust_request", False) or \
+                parsers.counts_reasoning or self.options.tool_choice != "none":
             self.request = self.adjuster.adjust_request(request=self.request)
         self.completions: dict[int, _Completion] = {}
 
