@@ -173,7 +173,9 @@ class ChatTurn:
                         reasoning_tokens=self._reasoning_tokens(state) if counted else None)
 
     def _whole(self, state: _Completion, prompt_token_ids: list[int]) -> p.Parsed:
-        state.parser.set_prompt_token_ids(prompt_token_ids)
+        # A no-op in 0.32's base parser, absent from 0.26's.
+        if hasattr(state.parser, "set_prompt_token_ids"):
+            state.parser.set_prompt_token_ids(prompt_token_ids)
         reasoning, content, calls = state.parser.parse(
             "".join(state.text), self.request, enable_auto_tools=self.parsers.auto_tools,
             model_output_token_ids=state.token_ids)
