@@ -185,7 +185,9 @@ class ChatTurn:
                         reasoning_tokens=self._reasoning_tokens(state))
 
     def _reasoning_tokens(self, state: _Completion) -> int | None:
-        if not self.parsers.counts_reasoning:
+        # vLLM 0.26's parsers count no reasoning tokens (its usage has none).
+        if not self.parsers.counts_reasoning or \
+                not hasattr(state.parser, "count_reasoning_tokens"):
             return None
         return state.parser.count_reasoning_tokens(tuple(state.token_ids))
 
