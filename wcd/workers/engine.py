@@ -796,6 +796,10 @@ class EngineHost:
             sub_ids = [sub for rid in request_ids for sub in served.requests.forget(rid)]
             if sub_ids:
                 served.engine.abort_request(sub_ids)
+                # Their blocks are free now, not at the next step, which an
+                # idle engine never takes.
+                if not served.suspended:
+                    served.kv_usage = vllm_seams.kv_cache_usage(served.engine)
 
 
 class _Requests:

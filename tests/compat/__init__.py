@@ -1,0 +1,1 @@
+"""vLLM's own OpenAI-server tests, ported to run against any server (see conftest.py)."""

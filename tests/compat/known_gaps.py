@@ -1,0 +1,37 @@
+"""Cases of the compatibility suite that pass on vLLM's own api_server but fail
+on wcd today, by feature; conftest.py marks them xfail(strict) when the suite
+runs against wcd. A case that starts passing fails the run (XPASS strict):
+take it off this list. bench/compat.py measures both servers and lists the
+difference."""
+
+# feature -> case ids relative to tests/compat/
+GAPS: dict[str, list[str]] = {
+    "return_tokens_as_token_ids": [
+        "test_return_token_ids.py::test_comparison_with_prompt_logprobs_and_logprobs",
+    ],
+    "beam search (use_beam_search)": [
+        "test_completion.py::test_batch_completions",
+    ],
+    "cache_salt validation": [
+        "test_chat_validation.py::test_chat_completion_request_cache_salt_still_validated_on_dict",
+    ],
+    "system_fingerprint": [
+        "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[chat]",
+        "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[completion]",
+        "test_system_fingerprint.py::test_get_respects_set_default",
+    ],
+    "vLLM metrics (series not served)": [
+        "test_metrics.py::test_metrics_counts",
+        "test_metrics.py::test_metrics_exist",
+        "test_metrics.py::test_abort_metrics_reset",
+    ],
+    "cancelling requests whose clients hang up (some of a burst run on)": [
+        "test_basic.py::test_request_cancellation",
+    ],
+}
+
+# Gaps that show only now and then (a timing on a busy 2-core box): not strict.
+UNSTEADY = frozenset({"test_basic.py::test_request_cancellation"})
+
+KNOWN_GAPS: dict[str, str] = {case: feature for feature, cases in GAPS.items()
+                              for case in cases}
