@@ -64,16 +64,20 @@ async def vllm_server(model: str, log_path: Path, path: Path | None = None,
             start_new_session=True)
     try:
         await first_completion(f"http://127.0.0.1:{port}", model, log_path,
-                               lambda: server.returncode)
+                               lambda: server.returncode,
+                               pooling=engine_args.get("runner") == "pooling")
         yield port, time.perf_counter() - started, server.pid
     finally:
         await stop_group(server)
 
 
-async def first_completion(url: str, model: str, log_path: Path, exited) -> None:
-    """Polls until `url` answers a completion; `exited()` is the server's exit
-    code, or None while it runs."""
-    body = {"model": model, "prompt": "hello world", "max_tokens": 8, "temperature": 0}
+async def first_completion(url: str, model: str, log_path: Path, exited,
+                           pooling: bool = False) -> None:
+    """Polls until `url` answers a completion (an embedding, for a pooling
+    model); `exited()` is the server's exit code, or None while it runs."""
+    path, body = ("/v1/embeddings", {"model": model, "input": "hello world"}) if pooling else \
+        ("/v1/completions", {"model": model, "prompt": "hello world", "max_tokens": 8,
+                             "temperature": 0})
     deadline = time.monotonic() + SERVER_TIMEOUT_S
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         while time.monotonic() < deadline:
@@ -81,7 +85,7 @@ async def first_completion(url: str, model: str, log_path: Path, exited) -> None
                 raise RuntimeError(f"the server exited with {exited()} before its first "
                                    f"completion:\n{tail(log_path)}")
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with session.post(url + "/v1/completions", json=body) as response:
+                async with session.post(url + path, json=body) as response:
                     if response.status == 200:
                         return
                     if response.status < 500 and response.status != 404:

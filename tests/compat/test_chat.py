@@ -16,6 +16,8 @@ import jsonschema
 import openai
 import pytest
 
+from .usage import assert_totals
+
 MESSAGES = [{"role": "system", "content": "you are a helpful assistant"},
             {"role": "user", "content": "what is 1+1?"}]
 CONVERSATION = [
@@ -140,13 +142,6 @@ def test_chat_streaming(client, model):
     assert "".join(chunks) == output
 
 
-def _assert_totals(usage) -> None:
-    assert usage is not None
-    assert usage.prompt_tokens > 0
-    assert usage.completion_tokens > 0
-    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-
-
 def test_chat_completion_stream_options(client, model):
     messages = [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "What is the capital of France?"}]
@@ -162,7 +157,7 @@ def test_chat_completion_stream_options(client, model):
         assert chunk.usage is None
         if chunk.choices[0].finish_reason is not None:
             final = next(stream)
-            _assert_totals(final.usage)
+            assert_totals(final.usage)
             assert final.choices == []
 
     for options in ({"include_usage": None}, {"include_usage": True}):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import openai
 import pytest
 
+from .usage import assert_totals
+
 PROMPT_IDS = [0, 0, 0, 0, 0]
 
 
@@ -169,13 +171,6 @@ def _stream(client, model, **options):
                                      max_tokens=5, temperature=0.0, **options)
 
 
-def _assert_totals(usage) -> None:
-    assert usage is not None
-    assert usage.prompt_tokens > 0
-    assert usage.completion_tokens > 0
-    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-
-
 def test_completion_stream_options(client, model):
     for options in ({"include_usage": False, "continuous_usage_stats": False},
                     {"include_usage": False, "continuous_usage_stats": True}, {}):
@@ -188,16 +183,16 @@ def test_completion_stream_options(client, model):
         assert chunk.usage is None
         if chunk.choices[0].finish_reason is not None:
             final = next(stream)
-            _assert_totals(final.usage)
+            assert_totals(final.usage)
             assert final.choices == []
 
     stream = _stream(client, model, stream=True,
                      stream_options={"include_usage": True, "continuous_usage_stats": True})
     for chunk in stream:
-        _assert_totals(chunk.usage)
+        assert_totals(chunk.usage)
         if chunk.choices[0].finish_reason is not None:
             final = next(stream)
-            _assert_totals(final.usage)
+            assert_totals(final.usage)
             assert final.choices == []
 
     for options in ({"include_usage": None}, {"include_usage": True},
