@@ -7,6 +7,7 @@ ignore it."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -111,21 +112,27 @@ def test_abort_metrics_reset(model, metric_samples, post_unread):
     idle = (0, 0, 0)
     _poll_until(metric_samples, lambda gauges: gauges == idle, timeout=10.0, interval=0.2,
                 description="an idle server")
-    # vLLM's own starts 3 requests and polls. On 2 cores these can be done
-    # before a /metrics answers beside them, so more follow until one is seen.
+    # vLLM's own starts 3 requests and polls. On 2 cores vLLM's /metrics can
+    # wait for its engine to finish those, so more keep coming until the
+    # polls see them running.
     body = {"model": model, "prompt": PROMPT_IDS, "max_tokens": 450, "temperature": 0.0,
             "ignore_eos": True}
-    requests = []
+    requests: list = []
+    seen = threading.Event()
+
+    def keep_busy() -> None:
+        while not seen.wait(0.3) and len(requests) < 300:
+            requests.extend(post_unread("/v1/completions", body) for _ in range(3))
+
+    feeder = threading.Thread(target=keep_busy)
+    feeder.start()
     try:
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            requests += [post_unread("/v1/completions", body) for _ in range(3)]
-            time.sleep(0.1)
-            if (busy := _gauges(metric_samples))[0] > 0:
-                break
-        assert busy[0] > 0, "running requests > 0 within 10 s"
-        assert busy[2] > 0, "KV cache usage while requests run"
+        _poll_until(metric_samples, lambda gauges: gauges[0] > 0 and gauges[2] > 0,
+                    timeout=20.0, interval=0.05,
+                    description="running requests and KV cache usage > 0")
     finally:
+        seen.set()
+        feeder.join()
         for request in requests:
             request.close()
     _poll_until(metric_samples, lambda gauges: gauges == idle, timeout=10.0, interval=0.2,
