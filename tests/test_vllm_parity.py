@@ -101,6 +101,8 @@ COMPLETIONS = {
     "empty prompt": {"prompt": "", "max_tokens": 3},
     "suffix": {"prompt": "hello", "max_tokens": 3, "suffix": "world"},
     "empty prompt list": {"prompt": [], "max_tokens": 3},
+    "empty cache_salt": {"prompt": "hello", "max_tokens": 3, "cache_salt": ""},
+    "cache_salt with a slash": {"prompt": "hello", "max_tokens": 3, "cache_salt": "a/b"},
     "empty prompt and prompt_embeds": {"prompt": None, "prompt_embeds": [], "max_tokens": 3},
     "prompt_embeds": {"prompt": None, "prompt_embeds": "AAAA", "max_tokens": 3},
     "json_schema without its schema": {"prompt": "hello", "max_tokens": 3,

@@ -12,9 +12,6 @@ GAPS: dict[str, list[str]] = {
     "beam search (use_beam_search)": [
         "test_completion.py::test_batch_completions",
     ],
-    "cache_salt validation": [
-        "test_chat_validation.py::test_chat_completion_request_cache_salt_still_validated_on_dict",
-    ],
     "system_fingerprint": [
         "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[chat]",
         "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[completion]",

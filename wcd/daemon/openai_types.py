@@ -41,6 +41,19 @@ def _vllm_refusal(message: str, param: str, value: Any = None) -> errors.VllmBad
     return errors.VllmBadRequest(f"{message} ({extras})", param=param)
 
 
+def _check_cache_salt(salt: str | None) -> None:
+    """vLLM's validate_cache_salt: a salt keys cache backends, which take
+    neither an empty one nor path-like characters."""
+    if salt is None:
+        return
+    if not salt:
+        raise _vllm_refusal("Parameter 'cache_salt' must be a non-empty string if provided.",
+                            "cache_salt")
+    if len(salt) > 128 or any(char in "@/\\\0" for char in salt):
+        raise _vllm_refusal("Parameter 'cache_salt' must be at most 128 characters and must "
+                            "not contain '@', '/', '\\\\', or NUL.", "cache_salt")
+
+
 def _token_keys(bias: dict[str, float]) -> dict[int, float]:
     bad = [key for key in bias if not key.lstrip("-").isdigit()]
     if bad:
@@ -176,6 +189,7 @@ class _Sampling(_Request, kw_only=True):
         if self.structured_outputs is not None and self._format() is not None:
             raise errors.BadRequest("set response_format or structured_outputs, not both",
                                     param="structured_outputs")
+        _check_cache_salt(self.cache_salt)
         if (asked := self.prompt_logprobs) is not None:
             if self.stream and (asked > 0 or asked == -1):
                 raise _vllm_refusal("`prompt_logprobs` are not available when `stream=True`.",
