@@ -83,7 +83,27 @@ def _reference_key(spec: dict) -> str:
              {name: _content_digest(Path(model["path"])) for name, model in
               spec["models"].items()},
              {name: os.environ.get(name) for name in REFERENCE_ENV}]
+    kernels = _cpu_matmul_kind()
+    if kernels is not None:
+        stamp.append(kernels)
     return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _cpu_matmul_kind() -> str | None:
+    """vLLM's CPU bf16 matmuls take AMX where the CPU has it and AVX-512
+    otherwise, and their last bits differ, which turns greedy choices of the
+    random-weight models: outputs made on one kind of CPU are kept apart from
+    the other's. None for AMX (the committed references' machines, keyed
+    before this distinction) and for non-x86 hosts."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                      if line.startswith("flags")), []))
+    if not flags or "amx_bf16" in flags:
+        return None
+    return "avx512_bf16" if "avx512_bf16" in flags else "no-bf16-matmul"
 
 
 def _vllm_versions() -> list[str]:
