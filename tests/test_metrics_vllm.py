@@ -24,9 +24,19 @@ PER_REQUEST = ("vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_suc
                "vllm:request_max_num_generation_tokens", "vllm:request_params_n",
                "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
                "vllm:request_time_per_output_token_seconds", "vllm:e2e_request_latency_seconds")
-GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+# Per engine step and per finished engine request: what the worker's engines record.
+ENGINE = ("vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+          "vllm:prompt_tokens_cached", "vllm:iteration_tokens_total",
+          "vllm:request_params_max_tokens", "vllm:request_queue_time_seconds",
+          "vllm:request_inference_time_seconds", "vllm:request_prefill_time_seconds",
+          "vllm:request_decode_time_seconds", "vllm:request_num_preemptions",
+          "vllm:request_prefill_kv_computed_tokens")
+GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting",
+          "vllm:num_requests_waiting_by_reason", "vllm:kv_cache_usage_perc")
 TOKEN_COUNTS = ("vllm:request_prompt_tokens", "vllm:request_generation_tokens",
-                "vllm:request_max_num_generation_tokens")
+                "vllm:request_max_num_generation_tokens", "vllm:request_params_max_tokens",
+                "vllm:request_prefill_kv_computed_tokens")
+CACHE_CONFIG = {"block_size": "16", "num_gpu_blocks": "4096", "kv_cache_size_tokens": "65536"}
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +84,11 @@ def _run(metrics: Metrics, outputs: list[p.Output], outcome: str = "200",
 def _served(metrics: Metrics) -> Metrics:
     metrics.track(lambda: 3, lambda: [
         {"model": MODEL, "worker": 0, "state": "serving", "bytes": 1, "running": 2, "waiting": 3,
-         "kv_usage": 0.25},
+         "kv_usage": 0.25, "cache_config": CACHE_CONFIG},
         {"model": MODEL, "worker": 1, "state": "serving", "bytes": 1, "running": 1, "waiting": 3,
-         "kv_usage": 0.5},
+         "kv_usage": 0.5, "cache_config": CACHE_CONFIG},
         {"model": "small-b", "worker": 1, "state": "draining", "bytes": 1, "running": 0,
-         "waiting": 0, "kv_usage": 0.0}], lambda: 0, lambda: {MODEL: 3, "wide-a": 2})
+         "waiting": 0, "kv_usage": 0.0, "cache_config": {**CACHE_CONFIG, "block_size": "32"}}], lambda: 0, lambda: {MODEL: 3, "wide-a": 2})
     return metrics
 
 
@@ -106,8 +116,9 @@ def _buckets(family) -> list[float]:
 def test_series_are_vllms(vllm_families):
     metrics = _served(Metrics())
     _run(metrics, [_output(0, [1]), _output(0, [2], "stop")])
+    metrics.engine_stats([_engine_stats()])
     ours = _families(metrics)
-    for name in (*PER_REQUEST, *GAUGES):
+    for name in (*PER_REQUEST, *ENGINE, *GAUGES):
         theirs, mine = vllm_families[name], ours[name]
         assert (mine.type, mine.documentation) == (theirs.type, theirs.documentation), name
         assert _label_names(mine) == _label_names(theirs), name
@@ -118,6 +129,38 @@ def test_series_are_vllms(vllm_families):
             assert _buckets(mine) == _buckets(theirs), name
     assert {s.labels["finished_reason"] for s in vllm_families["vllm:request_success"].samples
             } >= {"stop", "length", "abort"}
+
+
+def _engine_stats() -> p.EngineStats:
+    """Two steps of MODEL's engine: a prefill of 7 tokens (5 computed, 2 from
+    the prefix cache) with one preemption, then one decode that finishes it."""
+    return p.EngineStats(MODEL, iteration_tokens=[6, 1], preemptions=1,
+                         prefix_cache_queries=7, prefix_cache_hits=2, cached_prompt_tokens=2,
+                         finished=[p.FinishedStats(0.5, 0.25, 1.0, 0.75, 1, 16, 7, 2)])
+
+
+def test_engine_stats_are_counted_as_vllm_counts_them():
+    metrics = Metrics()
+    metrics.engine_stats([_engine_stats(), p.EngineStats(MODEL, iteration_tokens=[3])])
+    f = _families(metrics)
+    model = {"model_name": MODEL, "engine": "0"}
+    for name, sample, value in (
+            ("vllm:num_preemptions", "vllm:num_preemptions_total", 1),
+            ("vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total", 7),
+            ("vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total", 2),
+            ("vllm:prompt_tokens_cached", "vllm:prompt_tokens_cached_total", 2),
+            ("vllm:iteration_tokens_total", "vllm:iteration_tokens_total_count", 3),
+            ("vllm:iteration_tokens_total", "vllm:iteration_tokens_total_sum", 10),
+            ("vllm:request_queue_time_seconds", "vllm:request_queue_time_seconds_sum", 0.5),
+            ("vllm:request_prefill_time_seconds", "vllm:request_prefill_time_seconds_sum", 0.25),
+            ("vllm:request_inference_time_seconds",
+             "vllm:request_inference_time_seconds_sum", 1.0),
+            ("vllm:request_decode_time_seconds", "vllm:request_decode_time_seconds_sum", 0.75),
+            ("vllm:request_num_preemptions", "vllm:request_num_preemptions_sum", 1),
+            ("vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum", 16),
+            ("vllm:request_prefill_kv_computed_tokens",
+             "vllm:request_prefill_kv_computed_tokens_sum", 5)):
+        assert _value(f, name, sample, **model) == value, sample
 
 
 def test_gauges_per_model():
@@ -133,6 +176,14 @@ def test_gauges_per_model():
     assert _value(families, usage, usage, model_name="small-b", engine="0") == 0
     # A model no worker has yet: its queue counts too.
     assert _value(families, waiting, waiting, model_name="wide-a", engine="0") == 2
+    by_reason = "vllm:num_requests_waiting_by_reason"
+    assert _value(families, by_reason, by_reason, model_name=MODEL, reason="capacity") == 3
+    assert _value(families, by_reason, by_reason, model_name=MODEL, reason="deferred") == 0
+    # One sample per distinct engine config, labelled as vLLM labels it.
+    info = families["vllm:cache_config_info"].samples
+    assert sorted(s.labels["block_size"] for s in info) == ["16", "32"]
+    assert all(s.value == 1 and s.labels["engine"] == "0" and "model_name" not in s.labels
+               for s in info)
 
 
 def test_a_request_with_two_choices_and_two_prompts():
@@ -213,5 +264,16 @@ def test_a_daemon_serves_them(tmp_path, demo_models):
     assert _value(f, "vllm:prompt_tokens", "vllm:prompt_tokens_total",
                   **model) == 2 * reply.usage.prompt_tokens
     assert _value(f, "vllm:request_params_n", "vllm:request_params_n_sum", **model) == 2
+    # The engine's own records of the two choices (two engine requests).
+    for phase in ("queue", "prefill", "decode", "inference"):
+        name = f"vllm:request_{phase}_time_seconds"
+        assert _value(f, name, name + "_count", **model) == 2, name
+    assert _value(f, "vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum",
+                  **model) == 2 * 4
+    iteration = "vllm:iteration_tokens_total"
+    assert _value(f, iteration, iteration + "_sum", **model) == (
+        2 * reply.usage.prompt_tokens + reply.usage.completion_tokens)
+    info = f["vllm:cache_config_info"].samples
+    assert len(info) == 1 and int(info[0].labels["kv_cache_size_tokens"]) > 0
     assert _value(f, "vllm:num_requests_running", "vllm:num_requests_running", **model) == 0
     assert _value(f, "vllm:num_requests_waiting", "vllm:num_requests_waiting", **model) == 0

@@ -17,11 +17,6 @@ GAPS: dict[str, list[str]] = {
         "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[completion]",
         "test_system_fingerprint.py::test_get_respects_set_default",
     ],
-    "vLLM metrics (series not served: queue, prefill, decode and inference times, "
-    "preemptions, iteration tokens, prefix cache, cache_config_info...)": [
-        "test_metrics.py::test_metrics_counts",
-        "test_metrics.py::test_metrics_exist",
-    ],
     "cancelling requests whose clients hang up (some of a burst run on)": [
         "test_basic.py::test_request_cancellation",
     ],

@@ -38,6 +38,8 @@ _VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5
 _VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
                      5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _VLLM_N_BUCKETS = (1, 2, 5, 10, 20)
+_VLLM_ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+_VLLM_PREEMPTION_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
 # vLLM caps its 1-2-5 token buckets at the one model's max_model_len; one
 # registry here serves many models, so the cap covers a 1M-token context.
 _VLLM_TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(7) for m in (1, 2, 5)
@@ -102,6 +104,10 @@ class Metrics:
         if event.get("weights"):
             self.weight_loads.labels(event["weights"]).inc()
 
+    def engine_stats(self, stats: list[p.EngineStats]) -> None:
+        for model_stats in stats:
+            self.vllm.engine_stats(model_stats)
+
     def swap_failed(self, model: str | None) -> None:
         self.swaps.labels(model or "", "", "failed").inc()
 
@@ -146,6 +152,58 @@ class _VllmSeries:
         self.e2e = histogram("vllm:e2e_request_latency_seconds",
                              "Histogram of e2e request latency in seconds.",
                              _VLLM_LATENCY_BUCKETS)
+        # What only the engine sees: its steps and its requests' phases.
+        self.preemptions = counter("vllm:num_preemptions",
+                                   "Cumulative number of preemption from the engine.")
+        self.prefix_cache_queries = counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.")
+        self.prefix_cache_hits = counter("vllm:prefix_cache_hits",
+                                         "Prefix cache hits, in terms of number of cached tokens.")
+        self.prompt_tokens_cached = counter("vllm:prompt_tokens_cached",
+                                            "Number of cached prompt tokens (local + external).")
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total",
+                                          "Histogram of number of tokens per engine_step.",
+                                          _VLLM_ITERATION_BUCKETS)
+        self.max_tokens = histogram("vllm:request_params_max_tokens",
+                                    "Histogram of the max_tokens request parameter.",
+                                    _VLLM_TOKEN_BUCKETS)
+        self.phases = {
+            phase: histogram(f"vllm:request_{phase}_time_seconds",
+                             f"Histogram of time spent in {state} phase for request.",
+                             _VLLM_LATENCY_BUCKETS)
+            for phase, state in (("queue", "WAITING"), ("inference", "RUNNING"),
+                                 ("prefill", "PREFILL"), ("decode", "DECODE"))}
+        self.request_preemptions = histogram(
+            "vllm:request_num_preemptions",
+            "Histogram of the number of times a request was preempted.",
+            _VLLM_PREEMPTION_BUCKETS)
+        self.prefill_kv_computed = histogram(
+            "vllm:request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+            _VLLM_TOKEN_BUCKETS)
+
+    def engine_stats(self, stats: p.EngineStats) -> None:
+        """One model's engine steps, as vLLM's PrometheusStatLogger.record
+        counts them."""
+        labels = (stats.model, VLLM_ENGINE)
+        self.preemptions.labels(*labels).inc(stats.preemptions)
+        self.prefix_cache_queries.labels(*labels).inc(stats.prefix_cache_queries)
+        self.prefix_cache_hits.labels(*labels).inc(stats.prefix_cache_hits)
+        self.prompt_tokens_cached.labels(*labels).inc(stats.cached_prompt_tokens)
+        for tokens in stats.iteration_tokens:
+            self.iteration_tokens.labels(*labels).observe(tokens)
+        for finished in stats.finished:
+            for phase, seconds in (("queue", finished.queued_s),
+                                   ("inference", finished.inference_s),
+                                   ("prefill", finished.prefill_s),
+                                   ("decode", finished.decode_s)):
+                self.phases[phase].labels(*labels).observe(seconds)
+            self.request_preemptions.labels(*labels).observe(finished.preemptions)
+            self.prefill_kv_computed.labels(*labels).observe(
+                finished.prompt_tokens - max(finished.cached_tokens, 0))
+            if finished.max_tokens:
+                self.max_tokens.labels(*labels).observe(finished.max_tokens)
 
 
 class _Completion:
@@ -287,6 +345,18 @@ def _vllm_gauges(resident: list[dict], waiting_for: dict[str, int]):
         # A model on several workers is as full as its fullest KV cache.
         kv_usage[r["model"]] = max(kv_usage.get(r["model"], 0.0), r["kv_usage"])
     waiting = {**dict.fromkeys(running, 0), **waiting_for}
+    # As vLLM's: the requests waiting for capacity, and none deferred.
+    by_reason = GaugeMetricFamily(
+        "vllm:num_requests_waiting_by_reason",
+        "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for "
+        "scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, "
+        "KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting.",
+        labels=[*VLLM_LABELS, "reason"])
+    for model, count in waiting.items():
+        by_reason.add_metric([model, VLLM_ENGINE, "capacity"], count)
+        by_reason.add_metric([model, VLLM_ENGINE, "deferred"], 0)
+    yield by_reason
+    yield from _cache_config_info(resident)
     for name, doc, counts in (
             ("vllm:num_requests_running", "Number of requests in model execution batches.",
              running),
@@ -298,3 +368,19 @@ def _vllm_gauges(resident: list[dict], waiting_for: dict[str, int]):
         for model, count in counts.items():
             family.add_metric([model, VLLM_ENGINE], count)
         yield family
+
+
+def _cache_config_info(resident: list[dict]):
+    """vLLM's info gauge of its engine's CacheConfig (labelled with the
+    config's fields and engine, not model_name): one sample per distinct
+    config among the resident models."""
+    family = GaugeMetricFamily("vllm:cache_config_info",
+                               "Information of the LLMEngine CacheConfig")
+    seen: set[tuple] = set()
+    for r in resident:
+        labels = {**r["cache_config"], "engine": VLLM_ENGINE}
+        key = tuple(sorted(labels.items()))
+        if r["cache_config"] and key not in seen:
+            seen.add(key)
+            family.add_sample("vllm:cache_config_info", labels, 1)
+    yield family

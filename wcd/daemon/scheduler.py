@@ -385,6 +385,7 @@ class Scheduler:
             log.error("worker %d failed to start: %s: %s", index, type(exc).__name__, exc)
             self._post(core.WorkerDied(index, incarnation, None, time.monotonic()))
             return
+        worker.on_engine_stats = self.metrics.engine_stats
         self._starting[(index, incarnation)] = worker
         memory = worker.ready.memory_bytes if worker.ready is not None else 0
         self._post(core.WorkerStarted(index, incarnation, memory, time.monotonic()))

@@ -69,6 +69,7 @@ class Resident:
     running: int = 0  # its requests in the engine, at the last health report
     bytes: int = 0  # footprint, as the worker last reported it
     kv_usage: float = 0.0  # fraction of its KV cache in use, likewise
+    cache_config: dict[str, str] = field(default_factory=dict)  # its engine's, likewise
     loaded_at: float = 0.0  # when it last began serving (loaded or resumed)
     last_used: float = 0.0
     generation: int = 0  # leases of an earlier generation count no more
@@ -603,6 +604,7 @@ def _measure(state: State, resident: Resident, report: p.Resident) -> None:
     resident.bytes = report.bytes
     resident.running = report.running
     resident.kv_usage = report.kv_usage
+    resident.cache_config = report.cache_config
     if report.bytes <= 0:
         return
     if report.suspended:

@@ -123,7 +123,8 @@ def resident(state: State) -> list[dict]:
     flight (leases) and requests waiting for it."""
     waiting = waiting_by_model(state)
     return [{"worker": w.index, "model": r.name, "state": r.state, "bytes": r.bytes,
-             "running": r.active, "waiting": waiting.get(r.name, 0), "kv_usage": r.kv_usage}
+             "running": r.active, "waiting": waiting.get(r.name, 0), "kv_usage": r.kv_usage,
+             "cache_config": r.cache_config}
             for w in state.workers for r in w.residents.values()
             if r.state in (SERVING, DRAINING, SUSPENDED)]
 

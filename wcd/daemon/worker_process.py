@@ -73,6 +73,8 @@ class WorkerProcess:
         self._requests: dict[str, asyncio.Queue] = {}
         self._ready: asyncio.Future | None = None
         self._gone: p.ErrorInfo | None = None
+        # Where the engine stats of each step go (the daemon's vllm:* series).
+        self.on_engine_stats: Callable[[list[p.EngineStats]], None] = lambda stats: None
 
     @property
     def pid(self) -> int | None:
@@ -143,6 +145,8 @@ class WorkerProcess:
 
     def _dispatch(self, event: p.Event) -> None:
         if isinstance(event, p.Outputs):
+            if event.stats:
+                self.on_engine_stats(event.stats)
             for output in event.items:
                 queue = self._requests.get(output.request_id)
                 if queue is not None:

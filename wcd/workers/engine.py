@@ -141,7 +141,8 @@ class Served:
         return not self.suspended and self.engine.has_unfinished_requests()
 
     def resident(self) -> p.Resident:
-        return p.Resident(self.name, self.weight_bytes + self.kv_bytes, 0, self.suspended)
+        return p.Resident(self.name, self.weight_bytes + self.kv_bytes, 0, self.suspended,
+                          cache_config=vllm_seams.cache_config_info(self.engine))
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class EngineHost:
         self.cache = cache
         self.max_tensor_parallel_size = group.size if group else 1
         self.weights_source: str | None = None  # of the last swap: "host_cache" or "disk"
+        self.stats: list[p.EngineStats] = []  # of the steps since take_stats()
 
     @property
     def models(self) -> list[str]:
@@ -439,8 +441,8 @@ class EngineHost:
     def _build(self, plan: Plan, config) -> Served:
         if self.group is not None:
             self.group.form(plan.tensor_parallel_size)
-        with vllm_seams.collections_deferred():
-            engine = LLMEngine.from_vllm_config(config, disable_log_stats=True)
+        with vllm_seams.collections_deferred(), vllm_seams.engine_stats_kept() as stats_args:
+            engine = LLMEngine.from_vllm_config(config, **stats_args)
         return Served(plan, engine, plan.checkpoint.frontend_key(),
                       engine.model_config.get_diff_sampling_param(),
                       workspace=vllm_seams.built_workspace())
@@ -467,6 +469,7 @@ class EngineHost:
         engine.add_request("wcd-warm", {"prompt_token_ids": [0]}, pooling.warm_params(engine))
         while engine.has_unfinished_requests():
             engine.step()
+        vllm_seams.take_engine_stats(engine, "")  # no model's: not counted
 
     def _admit(self, served: Served) -> None:
         served.suspended = False
@@ -787,9 +790,17 @@ class EngineHost:
                 with self._bounded("step"):
                     outputs = served.engine.step()
                 served.kv_usage = vllm_seams.kv_cache_usage(served.engine)
+                stats = vllm_seams.take_engine_stats(served.engine, served.name)
+                if stats is not None:
+                    self.stats.append(stats)
                 return [out for ro in outputs
                         for out in served.requests.outputs(ro, served.engine)]
         return []
+
+    def take_stats(self) -> list[p.EngineStats]:
+        """The engine stats of the steps since the last call."""
+        stats, self.stats = self.stats, []
+        return stats
 
     def abort(self, request_ids: list[str]) -> None:
         for served in self.residents.values():

@@ -185,17 +185,20 @@ class Worker:
         for output in outputs:
             if output.finished:
                 self.inflight.pop(output.request_id, None)
-        if outputs:
-            self._send_outputs(outputs)
+        stats = self.host.take_stats()
+        if outputs or stats:
+            self._send_outputs(outputs, stats)
 
-    def _send_outputs(self, outputs: list[p.Output | p.Embedding]) -> None:
+    def _send_outputs(self, outputs: list[p.Output | p.Embedding],
+                      stats: list[p.EngineStats]) -> None:
         """One frame per step; past the frame limit one per Output, and a
         single Output over it fails its request rather than the channel."""
         try:
-            self.channel.send(p.Outputs(outputs))
+            self.channel.send(p.Outputs(outputs, stats))
             return
         except p.FrameTooLarge:
             pass
+        self.channel.send(p.Outputs([], stats))
         for output in outputs:
             try:
                 self.channel.send(p.Outputs([output]))

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 import msgspec
 from msgspec import UNSET, UnsetType
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
@@ -268,6 +268,8 @@ class Resident(msgspec.Struct, frozen=True):
     running: int = 0
     suspended: bool = False
     kv_usage: float = 0.0
+    # vLLM's CacheConfig.metrics_info() (vllm:cache_config_info's labels)
+    cache_config: dict[str, str] = {}
 
 
 class Pong(msgspec.Struct, tag="pong", frozen=True):
@@ -417,11 +419,42 @@ class Embedding(msgspec.Struct, tag="embedding", frozen=True):
     finished: bool = False
 
 
+class FinishedStats(msgspec.Struct, frozen=True):
+    """vLLM's FinishedRequestStats of one finished engine request (one
+    completion): the phases only its engine sees."""
+
+    queued_s: float
+    prefill_s: float
+    inference_s: float
+    decode_s: float
+    preemptions: int
+    max_tokens: int | None
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class EngineStats(msgspec.Struct, frozen=True):
+    """What vLLM's stat loggers were given for one model's engine steps
+    (SchedulerStats, IterationStats), for its vllm:* series in the daemon.
+    `iteration_tokens`: one entry per step that had outputs."""
+
+    model: str
+    iteration_tokens: list[int] = []
+    preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    cached_prompt_tokens: int = 0
+    finished: list[FinishedStats] = []
+
+
 class Outputs(msgspec.Struct, tag="outputs", frozen=True):
     """Everything one engine step produced: one message per step, not per
-    request, so concurrent streams cost one write and one wake-up."""
+    request, so concurrent streams cost one write and one wake-up. Its
+    `stats` come first: a client that got its last token and then reads
+    /metrics finds its request counted."""
 
     items: list[Output | Embedding]
+    stats: list[EngineStats] = []
 
 
 class RequestFailed(msgspec.Struct, tag="request_failed", frozen=True):

