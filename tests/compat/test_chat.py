@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 
-from .usage import assert_totals
+from .usage import assert_none, assert_usage_closes
 
 MESSAGES = [{"role": "system", "content": "you are a helpful assistant"},
             {"role": "user", "content": "what is 1+1?"}]
@@ -153,12 +153,7 @@ def test_chat_completion_stream_options(client, model):
     stream = _chat(client, model, messages, stream=True,
                    stream_options={"include_usage": True, "continuous_usage_stats": False},
                    **params)
-    for chunk in stream:
-        assert chunk.usage is None
-        if chunk.choices[0].finish_reason is not None:
-            final = next(stream)
-            assert_totals(final.usage)
-            assert final.choices == []
+    assert_usage_closes(stream, assert_none)
 
     for options in ({"include_usage": None}, {"include_usage": True}):
         with pytest.raises(openai.BadRequestError):

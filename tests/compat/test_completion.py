@@ -7,7 +7,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from .usage import assert_totals
+from .usage import assert_none, assert_totals, assert_usage_closes
 
 PROMPT_IDS = [0, 0, 0, 0, 0]
 
@@ -179,21 +179,11 @@ def test_completion_stream_options(client, model):
 
     stream = _stream(client, model, stream=True,
                      stream_options={"include_usage": True, "continuous_usage_stats": False})
-    for chunk in stream:
-        assert chunk.usage is None
-        if chunk.choices[0].finish_reason is not None:
-            final = next(stream)
-            assert_totals(final.usage)
-            assert final.choices == []
+    assert_usage_closes(stream, assert_none)
 
     stream = _stream(client, model, stream=True,
                      stream_options={"include_usage": True, "continuous_usage_stats": True})
-    for chunk in stream:
-        assert_totals(chunk.usage)
-        if chunk.choices[0].finish_reason is not None:
-            final = next(stream)
-            assert_totals(final.usage)
-            assert final.choices == []
+    assert_usage_closes(stream, assert_totals)
 
     for options in ({"include_usage": None}, {"include_usage": True},
                     {"continuous_usage_stats": None}, {"continuous_usage_stats": True}):
