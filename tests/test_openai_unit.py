@@ -747,6 +747,21 @@ async def test_continuous_usage_stats_puts_usage_so_far_in_every_chunk(continuou
         assert so_far == (expected if continuous else [None] * len(so_far))
 
 
+@run_async
+async def test_continuous_usage_stats_count_each_choice_apart():
+    """As vLLM's chunks: the usage of the chunk's own choice and prompt."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    async with serve(FakeScheduler()) as url, client(url) as api:
+        stream = await api.completions.create(model="demo", prompt=[[3, 4, 5, 6, 7], [1, 2]], n=2,
+                                              stream=True, stream_options=options)
+        chunks = [chunk async for chunk in stream]
+    so_far = [(c.choices[0].index, c.usage.prompt_tokens, c.usage.completion_tokens)
+              for c in chunks[:-1]]
+    assert so_far == [(0, 5, 1), (1, 5, 1), (2, 2, 1), (3, 2, 1),
+                      (0, 5, 2), (1, 5, 2), (2, 2, 2), (3, 2, 2)]
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (7, 8)
+
+
 @pytest.mark.parametrize("extra, variables", [
     ({"reasoning_effort": "low"}, {"reasoning_effort": "low", "enable_thinking": True}),
     ({"reasoning_effort": "none"}, {"reasoning_effort": "none", "enable_thinking": False}),

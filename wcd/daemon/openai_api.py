@@ -643,10 +643,11 @@ async def _send_events(sink: _Sink, job: _Job, fmt: _Format, first: p.Output | N
                     total_tokens=first.prompt_tokens, **_reasoning_details(first.parsed, 0)))
             await sink.event(chunk)
         async for output in _chain(first, outputs):
-            chunk = fmt.chunk(tally.add(output))
+            delta = tally.add(output)
+            chunk = fmt.chunk(delta)
             if chunk is not None:
                 if job.continuous_usage:
-                    chunk.usage = fmt.running_usage(tally.usage())
+                    chunk.usage = fmt.running_usage(tally.choice_usage(delta.index))
                 await sink.event(chunk)
         if job.include_usage:
             await sink.event(fmt.usage_chunk(tally.usage()))
@@ -779,6 +780,17 @@ class _Tally:
 
     def ordered(self) -> list[tuple[int, _Choice]]:
         return sorted(self.choices.items())
+
+    def choice_usage(self, index: int) -> t.Usage:
+        """One choice's usage so far, as vLLM's chunks carry it with
+        continuous_usage_stats: its prompt's tokens and its own."""
+        choice = self.choices[index]
+        prompt = self.prompt_tokens[choice.prompt_index]
+        completion = len(choice.token_ids)
+        details = {"completion_tokens_details": {"reasoning_tokens": choice.reasoning_tokens}} \
+            if self.counts_reasoning else {}
+        return t.Usage(prompt_tokens=prompt, completion_tokens=completion,
+                       total_tokens=prompt + completion, **details)
 
     def usage(self, details: bool = False) -> t.Usage:
         """`details`: with the (null) token details a response has and chunks
