@@ -34,7 +34,8 @@ from wcd.workers import protocol as p
 ROOT = Path(__file__).resolve().parent.parent
 HANG = object()  # in a script: the worker goes quiet until the request is closed
 PIECES = [(101, "Hello"), (102, " world")]
-LOGPROB_TOPS = [[7, "A", -0.1], [8, "B", -1.0]]  # ranks 1 and 2; the chosen token is 3rd
+# Ranks 1 and 2; the chosen token, 3rd, comes before them in vLLM's order.
+LOGPROB_TOPS = [[7, "A", -0.1], [8, "B", -1.0]]
 
 
 def two_tokens(request: p.Generate) -> list:
@@ -50,7 +51,7 @@ def two_tokens(request: p.Generate) -> list:
                 logprobs = None
                 if request.sampling.get("logprobs") is not None:
                     logprobs = [{"token_id": token_id, "token": text, "logprob": -2.0,
-                                 "top": [*LOGPROB_TOPS, [token_id, text, -2.0],
+                                 "top": [[token_id, text, -2.0], *LOGPROB_TOPS,
                                          [9, "Z", float("-inf")]]}]
                 # The worker's PromptInfo: on each prompt's first Output, when asked.
                 prompt_info = p.PromptInfo([1] * prompt_tokens, "hi") \
@@ -402,7 +403,7 @@ async def test_completion_logprobs():
     logprobs = result.choices[0].logprobs
     assert logprobs.tokens == ["Hello", " world"]
     assert logprobs.token_logprobs == [-2.0, -2.0]
-    # The top `logprobs` tokens, and the chosen one, as OpenAI lists them.
+    # The chosen token and the top `logprobs` ones, as OpenAI lists them.
     assert logprobs.top_logprobs == [{"A": -0.1, "Hello": -2.0}, {"A": -0.1, " world": -2.0}]
     assert logprobs.text_offset == [0, 5]
     assert [c.choices[0].logprobs.text_offset for c in chunks] == [[0], [5]]
@@ -446,7 +447,7 @@ async def test_chat_logprobs():
     first = result.choices[0].logprobs.content[0]
     assert (first.token, first.logprob, first.bytes) == ("Hello", -2.0, list(b"Hello"))
     assert [(top.token, top.logprob) for top in first.top_logprobs] == \
-        [("A", -0.1), ("B", -1.0), ("Hello", -2.0), ("Z", -9999.0)]  # -inf clamped
+        [("Hello", -2.0), ("A", -0.1), ("B", -1.0), ("Z", -9999.0)]  # -inf clamped
 
 
 # ---- models, open endpoints, OpenAPI ------------------------------------------------------

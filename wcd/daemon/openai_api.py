@@ -895,6 +895,8 @@ class _CompletionFormat(_Format):
     def _logprobs(self, entries: list[dict], offset: int) -> t.CompletionLogprobs | None:
         if self.job.top_logprobs is None:
             return None
+        # vLLM's server lists a position's first k+1 logprobs (k = -1: all):
+        # the sampled token and the top k.
         k = self.job.top_logprobs
         tokens, token_logprobs, tops, offsets = [], [], [], []
         for entry in entries:
@@ -905,9 +907,8 @@ class _CompletionFormat(_Format):
                 tops.append(None)
             else:
                 token_logprobs.append(_logprob(entry["logprob"]))
-                top = {_token(text, tid): _logprob(lp) for tid, text, lp in entry["top"][:k]}
-                top.setdefault(token, token_logprobs[-1])  # OpenAI lists the chosen token too
-                tops.append(top)
+                listed = entry["top"] if k == -1 else entry["top"][:k + 1]
+                tops.append({_token(text, tid): _logprob(lp) for tid, text, lp in listed})
             offsets.append(offset)
             offset += len(token)
         return t.CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs,

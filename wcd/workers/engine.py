@@ -927,8 +927,9 @@ def _logprobs(completion) -> list[dict[str, Any]] | None:
             "token_id": token_id,
             "token": chosen.decoded_token,
             "logprob": chosen.logprob,
-            "top": [[tid, lp.decoded_token, lp.logprob]
-                    for tid, lp in sorted(top.items(), key=lambda kv: kv[1].rank or 0)],
+            # In vLLM's order (the sampled token first), from which its server
+            # lists the first few.
+            "top": [[tid, lp.decoded_token, lp.logprob] for tid, lp in top.items()],
         })
     return entries
 

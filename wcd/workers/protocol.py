@@ -398,7 +398,8 @@ class Output(msgspec.Struct, tag="output", frozen=True):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     finished: bool = False
-    # Per new token: {"token_id", "token", "logprob", "top": [[token_id, token, logprob], ...]}
+    # Per new token: {"token_id", "token", "logprob", "top": [[token_id, token, logprob], ...]},
+    # the top in vLLM's order (the sampled token first, then by rank).
     logprobs: list[dict[str, Any]] | None = None
     prompt_index: int = 0
     prompt: PromptInfo | None = None
