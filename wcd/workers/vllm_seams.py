@@ -701,6 +701,7 @@ def check() -> None:
                          "(unpin_orphaned_models)")
     _check_pooling()
     _check_parser_seams(LLMEngine)
+    _check_beam_search()
 
 
 def _check_pooling() -> None:
@@ -753,6 +754,22 @@ def _check_parser_seams(engine_class) -> None:
             engine_class.add_request):
         raise SeamBroken("LLMEngine.add_request no longer takes an EngineCoreRequest "
                          "(add_request's reasoning fields)")
+
+
+def _check_beam_search() -> None:
+    """workers/beam.py repeats vLLM's online search step by step: a change
+    there must show here, not as beams that differ from vLLM's."""
+    from vllm.entrypoints.generate.beam_search import online, utils
+
+    if not hasattr(utils.BeamSearchSequence, "get_prompt"):
+        raise SeamBroken("BeamSearchSequence no longer makes its round's prompt (get_prompt)")
+    source = inspect.getsource(online.BeamSearchOnlineMixin.beam_search)
+    for step in ("logprobs_num = 2 * beam_width", "max_tokens=1,", "detokenize=False",
+                 "np.argpartition(", "sorted(completed, key=sort_beams_key, reverse=True)",
+                 "tokens = beam.tokens[tokenized_length:-1]"):
+        if step not in source:
+            raise SeamBroken(f"vLLM's online beam search changed ({step!r} is gone): "
+                             "workers/beam.py repeats it")
 
 
 def _ignored_hash_factors() -> str:
@@ -1155,3 +1172,38 @@ def add_request(engine, request_id: str, engine_input, params,
     request.reasoning_parser_kwargs = reasoning_parser_kwargs
     prompt_text, _, _ = extract_prompt_components(engine.model_config, engine_input)
     engine.add_request(request_id, request, params, prompt_text=prompt_text)
+
+
+# ---- beam search -------------------------------------------------------------------
+# vllm 0.32: vLLM's OpenAI server searches beams outside its engine
+# (entrypoints/generate/beam_search/online.py, BeamSearchOnlineMixin.beam_search),
+# in rounds of one-token requests, one per live beam. The worker runs the same
+# rounds (workers/beam.py) with vLLM's own beam sequences, whose get_prompt
+# makes each round's prompts, and its own score; both live in the server's
+# package, imported only when a request asks for beam search.
+
+
+def beam_sequence(**fields):
+    """vLLM's BeamSearchSequence."""
+    from vllm.entrypoints.generate.beam_search.utils import BeamSearchSequence
+
+    return BeamSearchSequence(**fields)
+
+
+def beam_score(eos_token_id: int, length_penalty: float):
+    """vLLM's sort key of finished beams: the cumulative logprob over the
+    length (prompt included, a final EOS not) to the length_penalty."""
+    from vllm.entrypoints.generate.beam_search.utils import create_sort_beams_key_function
+
+    return create_sort_beams_key_function(eos_token_id, length_penalty)
+
+
+def beam_round_params(beam_width: int, temperature: float):
+    """The SamplingParams of a round's requests, as vLLM's server makes them:
+    one token with twice the beam width's logprobs, undetokenized, never
+    watermarked; only the finished output is wanted."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    return SamplingParams(logprobs=2 * beam_width, max_tokens=1, temperature=temperature,
+                          watermarking=False, detokenize=False,
+                          output_kind=RequestOutputKind.FINAL_ONLY)
