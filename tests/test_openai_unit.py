@@ -34,7 +34,8 @@ from wcd.workers import protocol as p
 ROOT = Path(__file__).resolve().parent.parent
 HANG = object()  # in a script: the worker goes quiet until the request is closed
 PIECES = [(101, "Hello"), (102, " world")]
-LOGPROB_TOPS = [[7, "A", -0.1], [8, "B", -1.0]]  # ranks 1 and 2; the chosen token is 3rd
+# Ranks 1 and 2; the chosen token, 3rd, comes before them in vLLM's order.
+LOGPROB_TOPS = [[7, "A", -0.1], [8, "B", -1.0]]
 
 
 def two_tokens(request: p.Generate) -> list:
@@ -50,7 +51,7 @@ def two_tokens(request: p.Generate) -> list:
                 logprobs = None
                 if request.sampling.get("logprobs") is not None:
                     logprobs = [{"token_id": token_id, "token": text, "logprob": -2.0,
-                                 "top": [*LOGPROB_TOPS, [token_id, text, -2.0],
+                                 "top": [[token_id, text, -2.0], *LOGPROB_TOPS,
                                          [9, "Z", float("-inf")]]}]
                 # The worker's PromptInfo: on each prompt's first Output, when asked.
                 prompt_info = p.PromptInfo([1] * prompt_tokens, "hi") \
@@ -402,7 +403,7 @@ async def test_completion_logprobs():
     logprobs = result.choices[0].logprobs
     assert logprobs.tokens == ["Hello", " world"]
     assert logprobs.token_logprobs == [-2.0, -2.0]
-    # The top `logprobs` tokens, and the chosen one, as OpenAI lists them.
+    # The chosen token and the top `logprobs` ones, as OpenAI lists them.
     assert logprobs.top_logprobs == [{"A": -0.1, "Hello": -2.0}, {"A": -0.1, " world": -2.0}]
     assert logprobs.text_offset == [0, 5]
     assert [c.choices[0].logprobs.text_offset for c in chunks] == [[0], [5]]
@@ -446,7 +447,7 @@ async def test_chat_logprobs():
     first = result.choices[0].logprobs.content[0]
     assert (first.token, first.logprob, first.bytes) == ("Hello", -2.0, list(b"Hello"))
     assert [(top.token, top.logprob) for top in first.top_logprobs] == \
-        [("A", -0.1), ("B", -1.0), ("Hello", -2.0), ("Z", -9999.0)]  # -inf clamped
+        [("Hello", -2.0), ("A", -0.1), ("B", -1.0), ("Z", -9999.0)]  # -inf clamped
 
 
 # ---- models, open endpoints, OpenAPI ------------------------------------------------------
@@ -711,7 +712,7 @@ async def test_vllm_fields_at_their_defaults_are_served(path, body):
 
 
 @pytest.mark.parametrize("path, extra, param", [
-    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"watermarking": True}, "watermarking"),
     ("/v1/chat/completions", {"logprob_token_ids": [1]}, "logprob_token_ids"),
     ("/v1/chat/completions", {"return_prompt_text": True}, "return_prompt_text"),
 ])
@@ -745,6 +746,21 @@ async def test_continuous_usage_stats_puts_usage_so_far_in_every_chunk(continuou
                   for c in stream[:-1]]
         expected = [(5, 0)] * (len(so_far) - 2) + [(5, 1), (5, 2)]
         assert so_far == (expected if continuous else [None] * len(so_far))
+
+
+@run_async
+async def test_continuous_usage_stats_count_each_choice_apart():
+    """As vLLM's chunks: the usage of the chunk's own choice and prompt."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    async with serve(FakeScheduler()) as url, client(url) as api:
+        stream = await api.completions.create(model="demo", prompt=[[3, 4, 5, 6, 7], [1, 2]], n=2,
+                                              stream=True, stream_options=options)
+        chunks = [chunk async for chunk in stream]
+    so_far = [(c.choices[0].index, c.usage.prompt_tokens, c.usage.completion_tokens)
+              for c in chunks[:-1]]
+    assert so_far == [(0, 5, 1), (1, 5, 1), (2, 2, 1), (3, 2, 1),
+                      (0, 5, 2), (1, 5, 2), (2, 2, 2), (3, 2, 2)]
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (7, 8)
 
 
 @pytest.mark.parametrize("extra, variables", [
@@ -1366,3 +1382,132 @@ async def test_bounds_are_refused_in_vllms_words(body, words):
     assert status == 400
     assert answer["error"]["message"].startswith("1 validation error:")
     assert words in answer["error"]["message"]
+
+
+# ---- beam search (vLLM's use_beam_search) ------------------------------------------------
+
+HI = [{"role": "user", "content": "hi"}]
+# A beam's token, 4th of its position's logprobs in vLLM's order: a beam search
+# may choose past the first k+1, which are all that vLLM's server lists.
+BEAM_TOP = [[7, "A", -0.1], [8, "B", -1.0], [9, "C", -1.5], [101, "Hello", -2.0]]
+
+
+def beams(request: p.Generate) -> list:
+    """What the worker sends of a beam search: each prompt's n best beams whole,
+    at its end (the first beam ended at once, by EOS, with nothing to show)."""
+    n = request.sampling.get("n", 1)
+    entry = {"token_id": 101, "token": "Hello", "logprob": -2.0, "top": BEAM_TOP}
+    outputs = [p.Output(request.request_id, index, "" if index == 0 else "Hello",
+                        [] if index == 0 else [101], 5, finish_reason="stop" if index == 0
+                        else "length", stop_reason=1 if index == 0 else None,
+                        logprobs=[] if index == 0 else [entry], prompt_index=prompt_index,
+                        prompt=p.PromptInfo([1] * 5, "hi") if request.return_prompt
+                        and index == 0 else None)
+               for prompt_index in range(len(request.prompts)) for index in range(n)]
+    return [*outputs[:-1], msgspec.structs.replace(outputs[-1], finished=True)]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/v1/chat/completions", {"messages": HI}),
+    ("/v1/chat/completions", {"messages": HI, "stream": True}),
+])
+@run_async
+async def test_beam_search_travels_to_the_worker_with_its_length_penalty(path, body):
+    scheduler = FakeScheduler(FakeWorker(beams))
+    async with serve(scheduler) as url:
+        events = await sse_events(url, path, {"model": "demo", **body, "n": 2,
+                                              "use_beam_search": True, "length_penalty": 0.5}) \
+            if body.get("stream") else None
+        if events is None:
+            status, _, answer = await post(url, path, {
+                "model": "demo", **body, "n": 2, "use_beam_search": True,
+                "length_penalty": 0.5})
+            assert status == 200, answer
+    sent = scheduler.worker.requests[-1]
+    assert sent.beam_search == p.BeamSearch(length_penalty=0.5)
+    assert sent.sampling["n"] == 2  # the beam width, as vLLM's to_beam_search_params
+
+
+@run_async
+async def test_length_penalty_without_beam_search_is_ignored_as_in_vllm():
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions",
+                                       {"model": "demo", "prompt": "hi", "length_penalty": 2.0})
+    assert status == 200, answer
+    assert scheduler.worker.requests[-1].beam_search is None
+    assert "length_penalty" not in sampling_sent(scheduler)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"stream": True}, "Streaming is not currently supported with beam search"),
+    ({"echo": True, "logprobs": 0},
+     "`echo` with `logprobs` is not supported with beam search because beam search does not "
+     "compute prompt logprobs. (parameter=echo)"),
+])
+@run_async
+async def test_beam_search_refusals_are_vllms(extra, message):
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions", {
+            "model": "demo", "prompt": "hi", "use_beam_search": True, **extra})
+    assert (status, answer["error"]["message"]) == (400, message)
+    assert not scheduler.leased
+
+
+@run_async
+async def test_an_echo_alone_searches_no_beam():
+    """vLLM runs one step for an echo of the prompt alone, but its beam search none."""
+    scheduler = FakeScheduler(FakeWorker(beams))
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions", {
+            "model": "demo", "prompt": "hi", "echo": True, "max_tokens": 0,
+            "use_beam_search": True})
+    assert status == 200, answer
+    assert sampling_sent(scheduler)["max_tokens"] == 0
+    assert [choice["text"] for choice in answer["choices"]] == ["hi"]
+
+
+@run_async
+async def test_beam_logprobs_are_listed_as_vllm_lists_them():
+    scheduler = FakeScheduler(FakeWorker(beams))
+    async with serve(scheduler) as url, client(url) as api:
+        completion = await api.completions.create(
+            model="demo", prompt="hi", n=2, logprobs=1, extra_body={"use_beam_search": True})
+        chat = await api.chat.completions.create(
+            model="demo", messages=HI, n=2, logprobs=True, top_logprobs=1,
+            extra_body={"use_beam_search": True})
+    # The first k+1 of the position, without the beam's own token.
+    assert completion.choices[1].logprobs.top_logprobs == [{"A": -0.1, "B": -1.0}]
+    assert completion.choices[1].logprobs.tokens == ["Hello"]
+    token = chat.choices[1].logprobs.content[0]
+    # vLLM's beam search does not detokenize: its chosen tokens have no bytes.
+    assert (token.token, token.logprob, token.bytes) == ("Hello", -2.0, None)
+    assert [(top.token, top.bytes) for top in token.top_logprobs] == [("A", [65])]
+
+
+@run_async
+async def test_a_prompt_with_fewer_beams_than_n_leaves_no_gap_in_the_choices():
+    def one_beam_then_two(request: p.Generate) -> list:
+        outputs = beams(request)
+        return [output for output in outputs if output.prompt_index or output.index]
+
+    scheduler = FakeScheduler(FakeWorker(one_beam_then_two))
+    async with serve(scheduler) as url, client(url) as api:
+        batch = await api.completions.create(model="demo", prompt=["a", "b"], n=2,
+                                             extra_body={"use_beam_search": True})
+    assert [(c.index, c.text) for c in batch.choices] == [(0, "Hello"), (1, ""), (2, "Hello")]
+
+
+@run_async
+async def test_a_streamed_beam_that_generated_nothing_gets_no_chunk():
+    """As vLLM's chat stream skips an output with no text and no tokens."""
+    scheduler = FakeScheduler(FakeWorker(beams))
+    async with serve(scheduler) as url:
+        events = await sse_events(url, "/v1/chat/completions", {
+            "model": "demo", "messages": HI, "n": 2, "use_beam_search": True, "stream": True})
+    content = [event["choices"][0] for event in events[:-1] if "role" not in
+               event["choices"][0]["delta"]]
+    assert [(c["index"], c["delta"], c["finish_reason"]) for c in content] == \
+        [(1, {"content": "Hello"}, "length")]

@@ -61,6 +61,7 @@ PARSER_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                 "--reasoning-parser", "qwen3", "--trust-request-chat-template"]
 WCD_PARSERS = {"tool_call_parser": "hermes", "reasoning_parser": "qwen3"}
 
+BEAMS = {"use_beam_search": True, "n": 2}
 COMPLETIONS = {
     "plain": {"prompt": "hello world", "max_tokens": 5},
     "batch": {"prompt": ["hello world", "tell me"], "max_tokens": 3},
@@ -112,6 +113,27 @@ COMPLETIONS = {
     "logit_bias": {"prompt": "hello", "max_tokens": 3, "logit_bias": {"7": 100}},
     # vLLM 0.32 ignores best_of.
     "best_of": {"prompt": "hello", "max_tokens": 3, "best_of": 3},
+    # Beam search: the best n beams, searched in one-token rounds; the logprobs
+    # are each position's 2n, of which the first logprobs+1 are listed.
+    "beam search": {"prompt": "hello world", "max_tokens": 5, **BEAMS},
+    "beam search batch": {"prompt": ["hello world", "tell me"], "max_tokens": 4, **BEAMS,
+                          "n": 3, "logprobs": 2, "return_token_ids": True},
+    "beam search length_penalty": {"prompt": "hello world", "max_tokens": 8, **BEAMS,
+                                   "length_penalty": 0.3, "include_stop_str_in_output": True,
+                                   "return_token_ids": True},
+    "beam search ignore_eos": {"prompt": "hello world", "max_tokens": 6, **BEAMS,
+                               "ignore_eos": True, "logprobs": 0},
+    "beam search echo": {"prompt": [1, 300, 301, 302], "max_tokens": 3, **BEAMS, "echo": True},
+    "beam search echo alone": {"prompt": "hello world", "max_tokens": 0, **BEAMS,
+                               "echo": True, "return_token_ids": True},
+    "beam search prompt_logprobs": {"prompt": "hello world", "max_tokens": 3, **BEAMS,
+                                    "prompt_logprobs": 1},
+    "beam search ignores sampling fields": {"prompt": "hello world", "max_tokens": 3, **BEAMS,
+                                            "top_p": 0.1, "stop": [" "], "min_tokens": 2},
+    "beam search stream": {"prompt": "hello world", "max_tokens": 3, **BEAMS, "stream": True},
+    "beam search echo logprobs": {"prompt": "hello world", "max_tokens": 3, **BEAMS,
+                                  "echo": True, "logprobs": 1},
+    "beam search n=0": {"prompt": "hello world", "max_tokens": 3, **BEAMS, "n": 0},
 }
 CHATS = {
     "plain": {"messages": HI, "max_tokens": 4},
@@ -160,6 +182,19 @@ CHATS = {
                                        "tool_choice": {"type": "function"}},
     "tool history": {"messages": TOOL_HISTORY, "max_tokens": 3, "tools": [WEATHER],
                      "tool_choice": "none", "return_token_ids": True},
+    "beam search": {"messages": HI, "max_tokens": 4, **BEAMS},
+    "beam search logprobs": {"messages": HI, "max_tokens": 3, **BEAMS, "n": 3,
+                             "logprobs": True, "top_logprobs": 2, "return_token_ids": True},
+    "beam search echo": {"messages": CONTINUED, "max_tokens": 4, **BEAMS, "echo": True,
+                         "add_generation_prompt": False, "continue_final_message": True},
+    # vLLM streams a chat's beams: each whole, in one chunk, once searched.
+    "beam search stream": {"messages": HI, "max_tokens": 4, **BEAMS, "stream": True},
+    "beam search stream logprobs": {"messages": HI, "max_tokens": 3, **BEAMS, "stream": True,
+                                    "logprobs": True, "top_logprobs": 1,
+                                    "return_token_ids": True},
+    "beam search stream usage": {"messages": HI, "max_tokens": 3, **BEAMS, "n": 3,
+                                 "stream": True, "stream_options": {
+                                     "include_usage": True, "continuous_usage_stats": True}},
 }
 # With the parsers. Strict tools: a forced call's arguments follow their schema.
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
@@ -217,6 +252,10 @@ PARSER_CHATS = {
                          "{{ messages[-1]['content'] }}"},
     "reasoning n=2 stream": {"messages": HI, "max_tokens": 4, "n": 2, "stream": True,
                              "stream_options": {"include_usage": True}},
+    "reasoning beam search": {"messages": HI, "max_tokens": 6, **BEAMS},
+    "reasoning beam search stream": {"messages": HI, "max_tokens": 6, **BEAMS, "stream": True,
+                                     **USAGE},
+    "named beam search": {"messages": HI, **NAMED, "max_tokens": 12, **BEAMS},
 }
 
 # Whole bodies: no sampling fields, which these endpoints do not take.

@@ -4,6 +4,7 @@ driven over the worker protocol, compared with vLLM's own offline output."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -210,6 +211,42 @@ def test_max_tokens_is_fitted_to_the_context_as_vllms_server_does(loop, worker, 
                                                  max_tokens=max_tokens))
         assert raised.value.error.kind == p.BAD_ARGS
         assert raised.value.error.message == message
+
+
+async def beam_search(worker: WorkerProcess, model: str, prompt: str,
+                      **sampling) -> list[p.Output]:
+    request = p.Generate(f"t-{time.monotonic_ns()}", model, [p.Prompt(prompt=prompt)],
+                         {**GREEDY, **sampling}, beam_search=p.BeamSearch())
+    return [out async for out in worker.generate(request)]
+
+
+def test_a_beam_search_runs_beside_other_requests_and_aborts_whole(loop, worker, demo_models):
+    """Its rounds are engine requests stepped with every other: a request sent
+    meanwhile finishes first, and leaving the search aborts the round in flight."""
+    swap(loop, worker, spec(demo_models, "small-a"))
+
+    async def beside():
+        search = asyncio.create_task(beam_search(worker, "small-a", "hello", n=3,
+                                                 max_tokens=400, ignore_eos=True))
+        await asyncio.sleep(0.2)
+        tokens = await generate(worker, "small-a", "hi", max_tokens=4)
+        searching = not search.done()
+        search.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await search
+        return tokens, searching, await worker.stats()
+
+    tokens, searching, stats = loop.run_until_complete(beside())
+    assert len(tokens) == 4 and searching
+    assert stats.running_requests == 0
+
+
+def test_a_beam_search_with_nothing_to_generate_answers_at_once(loop, worker, demo_models):
+    """As vLLM's server: at max_tokens 0 the one beam is the prompt alone."""
+    swap(loop, worker, spec(demo_models, "small-a"))
+    outs = loop.run_until_complete(beam_search(worker, "small-a", "hello", n=2, max_tokens=0))
+    assert [(o.index, o.token_ids, o.finish_reason, o.finished) for o in outs] == \
+        [(0, [], "length", True)]
 
 
 def _copy(demo_models, tmp_path, name="small-b"):

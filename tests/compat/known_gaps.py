@@ -9,9 +9,6 @@ GAPS: dict[str, list[str]] = {
     "return_tokens_as_token_ids": [
         "test_return_token_ids.py::test_comparison_with_prompt_logprobs_and_logprobs",
     ],
-    "beam search (use_beam_search)": [
-        "test_completion.py::test_batch_completions",
-    ],
     "system_fingerprint": [
         "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[chat]",
         "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[completion]",

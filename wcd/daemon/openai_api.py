@@ -190,6 +190,7 @@ class _Job:
     echoed: str | None = None
     role: str = "assistant"
     chat: p.ChatOptions | None = None
+    beam_search: p.BeamSearch | None = None
     # Whether usage carries completion_tokens_details, as this vLLM's does.
     completion_details: bool = True
     created: int = field(default_factory=lambda: int(time.time()))
@@ -213,7 +214,7 @@ class _Job:
                                         and body.stream_options.continuous_usage_stats),
                   top_logprobs=sampling.get("logprobs"), render=body.render(),
                   return_prompt=body.wants_prompt(),
-                  return_token_ids=bool(body.return_token_ids))
+                  return_token_ids=bool(body.return_token_ids), beam_search=body.beam_search())
         if isinstance(body, t.CompletionRequest):
             job.echo, job.echo_only = bool(body.echo), bool(body.echo) and body.max_tokens == 0
         else:
@@ -228,7 +229,8 @@ class _Job:
 
     def request(self, served: str) -> p.Generate:
         return p.Generate(self.id, served, self.prompts, self.sampling, self.template_kwargs,
-                          self.template, self.render, self.return_prompt, self.chat)
+                          self.template, self.render, self.return_prompt, self.chat,
+                          self.beam_search)
 
 
 def _check_counts(prompts: int, n: int, http: HttpSettings, param: str = "prompt") -> None:
@@ -643,10 +645,11 @@ async def _send_events(sink: _Sink, job: _Job, fmt: _Format, first: p.Output | N
                     total_tokens=first.prompt_tokens, **_reasoning_details(first.parsed, 0)))
             await sink.event(chunk)
         async for output in _chain(first, outputs):
-            chunk = fmt.chunk(tally.add(output))
+            delta = tally.add(output)
+            chunk = fmt.chunk(delta)
             if chunk is not None:
                 if job.continuous_usage:
-                    chunk.usage = fmt.running_usage(tally.usage())
+                    chunk.usage = fmt.running_usage(tally.choice_usage(delta.index))
                 await sink.event(chunk)
         if job.include_usage:
             await sink.event(fmt.usage_chunk(tally.usage()))
@@ -780,6 +783,17 @@ class _Tally:
     def ordered(self) -> list[tuple[int, _Choice]]:
         return sorted(self.choices.items())
 
+    def choice_usage(self, index: int) -> t.Usage:
+        """One choice's usage so far, as vLLM's chunks carry it with
+        continuous_usage_stats: its prompt's tokens and its own."""
+        choice = self.choices[index]
+        prompt = self.prompt_tokens[choice.prompt_index]
+        completion = len(choice.token_ids)
+        details = {"completion_tokens_details": {"reasoning_tokens": choice.reasoning_tokens}} \
+            if self.counts_reasoning else {}
+        return t.Usage(prompt_tokens=prompt, completion_tokens=completion,
+                       total_tokens=prompt + completion, **details)
+
     def usage(self, details: bool = False) -> t.Usage:
         """`details`: with the (null) token details a response has and chunks
         lack; the reasoning tokens, where the model's parser counts them."""
@@ -852,10 +866,13 @@ class _Format:
 class _CompletionFormat(_Format):
     def response(self, tally: _Tally) -> t.Completion:
         choices = []
-        for i, c in tally.ordered():
+        for _, c in tally.ordered():
             prompt = tally.prompt(c.prompt_index)
+            # Numbered in order, as vLLM numbers them: a beam search may give
+            # a prompt fewer than n.
             choices.append(t.CompletionChoice(
-                index=i, text="".join(c.text), logprobs=self._logprobs(c.logprobs, 0),
+                index=len(choices), text="".join(c.text),
+                logprobs=self._logprobs(c.logprobs, 0),
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 token_ids=self._token_ids(c.token_ids), prompt_logprobs=_prompt_logprobs(prompt),
                 prompt_token_ids=self._token_ids(prompt.token_ids) if prompt else None))
@@ -883,6 +900,8 @@ class _CompletionFormat(_Format):
     def _logprobs(self, entries: list[dict], offset: int) -> t.CompletionLogprobs | None:
         if self.job.top_logprobs is None:
             return None
+        # vLLM's server lists a position's first k+1 logprobs (k = -1: all):
+        # the sampled token and the top k; a beam's token need not be there.
         k = self.job.top_logprobs
         tokens, token_logprobs, tops, offsets = [], [], [], []
         for entry in entries:
@@ -893,9 +912,8 @@ class _CompletionFormat(_Format):
                 tops.append(None)
             else:
                 token_logprobs.append(_logprob(entry["logprob"]))
-                top = {_token(text, tid): _logprob(lp) for tid, text, lp in entry["top"][:k]}
-                top.setdefault(token, token_logprobs[-1])  # OpenAI lists the chosen token too
-                tops.append(top)
+                listed = entry["top"] if k == -1 else entry["top"][:k + 1]
+                tops.append({_token(text, tid): _logprob(lp) for tid, text, lp in listed})
             offsets.append(offset)
             offset += len(token)
         return t.CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs,
@@ -955,6 +973,8 @@ class _ChatFormat(_Format):
         if not (output.text or output.finish_reason or output.logprobs
                 or (output.token_ids and self.job.return_token_ids)):
             return None
+        if not output.text and not delta.tokens:
+            return None  # nothing generated (vLLM: chunked prefill; a beam ended at once)
         delta_message = t.ChatDelta(content=output.text) if output.text else t.ChatDelta()
         ending = {"stop_reason": output.stop_reason} if output.finish_reason else {}
         choice = t.ChatChunkChoice(index=delta.index, delta=delta_message,
@@ -1003,11 +1023,14 @@ class _ChatFormat(_Format):
         if self.job.top_logprobs is None:
             return None
         k = self.job.top_logprobs
-        return t.ChatLogprobs(content=[
-            t.TokenLogprob(**_chat_logprob(entry["token"], entry["token_id"], entry["logprob"]),
-                           top_logprobs=[t.TopLogprob(**_chat_logprob(text, tid, lp))
-                                         for tid, text, lp in entry["top"][:k]])
-            for entry in entries])
+        return t.ChatLogprobs(content=[self._token_logprob(entry, k) for entry in entries])
+
+    def _token_logprob(self, entry: dict, k: int) -> t.TokenLogprob:
+        chosen = _chat_logprob(entry["token"], entry["token_id"], entry["logprob"])
+        if self.job.beam_search is not None:
+            chosen["bytes"] = None  # vLLM's beam search leaves its tokens undecoded
+        return t.TokenLogprob(**chosen, top_logprobs=[
+            t.TopLogprob(**_chat_logprob(text, tid, lp)) for tid, text, lp in entry["top"][:k]])
 
 
 def _chat_logprob(text: str | None, token_id: int, logprob: float) -> dict[str, Any]:

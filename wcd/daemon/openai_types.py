@@ -28,11 +28,10 @@ _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_p
 # (vLLM's, as the structs declare them), since clients written for `vllm serve`
 # send them; refused at any other value, never silently ignored. None counts as
 # the default where the type allows it, and false for such a flag.
-_UNIMPLEMENTED = ("use_beam_search", "watermarking", "length_penalty", "logprob_token_ids",
-                  "return_tokens_as_token_ids", "routed_experts_prompt_start",
-                  "return_token_offsets", "mm_payload", "return_mm_kwargs", "kv_transfer_params",
-                  "ec_transfer_params", "vllm_xargs", "repetition_detection",
-                  "thinking_token_budget")
+_UNIMPLEMENTED = ("watermarking", "logprob_token_ids", "return_tokens_as_token_ids",
+                  "routed_experts_prompt_start", "return_token_offsets", "mm_payload",
+                  "return_mm_kwargs", "kv_transfer_params", "ec_transfer_params", "vllm_xargs",
+                  "repetition_detection", "thinking_token_budget")
 
 
 def _vllm_refusal(message: str, param: str, value: Any = None) -> errors.VllmBadRequest:
@@ -160,10 +159,13 @@ class _Sampling(_Request, kw_only=True):
     return_token_ids: bool | None = None
     # Tokens per streamed chunk, at least the engine's own interval.
     stream_interval: Annotated[int, Meta(ge=1)] | None = None
-    # vLLM's fields, accepted only at their defaults (_UNIMPLEMENTED).
+    # vLLM's beam search: the n completions are the best beams of width n,
+    # searched by the worker as vLLM's server searches them; length_penalty
+    # applies to nothing else, and is ignored without it (as in vLLM).
     use_beam_search: bool = False
-    watermarking: bool | None = None
     length_penalty: float = 1.0
+    # vLLM's fields, accepted only at their defaults (_UNIMPLEMENTED).
+    watermarking: bool | None = None
     logprob_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool | None = None
     routed_experts_prompt_start: int = 0
@@ -218,6 +220,9 @@ class _Sampling(_Request, kw_only=True):
         if prompt_logprobs is not None:
             params["prompt_logprobs"] = prompt_logprobs
         return params
+
+    def beam_search(self) -> p.BeamSearch | None:
+        return p.BeamSearch(self.length_penalty) if self.use_beam_search else None
 
     def render(self) -> p.RenderOptions:
         """How the worker tokenizes this request's prompts."""
@@ -287,13 +292,26 @@ class CompletionRequest(_Sampling, kw_only=True):
         if self.suffix:
             raise errors.VllmBadRequest("suffix is only supported for models with FIM "
                                         "completion rendering", param="suffix")
+        if self.use_beam_search:
+            self._check_beam_search()
+
+    def _check_beam_search(self) -> None:
+        """vLLM's refusals of beam search: its request validator's, then its
+        server's (which streams no beam search of a completion)."""
+        if self.echo and self.logprobs is not None:
+            raise _vllm_refusal("`echo` with `logprobs` is not supported with beam search "
+                                "because beam search does not compute prompt logprobs.",
+                                "echo")
+        if self.stream:
+            raise errors.VllmBadRequest("Streaming is not currently supported with beam search")
 
     def sampling(self) -> dict[str, Any]:
         params = super().sampling()
         params["max_tokens"] = self.max_tokens if self.max_tokens is not None \
             else COMPLETIONS_MAX_TOKENS
-        # An echo of the prompt alone still runs one engine step, as in vLLM.
-        if self.echo and self.max_tokens == 0:
+        # An echo of the prompt alone still runs one engine step, as in vLLM;
+        # its beam search takes none.
+        if self.echo and self.max_tokens == 0 and not self.use_beam_search:
             params["max_tokens"] = 1
         if self.logprobs is not None:
             params["logprobs"] = self.logprobs

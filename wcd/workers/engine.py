@@ -36,10 +36,10 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.outputs import PoolingRequestOutput, RequestOutput
 from vllm.renderers.params import TokenizeParams
-from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from vllm.v1.engine.llm_engine import LLMEngine
 
-from wcd.workers import parsing, pooling
+from wcd.workers import beam, parsing, pooling
 from wcd.workers import protocol as p
 from wcd.workers import vllm_seams
 from wcd.workers.process import trim_heap
@@ -672,35 +672,46 @@ class EngineHost:
                                            f"worker (residents: {self.models})")
         return served
 
-    def add(self, request: p.Generate | p.Embed) -> None:
+    def add(self, request: p.Generate | p.Embed) -> list[p.Output]:
         """Add every prompt of `request` to its model's engine, or none of them.
-        A suspended resident takes them too: they wait for its resume."""
+        A suspended resident takes them too: they wait for its resume. Returns
+        the Outputs ready at once: beam searches with no token to generate."""
         served = self._resident(request.model)
         if not request.prompts:
             raise ModelError(p.BAD_ARGS, "a request needs at least one prompt")
         if pooling.task_of(request) not in served.engine.get_supported_tasks():
             raise ModelError(p.UNSUPPORTED, pooling.unsupported(request))
-        added: list[str] = []
+        ready: list[p.Output] = []
         try:
             return_prompt = isinstance(request, p.Generate) and request.return_prompt
             with _as_bad_args():
-                for index, (engine_input, params, turn) in enumerate(
-                        self._inputs(served, request)):
-                    sub_id = served.requests.add(request.request_id, index, return_prompt, turn)
-                    added.append(sub_id)
+                inputs = list(self._inputs(served, request))
+                # Every prompt is known before any search can finish: the
+                # request's last Output is the one that says so.
+                sub_ids = [served.requests.add(request.request_id, index, return_prompt, turn)
+                           for index, (_, _, turn) in enumerate(inputs)]
+                for sub_id, (engine_input, params, turn) in zip(sub_ids, inputs):
+                    if isinstance(params, BeamSearchParams):
+                        ready += served.requests.search(
+                            beam.Search(sub_id, engine_input, params,
+                                        served.engine.renderer.get_tokenizer(),
+                                        logprobs=request.sampling.get("logprobs") is not None),
+                            served.engine)
+                        continue
                     reasoning = {} if turn is None else \
                         turn.engine_reasoning(engine_input.get("prompt_token_ids") or [])
                     vllm_seams.add_request(served.engine, sub_id, engine_input, params,
                                            **reasoning)
         except BaseException:
-            if added:
-                served.engine.abort_request(added)
-            served.requests.forget(request.request_id)
+            # Ids the engine never got are ignored there.
+            served.engine.abort_request(served.requests.forget(request.request_id))
             raise
+        return ready
 
     def _inputs(self, served: Served, request: p.Generate | p.Embed) -> Iterator[tuple]:
         """(engine input, params, chat turn) per prompt, rendered as vLLM
-        renders them; the turn runs the model's parsers on a chat."""
+        renders them; the turn runs the model's parsers on a chat. The params
+        of a beam search are its BeamSearchParams, as in vLLM's server."""
         if isinstance(request, p.Embed):
             with self._bounded("render"):
                 inputs = pooling.engine_requests(served.engine, request)
@@ -711,14 +722,17 @@ class EngineHost:
         turn = self._chat_turn(served, request, sampling)
         if turn is not None:
             sampling = turn.sampling(sampling)
-        params = _sampling_params(sampling)
-        params.output_kind = RequestOutputKind.DELTA
+        if request.beam_search is None:
+            params = _sampling_params(sampling)
+            params.output_kind = RequestOutputKind.DELTA
         for prompt in request.prompts:
             engine_input = self._render(served.engine, request, prompt)
-            prompt_params = params.clone()
-            _fit_max_tokens(served.engine.model_config, served.sampling_defaults,
-                            engine_input, prompt_params, request.sampling.get("max_tokens"))
-            yield engine_input, prompt_params, turn
+            max_tokens = _max_tokens(served.engine.model_config, served.sampling_defaults,
+                                     engine_input, request.sampling.get("max_tokens"))
+            if request.beam_search is not None:
+                yield engine_input, beam.params(sampling, request.beam_search, max_tokens), turn
+            else:
+                yield engine_input, _with_max_tokens(params, max_tokens), turn
 
     @staticmethod
     def _chat_turn(served: Served, request: p.Generate,
@@ -822,6 +836,10 @@ class _Requests:
         self._open: dict[str, set[str]] = {}  # request -> its unfinished engine ids
         self._prompt_owed: set[str] = set()  # engine ids whose PromptInfo is not sent yet
         self._turns: dict[str, parsing.ChatTurn] = {}  # engine id -> its chat's parsing
+        # A beam-searched prompt's id stands for its search, whose rounds are
+        # engine requests of their own.
+        self._searches: dict[str, beam.Search] = {}
+        self._round_of: dict[str, str] = {}  # a round's engine id -> its prompt's id
 
     def add(self, request_id: str, index: int, return_prompt: bool = False,
             turn: parsing.ChatTurn | None = None) -> str:
@@ -834,25 +852,58 @@ class _Requests:
             self._turns[sub_id] = turn
         return sub_id
 
+    def search(self, search: beam.Search, engine: LLMEngine) -> list[p.Output]:
+        """Start a prompt's beam search (its id: the prompt's); returns its
+        Outputs where it has nothing to generate."""
+        self._searches[search.id] = search
+        return list(self._next_round(search.id, engine))
+
+    def _next_round(self, sub_id: str, engine: LLMEngine) -> Iterator[p.Output]:
+        """A search's next round into the engine, or once it is done, its
+        completions."""
+        search = self._searches[sub_id]
+        if search.done:
+            del self._searches[sub_id]
+            yield from self.outputs(search.result(), engine)
+            return
+        for engine_id, prompt, params in search.round():
+            self._round_of[engine_id] = sub_id
+            engine.add_request(engine_id, prompt, params)
+
     def forget(self, request_id: str) -> list[str]:
         """Drop a request; returns its unfinished engine ids."""
-        subs = sorted(self._open.pop(request_id, ()))
-        for sub in subs:
+        engine_ids = []
+        for sub in sorted(self._open.pop(request_id, ())):
             self._prompt_of.pop(sub, None)
             self._prompt_owed.discard(sub)
             self._turns.pop(sub, None)
-        return subs
+            search = self._searches.pop(sub, None)
+            if search is None:
+                engine_ids.append(sub)
+                continue
+            for engine_id in search.pending:
+                del self._round_of[engine_id]
+            engine_ids += search.pending
+        return engine_ids
 
     def clear(self) -> None:
         self._prompt_of.clear()
         self._open.clear()
         self._prompt_owed.clear()
         self._turns.clear()
+        self._searches.clear()
+        self._round_of.clear()
 
     def outputs(self, ro: RequestOutput | PoolingRequestOutput,
                 engine: LLMEngine) -> Iterator[p.Output | p.Embedding]:
         """One Output per completion with news; only the request's very last
-        one says finished, so the daemon stops reading exactly there."""
+        one says finished, so the daemon stops reading exactly there. A beam
+        search's round output goes to its search."""
+        search_of = self._round_of.pop(ro.request_id, None)
+        if search_of is not None:
+            if self._searches[search_of].take(ro):
+                yield from self._next_round(search_of, engine)
+            return
         owner = self._prompt_of.get(ro.request_id)
         if owner is None:
             return  # aborted meanwhile, or wcd's own warm-up request
@@ -938,8 +989,9 @@ def _logprobs(completion) -> list[dict[str, Any]] | None:
             "token_id": token_id,
             "token": chosen.decoded_token,
             "logprob": chosen.logprob,
-            "top": [[tid, lp.decoded_token, lp.logprob]
-                    for tid, lp in sorted(top.items(), key=lambda kv: kv[1].rank or 0)],
+            # In vLLM's order (the sampled token first), from which its server
+            # lists the first few.
+            "top": [[tid, lp.decoded_token, lp.logprob] for tid, lp in top.items()],
         })
     return entries
 
@@ -990,26 +1042,35 @@ def _unknown_arg(exc: TypeError) -> str:
     return message
 
 
-def _fit_max_tokens(model_config, defaults: dict[str, Any], engine_input,
-                    params: SamplingParams, requested: int | None) -> None:
+def _max_tokens(model_config, defaults: dict[str, Any], engine_input,
+                requested: int | None) -> int | None:
     """max_tokens as vLLM's OpenAI server sets it (completion/chat serving):
     max_tokens over max_model_len and a prompt past the context are refused,
     anything else is trimmed to the rest of the context (vLLM's offline engine
     would default to 16 instead). vLLM's own functions, for its outcomes and
-    messages; the refusals are VLLMValidationErrors, so BAD_ARGS."""
+    messages; the refusals are VLLMValidationErrors, so BAD_ARGS. None: an
+    input without token ids, whose params keep their own."""
     max_model_len = model_config.max_model_len
     limits = TokenizeParams(max_total_tokens=max_model_len, max_output_tokens=requested or 0,
                             max_total_tokens_param="max_model_len",
                             max_output_tokens_param="max_tokens")
     prompt = engine_input.get("prompt_token_ids") if isinstance(engine_input, dict) else None
     if prompt is None:
-        return
+        return None
     limits.apply_post_tokenization(None, {"prompt_token_ids": prompt})
-    params.max_tokens = get_max_tokens(max_model_len, requested, len(prompt), defaults,
-                                       _override_max_tokens(model_config, defaults))
-    # A prompt of exactly max_model_len leaves 0: the server's SamplingParams
-    # refuses that with its own message, so does this one.
-    SamplingParams(max_tokens=params.max_tokens)
+    return get_max_tokens(max_model_len, requested, len(prompt), defaults,
+                          _override_max_tokens(model_config, defaults))
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int | None) -> SamplingParams:
+    prompt_params = params.clone()
+    if max_tokens is not None:
+        prompt_params.max_tokens = max_tokens
+        # A prompt of exactly max_model_len leaves 0: the server's SamplingParams
+        # refuses that with its own message, so does this one (a beam search
+        # takes 0, and generates nothing).
+        SamplingParams(max_tokens=max_tokens)
+    return prompt_params
 
 
 def _override_max_tokens(model_config, defaults: dict[str, Any]) -> int | None:

@@ -172,11 +172,12 @@ class Worker:
         from wcd.workers.engine import ModelError
 
         try:
-            self.host.add(command)
+            ready = self.host.add(command)
         except ModelError as exc:
             self.channel.send(p.RequestFailed(command.request_id, exc.info()))
             return
         self.inflight[command.request_id] = command.model
+        self._deliver(ready)
 
     def _step(self) -> None:
         self._deliver(self.host.step())

@@ -144,6 +144,17 @@ class ChatOptions(msgspec.Struct, frozen=True, omit_defaults=True):
     continuous_usage: bool = False
 
 
+class BeamSearch(msgspec.Struct, frozen=True):
+    """vLLM's use_beam_search: each prompt's completions are its best beams,
+    searched as vLLM's online server searches them. Its BeamSearchParams are
+    made from the request's `sampling` as vLLM's to_beam_search_params makes
+    them (beam width n, temperature, max_tokens, ignore_eos,
+    include_stop_str_in_output, skip_special_tokens); the other sampling
+    fields do not apply, as in vLLM."""
+
+    length_penalty: float = 1.0
+
+
 class Generate(msgspec.Struct, tag="generate", frozen=True):
     """One request: one prompt, or a batch sharing one `sampling`. The worker
     streams `Output`s tagged with the prompt's index.
@@ -153,6 +164,7 @@ class Generate(msgspec.Struct, tag="generate", frozen=True):
     `chat_template` is set only where the operator trusts request templates.
     `return_prompt`: each prompt's first Output carries its `PromptInfo`.
     `chat`: set on chat requests, whose output the model's parsers parse.
+    `beam_search`: set where the request asked for it (vLLM's use_beam_search).
     """
 
     request_id: str
@@ -164,6 +176,7 @@ class Generate(msgspec.Struct, tag="generate", frozen=True):
     render: RenderOptions = RenderOptions()
     return_prompt: bool = False
     chat: ChatOptions | None = None
+    beam_search: BeamSearch | None = None
 
 
 class Tokenize(msgspec.Struct, tag="tokenize", frozen=True):
@@ -400,7 +413,8 @@ class Output(msgspec.Struct, tag="output", frozen=True):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     finished: bool = False
-    # Per new token: {"token_id", "token", "logprob", "top": [[token_id, token, logprob], ...]}
+    # Per new token: {"token_id", "token", "logprob", "top": [[token_id, token, logprob], ...]},
+    # the top in vLLM's order (the sampled token first, then by rank).
     logprobs: list[dict[str, Any]] | None = None
     prompt_index: int = 0
     prompt: PromptInfo | None = None

@@ -702,6 +702,7 @@ def check() -> None:
     _check_pooling()
     _check_parser_seams(LLMEngine)
     _check_engine_stats(LLMEngine)
+    _check_beam_search()
 
 
 def _check_engine_stats(engine_class) -> None:
@@ -780,6 +781,22 @@ def _check_parser_seams(engine_class) -> None:
             engine_class.add_request):
         raise SeamBroken("LLMEngine.add_request no longer takes an EngineCoreRequest "
                          "(add_request's reasoning fields)")
+
+
+def _check_beam_search() -> None:
+    """workers/beam.py repeats vLLM's online search step by step: a change
+    there must show here, not as beams that differ from vLLM's."""
+    from vllm.entrypoints.generate.beam_search import online, utils
+
+    if not hasattr(utils.BeamSearchSequence, "get_prompt"):
+        raise SeamBroken("BeamSearchSequence no longer makes its round's prompt (get_prompt)")
+    source = inspect.getsource(online.BeamSearchOnlineMixin.beam_search)
+    for step in ("logprobs_num = 2 * beam_width", "max_tokens=1,", "detokenize=False",
+                 "np.argpartition(", "sorted(completed, key=sort_beams_key, reverse=True)",
+                 "tokens = beam.tokens[tokenized_length:-1]"):
+        if step not in source:
+            raise SeamBroken(f"vLLM's online beam search changed ({step!r} is gone): "
+                             "workers/beam.py repeats it")
 
 
 def _ignored_hash_factors() -> str:
@@ -1283,3 +1300,50 @@ def take_engine_stats(engine, model: str):
 def cache_config_info(engine) -> dict[str, str]:
     """vllm:cache_config_info's labels, as PrometheusStatLogger takes them."""
     return engine.vllm_config.cache_config.metrics_info()
+
+
+# ---- beam search -------------------------------------------------------------------
+# vllm 0.32: vLLM's OpenAI server searches beams outside its engine
+# (entrypoints/generate/beam_search/online.py, BeamSearchOnlineMixin.beam_search),
+# in rounds of one-token requests, one per live beam. The worker runs the same
+# rounds (workers/beam.py) with vLLM's own beam sequences, whose get_prompt
+# makes each round's prompts, and its own score; both live in the server's
+# package, imported only when a request asks for beam search.
+
+
+def beam_sequence(**fields):
+    """vLLM's BeamSearchSequence."""
+    from vllm.entrypoints.generate.beam_search.utils import BeamSearchSequence
+
+    return BeamSearchSequence(**fields)
+
+
+def beam_score(eos_token_id: int, length_penalty: float):
+    """vLLM's sort key of finished beams: the cumulative logprob over the
+    length (prompt included, a final EOS not) to the length_penalty."""
+    from vllm.entrypoints.generate.beam_search.utils import create_sort_beams_key_function
+
+    return create_sort_beams_key_function(eos_token_id, length_penalty)
+
+
+def beam_text_skips_special_tokens(skip_special_tokens: bool) -> bool:
+    """Whether a finished beam's text leaves special tokens out: as the
+    request asks from vLLM 0.32 on; 0.26 decodes every token."""
+    from vllm.entrypoints.generate.beam_search import online
+
+    source = inspect.getsource(online.BeamSearchOnlineMixin.beam_search)
+    return skip_special_tokens and "skip_special_tokens=params.skip_special_tokens" in source
+
+
+def beam_round_params(beam_width: int, temperature: float):
+    """The SamplingParams of a round's requests, as vLLM's server makes them:
+    one token with twice the beam width's logprobs, undetokenized, never
+    watermarked; only the finished output is wanted."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    # 0.26 has no watermarking, nor a field to turn it off
+    unmarked = {"watermarking": False} if "watermarking" in SamplingParams.__struct_fields__ \
+        else {}
+    return SamplingParams(logprobs=2 * beam_width, max_tokens=1, temperature=temperature,
+                          detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY,
+                          **unmarked)
