@@ -131,6 +131,8 @@ class Served:
     kv_usage: float = 0.0  # after its last step, published for health reports
     workspace: Any = None  # vLLM's workspace manager made by its build (vllm_seams)
     parsers: parsing.ModelParsers | None = None  # set once its tokenizer is known
+    unbuilt_config: Any = None  # its VllmConfig before the build (vllm_seams.unbuilt_copy)
+    fingerprint: str | None = None  # vLLM's system_fingerprint, of what it serves now
 
     @property
     def name(self) -> str:
@@ -141,7 +143,8 @@ class Served:
         return not self.suspended and self.engine.has_unfinished_requests()
 
     def resident(self) -> p.Resident:
-        return p.Resident(self.name, self.weight_bytes + self.kv_bytes, 0, self.suspended)
+        return p.Resident(self.name, self.weight_bytes + self.kv_bytes, 0, self.suspended,
+                          fingerprint=self.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,7 @@ class EngineHost:
         self.residents = {served.name if key == name else key: engine
                           for key, engine in self.residents.items()}
         self._measure(served)
+        served.fingerprint = _fingerprint(served)
         with clock.phase("warm"):
             pass  # graph, caches and kernels are the ones that were serving
         with clock.phase("ready"):
@@ -439,11 +443,12 @@ class EngineHost:
     def _build(self, plan: Plan, config) -> Served:
         if self.group is not None:
             self.group.form(plan.tensor_parallel_size)
+        unbuilt = vllm_seams.unbuilt_copy(config)
         with vllm_seams.collections_deferred():
             engine = LLMEngine.from_vllm_config(config, disable_log_stats=True)
         return Served(plan, engine, plan.checkpoint.frontend_key(),
                       engine.model_config.get_diff_sampling_param(),
-                      workspace=vllm_seams.built_workspace())
+                      workspace=vllm_seams.built_workspace(), unbuilt_config=unbuilt)
 
     @staticmethod
     def _load_weights(engine: LLMEngine, weights) -> None:
@@ -471,6 +476,7 @@ class EngineHost:
     def _admit(self, served: Served) -> None:
         served.suspended = False
         self._measure(served)
+        served.fingerprint = _fingerprint(served)
         self.residents[served.name] = served
         self._keep_headroom()
 
@@ -900,6 +906,11 @@ def _outputs(ro: RequestOutput, request_id: str, prompt_index: int,
             prompt=prompt,
             parsed=turn.parse(completion, ro.prompt_token_ids or ()) if turn else None,
         )
+
+
+def _fingerprint(served: Served) -> str | None:
+    return vllm_seams.system_fingerprint(served.unbuilt_config,
+                                         str(served.plan.checkpoint.path))
 
 
 def _prompt_info(ro: RequestOutput, engine: LLMEngine) -> p.PromptInfo:
