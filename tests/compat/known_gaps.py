@@ -6,16 +6,8 @@ difference."""
 
 # feature -> case ids relative to tests/compat/
 GAPS: dict[str, list[str]] = {
-    "return_tokens_as_token_ids": [
-        "test_return_token_ids.py::test_comparison_with_prompt_logprobs_and_logprobs",
-    ],
     "beam search (use_beam_search)": [
         "test_completion.py::test_batch_completions",
-    ],
-    "system_fingerprint": [
-        "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[chat]",
-        "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[completion]",
-        "test_system_fingerprint.py::test_get_respects_set_default",
     ],
     "vLLM metrics (series not served: queue, prefill, decode and inference times, "
     "preemptions, iteration tokens, prefix cache, cache_config_info...)": [
