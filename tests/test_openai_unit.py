@@ -95,6 +95,7 @@ class FakeWorker:
 class FakeLease:
     model: str
     worker: FakeWorker
+    fingerprint: str | None = None
 
 
 class FakeScheduler:
@@ -107,6 +108,7 @@ class FakeScheduler:
     WORKERS = [{"index": 0, "device": "cpu", "pid": 4001, "state": "serving", "model": "demo"}]
     SWAPS = [{"time": 1.0, "worker": 0, "model": "demo", "path": "same_shape",
               "weights": "host_cache", "phases": {"build": 0.01}, "total_s": 0.01}]
+    fingerprint: str | None = None  # what the workers report for every model
 
     def __init__(self, worker: FakeWorker | None = None, fail: Exception | None = None):
         self.worker = worker or FakeWorker()
@@ -151,7 +153,7 @@ class FakeScheduler:
             raise self.fail
         self.leased.append(canonical)
         try:
-            yield FakeLease(canonical, self.worker)
+            yield FakeLease(canonical, self.worker, self.fingerprint)
         finally:
             self.released += 1
 
@@ -448,6 +450,110 @@ async def test_chat_logprobs():
     assert (first.token, first.logprob, first.bytes) == ("Hello", -2.0, list(b"Hello"))
     assert [(top.token, top.logprob) for top in first.top_logprobs] == \
         [("Hello", -2.0), ("A", -0.1), ("B", -1.0), ("Z", -9999.0)]  # -inf clamped
+
+
+def echoed_prompt(request: p.Generate) -> list:
+    """An echo with logprobs as the worker answers it: the prompt [1, 5] with
+    its logprobs (none for the first token), then one generated token."""
+    prompt = p.PromptInfo([1, 5], "<s>hi", [None, [(6, "ho", -0.7, 2), (5, "hi", -0.5, 1)]],
+                          first_token="<s>")
+    entry = {"token_id": 101, "token": "Hello", "logprob": -2.0,
+             "top": [[101, "Hello", -2.0], [7, "A", -3.0]]}
+    return [p.Output(request.request_id, 0, "Hello", [101], 2, finish_reason="length",
+                     finished=True, logprobs=[entry], prompt=prompt)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@run_async
+async def test_return_tokens_as_token_ids_in_completion_logprobs(stream):
+    """vLLM's "token_id:N" for every token and top key, the echoed prompt's
+    first too; the offsets sum those strings, as vLLM's do."""
+    scheduler = FakeScheduler(FakeWorker(echoed_prompt))
+    body = {"model": "demo", "prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 1,
+            "stream": stream, "return_tokens_as_token_ids": True}
+    async with serve(scheduler) as url:
+        if stream:
+            (chunk, _done) = await sse_events(url, "/v1/completions", body)
+        else:
+            status, _, chunk = await post(url, "/v1/completions", body)
+            assert status == 200, chunk
+    assert chunk["choices"][0]["text"] == "<s>hiHello"
+    assert chunk["choices"][0]["logprobs"] == {
+        "tokens": ["token_id:1", "token_id:5", "token_id:101"],
+        "token_logprobs": [None, -0.5, -2.0],
+        "top_logprobs": [None, {"token_id:5": -0.5}, {"token_id:101": -2.0}],
+        "text_offset": [0, 10, 20]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@run_async
+async def test_return_tokens_as_token_ids_in_chat_logprobs(stream):
+    scheduler = FakeScheduler()
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+            "top_logprobs": 1, "stream": stream, "return_tokens_as_token_ids": True}
+    async with serve(scheduler) as url:
+        if stream:
+            events = await sse_events(url, "/v1/chat/completions", body)
+            content = [entry for event in events[1:-1]
+                       for entry in event["choices"][0]["logprobs"]["content"]]
+        else:
+            status, _, answer = await post(url, "/v1/chat/completions", body)
+            assert status == 200, answer
+            content = answer["choices"][0]["logprobs"]["content"]
+    assert [entry["token"] for entry in content] == ["token_id:101", "token_id:102"]
+    # vLLM's bytes: the chosen token's text, a top token's "token_id:N".
+    assert content[0]["bytes"] == list(b"Hello")
+    assert content[0]["top_logprobs"] == [
+        {"token": "token_id:7", "logprob": -0.1, "bytes": list(b"token_id:7")}]
+
+
+@pytest.mark.parametrize("asked, tokens", [(None, ["token_id:101", "token_id:102"]),
+                                           (False, ["Hello", " world"])])
+@run_async
+async def test_http_return_tokens_as_token_ids_is_the_default_a_request_overrides(asked,
+                                                                                 tokens):
+    body = {"model": "demo", "prompt": "hi", "logprobs": 0, "return_tokens_as_token_ids": asked}
+    async with serve(FakeScheduler(), return_tokens_as_token_ids=True) as url:
+        status, _, answer = await post(url, "/v1/completions", body)
+    assert status == 200, answer
+    assert answer["choices"][0]["logprobs"]["tokens"] == tokens
+
+
+@pytest.mark.parametrize("fingerprint", ["vllm-0.32.0-0123abcd", None])
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
+@run_async
+async def test_a_response_carries_its_engines_system_fingerprint(path, body, fingerprint):
+    scheduler = FakeScheduler()
+    scheduler.fingerprint = fingerprint
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, path, {"model": "demo", **body})
+    assert status == 200, answer
+    assert "system_fingerprint" in answer and answer["system_fingerprint"] == fingerprint
+
+
+@pytest.mark.parametrize("usage", [False, True])
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
+@run_async
+async def test_a_stream_carries_the_fingerprint_on_its_last_chunks(path, body, usage):
+    """As vLLM: on the usage chunk where one follows, else on each choice's
+    finishing chunk; never on the others."""
+    scheduler = FakeScheduler()
+    scheduler.fingerprint = "vllm-0.32.0-0123abcd"
+    body = {"model": "demo", **body, "n": 2, "stream": True,
+            **({"stream_options": {"include_usage": True}} if usage else {})}
+    async with serve(scheduler) as url:
+        events = await sse_events(url, path, body)
+    stamped = [event for event in events[:-1] if "system_fingerprint" in event]
+    assert {event["system_fingerprint"] for event in stamped} == {"vllm-0.32.0-0123abcd"}
+    if usage:
+        assert stamped == [events[-2]] and events[-2]["usage"] is not None
+    else:
+        assert [event["choices"][0]["index"] for event in stamped] == [0, 1]
+        assert all(event["choices"][0]["finish_reason"] for event in stamped)
 
 
 # ---- models, open endpoints, OpenAPI ------------------------------------------------------

@@ -50,6 +50,23 @@ def test_a_worker_starts_with_its_preload_and_grants_once_it_serves(machine):
     assert state.workers[0].residents["a"].active == 1
 
 
+def test_a_grant_carries_the_fingerprint_its_worker_reported_last(machine):
+    """What the answers of a request are stamped with (system_fingerprint)."""
+    state, catalog = machine
+    run = only(started(state), core.RunOp)
+    reported = p.Resident("a", 10, fingerprint="vllm-0.32.0-0123abcd")
+    done = {"event": "done", "model": "a", "worker": 0, "path": "rebuild", "weights": None,
+            "phases": {}, "total_s": 0.0}
+    core.handle(state, core.OpFinished(0, run.incarnation, run.op.serial, done, None,
+                                       [reported], 0.1))
+    grant = only(core.handle(state, core.Acquire(1, catalog.resolve("a"), 0, 0.2)), core.Grant)
+    assert grant.fingerprint == "vllm-0.32.0-0123abcd"
+    pong = p.Pong(1, [p.Resident("a", 10, fingerprint="vllm-0.32.0-4567cdef")], None)
+    core.handle(state, core.Health(0, run.incarnation, pong, 0.3))
+    grant = only(core.handle(state, core.Acquire(2, catalog.resolve("a"), 0, 0.4)), core.Grant)
+    assert grant.fingerprint == "vllm-0.32.0-4567cdef"
+
+
 def test_a_second_model_loads_beside_the_first_and_a_third_evicts_the_idle_one(machine,
                                                                                tmp_path):
     state, catalog = machine

@@ -30,8 +30,13 @@ from conftest import ENGINE_ARGS, ROOT
 from daemon_harness import POLICY, free_port, serving
 
 # Fields that differ by construction: ids, clocks, and server-wide settings.
-IGNORED = {"id", "created", "system_fingerprint", "service_tier", "kv_transfer_params",
-           "ec_transfer_params", "metrics", "prompt_text", "routed_experts"}
+IGNORED = {"id", "created", "service_tier", "kv_transfer_params", "ec_transfer_params",
+           "metrics", "prompt_text", "routed_experts"}
+# Compared only for being there and set: it hashes the model's path, which
+# vllm serve takes as given and wcd resolves to its real path (a symlinked
+# models directory differs), and the engine config, equal here but not known
+# to be on every device.
+PRESENCE_ONLY = {"system_fingerprint"}
 # Logprobs of the same model on two engines agree to the float; this allows
 # for a last-bit difference in a reduction order.
 TOLERANCE = 1e-4
@@ -91,6 +96,17 @@ COMPLETIONS = {
                              "logprobs": 1, "stream": True},
     "stream return_token_ids": {"prompt": "hello world", "max_tokens": 3, "stream": True,
                                 "return_token_ids": True},
+    "return_tokens_as_token_ids": {"prompt": "hello world", "max_tokens": 3, "logprobs": 2,
+                                   "return_tokens_as_token_ids": True},
+    "return_tokens_as_token_ids echo": {"prompt": "Hello, world! How are you today?",
+                                        "max_tokens": 20, "echo": True, "logprobs": 1,
+                                        "prompt_logprobs": 1, "return_token_ids": True,
+                                        "return_tokens_as_token_ids": True},
+    "stream return_tokens_as_token_ids echo": {"prompt": "hello world", "max_tokens": 3,
+                                               "echo": True, "logprobs": 1, "stream": True,
+                                               "return_tokens_as_token_ids": True},
+    "return_tokens_as_token_ids false": {"prompt": "hello world", "max_tokens": 3,
+                                         "logprobs": 1, "return_tokens_as_token_ids": False},
     "stream usage": {"prompt": "hello world", "max_tokens": 3, "stream": True,
                      "stream_options": {"include_usage": True,
                                         "continuous_usage_stats": True}},
@@ -155,6 +171,11 @@ CHATS = {
     "stream": {"messages": HI, "max_tokens": 3, "stream": True},
     "stream return_token_ids": {"messages": HI, "max_tokens": 3, "return_token_ids": True,
                                 "stream": True},
+    "return_tokens_as_token_ids": {"messages": HI, "max_tokens": 3, "logprobs": True,
+                                   "top_logprobs": 2, "return_tokens_as_token_ids": True},
+    "stream return_tokens_as_token_ids": {"messages": HI, "max_tokens": 3, "logprobs": True,
+                                          "top_logprobs": 2, "stream": True,
+                                          "return_tokens_as_token_ids": True},
     "stream echo": {"messages": CONTINUED, "max_tokens": 3, "echo": True,
                     "add_generation_prompt": False, "continue_final_message": True,
                     "stream": True},
@@ -483,7 +504,8 @@ def _post(url: str, path: str, body: dict) -> tuple[int, object]:
 
 def _without_ignored(value):
     if isinstance(value, dict):
-        return {k: _without_ignored(v) for k, v in value.items() if k not in IGNORED}
+        return {k: v is not None if k in PRESENCE_ONLY else _without_ignored(v)
+                for k, v in value.items() if k not in IGNORED}
     if isinstance(value, list):
         return [_without_ignored(v) for v in value]
     return value

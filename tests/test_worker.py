@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -77,6 +78,27 @@ def test_swap_to_the_served_model_is_a_noop(loop, worker, demo_models):
     swap(loop, worker, spec(demo_models, "small-a"))
     done = swap(loop, worker, spec(demo_models, "small-a"))
     assert done.path == "noop"
+
+
+def test_residents_carry_the_system_fingerprint_of_what_they_serve(loop, worker, demo_models):
+    """vLLM's server fingerprint (its version and a hash of its engine config,
+    the checkpoint's path included): one per checkpoint, the same whether
+    reloaded in place or built, in every report."""
+    def fingerprint(done: p.OpDone) -> str:
+        (resident,) = done.residents
+        return resident.fingerprint
+
+    a = fingerprint(swap(loop, worker, spec(demo_models, "small-a")))
+    in_place = swap(loop, worker, spec(demo_models, "small-b"))
+    assert in_place.path == "same_shape"
+    swap(loop, worker, spec(demo_models, "wide-a"))
+    built = swap(loop, worker, spec(demo_models, "small-b"))
+    assert built.path == "rebuild"
+    assert fingerprint(built) == fingerprint(in_place) != a
+    version = re.escape(worker.ready.vllm_version)
+    assert re.fullmatch(rf"vllm-{version}-[0-9a-f]{{8}}", a)
+    (resident,) = loop.run_until_complete(worker.ping(5)).residents
+    assert resident.fingerprint == fingerprint(built)
 
 
 def test_concurrent_requests_are_batched_and_correct(loop, worker, demo_models, reference):

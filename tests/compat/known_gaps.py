@@ -6,14 +6,6 @@ difference."""
 
 # feature -> case ids relative to tests/compat/
 GAPS: dict[str, list[str]] = {
-    "return_tokens_as_token_ids": [
-        "test_return_token_ids.py::test_comparison_with_prompt_logprobs_and_logprobs",
-    ],
-    "system_fingerprint": [
-        "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[chat]",
-        "test_system_fingerprint.py::test_key_present_when_fingerprint_is_set[completion]",
-        "test_system_fingerprint.py::test_get_respects_set_default",
-    ],
     "cancelling requests whose clients hang up (some of a burst run on)": [
         "test_basic.py::test_request_cancellation",
     ],

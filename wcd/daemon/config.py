@@ -85,6 +85,10 @@ class HttpSettings:
     # vLLM's --trust-request-chat-template: a client's own Jinja template (in
     # chat_template_kwargs) runs in the worker only when the operator allows it.
     trust_request_chat_template: bool = False
+    # vLLM's --return-tokens-as-token-ids: logprob tokens as "token_id:N" where
+    # a request does not say (tokens that are not valid UTF-8 alone stay
+    # identifiable).
+    return_tokens_as_token_ids: bool = False
 
 
 @dataclass(frozen=True)
@@ -336,7 +340,8 @@ _TOP_KEYS = ("control", "http", "workers", "model_roots", "defaults", "models", 
 _CONTROL_KEYS = ("socket", "allow_uids", "allow_gids")
 _HTTP_KEYS = ("host", "port", "api_keys", "max_body_bytes", "max_prompts", "max_choices",
               "max_sampling_bytes", "write_timeout", "keepalive_timeout", "header_timeout",
-              "max_connections", "open_status", "trust_request_chat_template")
+              "max_connections", "open_status", "trust_request_chat_template",
+              "return_tokens_as_token_ids")
 _API_KEY_KEYS = ("key", "models")
 _WORKER_KEYS = ("device", "tensor_parallel_size", "serves_tensor_parallel_sizes")
 _MODEL_KEYS = ("path", "keep_alive", "tool_call_parser", "reasoning_parser")
@@ -394,6 +399,8 @@ def _parse_http(section: _Reader) -> HttpSettings:
         open_status=section.get("open_status", _bool, d.open_status),
         trust_request_chat_template=section.get("trust_request_chat_template", _bool,
                                                 d.trust_request_chat_template),
+        return_tokens_as_token_ids=section.get("return_tokens_as_token_ids", _bool,
+                                               d.return_tokens_as_token_ids),
     )
 
 

@@ -182,6 +182,7 @@ class _Job:
     render: p.RenderOptions = p.RenderOptions()
     return_prompt: bool = False
     return_token_ids: bool = False
+    tokens_as_ids: bool = False  # logprob tokens written "token_id:N"
     # Completions: echo the prompt (only it, at max_tokens 0); chat: the text
     # the answer continues (None: no echo), the role it answers with, and
     # what the model's parsers need.
@@ -193,6 +194,7 @@ class _Job:
     beam_search: p.BeamSearch | None = None
     # Whether usage carries completion_tokens_details, as this vLLM's does.
     completion_details: bool = True
+    fingerprint: str | None = None  # of the engine that serves it (Lease.fingerprint)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -214,7 +216,10 @@ class _Job:
                                         and body.stream_options.continuous_usage_stats),
                   top_logprobs=sampling.get("logprobs"), render=body.render(),
                   return_prompt=body.wants_prompt(),
-                  return_token_ids=bool(body.return_token_ids), beam_search=body.beam_search())
+                  return_token_ids=bool(body.return_token_ids), beam_search=body.beam_search(),
+                  tokens_as_ids=http.return_tokens_as_token_ids
+                  if body.return_tokens_as_token_ids is None
+                  else body.return_tokens_as_token_ids)
         if isinstance(body, t.CompletionRequest):
             job.echo, job.echo_only = bool(body.echo), bool(body.echo) and body.max_tokens == 0
         else:
@@ -429,6 +434,7 @@ class _Api:
                 timer.observe(_outputs(lease.worker, job.request(lease.model)))) as outputs:
             # Usage gained completion_tokens_details after vLLM 0.26.
             job.completion_details = _version(self._vllm_version()) >= (0, 32)
+            job.fingerprint = lease.fingerprint
             timer.model = lease.model
             if job.stream:
                 write_timeout = self.scheduler.settings.http.write_timeout_s
@@ -746,8 +752,9 @@ class _Tally:
             entries = entries + (output.logprobs or [])
         offset = choice.token_text_len
         choice.text.append(text)
-        choice.token_text_len += sum(len(_token(entry["token"], entry["token_id"]))
-                                     for entry in entries)
+        choice.token_text_len += sum(
+            len(_token(entry["token"], entry["token_id"], self.job.tokens_as_ids))
+            for entry in entries)
         choice.logprobs.extend(entries)
         choice.token_ids.extend(output.token_ids)
         choice.finish_reason = output.finish_reason or choice.finish_reason
@@ -859,6 +866,16 @@ class _Format:
         """The usage so far, as a chunk carries it (continuous_usage_stats)."""
         return usage
 
+    def _stamp(self, last: bool) -> dict[str, str]:
+        """vLLM's system_fingerprint on a stream's last messages only (not to
+        serialize it in every chunk): the usage chunk where one follows, else
+        each choice's finishing chunk."""
+        fingerprint = self.job.fingerprint
+        return {"system_fingerprint": fingerprint} if last and fingerprint is not None else {}
+
+    def _finishing(self, output: p.Output) -> dict[str, str]:
+        return self._stamp(output.finish_reason is not None and not self.job.include_usage)
+
     def _token_ids(self, token_ids: list[int]) -> list[int] | None:
         return token_ids if self.job.return_token_ids else None
 
@@ -876,7 +893,7 @@ class _CompletionFormat(_Format):
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 token_ids=self._token_ids(c.token_ids), prompt_logprobs=_prompt_logprobs(prompt),
                 prompt_token_ids=self._token_ids(prompt.token_ids) if prompt else None))
-        return t.Completion(**self.head, choices=choices,
+        return t.Completion(**self.head, choices=choices, system_fingerprint=self.job.fingerprint,
                             usage=tally.usage(details=True))
 
     def chunk(self, delta: _Delta) -> t.CompletionChunk | None:
@@ -892,20 +909,21 @@ class _CompletionFormat(_Format):
             finish_reason=output.finish_reason, stop_reason=output.stop_reason,
             prompt_token_ids=prompt.token_ids if prompt else None,
             token_ids=self._token_ids(output.token_ids))
-        return t.CompletionChunk(**self.head, choices=[choice], **self.chunk_usage)
+        return t.CompletionChunk(**self.head, choices=[choice], **self.chunk_usage,
+                                 **self._finishing(output))
 
     def usage_chunk(self, usage: t.Usage) -> t.CompletionChunk:
-        return t.CompletionChunk(**self.head, choices=[], usage=usage)
+        return t.CompletionChunk(**self.head, choices=[], usage=usage, **self._stamp(True))
 
     def _logprobs(self, entries: list[dict], offset: int) -> t.CompletionLogprobs | None:
         if self.job.top_logprobs is None:
             return None
         # vLLM's server lists a position's first k+1 logprobs (k = -1: all):
         # the sampled token and the top k; a beam's token need not be there.
-        k = self.job.top_logprobs
+        k, as_ids = self.job.top_logprobs, self.job.tokens_as_ids
         tokens, token_logprobs, tops, offsets = [], [], [], []
         for entry in entries:
-            token = _token(entry["token"], entry["token_id"])
+            token = _token(entry["token"], entry["token_id"], as_ids)
             tokens.append(token)
             if entry["logprob"] is None:  # an echoed prompt's first token
                 token_logprobs.append(None)
@@ -913,7 +931,7 @@ class _CompletionFormat(_Format):
             else:
                 token_logprobs.append(_logprob(entry["logprob"]))
                 listed = entry["top"] if k == -1 else entry["top"][:k + 1]
-                tops.append({_token(text, tid): _logprob(lp) for tid, text, lp in listed})
+                tops.append({_token(text, tid, as_ids): _logprob(lp) for tid, text, lp in listed})
             offsets.append(offset)
             offset += len(token)
         return t.CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs,
@@ -943,7 +961,8 @@ class _ChatFormat(_Format):
         choices = [self._choice(i, c) for i, c in tally.ordered()]
         prompt = tally.prompt(0)
         return t.ChatCompletion(
-            **self.head, choices=choices, usage=tally.usage(details=True),
+            **self.head, choices=choices, system_fingerprint=self.job.fingerprint,
+            usage=tally.usage(details=True),
             prompt_logprobs=_prompt_logprobs(prompt),
             prompt_token_ids=self._token_ids(prompt.token_ids) if prompt else None)
 
@@ -981,7 +1000,8 @@ class _ChatFormat(_Format):
                                    logprobs=self._logprobs(output.logprobs or []),
                                    finish_reason=output.finish_reason,
                                    token_ids=self._token_ids(output.token_ids), **ending)
-        return t.ChatCompletionChunk(**self.head, choices=[choice], **self.chunk_usage)
+        return t.ChatCompletionChunk(**self.head, choices=[choice], **self.chunk_usage,
+                                     **self._finishing(output))
 
     def _parsed_chunk(self, delta: _Delta) -> t.ChatCompletionChunk | None:
         """A chunk of what the model's parsers made of an Output, as vLLM's
@@ -1007,10 +1027,11 @@ class _ChatFormat(_Format):
                 "stop_reason": output.stop_reason}
         choice = t.ChatChunkChoice(index=delta.index, delta=message, logprobs=logprobs,
                                    token_ids=token_ids, **ending)
-        return t.ChatCompletionChunk(**self.head, choices=[choice], **self.chunk_usage)
+        return t.ChatCompletionChunk(**self.head, choices=[choice], **self.chunk_usage,
+                                     **self._finishing(output))
 
     def usage_chunk(self, usage: t.Usage) -> t.ChatCompletionChunk:
-        return t.ChatCompletionChunk(**self.head, choices=[], usage=usage)
+        return t.ChatCompletionChunk(**self.head, choices=[], usage=usage, **self._stamp(True))
 
     def running_usage(self, usage: t.Usage) -> t.Usage:
         # vLLM's chat chunks always set completion_tokens_details: null
@@ -1022,26 +1043,36 @@ class _ChatFormat(_Format):
     def _logprobs(self, entries: list[dict]) -> t.ChatLogprobs | None:
         if self.job.top_logprobs is None:
             return None
-        k = self.job.top_logprobs
-        return t.ChatLogprobs(content=[self._token_logprob(entry, k) for entry in entries])
+        k, as_ids = self.job.top_logprobs, self.job.tokens_as_ids
+        return t.ChatLogprobs(content=[self._token_logprob(entry, k, as_ids)
+                                       for entry in entries])
 
-    def _token_logprob(self, entry: dict, k: int) -> t.TokenLogprob:
-        chosen = _chat_logprob(entry["token"], entry["token_id"], entry["logprob"])
-        if self.job.beam_search is not None:
-            chosen["bytes"] = None  # vLLM's beam search leaves its tokens undecoded
-        return t.TokenLogprob(**chosen, top_logprobs=[
-            t.TopLogprob(**_chat_logprob(text, tid, lp)) for tid, text, lp in entry["top"][:k]])
+    def _token_logprob(self, entry: dict, k: int, as_ids: bool) -> t.TokenLogprob:
+        # vLLM's bytes are the chosen token's text, whatever `token` says; none
+        # where it left the token undecoded (beam search).
+        undecoded = entry["token"] is None or self.job.beam_search is not None
+        return t.TokenLogprob(
+            token=_token(entry["token"], entry["token_id"], as_ids),
+            logprob=_logprob(entry["logprob"]),
+            bytes=None if undecoded else _utf8(entry["token"]),
+            top_logprobs=[t.TopLogprob(**_chat_logprob(text, tid, lp, as_ids))
+                          for tid, text, lp in entry["top"][:k]])
 
 
-def _chat_logprob(text: str | None, token_id: int, logprob: float) -> dict[str, Any]:
-    token = _token(text, token_id)
-    return {"token": token, "logprob": _logprob(logprob),
-            "bytes": list(token.encode("utf-8", errors="replace"))}
+def _chat_logprob(text: str | None, token_id: int, logprob: float,
+                  as_id: bool) -> dict[str, Any]:
+    token = _token(text, token_id, as_id)
+    return {"token": token, "logprob": _logprob(logprob), "bytes": _utf8(token)}
 
 
-def _token(text: str | None, token_id: int) -> str:
-    # vLLM's spelling for a token it did not detokenize.
-    return text if text is not None else f"token_id:{token_id}"
+def _token(text: str | None, token_id: int, as_id: bool) -> str:
+    # vLLM's spelling for a token asked for by id (return_tokens_as_token_ids)
+    # or not detokenized.
+    return text if text is not None and not as_id else f"token_id:{token_id}"
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
 
 
 def _logprob(value: float) -> float:

@@ -28,10 +28,10 @@ _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_p
 # (vLLM's, as the structs declare them), since clients written for `vllm serve`
 # send them; refused at any other value, never silently ignored. None counts as
 # the default where the type allows it, and false for such a flag.
-_UNIMPLEMENTED = ("watermarking", "logprob_token_ids", "return_tokens_as_token_ids",
-                  "routed_experts_prompt_start", "return_token_offsets", "mm_payload",
-                  "return_mm_kwargs", "kv_transfer_params", "ec_transfer_params", "vllm_xargs",
-                  "repetition_detection", "thinking_token_budget")
+_UNIMPLEMENTED = ("watermarking", "logprob_token_ids", "routed_experts_prompt_start",
+                  "return_token_offsets", "mm_payload", "return_mm_kwargs", "kv_transfer_params",
+                  "ec_transfer_params", "vllm_xargs", "repetition_detection",
+                  "thinking_token_budget")
 
 
 def _vllm_refusal(message: str, param: str, value: Any = None) -> errors.VllmBadRequest:
@@ -157,6 +157,9 @@ class _Sampling(_Request, kw_only=True):
     truncation_side: Literal["left", "right"] | None = None
     prompt_logprobs: int | None = None
     return_token_ids: bool | None = None
+    # Logprob tokens as "token_id:N"; None: the server's default
+    # (http.return_tokens_as_token_ids, vLLM's --return-tokens-as-token-ids).
+    return_tokens_as_token_ids: bool | None = None
     # Tokens per streamed chunk, at least the engine's own interval.
     stream_interval: Annotated[int, Meta(ge=1)] | None = None
     # vLLM's beam search: the n completions are the best beams of width n,
@@ -167,7 +170,6 @@ class _Sampling(_Request, kw_only=True):
     # vLLM's fields, accepted only at their defaults (_UNIMPLEMENTED).
     watermarking: bool | None = None
     logprob_token_ids: list[int] | None = None
-    return_tokens_as_token_ids: bool | None = None
     routed_experts_prompt_start: int = 0
     return_token_offsets: bool | None = False
     mm_payload: Literal["tensors", "none"] = "tensors"
@@ -678,6 +680,8 @@ class Completion(Struct, kw_only=True):
     created: int
     model: str
     choices: list[CompletionChoice]
+    # vLLM's: the serving engine's version and configuration, null where unknown.
+    system_fingerprint: str | None = None
     usage: Usage
 
 
@@ -703,6 +707,8 @@ class CompletionChunk(Struct, kw_only=True):
     # Present (null, then the totals on a last chunk without choices) only
     # when stream_options.include_usage is set.
     usage: Usage | None | UnsetType = UNSET
+    # vLLM's: only on a stream's last chunks (_Format._stamp).
+    system_fingerprint: str | UnsetType = UNSET
 
 
 class TopLogprob(Struct, kw_only=True):
@@ -764,6 +770,7 @@ class ChatCompletion(Struct, kw_only=True):
     created: int
     model: str
     choices: list[ChatChoice]
+    system_fingerprint: str | None = None  # as Completion's
     usage: Usage
     # vLLM's, with prompt_logprobs (or echo) and return_token_ids.
     prompt_logprobs: PromptLogprobs | None = None
@@ -801,6 +808,7 @@ class ChatCompletionChunk(Struct, kw_only=True):
     # vLLM's: on the opening chunks, null unless return_token_ids.
     prompt_token_ids: list[int] | None | UnsetType = UNSET
     usage: Usage | None | UnsetType = UNSET
+    system_fingerprint: str | UnsetType = UNSET  # as CompletionChunk's
 
 
 class ModelPermission(Struct, kw_only=True):

@@ -43,6 +43,7 @@ class Lease:
     model: str
     worker: WorkerProcess
     slot: int
+    fingerprint: str | None = None  # vLLM's system_fingerprint of the engine serving it
 
 
 @dataclass
@@ -149,13 +150,14 @@ class Scheduler:
     async def lease(self, model: str) -> AsyncIterator[Lease]:
         entry = self.catalog.resolve(model)
         self._check_fits(entry, None)
-        lease_id, index, worker = await self._wait_for_worker(entry)
+        lease_id, index, worker, fingerprint = await self._wait_for_worker(entry)
         try:
-            yield Lease(entry.name, worker, index)
+            yield Lease(entry.name, worker, index, fingerprint)
         finally:
             self._post(core.Release(lease_id, time.monotonic()))
 
-    async def _wait_for_worker(self, entry: ModelEntry) -> tuple[int, int, WorkerProcess]:
+    async def _wait_for_worker(self, entry: ModelEntry
+                               ) -> tuple[int, int, WorkerProcess, str | None]:
         waiter = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._waiters[waiter] = future
@@ -177,7 +179,7 @@ class Scheduler:
         that one waiter less wants its model."""
         self._waiters.pop(waiter, None)
         if future.done() and not future.cancelled() and future.exception() is None:
-            lease_id, _, _ = future.result()
+            lease_id, *_ = future.result()
             self._post(core.Release(lease_id, time.monotonic()))
         else:
             self._post(core.WaiterGone(waiter, time.monotonic()))
@@ -282,7 +284,7 @@ class Scheduler:
 
     def _perform(self, effect: core.Effect) -> None:
         match effect:
-            case core.Grant(waiter, lease, index, incarnation):
+            case core.Grant(waiter, lease, index, incarnation, fingerprint):
                 future = self._waiters.pop(waiter, None)
                 worker = self._process(index)
                 if future is None or future.done() or worker is None:
@@ -291,7 +293,7 @@ class Scheduler:
                     if future is not None and not future.done():
                         future.set_exception(errors.WorkerFailed(f"worker {index} died"))
                 else:
-                    future.set_result((lease, index, worker))
+                    future.set_result((lease, index, worker, fingerprint))
             case core.Refuse(waiter, error):
                 future = self._waiters.pop(waiter, None)
                 if future is not None and not future.done():

@@ -70,6 +70,7 @@ class Resident:
     bytes: int = 0  # footprint, as the worker last reported it
     kv_usage: float = 0.0  # fraction of its KV cache in use, likewise
     cache_config: dict[str, str] = field(default_factory=dict)  # its engine's, likewise
+    fingerprint: str | None = None  # vLLM's system_fingerprint of its engine, likewise
     loaded_at: float = 0.0  # when it last began serving (loaded or resumed)
     last_used: float = 0.0
     generation: int = 0  # leases of an earlier generation count no more
@@ -266,6 +267,7 @@ class Grant:
     lease: int
     worker: int
     incarnation: int
+    fingerprint: str | None = None  # of the resident granted, for its answers
 
 
 @dataclass(frozen=True)
@@ -605,6 +607,7 @@ def _measure(state: State, resident: Resident, report: p.Resident) -> None:
     resident.running = report.running
     resident.kv_usage = report.kv_usage
     resident.cache_config = report.cache_config
+    resident.fingerprint = report.fingerprint
     if report.bytes <= 0:
         return
     if report.suspended:
@@ -763,7 +766,8 @@ def _grant(state: State, now: float, out: list[Effect]) -> None:
         state.leases[lease_id] = LeaseRecord(worker.index, worker.incarnation,
                                              resident.name, resident.generation)
         del state.waiters[waiter_id]
-        out.append(Grant(waiter_id, lease_id, worker.index, worker.incarnation))
+        out.append(Grant(waiter_id, lease_id, worker.index, worker.incarnation,
+                         resident.fingerprint))
 
 
 @dataclass(frozen=True)

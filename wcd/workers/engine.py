@@ -131,6 +131,8 @@ class Served:
     kv_usage: float = 0.0  # after its last step, published for health reports
     workspace: Any = None  # vLLM's workspace manager made by its build (vllm_seams)
     parsers: parsing.ModelParsers | None = None  # set once its tokenizer is known
+    unbuilt_config: Any = None  # its VllmConfig before the build (vllm_seams.unbuilt_copy)
+    fingerprint: str | None = None  # vLLM's system_fingerprint, of what it serves now
 
     @property
     def name(self) -> str:
@@ -142,7 +144,8 @@ class Served:
 
     def resident(self) -> p.Resident:
         return p.Resident(self.name, self.weight_bytes + self.kv_bytes, 0, self.suspended,
-                          cache_config=vllm_seams.cache_config_info(self.engine))
+                          cache_config=vllm_seams.cache_config_info(self.engine),
+                          fingerprint=self.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -358,6 +361,7 @@ class EngineHost:
         self.residents = {served.name if key == name else key: engine
                           for key, engine in self.residents.items()}
         self._measure(served)
+        served.fingerprint = _fingerprint(served)
         with clock.phase("warm"):
             pass  # graph, caches and kernels are the ones that were serving
         with clock.phase("ready"):
@@ -441,11 +445,12 @@ class EngineHost:
     def _build(self, plan: Plan, config) -> Served:
         if self.group is not None:
             self.group.form(plan.tensor_parallel_size)
+        unbuilt = vllm_seams.unbuilt_copy(config)
         with vllm_seams.collections_deferred(), vllm_seams.engine_stats_kept() as stats_args:
             engine = LLMEngine.from_vllm_config(config, **stats_args)
         return Served(plan, engine, plan.checkpoint.frontend_key(),
                       engine.model_config.get_diff_sampling_param(),
-                      workspace=vllm_seams.built_workspace())
+                      workspace=vllm_seams.built_workspace(), unbuilt_config=unbuilt)
 
     @staticmethod
     def _load_weights(engine: LLMEngine, weights) -> None:
@@ -474,6 +479,7 @@ class EngineHost:
     def _admit(self, served: Served) -> None:
         served.suspended = False
         self._measure(served)
+        served.fingerprint = _fingerprint(served)
         self.residents[served.name] = served
         self._keep_headroom()
 
@@ -962,6 +968,11 @@ def _outputs(ro: RequestOutput, request_id: str, prompt_index: int,
             prompt=prompt,
             parsed=turn.parse(completion, ro.prompt_token_ids or ()) if turn else None,
         )
+
+
+def _fingerprint(served: Served) -> str | None:
+    return vllm_seams.system_fingerprint(served.unbuilt_config,
+                                         str(served.plan.checkpoint.path))
 
 
 def _prompt_info(ro: RequestOutput, engine: LLMEngine) -> p.PromptInfo:

