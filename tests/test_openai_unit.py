@@ -481,7 +481,9 @@ async def test_return_tokens_as_token_ids_in_completion_logprobs(stream):
     assert chunk["choices"][0]["logprobs"] == {
         "tokens": ["token_id:1", "token_id:5", "token_id:101"],
         "token_logprobs": [None, -0.5, -2.0],
-        "top_logprobs": [None, {"token_id:5": -0.5}, {"token_id:101": -2.0}],
+        # A position's first k+1 logprobs as the worker lists them (vLLM's rule).
+        "top_logprobs": [None, {"token_id:5": -0.5, "token_id:6": -0.7},
+                         {"token_id:101": -2.0, "token_id:7": -3.0}],
         "text_offset": [0, 10, 20]}
 
 
@@ -501,10 +503,11 @@ async def test_return_tokens_as_token_ids_in_chat_logprobs(stream):
             assert status == 200, answer
             content = answer["choices"][0]["logprobs"]["content"]
     assert [entry["token"] for entry in content] == ["token_id:101", "token_id:102"]
-    # vLLM's bytes: the chosen token's text, a top token's "token_id:N".
+    # vLLM's bytes: the chosen token's text, a top token's "token_id:N"; the
+    # top k are the first k the worker lists, the sampled token first.
     assert content[0]["bytes"] == list(b"Hello")
     assert content[0]["top_logprobs"] == [
-        {"token": "token_id:7", "logprob": -0.1, "bytes": list(b"token_id:7")}]
+        {"token": "token_id:101", "logprob": -2.0, "bytes": list(b"token_id:101")}]
 
 
 @pytest.mark.parametrize("asked, tokens", [(None, ["token_id:101", "token_id:102"]),

@@ -847,8 +847,6 @@ class _Format:
     def __init__(self, job: _Job):
         self.job = job
         self.head = {"id": job.id, "created": job.created, "model": job.model}
-        # Chunks carry `usage: null` only when a usage chunk will follow.
-        self.chunk_usage = {"usage": None} if job.include_usage else {}
 
     def opening(self, first: p.Output | None) -> list[Any]:
         return []
@@ -909,7 +907,7 @@ class _CompletionFormat(_Format):
             finish_reason=output.finish_reason, stop_reason=output.stop_reason,
             prompt_token_ids=prompt.token_ids if prompt else None,
             token_ids=self._token_ids(output.token_ids))
-        return t.CompletionChunk(**self.head, choices=[choice], **self.chunk_usage,
+        return t.CompletionChunk(**self.head, choices=[choice],
                                  **self._finishing(output))
 
     def usage_chunk(self, usage: t.Usage) -> t.CompletionChunk:
@@ -948,11 +946,11 @@ class _ChatFormat(_Format):
         # then echoes, and gives the prompt's token ids with the role.
         prompt = first.prompt if first is not None and self.job.return_token_ids else None
         ids = prompt.token_ids if prompt is not None else None
-        chunks = [t.ChatCompletionChunk(**self.head, **self.chunk_usage, prompt_token_ids=ids, choices=[
+        chunks = [t.ChatCompletionChunk(**self.head, prompt_token_ids=ids, choices=[
             t.ChatChunkChoice(index=i, delta=t.ChatDelta(role=self.job.role, content=""))])
             for i in range(self.job.n)]
         if self.job.echoed:
-            chunks += [t.ChatCompletionChunk(**self.head, **self.chunk_usage, choices=[
+            chunks += [t.ChatCompletionChunk(**self.head, choices=[
                 t.ChatChunkChoice(index=i, delta=t.ChatDelta(content=self.job.echoed))])
                 for i in range(self.job.n)]
         return chunks
@@ -1000,7 +998,7 @@ class _ChatFormat(_Format):
                                    logprobs=self._logprobs(output.logprobs or []),
                                    finish_reason=output.finish_reason,
                                    token_ids=self._token_ids(output.token_ids), **ending)
-        return t.ChatCompletionChunk(**self.head, choices=[choice], **self.chunk_usage,
+        return t.ChatCompletionChunk(**self.head, choices=[choice],
                                      **self._finishing(output))
 
     def _parsed_chunk(self, delta: _Delta) -> t.ChatCompletionChunk | None:
@@ -1027,7 +1025,7 @@ class _ChatFormat(_Format):
                 "stop_reason": output.stop_reason}
         choice = t.ChatChunkChoice(index=delta.index, delta=message, logprobs=logprobs,
                                    token_ids=token_ids, **ending)
-        return t.ChatCompletionChunk(**self.head, choices=[choice], **self.chunk_usage,
+        return t.ChatCompletionChunk(**self.head, choices=[choice],
                                      **self._finishing(output))
 
     def usage_chunk(self, usage: t.Usage) -> t.ChatCompletionChunk:
