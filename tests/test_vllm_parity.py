@@ -392,7 +392,9 @@ def test_a_forced_call_of_a_random_model_is_valid(wcd_url, forced, stream):
     body = {"model": "small-a", **GREEDY, "messages": HI, **forced, "stream": stream}
     status, answer = _post(wcd_url, "/v1/chat/completions", body)
     assert status == 200, answer
-    (call,) = _calls(answer, stream)
+    calls = _calls(answer, stream)
+    assert len(calls) == 1, answer
+    (call,) = calls
     schemas = {tool["function"]["name"]: tool["function"]["parameters"]
                for tool in forced["tools"]}
     if isinstance(forced["tool_choice"], dict):
@@ -409,7 +411,9 @@ def test_auto_finds_the_call_the_model_made(wcd_url, stream):
     body = {"model": "small-a", **GREEDY, "messages": HI, **CALLS_TIME, "stream": stream}
     status, answer = _post(wcd_url, "/v1/chat/completions", body)
     assert status == 200, answer
-    (call,) = _calls(answer, stream)
+    calls = _calls(answer, stream)
+    assert len(calls) == 1, answer
+    (call,) = calls
     assert call["name"] == "time"
     assert json.loads(call["arguments"]) in ({"zone": "UTC"}, {"zone": "CET"})
     if not stream:
@@ -451,15 +455,22 @@ def _assert_same_answer(vllm_url: str, wcd_url: str, path: str, body: dict) -> N
 
 def _merged(chunks: list[dict]) -> dict:
     """A stream's choices, each one chunk: texts and argument fragments joined
-    (null where every part was), tool calls by index, logprobs and token ids
-    concatenated, the last finish; and the last usage."""
+    (null where every part was), tool calls by index, logprobs (a
+    completion's each list of them) and token ids concatenated, the last
+    finish; and the last usage."""
     choices: dict[int, dict] = {}
     for chunk in chunks:
         for part in chunk["choices"]:
             into = choices.setdefault(part["index"], {"delta": {}, "logprobs": [],
                                                       "token_ids": []})
-            _join(into["delta"], part["delta"])
-            into["logprobs"] += (part.get("logprobs") or {}).get("content") or []
+            logprobs = part.get("logprobs") or {}
+            if "delta" in part:
+                _join(into["delta"], part["delta"])
+                into["logprobs"] += logprobs.get("content") or []
+            else:
+                _join(into["delta"], {"text": part["text"]})
+                for key, values in logprobs.items():
+                    into.setdefault(key, []).extend(values)
             into["token_ids"] += part.get("token_ids") or []
             for key in ("finish_reason", "stop_reason"):
                 if part.get(key) is not None:

@@ -29,7 +29,7 @@ def params(sampling: dict[str, Any], options: p.BeamSearch, max_tokens: int
     """vLLM's BeamSearchParams from a request's sampling fields (the model's
     defaults under them), as its to_beam_search_params makes them; vLLM's own
     BeamSearchParams checks the width (n)."""
-    return BeamSearchParams(
+    return vllm_seams.beam_search_params(
         beam_width=sampling.get("n", 1), max_tokens=max_tokens,
         ignore_eos=sampling.get("ignore_eos", False),
         temperature=sampling.get("temperature", 1.0), length_penalty=options.length_penalty,
@@ -50,8 +50,8 @@ class Search:
         self.tokenizer = tokenizer
         self.logprobs = logprobs
         self.eos = tokenizer.eos_token_id
-        self.skip_special_tokens = vllm_seams.beam_text_skips_special_tokens(
-            params.skip_special_tokens)
+        # vLLM 0.26 decodes every token of a beam's text
+        self.skip_special_tokens = getattr(params, "skip_special_tokens", False)
         self.beams = [vllm_seams.beam_sequence(orig_prompt=prompt,
                                                tokens=prompt["prompt_token_ids"],
                                                cum_logprob=0, logprobs=[])]

@@ -1378,13 +1378,13 @@ def beam_score(eos_token_id: int, length_penalty: float):
     return create_sort_beams_key_function(eos_token_id, length_penalty)
 
 
-def beam_text_skips_special_tokens(skip_special_tokens: bool) -> bool:
-    """Whether a finished beam's text leaves special tokens out: as the
-    request asks from vLLM 0.32 on; 0.26 decodes every token."""
-    from vllm.entrypoints.generate.beam_search import online
+def beam_search_params(**fields):
+    """vLLM's BeamSearchParams of `fields`, less those the installed vLLM
+    lacks: 0.26 has no skip_special_tokens (its beam text keeps them)."""
+    from vllm.sampling_params import BeamSearchParams
 
-    source = inspect.getsource(online.BeamSearchOnlineMixin.beam_search)
-    return skip_special_tokens and "skip_special_tokens=params.skip_special_tokens" in source
+    return BeamSearchParams(**{name: value for name, value in fields.items()
+                               if name in BeamSearchParams.__struct_fields__})
 
 
 def beam_round_params(beam_width: int, temperature: float):
