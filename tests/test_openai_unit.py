@@ -24,7 +24,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from wcd.daemon import errors
+from wcd.daemon import errors, vllm_dialect
 from wcd.daemon.config import HttpSettings
 from wcd.daemon.metrics import Metrics
 from wcd.daemon.openai_api import create_openai_app, max_model_len, openapi_document
@@ -1620,3 +1620,209 @@ async def test_a_streamed_beam_that_generated_nothing_gets_no_chunk():
                event["choices"][0]["delta"]]
     assert [(c["index"], c["delta"], c["finish_reason"]) for c in content] == \
         [(1, {"content": "Hello"}, "length")]
+
+
+# ---- workers on vLLM 0.26: its server's words ---------------------------------------------
+
+
+def on_vllm_026(scheduler: FakeScheduler) -> FakeScheduler:
+    scheduler.processes[0] = SimpleNamespace(ready=p.Ready(
+        4001, "cuda", p.PROTOCOL_VERSION, "0.26.0", "2.0", 1.0))
+    return scheduler
+
+
+def test_the_dialect_follows_the_workers_vllm():
+    assert [vllm_dialect.of(v) for v in ("0.26.0", "0.26.1+cu128", "0.27.0", "0.32.0+cpu",
+                                         "unknown")] == \
+        [vllm_dialect.VLLM_026, vllm_dialect.VLLM_026, vllm_dialect.VLLM_032,
+         vllm_dialect.VLLM_032, vllm_dialect.VLLM_032]
+
+
+ASKED = {"model": "small-a", "temperature": 0}
+CHAT_HI = {**ASKED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+# vLLM 0.26's own answers (its server, tests/test_vllm_parity.py on CUDA).
+@pytest.mark.parametrize("path, body, message, param", [
+    ("/v1/completions", {**ASKED, "prompt": "hello world", "max_tokens": 3, "stream": True,
+                         "prompt_logprobs": 1},
+     "1 validation error:\n  {'type': 'value_error', 'loc': ('body',), 'msg': 'Value error, "
+     "`prompt_logprobs` are not available when `stream=True`. (parameter=prompt_logprobs)', "
+     "'input': {'model': 'small-a', 'temperature': 0, 'prompt': 'hello world', 'max_tokens': 3, "
+     "'stream': True, 'prompt_logprobs': 1}, 'ctx': {'error': VLLMValidationError("
+     "'`prompt_logprobs` are not available when `stream=True`.')}}", "prompt_logprobs"),
+    ("/v1/completions", {**ASKED, "prompt": "", "max_tokens": 3},
+     "1 validation error:\n  {'type': 'value_error', 'loc': ('body',), 'msg': 'Value error, "
+     "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)', "
+     "'input': {'model': 'small-a', 'temperature': 0, 'prompt': '', 'max_tokens': 3}, 'ctx': "
+     "{'error': VLLMValidationError('Either prompt or prompt_embeds must be provided and "
+     "non-empty.')}}", "prompt"),
+    ("/v1/completions", {**ASKED, "prompt": "hello", "max_tokens": 3, "cache_salt": ""},
+     "1 validation error:\n  {'type': 'value_error', 'loc': ('body',), 'msg': \"Value error, "
+     "Parameter 'cache_salt' must be a non-empty string if provided. (parameter=cache_salt)\", "
+     "'input': {'model': 'small-a', 'temperature': 0, 'prompt': 'hello', 'max_tokens': 3, "
+     "'cache_salt': ''}, 'ctx': {'error': VLLMValidationError(\"Parameter 'cache_salt' must be "
+     "a non-empty string if provided.\")}}", "cache_salt"),
+    ("/v1/completions", {**ASKED, "prompt": None, "prompt_embeds": [], "max_tokens": 3},
+     "1 validation error:\n  {'type': 'value_error', 'loc': ('body',), 'msg': 'Value error, "
+     "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)', "
+     "'input': {'model': 'small-a', 'temperature': 0, 'prompt': None, 'prompt_embeds': [], "
+     "'max_tokens': 3}, 'ctx': {'error': VLLMValidationError('Either prompt or prompt_embeds "
+     "must be provided and non-empty.')}}", "prompt"),
+    ("/v1/completions", {**ASKED, "prompt": "hello", "max_tokens": 3,
+                         "response_format": {"type": "json_schema"}},
+     "1 validation error:\n  {'type': 'value_error', 'loc': ('body',), 'msg': \"Value error, "
+     "When response_format type is 'json_schema', the 'json_schema' field must be provided. "
+     "(parameter=response_format)\", 'input': {'model': 'small-a', 'temperature': 0, 'prompt': "
+     "'hello', 'max_tokens': 3, 'response_format': {'type': 'json_schema'}}, 'ctx': {'error': "
+     "VLLMValidationError(\"When response_format type is 'json_schema', the 'json_schema' "
+     "field must be provided.\")}}", "response_format"),
+    # A plain ValueError in 0.26: no parameter, so the error's location.
+    ("/v1/chat/completions", {**CHAT_HI, "tools": []},
+     "1 validation error:\n  {'type': 'value_error', 'loc': ('body',), 'msg': 'Value error, "
+     "`tools` must not be an empty array. Either provide at least one tool or omit the field "
+     "entirely.', 'input': {'model': 'small-a', 'temperature': 0, 'messages': [{'role': "
+     "'user', 'content': 'hi'}], 'max_tokens': 3, 'tools': []}, 'ctx': {'error': ValueError("
+     "'`tools` must not be an empty array. Either provide at least one tool or omit the field "
+     "entirely.')}}", "body"),
+    ("/v1/chat/completions", {**CHAT_HI, "tool_choice": "auto"},
+     "1 validation error:\n  {'type': 'value_error', 'loc': ('body',), 'msg': 'Value error, "
+     "When using `tool_choice`, `tools` must be set. (parameter=tool_choice)', 'input': "
+     "{'model': 'small-a', 'temperature': 0, 'messages': [{'role': 'user', 'content': 'hi'}], "
+     "'max_tokens': 3, 'tool_choice': 'auto'}, 'ctx': {'error': VLLMValidationError('When "
+     "using `tool_choice`, `tools` must be set.')}}", "tool_choice"),
+])
+@run_async
+async def test_validator_refusals_are_wrapped_as_vllm_026_wraps_them(path, body, message, param):
+    scheduler = on_vllm_026(FakeScheduler())
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, path, body)
+    assert status == 400
+    assert answer["error"] == {"message": message, "type": "Bad Request", "param": param,
+                               "code": "invalid_request_error"}
+    assert not scheduler.leased
+
+
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {}}}
+
+
+@pytest.mark.parametrize("extra, said, raised, param", [
+    ({"tools": [WEATHER], "tool_choice": "sometimes"},
+     'Invalid value for `tool_choice`: sometimes! Only named tools, "none", "auto" or '
+     '"required" are supported. (parameter=tool_choice)',
+     'VLLMValidationError(\'Invalid value for `tool_choice`: sometimes! Only named tools, '
+     '"none", "auto" or "required" are supported.\')', "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "rain"}}},
+     "The tool specified in `tool_choice` does not match any of the specified `tools` "
+     "(parameter=tool_choice)",
+     "VLLMValidationError('The tool specified in `tool_choice` does not match any of the "
+     "specified `tools`')", "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function"}},
+     'Invalid value for `function`: `None` in `tool_choice`! Correct usage: `{"type": '
+     '"function", "function": {"name": "my_function"}}` (parameter=tool_choice.function)',
+     'VLLMValidationError(\'Invalid value for `function`: `None` in `tool_choice`! Correct '
+     'usage: `{"type": "function", "function": {"name": "my_function"}}`\')',
+     "tool_choice.function"),
+    # A VLLMValidationError without a parameter: the error's location.
+    ({"tools": [WEATHER], "tool_choice": None, "structured_outputs": {"json": {}}},
+     "You can only either use constraints for structured outputs or tools, not both.",
+     "VLLMValidationError('You can only either use constraints for structured outputs or "
+     "tools, not both.')", "body"),
+])
+@run_async
+async def test_tool_refusals_are_wrapped_as_vllm_026_wraps_them(extra, said, raised, param):
+    body = {**CHAT_HI, **extra}
+    async with serve(on_vllm_026(FakeScheduler())) as url:
+        status, _, answer = await post(url, "/v1/chat/completions", body)
+    assert (status, answer["error"]["param"]) == (400, param)
+    assert answer["error"]["message"] == (
+        f"1 validation error:\n  {{'type': 'value_error', 'loc': ('body',), 'msg': "
+        f"{'Value error, ' + said!r}, 'input': {body!r}, 'ctx': {{'error': {raised}}}}}")
+
+
+@run_async
+async def test_a_wrapped_refusal_shows_the_body_as_vllm_026s_validators_left_it():
+    """Its check_tool_usage, which runs before its logprobs check, gives tools
+    without a tool_choice "auto" in the body itself; and its server takes
+    paths out of messages."""
+    body = {**CHAT_HI, "tools": [WEATHER], "stream": True, "prompt_logprobs": 1,
+            "user": "/home/me/notes.txt"}
+    async with serve(on_vllm_026(FakeScheduler())) as url:
+        status, _, answer = await post(url, "/v1/chat/completions", body)
+    assert status == 400
+    shown = {**body, "user": "<path>", "tool_choice": "auto"}
+    assert f"'input': {shown!r}, 'ctx'" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("on_026, suffix, answer", [
+    (True, "world", (400, "suffix is not currently supported", None)),
+    (True, "", (400, "suffix is not currently supported", None)),
+    (False, "world", (400, "suffix is only supported for models with FIM completion "
+                           "rendering", "suffix")),
+    (False, "", (200, None, None)),
+])
+@run_async
+async def test_suffix_is_refused_in_the_workers_vllms_words(on_026, suffix, answer):
+    scheduler = on_vllm_026(FakeScheduler()) if on_026 else FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, body = await post(url, "/v1/completions",
+                                     {"model": "demo", "prompt": "hello", "suffix": suffix})
+    error = body.get("error", {})
+    assert (status, error.get("message"), error.get("param")) == answer
+
+
+@pytest.mark.parametrize("on_026, status", [(True, 200), (False, 400)])
+@run_async
+async def test_a_path_like_cache_salt_is_refused_only_past_vllm_026(on_026, status):
+    scheduler = on_vllm_026(FakeScheduler()) if on_026 else FakeScheduler()
+    async with serve(scheduler) as url:
+        answer = await post(url, "/v1/completions",
+                            {"model": "demo", "prompt": "hello", "cache_salt": "a/b"})
+    assert answer[0] == status, answer
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/tokenize", {"model": "nope", "prompt": "hi"}),
+    ("/detokenize", {"model": "nope", "tokens": [1]}),
+])
+@run_async
+async def test_vllm_026s_tokenizer_endpoints_name_no_models(path, body):
+    async with serve(on_vllm_026(FakeScheduler())) as url:
+        status, _, answer = await post(url, path, body)
+    assert (status, answer["error"]["message"]) == (404, "The model `nope` does not exist.")
+
+
+@run_async
+async def test_vllm_026s_usage_has_no_completion_tokens_details():
+    async with serve(FakeScheduler()) as url:
+        _, _, on_032 = await post(url, "/v1/completions", {"model": "demo", "prompt": "hi"})
+    async with serve(on_vllm_026(FakeScheduler())) as url:
+        _, _, on_026 = await post(url, "/v1/completions", {"model": "demo", "prompt": "hi"})
+    assert on_032["usage"]["completion_tokens_details"] is None
+    assert "completion_tokens_details" not in on_026["usage"]
+
+
+def echo_then_two_tokens(request: p.Generate) -> list:
+    """The prompt "<s>hi" echoed with logprobs, then "Hello" and " world"."""
+    prompt = p.PromptInfo([1, 5], "<s>hi", [None, [(5, "hi", -0.5, 1)]], first_token="<s>")
+    outputs = [p.Output(request.request_id, 0, text, [tid], 2, logprobs=[
+        {"token_id": tid, "token": text, "logprob": -1.0, "top": [[tid, text, -1.0]]}])
+        for tid, text in ((101, "Hello"), (102, " world"))]
+    return [msgspec.structs.replace(outputs[0], prompt=prompt),
+            msgspec.structs.replace(outputs[1], finish_reason="length", finished=True)]
+
+
+@pytest.mark.parametrize("on_026, offsets", [
+    (False, [[0, 3, 5], [10]]),  # on from the tokens reported, the echo's too
+    (True, [[0, 3, 5], [5]]),  # from the text generated so far, the echo not counted
+])
+@run_async
+async def test_streamed_text_offsets_are_the_workers_vllms(on_026, offsets):
+    scheduler = FakeScheduler(FakeWorker(echo_then_two_tokens))
+    if on_026:
+        on_vllm_026(scheduler)
+    async with serve(scheduler) as url:
+        events = await sse_events(url, "/v1/completions", {
+            "model": "demo", "prompt": "hi", "echo": True, "logprobs": 0, "max_tokens": 2,
+            "stream": True})
+    assert [e["choices"][0]["logprobs"]["text_offset"] for e in events[:-1]] == offsets

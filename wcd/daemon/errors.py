@@ -6,6 +6,9 @@ OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from wcd.workers import protocol as p
 
 
@@ -36,15 +39,72 @@ class VllmBadRequest(BadRequest):
     code = "invalid_request_error"
 
 
-class UnsupportedMediaType(VllmBadRequest):
-    """vLLM's answer to a body that is not application/json: a 400, as its
-    request validation's, not a 415."""
+class VllmValidationError(VllmBadRequest):
+    """vLLM's VLLMValidationError as its server words it: the reason, then its
+    parameter and value."""
+
+    def __init__(self, reason: str, param: str | None = None, value: Any = None):
+        extras = [f"{key}={given}" for key, given in (("parameter", param), ("value", value))
+                  if given is not None]
+        super().__init__(f"{reason} ({', '.join(extras)})" if extras else reason, param=param)
+        self.reason = reason
+
+
+class ValidatorRefusal(VllmValidationError):
+    """One that vLLM raises in its request model's validators. `bare`: vLLM
+    0.26 raised it as a plain ValueError, which names no parameter."""
+
+    def __init__(self, reason: str, param: str | None = None, value: Any = None, *,
+                 bare: bool = False):
+        super().__init__(reason, param, value)
+        self.bare = bare
+
+
+class RequestValidation(VllmBadRequest):
+    """A refusal as vLLM's RequestValidationError handler words it, with its type."""
 
     type = "Bad Request"
+
+
+class UnsupportedMediaType(RequestValidation):
+    """vLLM's answer to a body that is not application/json: a 400, as its
+    request validation's, not a 415."""
 
     def __init__(self) -> None:
         super().__init__("1 validation error:\n  Unsupported Media Type: Only "
                          "'application/json' is allowed")
+
+
+class WrappedRefusal(RequestValidation):
+    """A ValidatorRefusal as vLLM 0.26 answers it: pydantic wraps the ValueError
+    as a value_error of the whole body, whose `input` is the body as the
+    validators had it (the request's JSON as json decodes it, keys in order),
+    and the server's validation_exception_handler prints that error and
+    sanitizes the message."""
+
+    def __init__(self, refusal: ValidatorRefusal, body: Any):
+        raised = "ValueError" if refusal.bare else "VLLMValidationError"
+        said = "Value error, " + (refusal.reason if refusal.bare else str(refusal))
+        error = (f"{{'type': 'value_error', 'loc': ('body',), 'msg': {said!r}, "
+                 f"'input': {body!r}, 'ctx': {{'error': {raised}({refusal.reason!r})}}}}")
+        # Its param: the VLLMValidationError's, else the error's location.
+        super().__init__(_sanitized(f"1 validation error:\n  {error}"),
+                         param=(None if refusal.bare else refusal.param) or "body")
+
+
+# vLLM 0.26's sanitize_message: no memory addresses, tracebacks or file paths.
+_SANITIZERS = (
+    (re.compile(r" at 0x[0-9a-f]+>"), ">"),
+    (re.compile(r'\n?\s*File "[^"]+", line \d+, in \S+(\n\s+.*)?'), ""),
+    (re.compile(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+"), "<path>"),
+    (re.compile(r"(?:/[\w\-]+)+/[\w\-]+\.\w+"), "<path>"),
+)
+
+
+def _sanitized(message: str) -> str:
+    for pattern, replacement in _SANITIZERS:
+        message = pattern.sub(replacement, message)
+    return message.strip()
 
 
 class PayloadTooLarge(WcdError):

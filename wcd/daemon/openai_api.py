@@ -39,6 +39,7 @@ from wcd.daemon import errors
 from wcd.daemon import openai_embeddings as emb
 from wcd.daemon import openai_tools
 from wcd.daemon import openai_types as t
+from wcd.daemon import vllm_dialect
 from wcd.daemon.config import HttpSettings
 from wcd.daemon.http_errors import error_middleware
 from wcd.daemon.metrics import Metrics, RequestTimer
@@ -192,19 +193,19 @@ class _Job:
     role: str = "assistant"
     chat: p.ChatOptions | None = None
     beam_search: p.BeamSearch | None = None
-    # Whether usage carries completion_tokens_details, as this vLLM's does.
-    completion_details: bool = True
+    # What differs by the workers' vLLM: usage details, streamed offsets.
+    dialect: vllm_dialect.Dialect = vllm_dialect.VLLM_032
     fingerprint: str | None = None  # of the engine that serves it (Lease.fingerprint)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
     def of(cls, body: t.CompletionRequest | t.ChatCompletionRequest, prefix: str,
-           http: HttpSettings) -> _Job:
+           http: HttpSettings, dialect: vllm_dialect.Dialect) -> _Job:
         """What one request may cost the daemon and a worker, whatever vLLM
         would accept, is bounded here: prompts, prompts x n (counted before
         anything is built from them), and the sampling payload that travels
         with them."""
-        body.check()
+        body.check(dialect)
         _check_counts(body.prompt_count(), body.n or 1, http)
         sampling = body.sampling()
         job = cls(id=f"{prefix}-{uuid.uuid4().hex}", model=body.model, sampling=sampling,
@@ -219,7 +220,7 @@ class _Job:
                   return_token_ids=bool(body.return_token_ids), beam_search=body.beam_search(),
                   tokens_as_ids=http.return_tokens_as_token_ids
                   if body.return_tokens_as_token_ids is None
-                  else body.return_tokens_as_token_ids)
+                  else body.return_tokens_as_token_ids, dialect=dialect)
         if isinstance(body, t.CompletionRequest):
             job.echo, job.echo_only = bool(body.echo), bool(body.echo) and body.max_tokens == 0
         else:
@@ -271,6 +272,9 @@ class _Api:
         """The vLLM a running worker reported; with none up, the one installed
         beside the daemon, which is what its workers start (the same venv)."""
         return self.scheduler.vllm_version() or _installed_vllm()
+
+    def _dialect(self) -> vllm_dialect.Dialect:
+        return vllm_dialect.of(self._vllm_version())
 
     async def list_models(self, request: web.Request) -> web.Response:
         allowed = self._allowed(request)
@@ -339,7 +343,7 @@ class _Api:
         body = await self._body(request, t.TokenizeRequest)
         body.check()
         template = body.template(http.trust_request_chat_template)
-        self._permitted(request, body.model, name_valid=True)
+        self._permitted(request, body.model, name_valid=self._dialect().names_models)
         async with self.scheduler.lease(body.model) as lease:
             done = await _asked(lease.worker.tokenize(
                 lease.model, body.prompt_input(), render=body.render(),
@@ -351,7 +355,7 @@ class _Api:
 
     async def detokenize(self, request: web.Request) -> web.Response:
         body = await self._body(request, t.DetokenizeRequest)
-        self._permitted(request, body.model, name_valid=True)
+        self._permitted(request, body.model, name_valid=self._dialect().names_models)
         async with self.scheduler.lease(body.model) as lease:
             done = await _asked(lease.worker.detokenize(lease.model, body.tokens))
         return _json(t.DetokenizeResponse(prompt=done.text))
@@ -411,11 +415,24 @@ class _Api:
     def _generation(self, shape: type, prefix: str, format_: type) -> _Handler:
         async def handle(request: web.Request, http: HttpSettings,
                          timer: RequestTimer) -> web.StreamResponse:
-            job = _Job.of(await self._body(request, shape), prefix, http)
+            job = await self._job(request, await self._body(request, shape), prefix, http)
             self._permitted(request, job.model)
             return await self._serve(request, job, format_(job), timer)
 
         return handle
+
+    async def _job(self, request: web.Request, body: t.CompletionRequest | t.ChatCompletionRequest,
+                   prefix: str, http: HttpSettings) -> _Job:
+        dialect = self._dialect()
+        try:
+            return _Job.of(body, prefix, http, dialect)
+        except errors.ValidatorRefusal as refusal:
+            if not dialect.wrapped_refusals:
+                raise
+            # pydantic's input: the body as the server's json decodes it, which
+            # aiohttp still holds.
+            raw = json.loads(await request.read())
+            raise errors.WrappedRefusal(refusal, body.validated_input(raw, refusal)) from None
 
     async def _embed(self, request: web.Request, http: HttpSettings,
                      timer: RequestTimer) -> web.Response:
@@ -432,8 +449,6 @@ class _Api:
                      timer: RequestTimer) -> web.StreamResponse:
         async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
                 timer.observe(_outputs(lease.worker, job.request(lease.model)))) as outputs:
-            # Usage gained completion_tokens_details after vLLM 0.26.
-            job.completion_details = _version(self._vllm_version()) >= (0, 32)
             job.fingerprint = lease.fingerprint
             timer.model = lease.model
             if job.stream:
@@ -479,12 +494,6 @@ def _read_json(path: str) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-@functools.cache
-def _version(text: str) -> tuple[int, ...]:
-    """(major, minor) of a version string such as 0.32.0+cpu."""
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
 def _installed_vllm() -> str:
@@ -701,8 +710,10 @@ class _Choice:
     prompt_index: int
     text: list[str] = field(default_factory=list)
     # Where the next logprob token starts: vLLM's text_offset sums token
-    # strings, which may run ahead of or behind the detokenized text.
+    # strings, which may run ahead of or behind the detokenized text; 0.26's
+    # streamed chunks start at the text generated so far (Dialect).
     token_text_len: int = 0
+    generated_len: int = 0
     logprobs: list[dict] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -750,11 +761,13 @@ class _Tally:
         if not self.job.echo_only:
             text += output.text
             entries = entries + (output.logprobs or [])
-        offset = choice.token_text_len
+        offset = choice.token_text_len if self.job.dialect.offsets_follow_tokens \
+            else choice.generated_len
         choice.text.append(text)
         choice.token_text_len += sum(
             len(_token(entry["token"], entry["token_id"], self.job.tokens_as_ids))
             for entry in entries)
+        choice.generated_len += len(output.text)
         choice.logprobs.extend(entries)
         choice.token_ids.extend(output.token_ids)
         choice.finish_reason = output.finish_reason or choice.finish_reason
@@ -806,7 +819,7 @@ class _Tally:
         lack; the reasoning tokens, where the model's parser counts them."""
         prompt = sum(self.prompt_tokens.values())
         nulls = {"prompt_tokens_details": None} if details else {}
-        if details and self.job.completion_details:
+        if details and self.job.dialect.completion_tokens_details:
             nulls["completion_tokens_details"] = None
         if self.counts_reasoning:
             reasoning = sum(choice.reasoning_tokens for choice in self.choices.values())
@@ -1034,7 +1047,8 @@ class _ChatFormat(_Format):
     def running_usage(self, usage: t.Usage) -> t.Usage:
         # vLLM's chat chunks always set completion_tokens_details: null
         # without a reasoning parser (since it has the field).
-        if usage.completion_tokens_details is UNSET and self.job.completion_details:
+        if usage.completion_tokens_details is UNSET and \
+                self.job.dialect.completion_tokens_details:
             usage.completion_tokens_details = None
         return usage
 

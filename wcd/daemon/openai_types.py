@@ -16,6 +16,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from wcd.daemon import errors
+from wcd.daemon.vllm_dialect import VLLM_032, Dialect
 from wcd.workers import protocol as p
 
 # OpenAI sampling fields with the same name in vLLM's SamplingParams, and vLLM's
@@ -34,30 +35,26 @@ _UNIMPLEMENTED = ("watermarking", "logprob_token_ids", "routed_experts_prompt_st
                   "thinking_token_budget")
 
 
-def _vllm_refusal(message: str, param: str, value: Any = None) -> errors.VllmBadRequest:
-    """A VLLMValidationError as vLLM's server words it."""
-    extras = f"parameter={param}" + ("" if value is None else f", value={value}")
-    return errors.VllmBadRequest(f"{message} ({extras})", param=param)
-
-
-def _check_cache_salt(salt: str | None) -> None:
+def _check_cache_salt(salt: str | None, dialect: Dialect) -> None:
     """vLLM's validate_cache_salt: a salt keys cache backends, which take
     neither an empty one nor path-like characters."""
     if salt is None:
         return
     if not salt:
-        raise _vllm_refusal("Parameter 'cache_salt' must be a non-empty string if provided.",
-                            "cache_salt")
-    if len(salt) > 128 or any(char in "@/\\\0" for char in salt):
-        raise _vllm_refusal("Parameter 'cache_salt' must be at most 128 characters and must "
-                            "not contain '@', '/', '\\\\', or NUL.", "cache_salt")
+        raise errors.ValidatorRefusal("Parameter 'cache_salt' must be a non-empty string if "
+                                      "provided.", "cache_salt")
+    if dialect.cache_salt_charset and (len(salt) > 128
+                                       or any(char in "@/\\\0" for char in salt)):
+        raise errors.ValidatorRefusal("Parameter 'cache_salt' must be at most 128 characters "
+                                      "and must not contain '@', '/', '\\\\', or NUL.",
+                                      "cache_salt")
 
 
 def _token_keys(bias: dict[str, float]) -> dict[int, float]:
     bad = [key for key in bias if not key.lstrip("-").isdigit()]
     if bad:
-        raise _vllm_refusal(f"logit_bias contains key(s) that cannot be converted to integer "
-                            f"token IDs: {bad}", "logit_bias", bad)
+        raise errors.VllmValidationError(f"logit_bias contains key(s) that cannot be converted "
+                                         f"to integer token IDs: {bad}", "logit_bias", bad)
     return {int(key): value for key, value in bias.items()}
 
 
@@ -180,8 +177,9 @@ class _Sampling(_Request, kw_only=True):
     repetition_detection: dict[str, Any] | None = None
     thinking_token_budget: int | None = None
 
-    def check(self) -> None:
-        """Raise a 400 naming the first field this request sets that wcd cannot honour."""
+    def check(self, dialect: Dialect = VLLM_032) -> None:
+        """Raise a 400 naming the first field this request sets that wcd cannot
+        honour, or that the workers' vLLM refuses."""
         if self.stream_options is not None and not self.stream:
             raise errors.BadRequest("stream_options is only allowed when stream is true",
                                     param="stream_options")
@@ -193,14 +191,20 @@ class _Sampling(_Request, kw_only=True):
         if self.structured_outputs is not None and self._format() is not None:
             raise errors.BadRequest("set response_format or structured_outputs, not both",
                                     param="structured_outputs")
-        _check_cache_salt(self.cache_salt)
+        _check_cache_salt(self.cache_salt, dialect)
         if (asked := self.prompt_logprobs) is not None:
             if self.stream and (asked > 0 or asked == -1):
-                raise _vllm_refusal("`prompt_logprobs` are not available when `stream=True`.",
-                                    "prompt_logprobs")
+                raise errors.ValidatorRefusal("`prompt_logprobs` are not available when "
+                                              "`stream=True`.", "prompt_logprobs")
             if asked < -1:
-                raise _vllm_refusal("`prompt_logprobs` must be a positive value or -1.",
-                                    "prompt_logprobs", asked)
+                raise errors.ValidatorRefusal("`prompt_logprobs` must be a positive value or -1.",
+                                              "prompt_logprobs", asked)
+
+    def validated_input(self, body: dict[str, Any],
+                        refusal: errors.ValidatorRefusal) -> dict[str, Any]:
+        """The request's JSON `body` as vLLM 0.26's validators had it when one
+        raised `refusal`."""
+        return body
 
     def sampling(self) -> dict[str, Any]:
         """vLLM SamplingParams fields for what the client set, and only that: the
@@ -262,8 +266,9 @@ class _Sampling(_Request, kw_only=True):
             return {"json_object": True}
         if isinstance(fmt, JsonSchemaFormat):
             if fmt.json_schema is None:
-                raise _vllm_refusal("When response_format type is 'json_schema', the "
-                                    "'json_schema' field must be provided.", "response_format")
+                raise errors.ValidatorRefusal("When response_format type is 'json_schema', the "
+                                              "'json_schema' field must be provided.",
+                                              "response_format")
             if fmt.json_schema.schema is None:
                 raise errors.BadRequest("response_format json_schema needs a schema",
                                         param="response_format.json_schema.schema")
@@ -283,27 +288,33 @@ class CompletionRequest(_Sampling, kw_only=True):
     add_special_tokens: bool = True
     prompt_embeds: bytes | list[bytes] | None = None
 
-    def check(self) -> None:
-        super().check()
+    def check(self, dialect: Dialect = VLLM_032) -> None:
+        super().check(dialect)
         if self.prompt in (None, "") and not self.prompt_embeds:
-            raise errors.VllmBadRequest("Either prompt or prompt_embeds must be provided and "
-                                        "non-empty. (parameter=prompt)", param="prompt")
+            raise errors.ValidatorRefusal("Either prompt or prompt_embeds must be provided and "
+                                          "non-empty.", "prompt")
         if self.prompt_embeds:  # as a server started without --enable-prompt-embeds
-            raise _vllm_refusal("You must set `--enable-prompt-embeds` to input "
-                                "`prompt_embeds`.", "prompt_embeds")
+            raise errors.VllmValidationError("You must set `--enable-prompt-embeds` to input "
+                                             "`prompt_embeds`.", "prompt_embeds")
+        self._check_suffix(dialect)
+        if self.use_beam_search:
+            self._check_beam_search()
+
+    def _check_suffix(self, dialect: Dialect) -> None:
+        """No model wcd serves renders a suffix (FIM completion)."""
+        if self.suffix is not None and not dialect.fim_suffix:
+            raise errors.VllmBadRequest("suffix is not currently supported")
         if self.suffix:
             raise errors.VllmBadRequest("suffix is only supported for models with FIM "
                                         "completion rendering", param="suffix")
-        if self.use_beam_search:
-            self._check_beam_search()
 
     def _check_beam_search(self) -> None:
         """vLLM's refusals of beam search: its request validator's, then its
         server's (which streams no beam search of a completion)."""
         if self.echo and self.logprobs is not None:
-            raise _vllm_refusal("`echo` with `logprobs` is not supported with beam search "
-                                "because beam search does not compute prompt logprobs.",
-                                "echo")
+            raise errors.VllmValidationError("`echo` with `logprobs` is not supported with beam "
+                                             "search because beam search does not compute "
+                                             "prompt logprobs.", "echo")
         if self.stream:
             raise errors.VllmBadRequest("Streaming is not currently supported with beam search")
 
@@ -466,8 +477,8 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     def _echo_prompt_logprobs(self) -> int | None:
         return self.top_logprobs or 0  # vLLM's default top_logprobs
 
-    def check(self) -> None:
-        super().check()
+    def check(self, dialect: Dialect = VLLM_032) -> None:
+        super().check(dialect)
         for name in ("functions", "function_call", "audio", "prediction"):
             if getattr(self, name):
                 raise errors.BadRequest(f"{name} is not supported", param=name)
@@ -489,24 +500,35 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         (ChatCompletionRequest's check_tool_usage, then
         check_structured_outputs_count)."""
         if self.tools == []:
-            raise _vllm_refusal("`tools` must not be an empty array. Either provide at least "
-                                "one tool or omit the field entirely.", "tools")
+            raise errors.ValidatorRefusal("`tools` must not be an empty array. Either provide "
+                                          "at least one tool or omit the field entirely.",
+                                          "tools", bare=True)
         choice = self.effective_tool_choice()
         if choice not in (None, "none"):
             if self.tools is None:
-                raise _vllm_refusal("When using `tool_choice`, `tools` must be set.",
-                                    "tool_choice")
+                raise errors.ValidatorRefusal("When using `tool_choice`, `tools` must be set.",
+                                              "tool_choice")
             if isinstance(choice, dict):
                 _check_named_tool(choice, self.tools)
             elif choice not in ("auto", "required"):
-                raise _vllm_refusal(f"Invalid value for `tool_choice`: {choice}! Only named "
-                                    'tools, "none", "auto" or "required" are supported.',
-                                    "tool_choice")
+                raise errors.ValidatorRefusal(f"Invalid value for `tool_choice`: {choice}! Only "
+                                              'named tools, "none", "auto" or "required" are '
+                                              "supported.", "tool_choice")
         constraints = [key for key in ("json", "regex", "choice")
                        if (self.structured_outputs or {}).get(key) is not None]
         if constraints and choice not in ("none", "auto", "required"):
-            raise errors.VllmBadRequest("You can only either use constraints for structured "
-                                        "outputs or tools, not both.")
+            raise errors.ValidatorRefusal("You can only either use constraints for structured "
+                                          "outputs or tools, not both.")
+
+    def validated_input(self, body: dict[str, Any],
+                        refusal: errors.ValidatorRefusal) -> dict[str, Any]:
+        # vLLM 0.26 runs its validators last-defined first: check_tool_usage,
+        # which gives tools without a tool_choice "auto" in the body itself,
+        # runs before check_logprobs and validate_response_format.
+        if (refusal.param in ("prompt_logprobs", "response_format")
+                and "tool_choice" not in body and body.get("tools")):
+            body["tool_choice"] = "auto"
+        return body
 
     def template(self, trusted: bool) -> str | None:
         return _request_template(self.chat_template, self.chat_template_kwargs, trusted)
@@ -542,18 +564,20 @@ _NAMED_TOOL_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "
 def _check_named_tool(choice: dict[str, Any], tools: list[Tool]) -> None:
     function = choice.get("function")
     if not isinstance(function, dict):
-        raise _vllm_refusal(f"Invalid value for `function`: `{function}` in `tool_choice`! "
-                            f"{_NAMED_TOOL_USAGE}", "tool_choice.function")
+        raise errors.ValidatorRefusal(f"Invalid value for `function`: `{function}` in "
+                                      f"`tool_choice`! {_NAMED_TOOL_USAGE}",
+                                      "tool_choice.function")
     if "name" not in function:
-        raise _vllm_refusal(f"Expected field `name` in `function` in `tool_choice`! "
-                            f"{_NAMED_TOOL_USAGE}", "tool_choice.function.name")
+        raise errors.ValidatorRefusal(f"Expected field `name` in `function` in `tool_choice`! "
+                                      f"{_NAMED_TOOL_USAGE}", "tool_choice.function.name")
     name = function["name"]
     if not isinstance(name, str) or not name:
-        raise _vllm_refusal(f"Invalid `name` in `function`: `{name}` in `tool_choice`! "
-                            f"{_NAMED_TOOL_USAGE}", "tool_choice.function.name")
+        raise errors.ValidatorRefusal(f"Invalid `name` in `function`: `{name}` in "
+                                      f"`tool_choice`! {_NAMED_TOOL_USAGE}",
+                                      "tool_choice.function.name")
     if all(tool.function.name != name for tool in tools):
-        raise _vllm_refusal("The tool specified in `tool_choice` does not match any of the "
-                            "specified `tools`", "tool_choice")
+        raise errors.ValidatorRefusal("The tool specified in `tool_choice` does not match any "
+                                      "of the specified `tools`", "tool_choice")
 
 
 def _check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
