@@ -115,6 +115,11 @@ COMPLETIONS = {
                                "prompt_logprobs": 1},
     "truncation past the context": {"prompt": "hello", "max_tokens": 3,
                                     "truncate_prompt_tokens": 100000},
+    # vLLM bounds truncation by the context less the output asked for.
+    "truncation to the context": {"prompt": "hello world", "max_tokens": 3,
+                                  "truncate_prompt_tokens": 512, "return_token_ids": True},
+    "truncation beside max_tokens": {"prompt": "hello world", "max_tokens": 5,
+                                     "truncate_prompt_tokens": 510},
     "empty prompt": {"prompt": "", "max_tokens": 3},
     "suffix": {"prompt": "hello", "max_tokens": 3, "suffix": "world"},
     "empty prompt list": {"prompt": [], "max_tokens": 3},
@@ -153,6 +158,8 @@ COMPLETIONS = {
 }
 CHATS = {
     "plain": {"messages": HI, "max_tokens": 4},
+    "truncation beside max_completion_tokens": {"messages": HI, "max_completion_tokens": 5,
+                                                "truncate_prompt_tokens": 510},
     "logprobs": {"messages": HI, "max_tokens": 3, "logprobs": True, "top_logprobs": 2},
     "echo": {"messages": CONTINUED, "max_tokens": 4, "echo": True,
              "add_generation_prompt": False, "continue_final_message": True},

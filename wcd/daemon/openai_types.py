@@ -331,8 +331,10 @@ class CompletionRequest(_Sampling, kw_only=True):
         return params
 
     def render(self) -> p.RenderOptions:
-        return msgspec.structs.replace(super().render(),
-                                       add_special_tokens=self.add_special_tokens)
+        return msgspec.structs.replace(
+            super().render(), add_special_tokens=self.add_special_tokens,
+            max_output_tokens=self.max_tokens if self.max_tokens is not None
+            else COMPLETIONS_MAX_TOKENS)
 
     def prompt_count(self) -> int:
         return len(self._prompts())
@@ -442,7 +444,14 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             super().render(), add_special_tokens=self.add_special_tokens,
             add_generation_prompt=self.add_generation_prompt,
             continue_final_message=self.continue_final_message, documents=self.documents,
-            tools=None if self.tools is None else msgspec.to_builtins(self.tools))
+            tools=None if self.tools is None else msgspec.to_builtins(self.tools),
+            **self._output_limit())
+
+    def _output_limit(self) -> dict[str, Any]:
+        if self.max_completion_tokens is not None:
+            return {"max_output_tokens": self.max_completion_tokens,
+                    "max_output_tokens_param": "max_completion_tokens"}
+        return {"max_output_tokens": self.max_tokens or 0}
 
     def chat_options(self) -> p.ChatOptions:
         """What the model's parsers need of this request."""

@@ -126,6 +126,11 @@ class RenderOptions(msgspec.Struct, frozen=True, omit_defaults=True):
     continue_final_message: bool = False
     tools: list[dict[str, Any]] | None = None
     documents: list[dict[str, str]] | None = None
+    # The output length the request asked for, under the name it used (0:
+    # none), which bounds truncation and (0.26) the prompt, as vLLM's
+    # build_tok_params sets them.
+    max_output_tokens: int = 0
+    max_output_tokens_param: str = "max_tokens"
 
 
 class ChatOptions(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -987,8 +987,7 @@ def switch_frontend(engine, vllm_config) -> None:
 
 def tokenize_params(engine, options, chat: bool, detokenize: bool):
     """vLLM's TokenizeParams for a request, as its OpenAI server builds them
-    (build_tok_params): the endpoint's defaults and what the request set.
-    Output-length limits are applied later, with the sampling (engine.py)."""
+    (build_tok_params): the endpoint's defaults and what the request set."""
     import dataclasses
 
     renderer = engine.renderer
@@ -999,7 +998,10 @@ def tokenize_params(engine, options, chat: bool, detokenize: bool):
         ("truncation_side", options.truncation_side)) if value is not None}
     if detokenize:
         overrides["needs_detokenization"] = True
-    return dataclasses.replace(default, max_total_tokens_param="max_model_len", **overrides)
+    return dataclasses.replace(default, max_total_tokens_param="max_model_len",
+                               max_output_tokens=options.max_output_tokens,
+                               max_output_tokens_param=options.max_output_tokens_param,
+                               **overrides)
 
 
 def tokenize_only_params(options, chat: bool, detokenize: bool = False):
