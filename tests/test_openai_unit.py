@@ -1413,18 +1413,24 @@ async def test_slow_reader_within_the_write_timeout_gets_the_whole_stream():
 
 
 @pytest.mark.parametrize("path, extra, render, sampling", [
-    ("/v1/completions", {}, p.RenderOptions(add_special_tokens=True), {}),
+    # vLLM's default max_tokens (16) bounds a completion's truncation.
+    ("/v1/completions", {}, p.RenderOptions(add_special_tokens=True, max_output_tokens=16), {}),
     ("/v1/completions", {"add_special_tokens": False, "truncate_prompt_tokens": 5,
                          "truncation_side": "left"},
-     p.RenderOptions(add_special_tokens=False, truncate_prompt_tokens=5, truncation_side="left"),
+     p.RenderOptions(add_special_tokens=False, truncate_prompt_tokens=5, truncation_side="left",
+                     max_output_tokens=16),
      {}),
     # An echo with logprobs asks for the prompt's logprobs too, as vLLM's to_sampling_params.
-    ("/v1/completions", {"echo": True, "logprobs": 2}, p.RenderOptions(add_special_tokens=True),
+    ("/v1/completions", {"echo": True, "logprobs": 2},
+     p.RenderOptions(add_special_tokens=True, max_output_tokens=16),
      {"prompt_logprobs": 2, "logprobs": 2}),
     # An echo of the prompt alone still runs one step.
     ("/v1/completions", {"echo": True, "max_tokens": 0}, p.RenderOptions(add_special_tokens=True),
      {"max_tokens": 1}),
     ("/v1/chat/completions", {}, p.RenderOptions(add_special_tokens=False), {}),
+    ("/v1/chat/completions", {"max_completion_tokens": 7},
+     p.RenderOptions(add_special_tokens=False, max_output_tokens=7,
+                     max_output_tokens_param="max_completion_tokens"), {"max_tokens": 7}),
     ("/v1/chat/completions", {"add_generation_prompt": False, "continue_final_message": True,
                               "documents": [{"title": "t", "text": "x"}]},
      p.RenderOptions(add_special_tokens=False, add_generation_prompt=False,
