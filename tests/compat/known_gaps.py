@@ -5,14 +5,16 @@ take it off this list. bench/compat.py measures both servers and lists the
 difference."""
 
 # feature -> case ids relative to tests/compat/
-GAPS: dict[str, list[str]] = {
-    "cancelling requests whose clients hang up (some of a burst run on)": [
-        "test_basic.py::test_request_cancellation",
-    ],
-}
+GAPS: dict[str, list[str]] = {}
 
-# Gaps that show only now and then (a timing on a busy 2-core box): not strict.
-UNSTEADY = frozenset({"test_basic.py::test_request_cancellation"})
+# Cases that pass on wcd and on vLLM alike but whose timing a box busy with
+# other work can break for either (measured on 2 cores: the cancellation
+# burst's next request took 0.32-0.43 s on wcd when quiet, seconds while
+# other test processes ran): allowed to fail, never expected to.
+TIMING_SENSITIVE = {
+    "test_basic.py::test_request_cancellation":
+        "the next request after a burst of hung-up clients is timed against 3 s",
+}
 
 KNOWN_GAPS: dict[str, str] = {case: feature for feature, cases in GAPS.items()
                               for case in cases}
