@@ -232,7 +232,7 @@ def test_the_models_list_has_the_embedding_model(client):
     ("/v1/embeddings", {"model": "embed-a", "input": "hi", "encoding_format": "bytes"}, 400,
      "encoding_format 'bytes' is not supported"),
     ("/v1/embeddings", {"model": "embed-a", "messages": [{"role": "user", "content": "hi"}]},
-     400, "unsupported field `messages`"),
+     400, "chat-style embedding input (`messages`) is not supported"),
 ])
 def test_refusals(daemon, path, request_body, status, message):
     got, answer = post(daemon, path, request_body)

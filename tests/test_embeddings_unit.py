@@ -142,9 +142,10 @@ async def test_batches_are_bounded_before_they_are_decoded():
         status, _, answer = await post(url, "/v1/embeddings",
                                        {"model": "demo", "input": [[1], [2], [3]]})
         assert (status, answer["error"]["param"]) == (400, "input"), answer
+        # A field wcd does not know is ignored, as vLLM ignores it.
         status, _, answer = await post(url, "/v1/embeddings",
                                        {"model": "demo", "input": "hi", "bogus": 1})
-        assert (status, answer["error"]["param"]) == (400, "bogus"), answer
+        assert status == 200 and len(answer["data"]) == 1, answer
 
 
 def test_a_pooling_config_of_its_own_keeps_a_checkpoint_off_the_same_shape_path(tmp_path):

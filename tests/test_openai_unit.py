@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import socket
 import time
 from dataclasses import dataclass
@@ -736,7 +737,6 @@ async def test_a_body_not_json_is_vllms_400(path, content_type):
     (b'[1, 2]', None),
     ({"model": "demo", "prompt": "hi", "n": "2"}, "n"),
     ({"model": "demo", "prompt": "hi", "temperature": "hot"}, "temperature"),
-    ({"model": "demo", "prompt": "hi", "frobnicate": 1}, "frobnicate"),
     ({"model": "demo", "prompt": ["a", 1]}, "prompt"),
     ({"model": "demo", "prompt": "hi", "stream_options": {"include_usage": True}},
      "stream_options"),
@@ -1832,3 +1832,17 @@ async def test_streamed_text_offsets_are_the_workers_vllms(on_026, offsets):
             "model": "demo", "prompt": "hi", "echo": True, "logprobs": 0, "max_tokens": 2,
             "stream": True})
     assert [e["choices"][0]["logprobs"]["text_offset"] for e in events[:-1]] == offsets
+
+
+@run_async
+async def test_unknown_fields_are_ignored_as_vllm_ignores_them(caplog):
+    """vLLM's server ignores a field it does not know, a misspelt one too, and
+    logs it at debug level."""
+    caplog.set_level(logging.DEBUG, logger="wcd.daemon.openai_api")
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions",
+                                       {"model": "demo", "prompt": "hi", "max_token": 9})
+    assert status == 200, answer
+    assert scheduler.worker.requests[-1].sampling["max_tokens"] == 16  # the default, not 9
+    assert any("ignored: {'max_token'}" in record.getMessage() for record in caplog.records)

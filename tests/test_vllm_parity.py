@@ -136,6 +136,8 @@ COMPLETIONS = {
     # Refusals: same status, same message.
     "stream prompt_logprobs": {"prompt": "hello world", "max_tokens": 3, "stream": True,
                                "prompt_logprobs": 1},
+    # vLLM ignores a field it does not know (a misspelt one too).
+    "unknown field": {"prompt": "hello", "max_tokens": 3, "max_token": 9, "bogus": {"a": 1}},
     "truncation past the context": {"prompt": "hello", "max_tokens": 3,
                                     "truncate_prompt_tokens": 100000},
     # vLLM bounds truncation by the context less the output asked for.

@@ -508,7 +508,7 @@ async def _decode(request: web.Request, shape: type, http: HttpSettings):
     if (key := _BATCH_FIELDS.get(shape)) is not None:
         _count_batch_first(body, key, http)
     try:
-        return msgspec.json.decode(body, type=shape)
+        decoded = msgspec.json.decode(body, type=shape)
     except msgspec.ValidationError as exc:
         message, param = _validation_problem(str(exc))
         raise errors.BadRequest(message, param=param) from None
@@ -518,6 +518,16 @@ async def _decode(request: web.Request, shape: type, http: HttpSettings):
         raise errors.BadRequest(f"the body is not valid UTF-8: {exc}") from None
     except RecursionError:
         raise errors.BadRequest("the body is nested too deeply") from None
+    if log.isEnabledFor(logging.DEBUG):
+        _log_ignored_fields(body, shape)
+    return decoded
+
+
+def _log_ignored_fields(body: bytes, shape: type) -> None:
+    ignored = msgspec.json.decode(body, type=dict[str, msgspec.Raw]).keys() - set(
+        shape.__struct_encode_fields__)
+    if ignored:
+        log.debug("The following fields were present in the request but ignored: %s", ignored)
 
 
 # The requests whose body may carry a batch of prompts, and in which field.
@@ -549,7 +559,7 @@ def _count_batch_first(body: bytes, key: str, http: HttpSettings) -> None:
 
 
 _AT = re.compile(r"`\$\.?([^`]*)`$")
-_FIELD = re.compile(r"Object (contains unknown|missing required) field `([^`]+)`")
+_FIELD = re.compile(r"Object missing required field `([^`]+)`")
 
 
 _BOUND = re.compile(r"Expected `[a-z]+` (>=|<=) (-?[0-9.e+]+) - at ")
@@ -571,9 +581,7 @@ def _validation_problem(message: str) -> tuple[str, str | None]:
     named = _FIELD.match(message)
     if named is None:
         return message, path or None
-    path = f"{path}.{named.group(2)}" if path else named.group(2)
-    if named.group(1) == "contains unknown":
-        return f"unsupported field `{path}`", path
+    path = f"{path}.{named.group(1)}" if path else named.group(1)
     return f"missing required field `{path}`", path
 
 

@@ -31,9 +31,10 @@ from wcd.workers import protocol as p
 _UNIMPLEMENTED = ("padding", "embed_dtype", "endianness", "mm_processor_kwargs")
 
 
-class EmbeddingRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+class EmbeddingRequest(Struct, kw_only=True):
     """vLLM's EmbeddingCompletionRequest; without `model`, wcd's default model
-    (openai_api). Chat-style inputs (`messages`) are not served."""
+    (openai_api). Unknown fields are ignored, as vLLM ignores them; chat-style
+    inputs (`messages`) are not served, and refused by name."""
 
     model: str | None = None
     # One text, one list of token ids, or a batch of either; checked in prompts().
@@ -59,12 +60,17 @@ class EmbeddingRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     mm_processor_kwargs: dict[str, Any] | None = None
     # Removed from vLLM, which refuses it by name (reject_removed_pooling_parameters).
     normalize: bool | None | UnsetType = UNSET
+    # vLLM's chat-style embedding input, which wcd does not serve.
+    messages: Any = UNSET
 
     def check(self) -> None:
         if self.normalize is not UNSET:
             raise errors.VllmBadRequest("Parameter `normalize` was removed; use "
                                         "`use_activation` instead. (parameter=normalize)",
                                         param="normalize")
+        if self.messages is not UNSET:
+            raise errors.BadRequest("chat-style embedding input (`messages`) is not supported",
+                                    param="messages")
         if self.encoding_format not in ("float", "base64"):
             raise errors.BadRequest(f"encoding_format {self.encoding_format!r} is not "
                                     "supported (only 'float' and 'base64')",

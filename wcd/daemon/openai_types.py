@@ -74,8 +74,9 @@ TokenId = Annotated[int, Meta(ge=0)]
 # ---- requests -------------------------------------------------------------------
 
 
-class _Request(Struct, forbid_unknown_fields=True):
-    pass
+class _Request(Struct):
+    """A body's fields wcd does not know are ignored, as vLLM's server ignores
+    them (openai_api logs them at debug level, as vLLM does)."""
 
 
 class StreamOptions(_Request):
