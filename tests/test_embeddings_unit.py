@@ -107,7 +107,9 @@ def test_every_vllm_request_field_is_known_with_vllms_default():
     ours = {f.name: f.default for f in msgspec.structs.fields(EmbeddingRequest)}
     for name, info in EmbeddingCompletionRequest.model_fields.items():
         assert name in ours, f"EmbeddingRequest.{name} is missing"
-        if ours[name] not in (None, msgspec.NODEFAULT):  # wcd requires model; ids are its own
+        # wcd requires model; ids are its own; input is required by check() (UNSET
+        # where a refused `messages` stands instead)
+        if ours[name] not in (None, msgspec.NODEFAULT, msgspec.UNSET):
             assert ours[name] == info.default, name
 
 
@@ -170,3 +172,11 @@ def test_a_pooling_config_of_its_own_keeps_a_checkpoint_off_the_same_shape_path(
     last = checkpoint("last", {"pooling_mode_lasttoken": True})
     args = {"runner": "pooling"}
     assert mean.shape_key(args) == same.shape_key(args) != last.shape_key(args)
+
+
+@run_async
+async def test_an_embedding_request_without_input_is_refused():
+    async with serve(FakeScheduler(FakeWorker(two_vectors))) as url:
+        status, _, answer = await post(url, "/v1/embeddings", {"model": "demo"})
+    assert (status, answer["error"]["param"]) == (400, "input"), answer
+    assert answer["error"]["message"] == "missing required field `input`"

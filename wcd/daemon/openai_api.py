@@ -437,8 +437,8 @@ class _Api:
     async def _embed(self, request: web.Request, http: HttpSettings,
                      timer: RequestTimer) -> web.Response:
         body = await self._body(request, emb.EmbeddingRequest)
+        job = emb.EmbedJob.of(body)  # checks the body: its input is known from here
         _check_counts(body.prompt_count(), 1, http, param="input")
-        job = emb.EmbedJob.of(body)
         self._permitted(request, job.model)
         async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
                 _outputs(lease.worker, job.request(lease.model))) as items:

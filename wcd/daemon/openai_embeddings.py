@@ -38,7 +38,8 @@ class EmbeddingRequest(Struct, kw_only=True):
 
     model: str | None = None
     # One text, one list of token ids, or a batch of either; checked in prompts().
-    input: str | list[str | int | list[int]]
+    # (UNSET only where `messages` stands instead, refused by check())
+    input: str | list[str | int | list[int]] | UnsetType = UNSET
     encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
     dimensions: int | None = None
     # Accepted and ignored: it changes nothing about the vectors.
@@ -71,6 +72,8 @@ class EmbeddingRequest(Struct, kw_only=True):
         if self.messages is not UNSET:
             raise errors.BadRequest("chat-style embedding input (`messages`) is not supported",
                                     param="messages")
+        if self.input is UNSET:
+            raise errors.BadRequest("missing required field `input`", param="input")
         if self.encoding_format not in ("float", "base64"):
             raise errors.BadRequest(f"encoding_format {self.encoding_format!r} is not "
                                     "supported (only 'float' and 'base64')",
