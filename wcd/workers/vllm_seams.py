@@ -1380,13 +1380,18 @@ def beam_score(eos_token_id: int, length_penalty: float):
     return create_sort_beams_key_function(eos_token_id, length_penalty)
 
 
+def _installed_fields(struct: type, fields: dict) -> dict:
+    """`fields` less those the installed vLLM's `struct` lacks."""
+    return {name: value for name, value in fields.items()
+            if name in struct.__struct_fields__}
+
+
 def beam_search_params(**fields):
     """vLLM's BeamSearchParams of `fields`, less those the installed vLLM
     lacks: 0.26 has no skip_special_tokens (its beam text keeps them)."""
     from vllm.sampling_params import BeamSearchParams
 
-    return BeamSearchParams(**{name: value for name, value in fields.items()
-                               if name in BeamSearchParams.__struct_fields__})
+    return BeamSearchParams(**_installed_fields(BeamSearchParams, fields))
 
 
 def beam_round_params(beam_width: int, temperature: float):
@@ -1396,8 +1401,7 @@ def beam_round_params(beam_width: int, temperature: float):
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     # 0.26 has no watermarking, nor a field to turn it off
-    unmarked = {"watermarking": False} if "watermarking" in SamplingParams.__struct_fields__ \
-        else {}
-    return SamplingParams(logprobs=2 * beam_width, max_tokens=1, temperature=temperature,
-                          detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY,
-                          **unmarked)
+    return SamplingParams(**_installed_fields(SamplingParams, {
+        "logprobs": 2 * beam_width, "max_tokens": 1, "temperature": temperature,
+        "detokenize": False, "output_kind": RequestOutputKind.FINAL_ONLY,
+        "watermarking": False}))
