@@ -820,20 +820,65 @@ async def test_vllm_fields_at_their_defaults_are_served(path, body):
     assert "spaces_between_special_tokens" not in sampling_sent(scheduler)
 
 
-@pytest.mark.parametrize("path, extra, param", [
-    ("/v1/completions", {"watermarking": True}, "watermarking"),
-    ("/v1/chat/completions", {"logprob_token_ids": [1]}, "logprob_token_ids"),
-    ("/v1/chat/completions", {"return_prompt_text": True}, "return_prompt_text"),
+@pytest.mark.parametrize("path, extra, sampling", [
+    ("/v1/completions", {"watermarking": False, "routed_experts_prompt_start": 2,
+                         "thinking_token_budget": 3},
+     {"watermarking": False, "routed_experts_prompt_start": 2, "thinking_token_budget": 3}),
+    # -1 is vLLM's "unlimited": no budget at all.
+    ("/v1/completions", {"thinking_token_budget": -1, "routed_experts_prompt_start": 0}, {}),
+    # The transfer parameters join the extensions' arguments, as vLLM's to_sampling_params.
+    ("/v1/completions", {"vllm_xargs": {"a": [1, "b"]}, "kv_transfer_params": {"k": 1},
+                         "ec_transfer_params": {"e": 2}},
+     {"extra_args": {"a": [1, "b"], "kv_transfer_params": {"k": 1},
+                     "ec_transfer_params": {"e": 2}}}),
+    ("/v1/completions", {"repetition_detection": {"max_pattern_size": 3, "min_count": 2}},
+     {"repetition_detection": {"max_pattern_size": 3, "min_pattern_size": 0, "min_count": 2}}),
+    # Token ids for logprobs take the place of the top k.
+    ("/v1/completions", {"logprobs": 2, "logprob_token_ids": [5, 6]},
+     {"logprob_token_ids": [5, 6]}),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2, "logprob_token_ids": [5]},
+     {"logprob_token_ids": [5]}),
+    # Fields of vLLM's render endpoints: ignored.
+    ("/v1/chat/completions", {"return_token_offsets": True, "mm_payload": "none",
+                              "return_mm_kwargs": False}, {}),
 ])
 @run_async
-async def test_vllm_fields_wcd_lacks_are_400_off_their_defaults(path, extra, param):
+async def test_vllm_sampling_extensions_map_to_sampling_params(path, extra, sampling):
     body = {"model": "demo", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
     body.pop("messages" if path == "/v1/completions" else "prompt")
     scheduler = FakeScheduler()
     async with serve(scheduler) as url:
         status, _, answer = await post(url, path, {**body, **extra})
-    assert (status, answer["error"]["param"]) == (400, param), answer
-    assert param.split(".")[-1] in answer["error"]["message"]
+    assert status == 200, answer
+    sent = sampling_sent(scheduler)
+    sent.pop("max_tokens", None)
+    assert sent == sampling
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/completions", {"logprob_token_ids": [1]}, "logprob_token_ids"),
+    ("/v1/completions", {"logprobs": 1, "logprob_token_ids": [1], "echo": True,
+                         "max_tokens": 0}, "logprob_token_ids"),
+    ("/v1/chat/completions", {"logprob_token_ids": [1]}, "logprob_token_ids"),
+    ("/v1/chat/completions", {"top_logprobs": 1}, "top_logprobs"),
+    ("/v1/completions", {"thinking_token_budget": True}, "thinking_token_budget"),
+    ("/v1/completions", {"thinking_token_budget": -2}, "thinking_token_budget"),
+    ("/v1/completions", {"routed_experts_prompt_start": -1}, "routed_experts_prompt_start"),
+    ("/v1/completions", {"mm_payload": "all"}, "mm_payload"),
+    ("/v1/completions", {"vllm_xargs": {"a": {"b": 1}}}, "vllm_xargs"),
+    # As vLLM 0.32's server without --trust-request-mm-kwargs.
+    ("/v1/chat/completions", {"mm_processor_kwargs": {"a": 1}}, "mm_processor_kwargs"),
+    ("/v1/chat/completions", {"media_io_kwargs": {"image": {}}}, "media_io_kwargs"),
+])
+@run_async
+async def test_vllm_sampling_extensions_refused_as_vllm_refuses_them(path, extra, param):
+    body = {"model": "demo", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
+    body.pop("messages" if path == "/v1/completions" else "prompt")
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, path, {**body, **extra})
+    assert status == 400, answer
+    assert param in json.dumps(answer["error"]), answer
     assert not scheduler.leased
 
 

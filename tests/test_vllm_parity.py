@@ -29,9 +29,8 @@ import pytest
 from conftest import ENGINE_ARGS, ROOT, installed_vllm
 from daemon_harness import POLICY, free_port, serving
 
-# Fields that differ by construction: ids, clocks, and server-wide settings.
-IGNORED = {"id", "created", "service_tier", "kv_transfer_params", "ec_transfer_params",
-           "metrics", "prompt_text", "routed_experts"}
+# Fields that differ by construction: ids and clocks.
+IGNORED = {"id", "created"}
 # Compared only for being there and set: it hashes the model's path, which
 # vllm serve takes as given and wcd resolves to its real path (a symlinked
 # models directory differs), and the engine config, equal here but not known
@@ -169,6 +168,44 @@ COMPLETIONS = {
     "beam search echo logprobs": {"prompt": "hello world", "max_tokens": 3, **BEAMS,
                                   "echo": True, "logprobs": 1},
     "beam search n=0": {"prompt": "hello world", "max_tokens": 3, **BEAMS, "n": 0},
+    # Logprobs of chosen tokens at each position, all of them listed.
+    "logprob_token_ids": {"prompt": "hello world", "max_tokens": 3, "logprobs": 1,
+                          "logprob_token_ids": [7, 300, 301]},
+    "logprob_token_ids stream": {"prompt": "hello world", "max_tokens": 3, "logprobs": 0,
+                                 "logprob_token_ids": [7, 300], "stream": True},
+    "logprob_token_ids echo": {"prompt": "hello world", "max_tokens": 2, "echo": True,
+                               "logprobs": 1, "logprob_token_ids": [7, 300]},
+    "logprob_token_ids without logprobs": {"prompt": "hello", "max_tokens": 3,
+                                           "logprob_token_ids": [7]},
+    "logprob_token_ids echo only": {"prompt": "hello", "max_tokens": 0, "echo": True,
+                                    "logprobs": 1, "logprob_token_ids": [7]},
+    "logprob_token_ids beam search": {"prompt": "hello", "max_tokens": 3, **BEAMS,
+                                      "logprobs": 1, "logprob_token_ids": [7]},
+    "watermarking without a watermark": {"prompt": "hello world", "max_tokens": 3,
+                                         "watermarking": True},
+    "extension and transfer arguments": {"prompt": "hello world", "max_tokens": 3,
+                                         "vllm_xargs": {"a": 1, "b": ["x", 2.5]},
+                                         "kv_transfer_params": {"do_remote_prefill": False},
+                                         "ec_transfer_params": {"x": 1}},
+    "repetition_detection": {"prompt": "hello world", "max_tokens": 24, "ignore_eos": True,
+                             "repetition_detection": {"max_pattern_size": 3,
+                                                      "min_count": 2}},
+    "repetition_detection refused": {"prompt": "hello", "max_tokens": 3,
+                                     "repetition_detection": {"max_pattern_size": 2,
+                                                              "min_count": 1}},
+    "thinking_token_budget without a reasoning parser": {"prompt": "hello", "max_tokens": 3,
+                                                         "thinking_token_budget": 4},
+    "thinking_token_budget unlimited": {"prompt": "hello", "max_tokens": 3,
+                                        "thinking_token_budget": -1},
+    "thinking_token_budget a float": {"prompt": "hello", "max_tokens": 3,
+                                      "thinking_token_budget": 1.5},
+    "routed_experts_prompt_start": {"prompt": "hello world", "max_tokens": 3,
+                                    "routed_experts_prompt_start": 1},
+    "routed_experts_prompt_start past the prompt": {"prompt": "hello", "max_tokens": 3,
+                                                    "routed_experts_prompt_start": 1000},
+    # vLLM's render endpoints' fields, ignored by generation.
+    "render fields": {"prompt": "hello world", "max_tokens": 3, "return_token_offsets": True,
+                      "mm_payload": "none", "return_mm_kwargs": False},
 }
 CHATS = {
     "plain": {"messages": HI, "max_tokens": 4},
@@ -237,6 +274,21 @@ CHATS = {
     "beam search stream usage": {"messages": HI, "max_tokens": 3, **BEAMS, "n": 3,
                                  "stream": True, "stream_options": {
                                      "include_usage": True, "continuous_usage_stats": True}},
+    "logprob_token_ids": {"messages": HI, "max_tokens": 3, "logprobs": True,
+                          "logprob_token_ids": [7, 300]},
+    "logprob_token_ids stream": {"messages": HI, "max_tokens": 3, "logprobs": True,
+                                 "top_logprobs": 2, "logprob_token_ids": [7, 300, 301],
+                                 "stream": True},
+    "logprob_token_ids without logprobs": {"messages": HI, "max_tokens": 3,
+                                           "logprob_token_ids": [7]},
+    "top_logprobs without logprobs": {"messages": HI, "max_tokens": 3, "top_logprobs": 2},
+    "top_logprobs below -1": {"messages": HI, "max_tokens": 3, "logprobs": True,
+                              "top_logprobs": -2},
+    "return_prompt_text": {"messages": HI, "max_tokens": 2, "return_prompt_text": True},
+    "stream return_prompt_text": {"messages": HI, "max_tokens": 2, "return_prompt_text": True,
+                                  "stream": True},
+    "multimodal options": {"messages": HI, "max_tokens": 3, "mm_processor_kwargs": {"a": 1}},
+    "media options": {"messages": HI, "max_tokens": 3, "media_io_kwargs": {"image": {"x": 1}}},
 }
 # With the parsers. Strict tools: a forced call's arguments follow their schema.
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
@@ -298,6 +350,10 @@ PARSER_CHATS = {
     "reasoning beam search stream": {"messages": HI, "max_tokens": 6, **BEAMS, "stream": True,
                                      **USAGE},
     "named beam search": {"messages": HI, **NAMED, "max_tokens": 12, **BEAMS},
+    # The reasoning parser's think tokens bound the thinking.
+    "thinking_token_budget": {"messages": HI, "max_tokens": 10, "thinking_token_budget": 2},
+    "thinking_token_budget stream": {"messages": HI, "max_tokens": 10, "stream": True,
+                                     "thinking_token_budget": 0},
 }
 
 # Whole bodies: no sampling fields, which these endpoints do not take.

@@ -183,6 +183,7 @@ class _Job:
     render: p.RenderOptions = p.RenderOptions()
     return_prompt: bool = False
     return_token_ids: bool = False
+    prompt_text: bool = False  # chat: return_prompt_text
     tokens_as_ids: bool = False  # logprob tokens written "token_id:N"
     # Completions: echo the prompt (only it, at max_tokens 0); chat: the text
     # the answer continues (None: no echo), the role it answers with, and
@@ -215,7 +216,7 @@ class _Job:
                   include_usage=bool(body.stream_options and body.stream_options.include_usage),
                   continuous_usage=bool(body.stream_options and body.stream_options.include_usage
                                         and body.stream_options.continuous_usage_stats),
-                  top_logprobs=sampling.get("logprobs"), render=body.render(),
+                  top_logprobs=body.listed_logprobs(), render=body.render(),
                   return_prompt=body.wants_prompt(),
                   return_token_ids=bool(body.return_token_ids), beam_search=body.beam_search(),
                   tokens_as_ids=http.return_tokens_as_token_ids
@@ -226,6 +227,7 @@ class _Job:
         else:
             job.echoed, job.role, job.chat = body.echoed(), body.response_role(), \
                 body.chat_options()
+            job.prompt_text = bool(body.return_prompt_text)
         size = _payload_bytes(job.sampling, job.template_kwargs, job.template)
         if size > http.max_sampling_bytes:
             raise errors.PayloadTooLarge(
@@ -964,10 +966,11 @@ class _ChatFormat(_Format):
 
     def opening(self, first: p.Output | None) -> list[t.ChatCompletionChunk]:
         # OpenAI announces the role of every choice before any content; vLLM
-        # then echoes, and gives the prompt's token ids with the role.
-        prompt = first.prompt if first is not None and self.job.return_token_ids else None
-        ids = prompt.token_ids if prompt is not None else None
-        chunks = [t.ChatCompletionChunk(**self.head, prompt_token_ids=ids, choices=[
+        # then echoes, and gives the prompt's token ids and text with the role.
+        prompt = first.prompt if first is not None else None
+        ids = prompt.token_ids if prompt is not None and self.job.return_token_ids else None
+        chunks = [t.ChatCompletionChunk(**self.head, prompt_token_ids=ids,
+                                        prompt_text=self._prompt_text(prompt), choices=[
             t.ChatChunkChoice(index=i, delta=t.ChatDelta(role=self.job.role, content=""))])
             for i in range(self.job.n)]
         if self.job.echoed:
@@ -983,7 +986,11 @@ class _ChatFormat(_Format):
             **self.head, choices=choices, system_fingerprint=self.job.fingerprint,
             usage=tally.usage(details=True),
             prompt_logprobs=_prompt_logprobs(prompt),
-            prompt_token_ids=self._token_ids(prompt.token_ids) if prompt else None)
+            prompt_token_ids=self._token_ids(prompt.token_ids) if prompt else None,
+            prompt_text=self._prompt_text(prompt))
+
+    def _prompt_text(self, prompt: p.PromptInfo | None) -> str | None:
+        return prompt.text if prompt is not None and self.job.prompt_text else None
 
     def _choice(self, index: int, c: _Choice) -> t.ChatChoice:
         if c.message is None:  # the model has no parsers: its text is the content
@@ -1076,7 +1083,7 @@ class _ChatFormat(_Format):
             logprob=_logprob(entry["logprob"]),
             bytes=None if undecoded else _utf8(entry["token"]),
             top_logprobs=[t.TopLogprob(**_chat_logprob(text, tid, lp, as_ids))
-                          for tid, text, lp in entry["top"][:k]])
+                          for tid, text, lp in (entry["top"] if k == -1 else entry["top"][:k])])
 
 
 def _chat_logprob(text: str | None, token_id: int, logprob: float,

@@ -1,9 +1,9 @@
 """Typed shapes of the OpenAI-compatible API: requests as clients send them,
 responses as the daemon writes them.
 
-Requests are decoded strictly: every field is either honoured, explicitly
-ignored as harmless, or refused with a 400 naming it, never silently dropped.
-Shapes are checked here; values (ranges of temperature, n, logprobs...) are
+Requests are decoded as vLLM's server reads them: each of its fields is
+honoured, or ignored where vLLM ignores it too, and a field neither knows
+is ignored (and logged). Shapes are checked here; values (ranges of temperature, n, logprobs...) are
 vLLM's business and are checked by vLLM's own SamplingParams in the worker.
 The same structs generate the schemas of openapi.json.
 """
@@ -24,17 +24,7 @@ from wcd.workers import protocol as p
 _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
               "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
               "min_tokens", "include_stop_str_in_output", "skip_special_tokens",
-              "allowed_token_ids", "bad_words", "stream_interval")
-# vLLM request fields wcd does not implement yet: accepted at their defaults
-# (vLLM's, as the structs declare them), since clients written for `vllm serve`
-# send them; refused at any other value, never silently ignored. None counts as
-# the default where the type allows it, and false for such a flag.
-_UNIMPLEMENTED = ("watermarking", "logprob_token_ids", "routed_experts_prompt_start",
-                  "return_token_offsets", "mm_payload", "return_mm_kwargs", "kv_transfer_params",
-                  "ec_transfer_params", "vllm_xargs", "repetition_detection",
-                  "thinking_token_budget")
-
-
+              "allowed_token_ids", "bad_words", "stream_interval", "watermarking")
 def _check_cache_salt(salt: str | None, dialect: Dialect) -> None:
     """vLLM's validate_cache_salt: a salt keys cache backends, which take
     neither an empty one nor path-like characters."""
@@ -58,9 +48,14 @@ def _token_keys(bias: dict[str, float]) -> dict[int, float]:
     return {int(key): value for key, value in bias.items()}
 
 
-def _is_default(value: Any, default: Any) -> bool:
-    # A flag whose default is None is as off at false.
-    return value is None or value == default or (default is None and value is False)
+def _thinking_budget(value: int | float | bool | None) -> int | None:
+    """vLLM's validate_thinking_token_budget: None where unset or unlimited (-1)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, float)) or value < -1:
+        raise errors.ValidatorRefusal("`thinking_token_budget` must be a non-negative integer "
+                                      "or -1 for unlimited.", "thinking_token_budget", value)
+    return None if value == -1 else value
 
 
 # OpenAI's completions default, which vLLM's SamplingParams happens to share;
@@ -102,6 +97,27 @@ class JsonObjectFormat(_Request, tag_field="type", tag="json_object"):
 class JsonSchemaFormat(_Request, tag_field="type", tag="json_schema"):
     # Required; checked in _format() to refuse its absence in vLLM's words.
     json_schema: JsonSchema | None = None
+
+
+class RepetitionDetection(_Request):
+    """vLLM's RepetitionDetectionParams: generation ends early on an n-gram
+    repeated min_count times (max_pattern_size 0: never)."""
+
+    max_pattern_size: int = 0
+    min_pattern_size: int = 0
+    min_count: int = 0
+
+    def check(self) -> None:
+        """vLLM's __post_init__, in its words."""
+        if (self.max_pattern_size < 0 or self.min_pattern_size < 0
+                or self.min_pattern_size > self.max_pattern_size):
+            raise errors.ValidatorRefusal("max_pattern_size, min_pattern_size must be >=0, with "
+                                          "min_pattern_size <= max_pattern_size. Set both to 0 "
+                                          "to disable repetitive pattern detection.")
+        if self.max_pattern_size > 0 and self.min_count < 2:
+            raise errors.ValidatorRefusal("min_count must be >= 2 to detect repetitive patterns "
+                                          "in engine output. If you do not wish to detect "
+                                          "repetitive patterns, set max_pattern_size to 0.")
 
 
 class _Sampling(_Request, kw_only=True):
@@ -165,18 +181,24 @@ class _Sampling(_Request, kw_only=True):
     # applies to nothing else, and is ignored without it (as in vLLM).
     use_beam_search: bool = False
     length_penalty: float = 1.0
-    # vLLM's fields, accepted only at their defaults (_UNIMPLEMENTED).
+    # The engine's watermark, where one is configured (vLLM 0.32: else a
+    # warning and none); logprobs of these tokens at each generated position.
     watermarking: bool | None = None
     logprob_token_ids: list[int] | None = None
-    routed_experts_prompt_start: int = 0
+    # Checked as vLLM's validator does (a bool or float is refused; -1: none).
+    thinking_token_budget: int | float | bool | None = None
+    repetition_detection: RepetitionDetection | None = None
+    routed_experts_prompt_start: Annotated[int, Meta(ge=0)] = 0
+    # For custom extensions and disaggregated serving: the engine gets them as
+    # SamplingParams.extra_args, as from vLLM's server.
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    ec_transfer_params: dict[str, Any] | None = None
+    # vLLM's fields for its /render endpoints, which its generation endpoints
+    # ignore: typed, so a wrong type is refused as there.
     return_token_offsets: bool | None = False
     mm_payload: Literal["tensors", "none"] = "tensors"
     return_mm_kwargs: bool | None = None
-    kv_transfer_params: dict[str, Any] | None = None
-    ec_transfer_params: dict[str, Any] | None = None
-    vllm_xargs: dict[str, Any] | None = None
-    repetition_detection: dict[str, Any] | None = None
-    thinking_token_budget: int | None = None
 
     def check(self, dialect: Dialect = VLLM_032) -> None:
         """Raise a 400 naming the first field this request sets that wcd cannot
@@ -184,11 +206,9 @@ class _Sampling(_Request, kw_only=True):
         if self.stream_options is not None and not self.stream:
             raise errors.BadRequest("stream_options is only allowed when stream is true",
                                     param="stream_options")
-        defaults = {f.name: f.default for f in msgspec.structs.fields(self)}
-        for name in (*_UNIMPLEMENTED, *self._unimplemented()):
-            if not _is_default(getattr(self, name), default := defaults[name]):
-                raise errors.BadRequest(f"{name} is not supported (only its default "
-                                        f"{default!r})", param=name)
+        if self.logprob_token_ids and self.use_beam_search:
+            raise errors.ValidatorRefusal("`logprob_token_ids` is not supported with beam "
+                                          "search.", "logprob_token_ids")
         if self.structured_outputs is not None and self._format() is not None:
             raise errors.BadRequest("set response_format or structured_outputs, not both",
                                     param="structured_outputs")
@@ -200,6 +220,9 @@ class _Sampling(_Request, kw_only=True):
             if asked < -1:
                 raise errors.ValidatorRefusal("`prompt_logprobs` must be a positive value or -1.",
                                               "prompt_logprobs", asked)
+        _thinking_budget(self.thinking_token_budget)
+        if self.repetition_detection is not None:
+            self.repetition_detection.check()
 
     def validated_input(self, body: dict[str, Any],
                         refusal: errors.ValidatorRefusal) -> dict[str, Any]:
@@ -226,7 +249,32 @@ class _Sampling(_Request, kw_only=True):
             prompt_logprobs = self._echo_prompt_logprobs()
         if prompt_logprobs is not None:
             params["prompt_logprobs"] = prompt_logprobs
+        if self.logprob_token_ids:
+            params["logprob_token_ids"] = self.logprob_token_ids
+        if (budget := _thinking_budget(self.thinking_token_budget)) is not None:
+            params["thinking_token_budget"] = budget
+        if self.repetition_detection is not None:
+            params["repetition_detection"] = msgspec.to_builtins(self.repetition_detection)
+        if self.routed_experts_prompt_start:
+            params["routed_experts_prompt_start"] = self.routed_experts_prompt_start
+        if extra_args := self._extra_args():
+            params["extra_args"] = extra_args
         return params
+
+    def _extra_args(self) -> dict[str, Any]:
+        """vLLM's to_sampling_params: the extensions' arguments, with the
+        transfer parameters of disaggregated serving among them."""
+        extra_args = dict(self.vllm_xargs or {})
+        if self.kv_transfer_params:
+            extra_args["kv_transfer_params"] = self.kv_transfer_params
+        if self.ec_transfer_params:
+            extra_args["ec_transfer_params"] = self.ec_transfer_params
+        return extra_args
+
+    def listed_logprobs(self) -> int | None:
+        """How many of each position's logprobs a response lists, as k of the
+        top k (-1: all of them, as with logprob_token_ids); None: no logprobs."""
+        return None
 
     def beam_search(self) -> p.BeamSearch | None:
         return p.BeamSearch(self.length_penalty) if self.use_beam_search else None
@@ -238,7 +286,11 @@ class _Sampling(_Request, kw_only=True):
 
     def wants_prompt(self) -> bool:
         """Whether responses show the prompt's tokens, logprobs or text."""
-        return bool(self.return_token_ids or self.prompt_logprobs is not None or self._echo())
+        return bool(self.return_token_ids or self.prompt_logprobs is not None or self._echo()
+                    or self._returns_prompt_text())
+
+    def _returns_prompt_text(self) -> bool:
+        return False
 
     def _echo(self) -> bool:
         return False
@@ -249,10 +301,6 @@ class _Sampling(_Request, kw_only=True):
 
     def prompt_count(self) -> int:
         return 1
-
-    def _unimplemented(self) -> tuple[str, ...]:
-        """This endpoint's own fields to add to _UNIMPLEMENTED."""
-        return ()
 
     def template(self, trusted: bool) -> str | None:
         """The request's own chat template; only chat requests have one."""
@@ -300,6 +348,19 @@ class CompletionRequest(_Sampling, kw_only=True):
         self._check_suffix(dialect)
         if self.use_beam_search:
             self._check_beam_search()
+        self._check_logprob_token_ids()
+
+    def _check_logprob_token_ids(self) -> None:
+        """vLLM's refusals of token ids for logprobs on a completion."""
+        if not self.logprob_token_ids:
+            return
+        if self.echo and self.max_tokens == 0:
+            raise errors.ValidatorRefusal("`logprob_token_ids` is not supported when `echo=True` "
+                                          "and `max_tokens=0` because no output tokens are "
+                                          "generated.", "logprob_token_ids")
+        if self.logprobs is None:
+            raise errors.ValidatorRefusal("when using `logprob_token_ids`, `logprobs` must be "
+                                          "set.", "logprob_token_ids")
 
     def _check_suffix(self, dialect: Dialect) -> None:
         """No model wcd serves renders a suffix (FIM completion)."""
@@ -327,9 +388,14 @@ class CompletionRequest(_Sampling, kw_only=True):
         # its beam search takes none.
         if self.echo and self.max_tokens == 0 and not self.use_beam_search:
             params["max_tokens"] = 1
-        if self.logprobs is not None:
+        if self.logprobs is not None and not self.logprob_token_ids:
             params["logprobs"] = self.logprobs
         return params
+
+    def listed_logprobs(self) -> int | None:
+        if self.logprobs is None:
+            return None
+        return -1 if self.logprob_token_ids else self.logprobs
 
     def render(self) -> p.RenderOptions:
         return msgspec.structs.replace(
@@ -432,13 +498,12 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     documents: list[dict[str, str]] | None = None
-    # vLLM's, accepted only at their defaults.
+    # The prompt as the chat template wrote it, in the response.
+    return_prompt_text: bool | None = None
+    # vLLM's multimodal options, for a chat's own media: checked in
+    # _check_mm_kwargs; wcd's text models use neither.
     media_io_kwargs: dict[str, dict[str, Any]] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
-    return_prompt_text: bool | None = None
-
-    def _unimplemented(self) -> tuple[str, ...]:
-        return ("media_io_kwargs", "mm_processor_kwargs", "return_prompt_text")
 
     def render(self) -> p.RenderOptions:
         return msgspec.structs.replace(
@@ -484,6 +549,9 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     def _echo(self) -> bool:
         return self.echo
 
+    def _returns_prompt_text(self) -> bool:
+        return bool(self.return_prompt_text)
+
     def _echo_prompt_logprobs(self) -> int | None:
         return self.top_logprobs or 0  # vLLM's default top_logprobs
 
@@ -495,9 +563,35 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         self._check_tools()
         if self.modalities not in (None, ["text"]):
             raise errors.BadRequest("only text output is supported", param="modalities")
-        if self.top_logprobs and not self.logprobs:
-            raise errors.BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        self._check_logprobs()
         _check_template_kwargs(self.chat_template_kwargs)
+        self._check_mm_kwargs(dialect)
+
+    def _check_mm_kwargs(self, dialect: Dialect) -> None:
+        """vLLM's validate_request_mm_kwargs, as its server without
+        --trust-request-mm-kwargs runs it."""
+        if not dialect.refuses_request_mm_kwargs:
+            return
+        for name, what in (("mm_processor_kwargs", "preprocessing"),
+                           ("media_io_kwargs", "media loading")):
+            if getattr(self, name):
+                raise errors.VllmValidationError(
+                    f"Per-request {name} are disabled by default because they can change "
+                    f"multimodal {what} resource usage. Start the server with "
+                    "--trust-request-mm-kwargs only when clients are trusted.", name)
+
+    def _check_logprobs(self) -> None:
+        """vLLM's check_logprobs, in its words."""
+        if self.logprob_token_ids and not self.logprobs:
+            raise errors.ValidatorRefusal("when using `logprob_token_ids`, `logprobs` must be "
+                                          "set to true.", "logprob_token_ids")
+        if (top := self.top_logprobs) is not None:
+            if top < -1:
+                raise errors.ValidatorRefusal("`top_logprobs` must be a positive value or -1.",
+                                              "top_logprobs", top)
+            if top != 0 and not self.logprobs:
+                raise errors.ValidatorRefusal("when using `top_logprobs`, `logprobs` must be set "
+                                              "to true.", "top_logprobs")
 
     def effective_tool_choice(self) -> str | dict[str, Any] | None:
         """tool_choice as vLLM reads it: unset, "auto" with tools, else "none"."""
@@ -550,9 +644,14 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             else self.max_tokens
         if max_tokens is not None:
             params["max_tokens"] = max_tokens
-        if self.logprobs:
+        if self.logprobs and not self.logprob_token_ids:
             params["logprobs"] = self.top_logprobs or 0
         return params
+
+    def listed_logprobs(self) -> int | None:
+        if not self.logprobs:
+            return None
+        return -1 if self.logprob_token_ids else self.top_logprobs or 0
 
     def prompts(self) -> list[p.Prompt]:
         return [p.Prompt(messages=msgspec.to_builtins(self.messages))]
@@ -706,6 +805,8 @@ class CompletionChoice(Struct, kw_only=True):
     token_ids: list[int] | None = None
     prompt_logprobs: PromptLogprobs | None = None
     prompt_token_ids: list[int] | None = None
+    # vLLM's MoE routing data, which needs an engine wcd does not start.
+    routed_experts: None = None
 
 
 class Completion(Struct, kw_only=True):
@@ -714,9 +815,14 @@ class Completion(Struct, kw_only=True):
     created: int
     model: str
     choices: list[CompletionChoice]
+    service_tier: None = None
     # vLLM's: the serving engine's version and configuration, null where unknown.
     system_fingerprint: str | None = None
     usage: Usage
+    # vLLM's, null: no KV or encoder cache connector, no per-request metrics.
+    kv_transfer_params: None = None
+    ec_transfer_params: None = None
+    metrics: None = None
 
 
 class CompletionChunkChoice(Struct, kw_only=True):
@@ -796,6 +902,7 @@ class ChatChoice(Struct, kw_only=True):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     token_ids: list[int] | None = None  # vLLM's, with return_token_ids
+    routed_experts: None = None  # as CompletionChoice's
 
 
 class ChatCompletion(Struct, kw_only=True):
@@ -804,11 +911,16 @@ class ChatCompletion(Struct, kw_only=True):
     created: int
     model: str
     choices: list[ChatChoice]
+    service_tier: None = None
     system_fingerprint: str | None = None  # as Completion's
     usage: Usage
-    # vLLM's, with prompt_logprobs (or echo) and return_token_ids.
+    # vLLM's, with prompt_logprobs (or echo), return_token_ids, return_prompt_text.
     prompt_logprobs: PromptLogprobs | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_text: str | None = None
+    kv_transfer_params: None = None  # as Completion's
+    ec_transfer_params: None = None
+    metrics: None = None
 
 
 class ChatDelta(Struct, kw_only=True):
@@ -839,8 +951,9 @@ class ChatCompletionChunk(Struct, kw_only=True):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    # vLLM's: on the opening chunks, null unless return_token_ids.
+    # vLLM's: on the opening chunks, null unless return_token_ids (return_prompt_text).
     prompt_token_ids: list[int] | None | UnsetType = UNSET
+    prompt_text: str | None | UnsetType = UNSET
     usage: Usage | None | UnsetType = UNSET
     system_fingerprint: str | UnsetType = UNSET  # as CompletionChunk's
 

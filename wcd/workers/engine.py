@@ -729,7 +729,7 @@ class EngineHost:
         if turn is not None:
             sampling = turn.sampling(sampling)
         if request.beam_search is None:
-            params = _sampling_params(sampling)
+            params = vllm_seams.sampling_params(sampling)
             params.output_kind = RequestOutputKind.DELTA
         for prompt in request.prompts:
             engine_input = self._render(served.engine, request, prompt)
@@ -932,20 +932,6 @@ class _Requests:
             yield pooling.embedding(ro, request_id, index, last_of_request)
         else:
             yield from _outputs(ro, request_id, index, last_of_request, prompt, turn)
-
-
-def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
-    """vLLM's own SamplingParams validates every field; structured outputs
-    arrive as a plain dict because the protocol carries no vLLM types (or
-    built already, where a chat's parsers adjusted them)."""
-    structured = fields.pop("structured_outputs", None)
-    if isinstance(structured, dict):
-        from vllm.sampling_params import StructuredOutputsParams
-
-        structured = StructuredOutputsParams(**structured)
-    if structured is not None:
-        fields["structured_outputs"] = structured
-    return SamplingParams(**fields)
 
 
 def _outputs(ro: RequestOutput, request_id: str, prompt_index: int,

@@ -743,6 +743,7 @@ def check() -> None:
     _check_engine_stats(LLMEngine)
     _check_beam_search()
     _check_fingerprint()
+    _check_sampling_params()
 
 
 def _check_engine_stats(engine_class) -> None:
@@ -849,6 +850,18 @@ def _check_beam_search() -> None:
         if step not in source:
             raise SeamBroken(f"vLLM's online beam search changed ({step!r} is gone): "
                              "workers/beam.py repeats it")
+
+
+def _check_sampling_params() -> None:
+    """The request fields the daemon sends as plain data still make vLLM's structs."""
+    params = sampling_params({
+        "structured_outputs": {"regex": "a+"}, "logprob_token_ids": [1, 2],
+        "repetition_detection": {"max_pattern_size": 2, "min_count": 2},
+        "thinking_token_budget": 4, "extra_args": {"kv_transfer_params": {}}})
+    if params.repetition_detection is None or params.structured_outputs is None \
+            or params.logprob_token_ids != [1, 2] or params.thinking_token_budget != 4:
+        raise SeamBroken("SamplingParams no longer takes the request fields wcd sends "
+                         "(sampling_params)")
 
 
 def _ignored_hash_factors() -> str:
@@ -1356,6 +1369,34 @@ def cache_config_info(engine) -> dict[str, str]:
     return engine.vllm_config.cache_config.metrics_info()
 
 
+# ---- seam 16: a request's SamplingParams -------------------------------------------
+# vllm 0.32 / 0.26: the daemon sends a request's sampling fields under
+# SamplingParams' names, as plain data. Two of them are vLLM structs there
+# (structured_outputs, repetition_detection). Fields the installed vLLM lacks
+# are dropped, as its server drops request fields it does not know: 0.26 has
+# no watermarking and no routed_experts_prompt_start.
+
+
+def sampling_params(fields: dict):
+    """vLLM's own SamplingParams of `fields`, which validates every one;
+    structured outputs arrive built already where a chat's parsers adjusted them."""
+    from vllm.sampling_params import (RepetitionDetectionParams, SamplingParams,
+                                      StructuredOutputsParams)
+
+    fields = _installed_fields(SamplingParams, fields)
+    for name, struct in (("structured_outputs", StructuredOutputsParams),
+                         ("repetition_detection", RepetitionDetectionParams)):
+        if isinstance(fields.get(name), dict):
+            fields[name] = struct(**fields[name])
+    return SamplingParams(**fields)
+
+
+def _installed_fields(struct: type, fields: dict) -> dict:
+    """`fields` less those the installed vLLM's `struct` lacks."""
+    return {name: value for name, value in fields.items()
+            if name in struct.__struct_fields__}
+
+
 # ---- beam search -------------------------------------------------------------------
 # vllm 0.32: vLLM's OpenAI server searches beams outside its engine
 # (entrypoints/generate/beam_search/online.py, BeamSearchOnlineMixin.beam_search),
@@ -1378,12 +1419,6 @@ def beam_score(eos_token_id: int, length_penalty: float):
     from vllm.entrypoints.generate.beam_search.utils import create_sort_beams_key_function
 
     return create_sort_beams_key_function(eos_token_id, length_penalty)
-
-
-def _installed_fields(struct: type, fields: dict) -> dict:
-    """`fields` less those the installed vLLM's `struct` lacks."""
-    return {name: value for name, value in fields.items()
-            if name in struct.__struct_fields__}
 
 
 def beam_search_params(**fields):
