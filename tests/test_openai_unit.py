@@ -1484,6 +1484,12 @@ async def test_slow_reader_within_the_write_timeout_gets_the_whole_stream():
      {"prompt_logprobs": 0}),
     ("/v1/chat/completions", {"prompt_logprobs": 3}, p.RenderOptions(add_special_tokens=False),
      {"prompt_logprobs": 3}),
+    # Tools as sent, fields of other dialects too: the worker's vLLM drops what it drops.
+    ("/v1/chat/completions", {"tools": [{"type": "function", "x": 1,
+                                         "function": {"name": "f", "y": 2}}]},
+     p.RenderOptions(add_special_tokens=False, tools=[{"type": "function", "x": 1,
+                                                       "function": {"name": "f", "y": 2}}]),
+     {}),
 ])
 @run_async
 async def test_prompt_fields_travel_to_the_worker(path, extra, render, sampling):

@@ -427,7 +427,7 @@ class _Api:
                    prefix: str, http: HttpSettings) -> _Job:
         dialect = self._dialect()
         try:
-            return _Job.of(body, prefix, http, dialect)
+            job = _Job.of(body, prefix, http, dialect)
         except errors.ValidatorRefusal as refusal:
             if not dialect.wrapped_refusals:
                 raise
@@ -435,6 +435,12 @@ class _Api:
             # aiohttp still holds.
             raw = json.loads(await request.read())
             raise errors.WrappedRefusal(refusal, body.validated_input(raw, refusal)) from None
+        if job.render.tools is not None:
+            # As sent, fields of other dialects too: the worker's vLLM decides
+            # what its chat template sees of them (0.26 all, 0.32 its own).
+            sent = msgspec.json.decode(await request.read(), type=t.ToolsAsSent)
+            job.render = msgspec.structs.replace(job.render, tools=sent.tools)
+        return job
 
     async def _embed(self, request: web.Request, http: HttpSettings,
                      timer: RequestTimer) -> web.Response:

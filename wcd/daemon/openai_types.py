@@ -466,6 +466,12 @@ class Tool(Struct):
     defer_loading: bool | None = None
 
 
+class ToolsAsSent(_Request):
+    """A chat body's tools with every field the client sent."""
+
+    tools: list[dict[str, Any]] | None = None
+
+
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: list[Message]
     max_completion_tokens: int | None = None
