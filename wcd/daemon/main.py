@@ -19,6 +19,8 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import uvloop
@@ -37,9 +39,10 @@ EXIT_CONFIG = 2
 
 
 class Daemon:
-    def __init__(self, settings: Settings, config_path: str | None):
+    def __init__(self, settings: Settings, load: Callable[[], Settings]):
+        """`load` reads the config again, for a SIGHUP's reload."""
         self.settings = settings
-        self.config_path = config_path
+        self._load = load
         self.notifier = systemd.Notifier()
         self.state = {"state": "starting"}
         self.scheduler = Scheduler(settings, on_change=self._changed)
@@ -136,7 +139,7 @@ class Daemon:
         self.notifier.reloading()
         self.state["state"] = "reloading"
         try:
-            settings = await asyncio.to_thread(load_settings, self.config_path)
+            settings = await asyncio.to_thread(self._load)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
         else:
@@ -212,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wcd: {config_path or 'built-in defaults'}: ok")
         return 0
     systemd.setup_logging(settings.log_level)
-    return uvloop.run(_run(settings, config_path))
+    return uvloop.run(run(settings, partial(load_settings, config_path)))
 
 
-async def _run(settings: Settings, config_path: str | None) -> int:
-    return await Daemon(settings, config_path).run()
+async def run(settings: Settings, load: Callable[[], Settings]) -> int:
+    return await Daemon(settings, load).run()
 
 
 if __name__ == "__main__":

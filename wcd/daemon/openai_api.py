@@ -109,7 +109,7 @@ def _auth_middleware(scheduler: Scheduler):
     async def auth(request: web.Request, handler):
         http = scheduler.settings.http
         if http.api_keys and not _open(request.path, http):
-            key = _authorized(request, http.api_keys)
+            key = bearer_key(request.headers.get("Authorization", ""), http.api_keys)
             if key is None:
                 raise errors.Unauthorized("missing or invalid API key; send "
                                           "`Authorization: Bearer KEY`")
@@ -123,9 +123,9 @@ def _open(path: str, http: HttpSettings) -> bool:
     return path in OPEN_PATHS or (http.open_status and path in STATUS_PATHS)
 
 
-def _authorized(request: web.Request, keys: tuple[str, ...]) -> str | None:
-    """The configured key the request carries, if any."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+def bearer_key(authorization: str, keys: tuple[str, ...]) -> str | None:
+    """The configured key an Authorization header carries, if any."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer":
         return None
     # aiohttp keeps header bytes that are not UTF-8 as surrogates: such a token
@@ -134,6 +134,19 @@ def _authorized(request: web.Request, keys: tuple[str, ...]) -> str | None:
     # Compare against every key, so timing says nothing about which came close.
     matches = [hmac.compare_digest(given, key.encode()) for key in keys]
     return next((key for key, match in zip(keys, matches) if match), None)
+
+
+def permitted_names(key_models: dict[str, tuple[str, ...]], key: str | None,
+                    resolve: Callable[[str], str]) -> frozenset[str] | None:
+    """The canonical names (by `resolve`) an API key may use; None: any."""
+    names = key_models.get(key or "")
+    if names is None:
+        return None
+    allowed = set()
+    for name in names:
+        with contextlib.suppress(errors.ModelNotFound):
+            allowed.add(resolve(name))
+    return frozenset(allowed)
 
 
 # ---- open endpoints ---------------------------------------------------------------
@@ -316,14 +329,8 @@ class _Api:
 
     def _allowed(self, request: web.Request) -> frozenset[str] | None:
         """The canonical names the request's API key may use; None: any."""
-        names = self.scheduler.settings.http.key_models.get(request.get(API_KEY, ""))
-        if names is None:
-            return None
-        allowed = set()
-        for name in names:
-            with contextlib.suppress(errors.ModelNotFound):
-                allowed.add(self.scheduler.resolve_name(name))
-        return frozenset(allowed)
+        return permitted_names(self.scheduler.settings.http.key_models, request.get(API_KEY),
+                               self.scheduler.resolve_name)
 
     def _permitted(self, request: web.Request, model: str, name_valid: bool = False) -> str:
         """The canonical name of `model`, which the request's key must be

@@ -1,0 +1,214 @@
+"""wcd's warm workers as a Ray Serve application, for more models or traffic
+than one host's GPUs hold (the `wcd[ray]` extra).
+
+Two deployments, both read the one wcd.yaml a daemon reads:
+
+- `ModelReplica`: each replica runs one wcd daemon with one warm worker (the
+  replica's GPU, its TP group's GPUs, or the CPU), started as its child
+  (replica_daemon). Serve's model multiplexing is the cluster's scheduler: a
+  request for a model goes to a replica that has it loaded; elsewhere the
+  replica's multiplexed loader loads it through its daemon (`wcctl load`: a
+  swap from the host cache or a parked engine where the replica had it
+  before), and Serve's LRU eviction past `max_num_models_per_replica` (the
+  file's policy.max_resident) unloads through it too.
+- `OpenAIIngress`: the OpenAI-compatible endpoint. It reads each request's
+  `model`, resolves it with wcd's catalog (aliases and paths name one model,
+  so one multiplexed id), checks the API key as the daemon would, and calls
+  the model deployment with `multiplexed_model_id` set; the replica forwards
+  the body to its daemon, whose answer (vLLM's JSON, or SSE) streams back
+  through unchanged.
+
+`app(args)` builds the application: `serve run wcd.serve:app config=...`, or
+deploy/serve.yaml. Autoscaling and replica resources are Serve's own config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from wcd.daemon import errors
+from wcd.daemon.catalog import Catalog
+from wcd.daemon.config import Settings, load_settings
+from wcd.daemon.openai_api import bearer_key, permitted_names
+from wcd.serve.replica_daemon import ReplicaDaemon
+
+log = logging.getLogger("wcd.serve")
+
+# Request headers a daemon reads, and response headers a client reads.
+_FORWARDED = ("authorization", "content-type", "accept")
+_RETURNED = ("content-type", "retry-after", "cache-control")
+# Paths that name no model: any replica's daemon answers them alike.
+_ANY_REPLICA = ("/v1/models", "/version", "/openapi.json")
+_RETRY_AFTER_S = 5
+
+
+@dataclass(frozen=True)
+class Head:
+    """The first item of a replica's answer; the body's bytes follow."""
+
+    status: int
+    headers: dict[str, str]
+
+
+class _Loaded:
+    """A model multiplexing holds on a replica; Serve's eviction unloads it
+    through the daemon (into its host cache or a parked engine)."""
+
+    def __init__(self, daemon: ReplicaDaemon, model: str):
+        self.daemon, self.model = daemon, model
+
+    async def __del__(self) -> None:
+        await self.daemon.operate("unload", self.model)
+
+
+@serve.deployment(name="wcd-models", max_ongoing_requests=64)
+class ModelReplica:
+    async def __init__(self, config: str):
+        settings = load_settings(config)
+        worker = settings.workers[0]
+        # Ray gives the replica its GPUs as cuda:0...; the file's first
+        # worker says which kind and how many (ray_actor_options must match).
+        device = "cpu" if worker.device == "cpu" else "cuda:0"
+        self.daemon = ReplicaDaemon(config, device, worker.tensor_parallel_size)
+        await self.daemon.start()
+        daemon = self.daemon
+
+        async def load(model: str) -> _Loaded:
+            await daemon.operate("load", model)
+            return _Loaded(daemon, model)
+
+        # A function, not a bound method: the multiplexer keeps its LRU on it.
+        self.loaded = serve.multiplexed(
+            max_num_models_per_replica=settings.policy.max_resident)(load)
+
+    async def forward(self, method: str, path: str, headers: dict[str, str],
+                      body: bytes) -> AsyncIterator[Head | bytes]:
+        """The daemon's answer to the request: its Head, then its body as it
+        comes (a stream chunk by chunk)."""
+        model = serve.get_multiplexed_model_id()
+        if model:
+            await self.loaded(model)
+        async with self.daemon.session.request(method, self.daemon.url + path, data=body,
+                                               headers=headers) as answer:
+            yield Head(answer.status, {k: v for k, v in answer.headers.items()
+                                       if k.lower() in _RETURNED})
+            async for chunk in answer.content.iter_any():
+                yield chunk
+
+    async def check_health(self) -> None:
+        """A daemon that died takes its replica with it: Serve starts another."""
+        if not self.daemon.running():
+            raise RuntimeError(f"the replica's daemon exited: {self.daemon.log_tail(1000)}")
+
+    async def __del__(self) -> None:
+        await self.daemon.stop()
+
+
+@serve.deployment(name="wcd-openai")
+class OpenAIIngress:
+    def __init__(self, models: DeploymentHandle, config: str):
+        self.models = models
+        self.settings: Settings = load_settings(config)
+        self.catalog = Catalog(self.settings)
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._answer(request)
+        except errors.WcdError as exc:
+            return _error(exc)
+
+    async def _answer(self, request: Request) -> Response:
+        path = request.url.path
+        if path == "/health":
+            return Response(b"{}", media_type="application/json")
+        key = self._key(request)
+        body = await request.body()
+        model = None
+        if request.method == "POST" and path not in _ANY_REPLICA:
+            model = self._model(body, key)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
+        handle = self.models.options(stream=True, multiplexed_model_id=model or "")
+        return await _relayed(handle.forward.remote(request.method, path, headers, body))
+
+    def _key(self, request: Request) -> str | None:
+        keys = self.settings.http.api_keys
+        if not keys:
+            return None
+        key = bearer_key(request.headers.get("authorization", ""), keys)
+        if key is None:
+            raise errors.Unauthorized("missing or invalid API key; send "
+                                      "`Authorization: Bearer KEY`")
+        return key
+
+    def _model(self, body: bytes, key: str | None) -> str | None:
+        """The canonical name of the body's model; None where it names none
+        (the replica's daemon answers that, and a body that is not JSON, in
+        vLLM's words)."""
+        try:
+            asked = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            return None
+        if not isinstance(asked, str):
+            return None
+        allowed = permitted_names(self.settings.http.key_models, key, self._resolve)
+        try:
+            name = self._resolve(asked)
+        except errors.ModelNotFound:
+            name = None
+        if name is None or (allowed is not None and name not in allowed):
+            raise errors.VllmModelNotFound(asked)
+        return name
+
+    def _resolve(self, name: str) -> str:
+        return self.catalog.resolve(name).name
+
+
+async def _relayed(answer: Any) -> Response:
+    """A replica's streamed answer as the client's response. A replica that
+    fails before its answer began gets a 503 with Retry-After; one that fails
+    mid-stream ends the stream with an error event, as vLLM's server does."""
+    try:
+        head = await answer.__anext__()
+    except Exception as exc:  # noqa: BLE001 - a dead replica raises Ray's errors
+        log.warning("a replica failed before answering: %s", exc)
+        return _error(errors.Unavailable("the model's replica failed; retry",
+                                         retry_after_s=_RETRY_AFTER_S))
+    streamed = head.headers.get("Content-Type", "").startswith("text/event-stream")
+    return StreamingResponse(_rest(answer, streamed), status_code=head.status,
+                             headers=head.headers)
+
+
+async def _rest(answer: Any, streamed: bool) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in answer:
+            yield chunk
+    except Exception as exc:  # noqa: BLE001
+        log.warning("a replica failed mid-answer: %s", exc)
+        if not streamed:
+            raise  # the connection closes short of the body's length
+        failure = errors.Unavailable("the model's replica failed mid-answer; retry")
+        yield b"data: " + json.dumps(failure.body()).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def _error(exc: errors.WcdError) -> Response:
+    headers = {}
+    if isinstance(exc, errors.Unavailable):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return Response(json.dumps(exc.body()).encode(), status_code=exc.status,
+                    media_type="application/json", headers=headers)
+
+
+def app(args: dict[str, str]) -> serve.Application:
+    """`serve run wcd.serve:app config=/etc/wcd/wcd.yaml`: the ingress bound to
+    the model deployment, both reading `config`."""
+    config = args["config"]
+    return OpenAIIngress.bind(ModelReplica.bind(config), config)
