@@ -80,11 +80,13 @@ class ModelReplica:
         device = "cpu" if worker.device == "cpu" else "cuda:0"
         self.daemon = ReplicaDaemon(config, device, worker.tensor_parallel_size)
         await self.daemon.start()
-        daemon = self.daemon
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.loads = 0
 
         async def load(model: str) -> _Loaded:
-            await daemon.operate("load", model)
-            return _Loaded(daemon, model)
+            await self.daemon.operate("load", model)
+            self.loads += 1
+            return _Loaded(self.daemon, model)
 
         # A function, not a bound method: the multiplexer keeps its LRU on it.
         self.loaded = serve.multiplexed(
@@ -99,8 +101,12 @@ class ModelReplica:
             await self.loaded(model)
         async with self.daemon.session.request(method, self.daemon.url + path, data=body,
                                                headers=headers) as answer:
-            yield Head(answer.status, {k: v for k, v in answer.headers.items()
-                                       if k.lower() in _RETURNED})
+            # Which replica answered, and how many loads it has made: what
+            # tests and bench/cluster.py see of the routing.
+            yield Head(answer.status, {**{k: v for k, v in answer.headers.items()
+                                          if k.lower() in _RETURNED},
+                                       "X-WCD-Replica": self.replica,
+                                       "X-WCD-Replica-Loads": str(self.loads)})
             async for chunk in answer.content.iter_any():
                 yield chunk
 
