@@ -437,8 +437,9 @@ class _Api:
     async def _embed(self, request: web.Request, http: HttpSettings,
                      timer: RequestTimer) -> web.Response:
         body = await self._body(request, emb.EmbeddingRequest)
-        job = emb.EmbedJob.of(body)  # checks the body: its input is known from here
-        _check_counts(body.prompt_count(), 1, http, param="input")
+        # checks the body: its input is known from here
+        job = emb.EmbedJob.of(body, http.trust_request_chat_template)
+        _check_counts(len(job.command.prompts), 1, http, param="input")
         self._permitted(request, job.model)
         async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
                 _outputs(lease.worker, job.request(lease.model))) as items:

@@ -28,18 +28,22 @@ from wcd.workers import protocol as p
 
 # vLLM's fields wcd does not implement: accepted at their defaults only (as
 # the struct declares them, vLLM's), never silently ignored.
-_UNIMPLEMENTED = ("padding", "embed_dtype", "endianness", "mm_processor_kwargs")
+_UNIMPLEMENTED = ("padding", "embed_dtype", "endianness", "mm_processor_kwargs",
+                  "media_io_kwargs")
 
 
 class EmbeddingRequest(Struct, kw_only=True):
-    """vLLM's EmbeddingCompletionRequest; without `model`, wcd's default model
-    (openai_api). Unknown fields are ignored, as vLLM ignores them; chat-style
-    inputs (`messages`) are not served, and refused by name."""
+    """vLLM's EmbeddingRequest, each of its forms: inputs (EmbeddingCompletion-
+    Request), or chats (EmbeddingChatRequest and its batch, in `messages` or
+    in `input`). Without `model`, wcd's default model (openai_api). Unknown
+    fields are ignored, as vLLM ignores them."""
 
     model: str | None = None
-    # One text, one list of token ids, or a batch of either; checked in prompts().
-    # (UNSET only where `messages` stands instead, refused by check())
-    input: str | list[str | int | list[int]] | UnsetType = UNSET
+    # A text, a list of token ids, a batch of either, or a chat's messages or
+    # a batch of chats (vLLM's *ChatInputRequest); checked in prompts().
+    input: str | list[Any] | UnsetType = UNSET
+    # A chat's messages, or a batch of chats; where set, `input` is not read.
+    messages: list[Any] | UnsetType = UNSET
     encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
     dimensions: int | None = None
     # Accepted and ignored: it changes nothing about the vectors.
@@ -47,8 +51,16 @@ class EmbeddingRequest(Struct, kw_only=True):
     # vLLM's fields, honoured.
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
     truncation_side: Literal["left", "right"] | None = None
-    add_special_tokens: bool = True
+    # Unset: vLLM's default for the form, True for inputs, False for chats
+    # (whose template writes its own).
+    add_special_tokens: bool | None = None
     use_activation: bool | None = None
+    # vLLM's chat fields (ChatRequestOptionsMixin), honoured; a request's own
+    # template only where the operator trusts them.
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's fields that only tag the request (wcd has no priority scheduling,
     # and a salt only keys the prefix cache): accepted and ignored.
     request_id: str | None = None
@@ -59,20 +71,19 @@ class EmbeddingRequest(Struct, kw_only=True):
     embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
     endianness: Literal["native", "big", "little"] = "native"
     mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
     # Removed from vLLM, which refuses it by name (reject_removed_pooling_parameters).
     normalize: bool | None | UnsetType = UNSET
-    # vLLM's chat-style embedding input, which wcd does not serve.
-    messages: Any = UNSET
 
     def check(self) -> None:
         if self.normalize is not UNSET:
             raise errors.VllmBadRequest("Parameter `normalize` was removed; use "
                                         "`use_activation` instead. (parameter=normalize)",
                                         param="normalize")
-        if self.messages is not UNSET:
-            raise errors.BadRequest("chat-style embedding input (`messages`) is not supported",
-                                    param="messages")
-        if self.input is UNSET:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise errors.VllmBadRequest("Cannot set both `continue_final_message` and "
+                                        "`add_generation_prompt` to True.")
+        if self.input is UNSET and self.messages is UNSET:
             raise errors.BadRequest("missing required field `input`", param="input")
         if self.encoding_format not in ("float", "base64"):
             raise errors.BadRequest(f"encoding_format {self.encoding_format!r} is not "
@@ -83,32 +94,89 @@ class EmbeddingRequest(Struct, kw_only=True):
             if getattr(self, name) != (default := defaults[name]):
                 raise errors.BadRequest(f"{name} is not supported (only its default "
                                         f"{default!r})", param=name)
-
-    def prompt_count(self) -> int:
-        return len(self._inputs())
+        t._check_template_kwargs(self.chat_template_kwargs)
 
     def prompts(self) -> list[p.Prompt]:
+        chats = self._chats()
+        if chats is not None:
+            return [p.Prompt(messages=messages) for messages in chats]
         return [p.Prompt(prompt=item) if isinstance(item, str) else p.Prompt(prompt_token_ids=item)
                 for item in self._inputs()]
+
+    def is_chat(self) -> bool:
+        return self._chats() is not None
+
+    def _chats(self) -> list[list[dict[str, Any]]] | None:
+        """The chats to embed, as vLLM's request forms read them: `messages`
+        is one chat or a batch of them; `input` is only where every item is
+        a message (or every item a list of them); None: no chat."""
+        if self.messages is not UNSET:
+            given = self.messages
+            if given and all(isinstance(item, list) for item in given):
+                return [_messages(chat, "messages") for chat in given]
+            return [_messages(given, "messages")]
+        given = self.input
+        if isinstance(given, list) and given and all(map(_is_message, given)):
+            return [_messages(given, "input")]
+        if isinstance(given, list) and given and all(
+                isinstance(item, list) and item and all(map(_is_message, item))
+                for item in given):
+            return [_messages(chat, "input") for chat in given]
+        return None
 
     def _inputs(self) -> list[str | list[int]]:
         """As vLLM's prompt_to_seq: a list of ints is one input; an empty list
         is no input at all, refused in vLLM's words."""
         given = self.input
-        if isinstance(given, str) or (given and all(isinstance(item, int) for item in given)):
+        if isinstance(given, str) or (given and all(_is_int(item) for item in given)):
             return [given]
         if not given:
             raise errors.VllmBadRequest("You must pass at least one prompt", param="input")
-        if all(isinstance(item, str) for item in given) or \
-                all(isinstance(item, list) for item in given):
+        if all(isinstance(item, str) for item in given) or all(
+                isinstance(item, list) and all(map(_is_int, item)) for item in given):
             return given
-        raise errors.BadRequest("input must be a string, a list of token ids, or a list of "
-                                "either (a batch)", param="input")
+        raise errors.BadRequest("input must be a string, a list of token ids, a list of "
+                                "either (a batch), or chat messages", param="input")
+
+    def render(self) -> p.RenderOptions:
+        """How the inputs become tokens; add_special_tokens at its form's default."""
+        add_special = self.add_special_tokens
+        return p.RenderOptions(
+            add_special_tokens=(not self.is_chat()) if add_special is None else add_special,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            truncation_side=self.truncation_side,
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message)
+
+    def template(self, trusted: bool) -> str | None:
+        return t._request_template(self.chat_template, self.chat_template_kwargs, trusted)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {key: value for key, value in (self.chat_template_kwargs or {}).items()
+                if key != "chat_template"}
 
     def pooling(self) -> dict[str, Any]:
         """vLLM PoolingParams fields for what the client set, and only that."""
         return {name: value for name in ("dimensions", "use_activation")
                 if (value := getattr(self, name)) is not None}
+
+
+def _is_int(item: Any) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
+def _is_message(item: Any) -> bool:
+    """vLLM's _is_chat_message: what makes an input a chat's."""
+    return isinstance(item, dict) and isinstance(item.get("role"), str)
+
+
+def _messages(chat: Any, field: str) -> list[dict[str, Any]]:
+    """A chat's messages as wcd's chat completions take them (their fields
+    vLLM's; others dropped)."""
+    try:
+        return msgspec.to_builtins(msgspec.convert(chat, list[t.Message]))
+    except msgspec.ValidationError as exc:
+        raise errors.BadRequest(f"{field}: {exc}", param=field) from None
 
 
 # ---- responses ------------------------------------------------------------------
@@ -132,6 +200,12 @@ class EmbeddingList(Struct, kw_only=True):
     usage: t.Usage
 
 
+def pooling_usage(tokens: int) -> t.Usage:
+    """vLLM's pooling endpoints' usage: their details null, not absent."""
+    return t.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens,
+                   prompt_tokens_details=None, completion_tokens_details=None)
+
+
 @dataclass(frozen=True)
 class EmbedJob:
     """A checked request, ready to send once a worker serves its model."""
@@ -141,11 +215,11 @@ class EmbedJob:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def of(cls, body: EmbeddingRequest) -> EmbedJob:
+    def of(cls, body: EmbeddingRequest, trust_templates: bool = False) -> EmbedJob:
         body.check()
         command = p.Embed(f"embd-{uuid.uuid4().hex}", body.model, body.prompts(),
-                          body.pooling(), body.truncate_prompt_tokens, body.truncation_side,
-                          body.add_special_tokens)
+                          body.pooling(), body.render(), body.template_kwargs(),
+                          body.template(trust_templates))
         return cls(command, body.encoding_format == "base64")
 
     @property
@@ -162,7 +236,7 @@ class EmbedJob:
             id=self.command.request_id, created=self.created, model=self.model,
             data=[EmbeddingData(index=item.prompt_index, embedding=self._vector(item.data))
                   for item in items],
-            usage=t.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens))
+            usage=pooling_usage(tokens))
 
     def _vector(self, data: bytes) -> list[float] | str:
         if self.base64:

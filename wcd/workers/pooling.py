@@ -43,10 +43,8 @@ def engine_requests(engine, request: p.Embed) -> list[tuple[dict, PoolingParams]
     """Each input rendered as vLLM's embeddings server renders it, with its own
     copy of the request's PoolingParams (the engine fills in its defaults)."""
     params = PoolingParams(task=EMBED, **request.pooling)
-    inputs = vllm_seams.render_pooled(
-        engine, [prompt.prompt if prompt.prompt is not None else prompt.prompt_token_ids
-                 for prompt in request.prompts],
-        request.truncate_prompt_tokens, request.truncation_side, request.add_special_tokens)
+    inputs = vllm_seams.render_pooled(engine, request)
+    vllm_seams.verify_pooling(engine, params, request.model)
     return [(engine_input, params.clone()) for engine_input in inputs]
 
 

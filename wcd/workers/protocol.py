@@ -9,7 +9,7 @@ only msgspec and the stdlib so the daemon can share it.
 from __future__ import annotations
 
 import struct
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -207,22 +207,25 @@ class Detokenize(msgspec.Struct, tag="detokenize", frozen=True):
 
 
 class Embed(msgspec.Struct, tag="embed", frozen=True):
-    """One embeddings request for a pooling model: one input (text or token
-    ids) or a batch sharing one `pooling`. The worker answers an `Embedding`
-    per input, the request's last one `finished`.
+    """One embeddings request for a pooling model: one input (text, token ids
+    or a chat's messages) or a batch sharing one `pooling`. The worker answers
+    an `Embedding` per input, the request's last one `finished`.
 
     `pooling` holds vLLM PoolingParams fields (dimensions, use_activation),
-    validated by vLLM's own PoolingParams in the worker; the other fields say
-    how text is tokenized, as vLLM's embeddings server does.
+    validated by vLLM's own PoolingParams in the worker; `render` and the
+    chat template fields say how inputs become tokens, as vLLM's embeddings
+    server renders them (its `add_special_tokens` always set: True for text
+    and token ids, False for chats by default). `chat_template` is set only
+    where the operator trusts request templates.
     """
 
     request_id: str
     model: str
     prompts: list[Prompt]
     pooling: dict[str, Any] = {}
-    truncate_prompt_tokens: int | None = None
-    truncation_side: Literal["left", "right"] | None = None
-    add_special_tokens: bool = True
+    render: RenderOptions = RenderOptions(add_special_tokens=True, add_generation_prompt=False)
+    chat_template_kwargs: dict[str, Any] = {}
+    chat_template: str | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):

@@ -1035,12 +1035,14 @@ def render_completion(engine, prompt: str | list[int], tok_params):
 
 
 def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
-                chat_template: str | None, options, tok_params):
+                chat_template: str | None, options, tok_params, pooled: bool = False):
     """`chat_template`: a request's own template, which the daemon passes
     only where the operator trusts request templates. wcd's own arguments are
     set after the request's template variables and win: vLLM's merge_kwargs
     would drop an argument set to None (tools=None, chat_template=None) and
-    let a request's value through."""
+    let a request's value through. `pooled`: a pooling request's chat, which
+    vLLM's pooling server tokenizes in the template only for Mistral's
+    tokenizer, where its chat server does also for prompt embeds."""
     from vllm.renderers import ChatParams
     from vllm.utils.mistral import is_mistral_tokenizer
 
@@ -1056,7 +1058,7 @@ def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
             **variables, "add_generation_prompt": options.add_generation_prompt,
             "continue_final_message": options.continue_final_message,
             "tokenize": is_mistral_tokenizer(renderer.tokenizer)
-            or engine.model_config.enable_prompt_embeds,
+            or (engine.model_config.enable_prompt_embeds and not pooled),
             # Absent rather than None: templates test `tools is defined`.
             **{key: value for key, value in (("tools", normalized_tools(options.tools)),
                                              ("documents", options.documents))
@@ -1069,18 +1071,21 @@ def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
 # vllm 0.32: the input rendering of vLLM's embeddings server
 # (entrypoints/pooling/base: PoolingBaseServing._validate_request, then
 # EmbeddingTokenizeParamsMixin.build_tok_params for the inputs of
-# PoolingIOProcessor.get_request_factory_online), so an input served by wcd
-# becomes the tokens `vllm serve --runner pooling` makes, truncated or refused
-# as there, in its words. Not done: a pooler's chunked processing of long
-# inputs (pooler_config.enable_chunked_processing).
+# EmbedIOProcessor.get_request_factory_online, a chat's rendered by
+# render_chat with the embedding request's ChatParams), so an input served by
+# wcd becomes the tokens `vllm serve --runner pooling` makes, truncated or
+# refused as there, in its words. Not done: a pooler's chunked processing of
+# long inputs (pooler_config.enable_chunked_processing).
 
 
-def render_pooled(engine, prompts: list[str | list[int]], truncate_prompt_tokens: int | None,
-                  truncation_side: str | None, add_special_tokens: bool) -> list:
+def render_pooled(engine, request) -> list:
+    """Each of an Embed's prompts as an engine input."""
     from vllm.renderers.inputs.preprocess import parse_model_prompt
     from vllm.renderers.params import TokenizeParams
 
     model_config = engine.model_config
+    options = request.render
+    truncate_prompt_tokens = options.truncate_prompt_tokens
     if truncate_prompt_tokens is not None and truncate_prompt_tokens > model_config.max_model_len:
         raise ValueError("truncate_prompt_tokens value is greater than max_model_len. "
                          "Please request a smaller truncation size.")
@@ -1089,13 +1094,33 @@ def render_pooled(engine, prompts: list[str | list[int]], truncate_prompt_tokens
         max_total_tokens=(pooler and pooler.max_embed_len) or model_config.max_model_len,
         max_output_tokens=0,
         truncate_prompt_tokens=truncate_prompt_tokens,
-        truncation_side=truncation_side,
+        truncation_side=options.truncation_side,
         do_lower_case=(model_config.encoder_config or {}).get("do_lower_case", False),
-        add_special_tokens=add_special_tokens,
+        add_special_tokens=options.add_special_tokens,
         max_total_tokens_param="max_model_len",
     )
-    return engine.renderer.render_cmpl(
-        [parse_model_prompt(model_config, prompt) for prompt in prompts], tok_params)
+    inputs = []
+    for prompt in request.prompts:
+        if prompt.messages is not None:
+            inputs.append(render_chat(engine, prompt.messages, request.chat_template_kwargs,
+                                      request.chat_template, options, tok_params, pooled=True))
+            continue
+        given = prompt.prompt if prompt.prompt is not None else prompt.prompt_token_ids
+        (engine_input,) = engine.renderer.render_cmpl(
+            [parse_model_prompt(model_config, given)], tok_params)
+        inputs.append(engine_input)
+    return inputs
+
+
+def verify_pooling(engine, params, served_name: str) -> None:
+    """PoolingParams checked as vLLM's server checks them once rendered
+    (PoolingBaseServing._prepare_generators), its refusals naming the model
+    as served, where the engine's config names its path."""
+    import copy
+
+    model_config = copy.copy(engine.model_config)
+    model_config.served_model_name = served_name
+    params.verify(model_config)
 
 
 # ---- chat parsers ------------------------------------------------------------------
