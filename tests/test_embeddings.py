@@ -193,6 +193,8 @@ def test_the_models_list_has_the_embedding_model(client):
     # vLLM has no route for a task its model does not do: 404, its handlers' words.
     ("/v1/embeddings", {"model": "small-a", "input": "hi"}, 404,
      "The model does not support Embeddings API"),
+    ("/pooling", {"model": "small-a", "input": "hi"}, 404,
+     "The model does not support Pooling API"),
     ("/v1/completions", {"model": "embed-a", "prompt": "hi"}, 404,
      "The model does not support Completions API"),
     ("/v1/chat/completions", {"model": "embed-a", "messages": [{"role": "user", "content": "hi"}]},

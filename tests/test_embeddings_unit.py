@@ -13,7 +13,7 @@ import pytest
 
 from test_openai_unit import FakeScheduler, FakeWorker, post, run_async, serve
 from wcd.daemon import errors
-from wcd.daemon.openai_embeddings import EmbeddingRequest, EmbedJob
+from wcd.daemon.openai_embeddings import EmbeddingRequest, EmbedJob, PoolingRequest
 from wcd.daemon.worker_process import WorkerError
 from wcd.workers import protocol as p
 
@@ -122,6 +122,49 @@ def test_what_wcd_cannot_honour_is_refused(body, error, param):
         EmbedJob.of(request(**body))
     assert str(refused.value).startswith(error)
     assert (refused.value.status, refused.value.param) == (400, param)
+
+
+def pooling(**body) -> PoolingRequest:
+    return msgspec.json.decode(msgspec.json.encode({"model": "demo", **body}),
+                               type=PoolingRequest)
+
+
+def test_a_pooling_request_is_an_embed_for_the_pooling_endpoint():
+    job = EmbedJob.of(pooling(input=["a", "b"], task="embed", use_activation=False))
+    assert job.command.endpoint == "pooling" and job.command.task == "embed"
+    assert job.command.prompts == [p.Prompt(prompt="a"), p.Prompt(prompt="b")]
+    assert job.command.pooling == {"use_activation": False}
+    chat = EmbedJob.of(pooling(messages=HI)).command
+    assert (chat.prompts, chat.task) == ([p.Prompt(messages=HI)], None)
+    assert chat.render.add_special_tokens is False
+    assert EmbedJob.of(request(input="a")).command.endpoint == "embeddings"
+
+
+@pytest.mark.parametrize("body, error, param", [
+    ({"input": "hi", "dimensions": 8},
+     "dimensions is currently not supported (parameter=dimensions)", "dimensions"),
+    ({"input": "hi", "task": "encode"}, "`encode` task was removed; use `token_embed` or "
+     "`token_classify` instead. (parameter=task)", "task"),
+    ({"input": "hi", "task": "nonsense"}, "task must be one of", "task"),
+    ({"data": {"x": 1}}, "No IOProcessor plugin installed.", "task"),
+    ({"input": "hi", "task": "plugin"}, "No IOProcessor plugin installed.", "task"),
+    ({"messages": [HI, YO]}, "messages: Expected `object`, got `array`", "messages"),
+])
+def test_pooling_refusals_are_vllms(body, error, param):
+    with pytest.raises(errors.BadRequest) as refused:
+        EmbedJob.of(pooling(**body))
+    assert str(refused.value).startswith(error)
+    assert (refused.value.status, refused.value.param) == (400, param)
+
+
+def test_a_pooling_response_is_vllms_shape():
+    job = EmbedJob.of(pooling(input=["a", "b"]))
+    answer = msgspec.to_builtins(job.response([embedded(VECTORS[1], 1, 4),
+                                               embedded(VECTORS[0], 0, 3)]))
+    assert list(answer) == ["id", "object", "created", "model", "data", "usage"]
+    assert answer["id"].startswith("pooling-") and answer["object"] == "list"
+    assert answer["data"] == [{"index": i, "object": "pooling", "data": VECTORS[i]}
+                              for i in (0, 1)]
 
 
 def test_the_response_is_vllms_shape_in_input_order():

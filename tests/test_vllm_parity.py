@@ -358,6 +358,22 @@ POOLING_CASES = {
     ("/v1/embeddings", "empty chat"): {"messages": []},
     ("/v1/embeddings", "chat too long"): {"messages": [{"role": "user",
                                                         "content": "hello " * 600}]},
+    ("/pooling", "text"): {"input": "hello world"},
+    ("/pooling", "batch"): {"input": ["hello world", "tell me"]},
+    ("/pooling", "token ids batch"): {"input": [[462, 397, 399], [381]]},
+    ("/pooling", "base64"): {"input": "hello world", "encoding_format": "base64"},
+    ("/pooling", "no activation, truncated"): {"input": "the quick brown fox",
+                                               "use_activation": False,
+                                               "truncate_prompt_tokens": 2},
+    ("/pooling", "chat"): {"messages": SECOND, "add_generation_prompt": True},
+    ("/pooling", "task embed"): {"input": "hi", "task": "embed"},
+    ("/pooling", "task of another pooler"): {"input": "hi", "task": "token_embed"},
+    ("/pooling", "unsupported task"): {"input": "hi", "task": "classify"},
+    ("/pooling", "removed task"): {"input": "hi", "task": "encode"},
+    ("/pooling", "plugin data"): {"data": "x"},
+    ("/pooling", "dimensions"): {"input": "hi", "dimensions": 8},
+    ("/pooling", "too long"): {"input": list(range(600))},
+    ("/pooling", "unknown model"): {"model": "nope", "input": "hi"},
 }
 
 

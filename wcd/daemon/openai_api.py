@@ -93,6 +93,7 @@ def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None, *,
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_post("/v1/embeddings", api.embeddings)
+    app.router.add_post("/pooling", api.pooling)
     app.router.add_post("/tokenize", api.tokenize)
     app.router.add_post("/detokenize", api.detokenize)
     # SageMaker's routes, which vLLM's server has too.
@@ -310,7 +311,10 @@ class _Api:
                                                            _ChatFormat))
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self._timed(request, self._embed)
+        return await self._timed(request, self._embed(emb.EmbeddingRequest))
+
+    async def pooling(self, request: web.Request) -> web.StreamResponse:
+        return await self._timed(request, self._embed(emb.PoolingRequest))
 
     def _allowed(self, request: web.Request) -> frozenset[str] | None:
         """The canonical names the request's API key may use; None: any."""
@@ -434,17 +438,20 @@ class _Api:
             raw = json.loads(await request.read())
             raise errors.WrappedRefusal(refusal, body.validated_input(raw, refusal)) from None
 
-    async def _embed(self, request: web.Request, http: HttpSettings,
-                     timer: RequestTimer) -> web.Response:
-        body = await self._body(request, emb.EmbeddingRequest)
-        # checks the body: its input is known from here
-        job = emb.EmbedJob.of(body, http.trust_request_chat_template)
-        _check_counts(len(job.command.prompts), 1, http, param="input")
-        self._permitted(request, job.model)
-        async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
-                _outputs(lease.worker, job.request(lease.model))) as items:
-            timer.model = lease.model
-            return _json(job.response([item async for item in items]))
+    def _embed(self, shape: type[emb.EmbeddingRequest]) -> _Handler:
+        async def handle(request: web.Request, http: HttpSettings,
+                         timer: RequestTimer) -> web.Response:
+            body = await self._body(request, shape)
+            # checks the body: its input is known from here
+            job = emb.EmbedJob.of(body, http.trust_request_chat_template)
+            _check_counts(len(job.command.prompts), 1, http, param="input")
+            self._permitted(request, job.model)
+            async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
+                    _outputs(lease.worker, job.request(lease.model))) as items:
+                timer.model = lease.model
+                return _json(job.response([item async for item in items]))
+
+        return handle
 
     async def _serve(self, request: web.Request, job: _Job, fmt: _Format,
                      timer: RequestTimer) -> web.StreamResponse:
@@ -532,7 +539,8 @@ def _log_ignored_fields(body: bytes, shape: type) -> None:
 
 
 # The requests whose body may carry a batch of prompts, and in which field.
-_BATCH_FIELDS = {t.CompletionRequest: "prompt", emb.EmbeddingRequest: "input"}
+_BATCH_FIELDS = {t.CompletionRequest: "prompt", emb.EmbeddingRequest: "input",
+                 emb.PoolingRequest: "input"}
 
 
 @functools.cache
@@ -1109,7 +1117,7 @@ def openapi_document() -> dict:
     (_, components) = msgspec.json.schema_components(
         [t.CompletionRequest, t.ChatCompletionRequest, t.Completion, t.CompletionChunk,
          t.ChatCompletion, t.ChatCompletionChunk, emb.EmbeddingRequest, emb.EmbeddingList,
-         t.ModelList, t.Model, t.ErrorResponse, t.Health, t.Version],
+         emb.PoolingRequest, emb.PoolingList, t.ModelList, t.Model, t.ErrorResponse, t.Health, t.Version],
         ref_template="#/components/schemas/{name}")
     return {
         "openapi": "3.1.0",
@@ -1149,12 +1157,12 @@ def openapi_document() -> dict:
             "/v1/chat/completions": {"post": _generation(
                 "createChatCompletion", "Chat completion (the model's chat template)",
                 "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk")},
-            "/v1/embeddings": {"post": {
-                **_operation("createEmbedding", "Embeddings of a pooling model "
-                             "(`runner: pooling`); a generating model answers 404",
-                             _ok("EmbeddingList"), (400, 401, 404, 413, 422, 500, 502, 503, 507)),
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}}}},
+            "/v1/embeddings": {"post": _pooling(
+                "createEmbedding", "Embeddings of a pooling model (`runner: pooling`): "
+                "texts, token ids or chats", "EmbeddingRequest", "EmbeddingList")},
+            "/pooling": {"post": _pooling(
+                "createPooling", "vLLM's pooling API for an embedding model: its pooled "
+                "vectors", "PoolingRequest", "PoolingList")},
             "/version": {"get": {**_operation(
                 "version", "The vLLM version the workers run (vLLM's /version)",
                 _ok("Version"), ()), "security": []}},
@@ -1194,6 +1202,14 @@ _ERROR_STATUSES = {
     503: "No worker could serve the model in time; retry after Retry-After seconds",
     507: "Not enough memory to load the model",
 }
+
+
+def _pooling(operation_id: str, summary: str, request: str, response: str) -> dict:
+    """A pooling model's endpoint: a generating model answers 404."""
+    return {**_operation(operation_id, f"{summary}; a generating model answers 404",
+                         _ok(response), (400, 401, 404, 413, 422, 500, 502, 503, 507)),
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{request}"}}}}}
 
 
 def _ok(schema: str) -> dict:

@@ -1,13 +1,15 @@
-"""POST /v1/embeddings: OpenAI's embeddings API, as `vllm serve --runner
-pooling` serves it, for the pooling models among the configured ones.
+"""POST /v1/embeddings and POST /pooling: OpenAI's embeddings API and vLLM's
+generic pooling API, as `vllm serve --runner pooling` serves them for an
+embedding model, for the pooling models among the configured ones.
 
 A request becomes one `Embed`, its inputs sharing one set of pooling
 parameters; the worker answers one `Embedding` per input (float32 bytes),
-and the response is assembled here in vLLM's shape (`id` "embd-...", `data`
-in input order, `usage` with prompt and total tokens). Checking values is
-vLLM's business, in the worker (dimensions against the model's Matryoshka
-support, lengths, token ids); shapes and the fields wcd does not implement
-are checked here, as openai_types does for the generation endpoints.
+and the response is assembled here in vLLM's shape (`id` "embd-..." or
+"pooling-...", `data` in input order, `usage` with prompt and total tokens).
+Checking values is vLLM's business, in the worker (dimensions against the
+model's Matryoshka support, lengths, token ids, /pooling's task); shapes and
+the fields wcd does not implement are checked here, as openai_types does
+for the generation endpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import base64
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -37,6 +39,8 @@ class EmbeddingRequest(Struct, kw_only=True):
     Request), or chats (EmbeddingChatRequest and its batch, in `messages` or
     in `input`). Without `model`, wcd's default model (openai_api). Unknown
     fields are ignored, as vLLM ignores them."""
+
+    endpoint: ClassVar[str] = "embeddings"
 
     model: str | None = None
     # A text, a list of token ids, a batch of either, or a chat's messages or
@@ -160,6 +164,64 @@ class EmbeddingRequest(Struct, kw_only=True):
         return {name: value for name in ("dimensions", "use_activation")
                 if (value := getattr(self, name)) is not None}
 
+    def command(self, trust_templates: bool) -> p.Embed:
+        """The checked request as the worker takes it (its model the client's
+        name until a worker serves it)."""
+        self.check()
+        return p.Embed(f"{_ID_PREFIXES[self.endpoint]}-{uuid.uuid4().hex}", self.model,
+                       self.prompts(), self.pooling(), self.render(), self.template_kwargs(),
+                       self.template(trust_templates), self.endpoint, self._task())
+
+    def _task(self) -> str | None:
+        return None
+
+
+class PoolingRequest(EmbeddingRequest, kw_only=True):
+    """vLLM's PoolingRequest as its server takes it for an embedding model:
+    PoolingCompletionRequest (`input`) or PoolingChatRequest (`messages`,
+    one chat); its IOProcessorRequest (`data`) needs an IO processor plugin,
+    which wcd has none of, and is refused in vLLM's words."""
+
+    endpoint: ClassVar[str] = "pooling"
+
+    task: str | None = None
+    data: Any = UNSET
+
+    def check(self) -> None:
+        if self.task in _REMOVED_TASKS:
+            raise errors.VllmBadRequest(f"{_REMOVED_TASKS[self.task]} (parameter=task)",
+                                        param="task")
+        if self.task is not None and self.task not in _POOLING_TASKS:
+            raise errors.BadRequest(f"task must be one of {list(_POOLING_TASKS)}", param="task")
+        if self.dimensions is not None:
+            raise errors.VllmBadRequest("dimensions is currently not supported "
+                                        "(parameter=dimensions)", param="dimensions")
+        if self.task == "plugin" or (self.data is not UNSET and self.input is UNSET
+                                     and self.messages is UNSET):
+            raise errors.VllmBadRequest(
+                "No IOProcessor plugin installed. Please refer to the documentation and to "
+                "the 'prithvi_geospatial_mae_io_processor' offline inference example for "
+                "more details. (parameter=task)", param="task")
+        super().check()
+
+    def _chats(self) -> list[list[dict[str, Any]]] | None:
+        """One chat, in `messages` only (PoolingChatRequest)."""
+        if self.messages is UNSET:
+            return None
+        return [_messages(self.messages, "messages")]
+
+    def _task(self) -> str | None:
+        return self.task
+
+
+_ID_PREFIXES = {"embeddings": "embd", "pooling": "pooling"}
+# vLLM's PoolingTask values, and the removed ones it refuses by name.
+_POOLING_TASKS = ("embed", "classify", "token_embed", "token_classify", "plugin",
+                  "embed&token_classify")
+_REMOVED_TASKS = {"score": "`score` task was removed; use `classify` instead.",
+                  "encode": "`encode` task was removed; use `token_embed` or "
+                            "`token_classify` instead."}
+
 
 def _is_int(item: Any) -> bool:
     return isinstance(item, int) and not isinstance(item, bool)
@@ -200,6 +262,24 @@ class EmbeddingList(Struct, kw_only=True):
     usage: t.Usage
 
 
+class PoolingData(Struct, kw_only=True):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    # As EmbeddingData's embedding.
+    data: list[float] | str
+
+
+class PoolingList(Struct, kw_only=True):
+    """vLLM's PoolingResponse."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: t.Usage
+
+
 def pooling_usage(tokens: int) -> t.Usage:
     """vLLM's pooling endpoints' usage: their details null, not absent."""
     return t.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens,
@@ -216,11 +296,7 @@ class EmbedJob:
 
     @classmethod
     def of(cls, body: EmbeddingRequest, trust_templates: bool = False) -> EmbedJob:
-        body.check()
-        command = p.Embed(f"embd-{uuid.uuid4().hex}", body.model, body.prompts(),
-                          body.pooling(), body.render(), body.template_kwargs(),
-                          body.template(trust_templates))
-        return cls(command, body.encoding_format == "base64")
+        return cls(body.command(trust_templates), body.encoding_format == "base64")
 
     @property
     def model(self) -> str:
@@ -229,14 +305,18 @@ class EmbedJob:
     def request(self, served: str) -> p.Embed:
         return msgspec.structs.replace(self.command, model=served)
 
-    def response(self, items: list[p.Embedding]) -> EmbeddingList:
+    def response(self, items: list[p.Embedding]) -> EmbeddingList | PoolingList:
         items = sorted(items, key=lambda item: item.prompt_index)
         tokens = sum(item.prompt_tokens for item in items)
-        return EmbeddingList(
-            id=self.command.request_id, created=self.created, model=self.model,
-            data=[EmbeddingData(index=item.prompt_index, embedding=self._vector(item.data))
-                  for item in items],
-            usage=pooling_usage(tokens))
+        head = {"id": self.command.request_id, "created": self.created, "model": self.model,
+                "usage": pooling_usage(tokens)}
+        if self.command.endpoint == "pooling":
+            return PoolingList(**head, data=[
+                PoolingData(index=item.prompt_index, data=self._vector(item.data))
+                for item in items])
+        return EmbeddingList(**head, data=[
+            EmbeddingData(index=item.prompt_index, embedding=self._vector(item.data))
+            for item in items])
 
     def _vector(self, data: bytes) -> list[float] | str:
         if self.base64:

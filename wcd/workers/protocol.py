@@ -217,6 +217,11 @@ class Embed(msgspec.Struct, tag="embed", frozen=True):
     server renders them (its `add_special_tokens` always set: True for text
     and token ids, False for chats by default). `chat_template` is set only
     where the operator trusts request templates.
+
+    `endpoint`: the vLLM endpoint asked (one of EMBED_ENDPOINTS), whose
+    refusals and input length limit the worker applies, as vLLM's server
+    does for it; `task`: /pooling's, checked against the model's pooling
+    task in vLLM's words (None: the model's).
     """
 
     request_id: str
@@ -226,6 +231,12 @@ class Embed(msgspec.Struct, tag="embed", frozen=True):
     render: RenderOptions = RenderOptions(add_special_tokens=True, add_generation_prompt=False)
     chat_template_kwargs: dict[str, Any] = {}
     chat_template: str | None = None
+    endpoint: str = "embeddings"
+    task: str | None = None
+
+
+# The endpoints an Embed may come from, by vLLM's name for each in its refusals.
+EMBED_ENDPOINTS = {"embeddings": "Embeddings API", "pooling": "Pooling API"}
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):

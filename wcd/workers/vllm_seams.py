@@ -1068,9 +1068,10 @@ def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
     return engine_input
 
 
-# vllm 0.32: the input rendering of vLLM's embeddings server
+# vllm 0.32: the input rendering of vLLM's embeddings and pooling servers
 # (entrypoints/pooling/base: PoolingBaseServing._validate_request, then
-# EmbeddingTokenizeParamsMixin.build_tok_params for the inputs of
+# EmbeddingTokenizeParamsMixin.build_tok_params, or /pooling's
+# FixedMaxLenTokenizeParamsMixin, for the inputs of
 # EmbedIOProcessor.get_request_factory_online, a chat's rendered by
 # render_chat with the embedding request's ChatParams), so an input served by
 # wcd becomes the tokens `vllm serve --runner pooling` makes, truncated or
@@ -1089,7 +1090,9 @@ def render_pooled(engine, request) -> list:
     if truncate_prompt_tokens is not None and truncate_prompt_tokens > model_config.max_model_len:
         raise ValueError("truncate_prompt_tokens value is greater than max_model_len. "
                          "Please request a smaller truncation size.")
-    pooler = model_config.pooler_config
+    # /v1/embeddings' inputs may be as long as the pooler's max_embed_len
+    # (EmbeddingTokenizeParamsMixin); the other endpoints', the model's length.
+    pooler = model_config.pooler_config if request.endpoint == "embeddings" else None
     tok_params = TokenizeParams(
         max_total_tokens=(pooler and pooler.max_embed_len) or model_config.max_model_len,
         max_output_tokens=0,
