@@ -329,8 +329,10 @@ OTHERS = {
 
 # embed-a's, as vLLM's pooling server answers them: every form of an
 # embedding request, chats rendered with the model's chat template (or the
-# request's, which both servers trust here).
+# request's, which both servers trust here), its pooling and its scoring
+# (bi-encoder) endpoints.
 SECOND = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]
+DOCUMENTS = ["yo", "the quick brown fox", "hi", "tell me a story about llamas"]
 POOLING_CASES = {
     ("/v1/embeddings", "text"): {"input": "hello world"},
     ("/v1/embeddings", "chat"): {"messages": HI},
@@ -374,6 +376,38 @@ POOLING_CASES = {
     ("/pooling", "dimensions"): {"input": "hi", "dimensions": 8},
     ("/pooling", "too long"): {"input": list(range(600))},
     ("/pooling", "unknown model"): {"model": "nope", "input": "hi"},
+    ("/score", "1:1"): {"text_1": "hi", "text_2": "yo"},
+    ("/score", "1:N"): {"queries": "hi", "documents": DOCUMENTS},
+    ("/score", "N:N"): {"queries": ["hi", "a"], "items": ["yo", "b"]},
+    ("/score", "data, a list of one"): {"data_1": ["hello world"], "data_2": DOCUMENTS},
+    ("/score", "truncated"): {"text_1": "hello world there", "text_2": "the quick brown fox",
+                              "max_tokens_per_query": 1, "max_tokens_per_doc": 2},
+    ("/score", "truncated prompts"): {"text_1": "hello world", "text_2": "quick brown fox",
+                                      "truncate_prompt_tokens": 1, "truncation_side": "left"},
+    ("/score", "no activation"): {"text_1": "hi", "text_2": DOCUMENTS, "use_activation": False},
+    ("/score", "instruction"): {"text_1": "hi", "text_2": "yo", "instruction": "compare"},
+    ("/v1/score", "1:N"): {"text_1": "hi", "text_2": DOCUMENTS},
+    ("/score", "N:M"): {"data_1": ["hi", "a"], "data_2": DOCUMENTS},
+    ("/score", "no queries"): {"text_1": [], "text_2": "yo"},
+    ("/score", "no documents"): {"text_1": "hi", "text_2": []},
+    ("/score", "multi-modal"): {"text_1": {"content": [{"type": "text", "text": "hi"}]},
+                                "text_2": "yo"},
+    ("/score", "query limit past the model's"): {"text_1": "hi", "text_2": "yo",
+                                                 "max_tokens_per_query": 600},
+    ("/score", "negative document limit"): {"text_1": "hi", "text_2": "yo",
+                                            "max_tokens_per_doc": -1},
+    ("/score", "truncation past the model's"): {"text_1": "hi", "text_2": "yo",
+                                                "truncate_prompt_tokens": 600},
+    ("/score", "too long"): {"text_1": "hi", "text_2": "hello " * 600},
+    ("/score", "unknown model"): {"model": "nope", "text_1": "hi", "text_2": "yo"},
+    ("/rerank", "documents"): {"query": "hi", "documents": DOCUMENTS},
+    ("/rerank", "top 2"): {"query": "hi", "documents": DOCUMENTS, "top_n": 2},
+    ("/rerank", "top past the documents"): {"query": "hi", "documents": DOCUMENTS, "top_n": 9},
+    ("/rerank", "one document"): {"query": "hi", "documents": "yo"},
+    ("/rerank", "no documents"): {"query": "hi", "documents": []},
+    ("/v1/rerank", "documents"): {"query": "the quick brown fox", "documents": DOCUMENTS},
+    ("/v2/rerank", "documents"): {"query": "hello world", "documents": DOCUMENTS},
+    ("/rerank", "unknown model"): {"model": "nope", "query": "hi", "documents": ["yo"]},
 }
 
 

@@ -37,6 +37,7 @@ from msgspec import UNSET
 import wcd
 from wcd.daemon import errors
 from wcd.daemon import openai_embeddings as emb
+from wcd.daemon import openai_scores as sc
 from wcd.daemon import openai_tools
 from wcd.daemon import openai_types as t
 from wcd.daemon import vllm_dialect
@@ -94,6 +95,11 @@ def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None, *,
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_post("/v1/embeddings", api.embeddings)
     app.router.add_post("/pooling", api.pooling)
+    # vLLM's paths for its scoring APIs, all served alike.
+    for path in ("/score", "/v1/score"):
+        app.router.add_post(path, api.score)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.router.add_post(path, api.rerank)
     app.router.add_post("/tokenize", api.tokenize)
     app.router.add_post("/detokenize", api.detokenize)
     # SageMaker's routes, which vLLM's server has too.
@@ -240,7 +246,8 @@ class _Job:
                           self.beam_search)
 
 
-def _check_counts(prompts: int, n: int, http: HttpSettings, param: str = "prompt") -> None:
+def _check_counts(prompts: int, n: int, http: HttpSettings,
+                  param: str | None = "prompt") -> None:
     if prompts > http.max_prompts:
         raise errors.BadRequest(f"{prompts} prompts in one request; at most "
                                 f"{http.max_prompts} (http.max_prompts)", param=param)
@@ -315,6 +322,12 @@ class _Api:
 
     async def pooling(self, request: web.Request) -> web.StreamResponse:
         return await self._timed(request, self._embed(emb.PoolingRequest))
+
+    async def score(self, request: web.Request) -> web.StreamResponse:
+        return await self._timed(request, self._score(sc.ScoreRequest))
+
+    async def rerank(self, request: web.Request) -> web.StreamResponse:
+        return await self._timed(request, self._score(sc.RerankRequest))
 
     def _allowed(self, request: web.Request) -> frozenset[str] | None:
         """The canonical names the request's API key may use; None: any."""
@@ -450,6 +463,22 @@ class _Api:
                     _outputs(lease.worker, job.request(lease.model))) as items:
                 timer.model = lease.model
                 return _json(job.response([item async for item in items]))
+
+        return handle
+
+    def _score(self, shape: type[sc.ScoreRequest | sc.RerankRequest]) -> _Handler:
+        async def handle(request: web.Request, http: HttpSettings,
+                         timer: RequestTimer) -> web.Response:
+            body = await self._body(request, shape)
+            job = sc.ScoreJob.of(body)
+            _check_counts(job.input_count, 1, http, param=None)
+            self._permitted(request, job.model)
+            async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
+                    _outputs(lease.worker, job.request(lease.model))) as items:
+                timer.model = lease.model
+                vectors = [item async for item in items]
+                scored = await _asked(lease.worker.similarity(job.pairs(vectors)))
+            return _json(job.response(vectors, scored.scores))
 
         return handle
 
@@ -1117,7 +1146,8 @@ def openapi_document() -> dict:
     (_, components) = msgspec.json.schema_components(
         [t.CompletionRequest, t.ChatCompletionRequest, t.Completion, t.CompletionChunk,
          t.ChatCompletion, t.ChatCompletionChunk, emb.EmbeddingRequest, emb.EmbeddingList,
-         emb.PoolingRequest, emb.PoolingList, t.ModelList, t.Model, t.ErrorResponse, t.Health, t.Version],
+         emb.PoolingRequest, emb.PoolingList, sc.ScoreRequest, sc.ScoreList, sc.RerankRequest,
+         sc.RerankList, t.ModelList, t.Model, t.ErrorResponse, t.Health, t.Version],
         ref_template="#/components/schemas/{name}")
     return {
         "openapi": "3.1.0",
@@ -1163,6 +1193,16 @@ def openapi_document() -> dict:
             "/pooling": {"post": _pooling(
                 "createPooling", "vLLM's pooling API for an embedding model: its pooled "
                 "vectors", "PoolingRequest", "PoolingList")},
+            **{path: {"post": _pooling(
+                f"createScore{suffix}", "vLLM's score API for an embedding model: the "
+                "cosine similarity of each pair of texts", "ScoreRequest", "ScoreList")}
+               for path, suffix in (("/score", ""), ("/v1/score", "V1"))},
+            **{path: {"post": _pooling(
+                f"createRerank{suffix}", "vLLM's rerank API for an embedding model: "
+                "documents by their cosine similarity with the query", "RerankRequest",
+                "RerankList")}
+               for path, suffix in (("/rerank", ""), ("/v1/rerank", "V1"),
+                                    ("/v2/rerank", "V2"))},
             "/version": {"get": {**_operation(
                 "version", "The vLLM version the workers run (vLLM's /version)",
                 _ok("Version"), ()), "security": []}},

@@ -28,21 +28,47 @@ from wcd.daemon import errors
 from wcd.daemon import openai_types as t
 from wcd.workers import protocol as p
 
-# vLLM's fields wcd does not implement: accepted at their defaults only (as
-# the struct declares them, vLLM's), never silently ignored.
-_UNIMPLEMENTED = ("padding", "embed_dtype", "endianness", "mm_processor_kwargs",
-                  "media_io_kwargs")
+class PoolingFields(Struct, kw_only=True):
+    """vLLM's PoolingBasicRequestMixin: the fields of every pooling request.
+    Without `model`, wcd's default model (openai_api). Unknown fields are
+    ignored, as vLLM ignores them."""
 
-
-class EmbeddingRequest(Struct, kw_only=True):
-    """vLLM's EmbeddingRequest, each of its forms: inputs (EmbeddingCompletion-
-    Request), or chats (EmbeddingChatRequest and its batch, in `messages` or
-    in `input`). Without `model`, wcd's default model (openai_api). Unknown
-    fields are ignored, as vLLM ignores them."""
-
-    endpoint: ClassVar[str] = "embeddings"
+    # vLLM's fields wcd does not implement: accepted at their defaults only
+    # (as the struct declares them, vLLM's), never silently ignored.
+    unimplemented: ClassVar[tuple[str, ...]] = ("padding", "mm_processor_kwargs")
 
     model: str | None = None
+    # Accepted and ignored: it changes nothing about the vectors.
+    user: str | None = None
+    # vLLM's fields, honoured.
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    # vLLM's fields that only tag the request (wcd has no priority scheduling,
+    # and a salt only keys the prefix cache): accepted and ignored.
+    request_id: str | None = None
+    priority: Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1)] = 0
+    cache_salt: str | None = None
+    # vLLM's, accepted only at their defaults (`unimplemented`).
+    padding: Literal["max_length", "do_not_pad"] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+    def check_implemented(self) -> None:
+        defaults = {f.name: f.default for f in msgspec.structs.fields(self)}
+        for name in self.unimplemented:
+            if getattr(self, name) != (default := defaults[name]):
+                raise errors.BadRequest(f"{name} is not supported (only its default "
+                                        f"{default!r})", param=name)
+
+
+class EmbeddingRequest(PoolingFields, kw_only=True):
+    """vLLM's EmbeddingRequest, each of its forms: inputs (EmbeddingCompletion-
+    Request), or chats (EmbeddingChatRequest and its batch, in `messages` or
+    in `input`)."""
+
+    endpoint: ClassVar[str] = "embeddings"
+    unimplemented: ClassVar[tuple[str, ...]] = (
+        *PoolingFields.unimplemented, "embed_dtype", "endianness", "media_io_kwargs")
+
     # A text, a list of token ids, a batch of either, or a chat's messages or
     # a batch of chats (vLLM's *ChatInputRequest); checked in prompts().
     input: str | list[Any] | UnsetType = UNSET
@@ -50,11 +76,6 @@ class EmbeddingRequest(Struct, kw_only=True):
     messages: list[Any] | UnsetType = UNSET
     encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
     dimensions: int | None = None
-    # Accepted and ignored: it changes nothing about the vectors.
-    user: str | None = None
-    # vLLM's fields, honoured.
-    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
-    truncation_side: Literal["left", "right"] | None = None
     # Unset: vLLM's default for the form, True for inputs, False for chats
     # (whose template writes its own).
     add_special_tokens: bool | None = None
@@ -65,16 +86,9 @@ class EmbeddingRequest(Struct, kw_only=True):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # vLLM's fields that only tag the request (wcd has no priority scheduling,
-    # and a salt only keys the prefix cache): accepted and ignored.
-    request_id: str | None = None
-    priority: Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1)] = 0
-    cache_salt: str | None = None
-    # vLLM's, accepted only at their defaults (_UNIMPLEMENTED).
-    padding: Literal["max_length", "do_not_pad"] | None = None
+    # vLLM's, accepted only at their defaults (`unimplemented`).
     embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
     endianness: Literal["native", "big", "little"] = "native"
-    mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, dict[str, Any]] | None = None
     # Removed from vLLM, which refuses it by name (reject_removed_pooling_parameters).
     normalize: bool | None | UnsetType = UNSET
@@ -93,11 +107,7 @@ class EmbeddingRequest(Struct, kw_only=True):
             raise errors.BadRequest(f"encoding_format {self.encoding_format!r} is not "
                                     "supported (only 'float' and 'base64')",
                                     param="encoding_format")
-        defaults = {f.name: f.default for f in msgspec.structs.fields(self)}
-        for name in _UNIMPLEMENTED:
-            if getattr(self, name) != (default := defaults[name]):
-                raise errors.BadRequest(f"{name} is not supported (only its default "
-                                        f"{default!r})", param=name)
+        self.check_implemented()
         t._check_template_kwargs(self.chat_template_kwargs)
 
     def prompts(self) -> list[p.Prompt]:
@@ -287,16 +297,11 @@ def pooling_usage(tokens: int) -> t.Usage:
 
 
 @dataclass(frozen=True)
-class EmbedJob:
+class PoolingJob:
     """A checked request, ready to send once a worker serves its model."""
 
     command: p.Embed  # its model is the client's name until a worker serves it
-    base64: bool
     created: int = field(default_factory=lambda: int(time.time()))
-
-    @classmethod
-    def of(cls, body: EmbeddingRequest, trust_templates: bool = False) -> EmbedJob:
-        return cls(body.command(trust_templates), body.encoding_format == "base64")
 
     @property
     def model(self) -> str:
@@ -304,6 +309,15 @@ class EmbedJob:
 
     def request(self, served: str) -> p.Embed:
         return msgspec.structs.replace(self.command, model=served)
+
+
+@dataclass(frozen=True)
+class EmbedJob(PoolingJob):
+    base64: bool = False
+
+    @classmethod
+    def of(cls, body: EmbeddingRequest, trust_templates: bool = False) -> EmbedJob:
+        return cls(body.command(trust_templates), base64=body.encoding_format == "base64")
 
     def response(self, items: list[p.Embedding]) -> EmbeddingList | PoolingList:
         items = sorted(items, key=lambda item: item.prompt_index)

@@ -1,5 +1,5 @@
-"""Pooling models in a warm worker: embeddings as `vllm serve --runner pooling`
-makes them.
+"""Pooling models in a warm worker: embeddings and bi-encoder scores as `vllm
+serve --runner pooling` makes them.
 
 A resident built with vLLM's pooling runner is stepped like any other; its
 requests carry PoolingParams instead of SamplingParams, and each input's
@@ -61,6 +61,11 @@ def _check_task(engine, task: str) -> None:
         raise ValueError(f"Try switching the model's pooling_task via --pooler-config.task "
                          f"{task}. (parameter=task)")
     raise ValueError(f"Unsupported task: {task!r} Supported tasks: {tasks} (parameter=task)")
+
+
+def similarities(command: p.Similarity) -> p.Similarities:
+    return p.Similarities(command.op_id, [vllm_seams.cosine_similarity(vector_1, vector_2)
+                                          for vector_1, vector_2 in command.pairs])
 
 
 def warm_params(engine) -> SamplingParams | PoolingParams:

@@ -796,6 +796,13 @@ def _check_pooling() -> None:
             "max_total_tokens_param"} <= {f.name for f in dataclasses.fields(TokenizeParams)}:
         raise SeamBroken("TokenizeParams no longer truncates as the embeddings server asks "
                          "(render_pooled)")
+    from vllm.entrypoints.pooling.scoring import io_processor, utils
+
+    source = inspect.getsource(io_processor.BiEncoderIOProcessor._post_process)
+    if "F.cosine_similarity(" not in source or not hasattr(utils, "validate_score_input") \
+            or not hasattr(utils, "truncate_text_to_tokens"):
+        raise SeamBroken("vLLM's bi-encoder scoring changed (cosine_similarity, "
+                         "validate_score_input, truncate_text_to_tokens)")
 
 
 def _check_rendering() -> None:
@@ -1080,9 +1087,11 @@ def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
 
 
 def render_pooled(engine, request) -> list:
-    """Each of an Embed's prompts as an engine input."""
+    """Each of an Embed's prompts, or its score inputs, as an engine input."""
     from vllm.renderers.inputs.preprocess import parse_model_prompt
     from vllm.renderers.params import TokenizeParams
+
+    from wcd.workers.protocol import Prompt
 
     model_config = engine.model_config
     options = request.render
@@ -1102,8 +1111,10 @@ def render_pooled(engine, request) -> list:
         add_special_tokens=options.add_special_tokens,
         max_total_tokens_param="max_model_len",
     )
+    prompts = request.prompts if request.score is None else [
+        Prompt(prompt=text) for text in _score_texts(engine, request.score)]
     inputs = []
-    for prompt in request.prompts:
+    for prompt in prompts:
         if prompt.messages is not None:
             inputs.append(render_chat(engine, prompt.messages, request.chat_template_kwargs,
                                       request.chat_template, options, tok_params, pooled=True))
@@ -1113,6 +1124,44 @@ def render_pooled(engine, request) -> list:
             [parse_model_prompt(model_config, given)], tok_params)
         inputs.append(engine_input)
     return inputs
+
+
+def _score_texts(engine, score) -> list[str]:
+    """A score request's two sides as vLLM's bi-encoder scoring makes them
+    inputs (BiEncoderIOProcessor.get_request_factory_online): checked, each
+    side truncated to its token limit, queries then documents."""
+    from vllm.entrypoints.pooling.scoring.utils import (
+        truncate_text_to_tokens,
+        validate_score_input,
+    )
+
+    model_config = engine.model_config
+    data = validate_score_input(score.data_1, score.data_2,
+                                is_multimodal_model=model_config.is_multimodal_model,
+                                architecture=model_config.architecture)
+    sides = ((data.data_1, score.max_tokens_per_query, "max_tokens_per_query"),
+             (data.data_2, score.max_tokens_per_doc, "max_tokens_per_doc"))
+    for _, limit, name in sides:  # ScoringIOProcessor._validate_token_limit
+        if limit < 0:
+            raise ValueError(f"{name} must be a non-negative integer")
+        if limit >= model_config.max_model_len:
+            raise ValueError(f"{name} ({limit}) must be less than max_model_len "
+                             f"({model_config.max_model_len}).")
+    tokenizer = engine.renderer.get_tokenizer()
+    return [truncate_text_to_tokens(text, tokenizer, limit) if limit > 0 else text
+            for texts, limit, _ in sides for text in texts]
+
+
+def cosine_similarity(vector_1: bytes, vector_2: bytes) -> float:
+    """vLLM's bi-encoder score of two float32 vectors (BiEncoderIOProcessor.
+    _post_process, then ScoringOutput's .item())."""
+    import torch
+    import torch.nn.functional as F
+
+    def tensor(data: bytes):
+        return torch.frombuffer(bytearray(data), dtype=torch.float32)
+
+    return F.cosine_similarity(tensor(vector_1), tensor(vector_2), dim=0).item()
 
 
 def verify_pooling(engine, params, served_name: str) -> None:
