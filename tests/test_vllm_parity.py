@@ -408,6 +408,9 @@ POOLING_CASES = {
     ("/v1/rerank", "documents"): {"query": "the quick brown fox", "documents": DOCUMENTS},
     ("/v2/rerank", "documents"): {"query": "hello world", "documents": DOCUMENTS},
     ("/rerank", "unknown model"): {"model": "nope", "query": "hi", "documents": ["yo"]},
+    ("/invocations", "embedding"): {"input": "hello world"},
+    ("/invocations", "rerank"): {"query": "hi", "documents": DOCUMENTS},
+    ("/invocations", "score"): {"text_1": "hi", "text_2": DOCUMENTS},
 }
 
 

@@ -389,6 +389,10 @@ class _Api:
             return await self.completions(request)
         if "input" in keys:
             return await self.embeddings(request)
+        if "query" in keys:
+            return await self.rerank(request)
+        if keys.keys() & {"queries", "data_1", "text_1"}:
+            return await self.score(request)
         raise errors.VllmBadRequest("Cannot find suitable handler for request. Expected one "
                                     "of: ['ChatCompletionRequest', 'CompletionRequest', "
                                     "'EmbeddingRequest']")
