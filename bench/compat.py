@@ -9,7 +9,7 @@ vLLM's api_server, then on wcd.
     --trust-request-chat-template (reasoning_effort cases render a template
     of their own); runs tests/compat against it (WCD_COMPAT_BASE_URL); then
     one on the pooling demo model embed-a (--runner pooling) for the
-    embedding cases. Every case should pass there: one that does not is
+    embedding and scoring cases. Every case should pass there: one that does not is
     vLLM's too, and is to be dropped or skipped in the suite.
 (2) Runs tests/compat against wcd (the suite starts its own daemon), with
     --runxfail so that known gaps show their real outcome.
@@ -45,7 +45,7 @@ RESULT = CACHE / "compat.json"
 MODEL = "small-a"
 # vLLM serves one model: the embedding cases run on a second server.
 EMBEDDING_MODEL = "embed-a"
-EMBEDDING_CASES = "tests/compat/test_embeddings.py"
+EMBEDDING_CASES = ["tests/compat/test_embeddings.py", "tests/compat/test_score.py"]
 # vLLM's flags beyond the engine args, through --config (its boolean flags
 # take no value on the command line).
 VLLM_FLAGS = {"enable-auto-tool-choice": True, "tool-call-parser": "hermes",
@@ -92,7 +92,7 @@ async def on_vllm(pytest_args: list[str]) -> tuple[dict[str, str], float]:
         embedded, embedding_s = await on_vllm_server(
             EMBEDDING_MODEL, {**ENGINE_ARGS, "runner": "pooling"},
             {"WCD_COMPAT_MODEL": MODEL, "WCD_COMPAT_EMBEDDING_MODEL": EMBEDDING_MODEL},
-            [*pytest_args, EMBEDDING_CASES])
+            [*pytest_args, *EMBEDDING_CASES])
         found.update(embedded)
         elapsed += embedding_s
     return found, elapsed

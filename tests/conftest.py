@@ -41,6 +41,16 @@ def demo_models() -> Path:
 
 
 @pytest.fixture(scope="session")
+def embed_model(demo_models) -> Path:
+    """embed-a beside the demo models (a checkout whose models predate it
+    lacks it)."""
+    if not (demo_models / "embed-a" / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "wcd.workers.demo_models", str(demo_models),
+                        "--names", "embed-a"], check=True, cwd=ROOT)
+    return demo_models / "embed-a"
+
+
+@pytest.fixture(scope="session")
 def reference(demo_models) -> dict:
     """{model: {"prompts": [{token_ids, text}], "chats": [...]}} from plain vLLM."""
     spec = {

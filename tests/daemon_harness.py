@@ -176,11 +176,11 @@ def paused(pid: int):
 @contextlib.contextmanager
 def serving(directory: Path, model_root: Path, env: dict | None = None,
             **overrides) -> Iterator[Daemon]:
-    """A daemon serving its preload (small-a), stopped on the way out whatever
-    happened: a module's shared daemon."""
+    """A daemon serving its preload (small-a unless overridden), stopped on
+    the way out whatever happened: a module's shared daemon."""
     daemon = Daemon(write_config(directory, model_root, **overrides), env=env)
     try:
-        daemon.wait_serving("small-a")
+        daemon.wait_serving(overrides.get("preload", ["small-a"])[0])
         yield daemon
     finally:
         daemon.stop()

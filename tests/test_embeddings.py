@@ -18,14 +18,12 @@ import array
 import base64
 import concurrent.futures
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import DEMO_MODELS, ENGINE_ARGS, GREEDY, PROMPTS, ROOT, run_reference
+from conftest import DEMO_MODELS, ENGINE_ARGS, GREEDY, PROMPTS, run_reference
 from daemon_harness import openai_client, serving
 
 pytestmark = pytest.mark.vllm
@@ -46,16 +44,6 @@ CASES = [
 ]
 MATRYOSHKA_CASES = [{"input": PROMPTS[0], "pooling": {"dimensions": 32}},
                     {"input": PROMPTS[1], "pooling": {"dimensions": 256}}]
-
-
-@pytest.fixture(scope="module")
-def embed_model(demo_models):
-    """embed-a beside the demo models (a checkout whose models predate it
-    lacks it)."""
-    if not (demo_models / "embed-a" / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "wcd.workers.demo_models", str(demo_models),
-                        "--names", "embed-a"], check=True, cwd=ROOT)
-    return demo_models / "embed-a"
 
 
 def vllm_embeddings(name: str, path, engine_args: dict, cases: list[dict]) -> list[dict]:
@@ -168,14 +156,16 @@ def test_base64_decodes_to_the_same_floats(daemon):
 
 def test_the_response_has_vllms_fields(daemon):
     """As vLLM 0.32's api_server answered for embed-a (--runner pooling): the
-    same keys, usage without prompt_tokens_details (as wcd's completions)."""
+    same keys, usage with its details null."""
     status, answer = post(daemon, "/v1/embeddings", {"model": "embed-a", "input": "hi"})
     assert status == 200
     assert list(answer) == ["id", "object", "created", "model", "data", "usage"]
     assert answer["id"].startswith("embd-") and answer["object"] == "list"
     assert list(answer["data"][0]) == ["index", "object", "embedding"]
     assert answer["data"][0]["object"] == "embedding"
-    assert answer["usage"] == {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+    assert answer["usage"] == {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1,
+                               "prompt_tokens_details": None,
+                               "completion_tokens_details": None}
 
 
 def test_both_models_answer_at_once_from_one_worker(daemon, client, expected, reference):
@@ -203,13 +193,19 @@ def test_the_models_list_has_the_embedding_model(client):
     # vLLM has no route for a task its model does not do: 404, its handlers' words.
     ("/v1/embeddings", {"model": "small-a", "input": "hi"}, 404,
      "The model does not support Embeddings API"),
+    ("/pooling", {"model": "small-a", "input": "hi"}, 404,
+     "The model does not support Pooling API"),
+    ("/score", {"model": "small-a", "text_1": "hi", "text_2": "yo"}, 404,
+     "The model does not support Score API"),
+    ("/rerank", {"model": "small-a", "query": "hi", "documents": ["yo"]}, 404,
+     "The model does not support Rerank (Score) API"),
     ("/v1/completions", {"model": "embed-a", "prompt": "hi"}, 404,
      "The model does not support Completions API"),
     ("/v1/chat/completions", {"model": "embed-a", "messages": [{"role": "user", "content": "hi"}]},
      404, "The model does not support Chat Completions API"),
     # vLLM's refusals, in its words.
     ("/v1/embeddings", {"model": "embed-a", "input": "hi", "dimensions": 8}, 400,
-     "does not support Matryoshka embeddings; dimensions must be unset (received "
+     "Model 'embed-a' does not support Matryoshka embeddings; dimensions must be unset (received "
      "dimensions=8)."),
     ("/v1/embeddings", {"model": "embed-mrl", "input": "hi", "dimensions": 300}, 400,
      "only supports dimensions in range [1, 256], got 300."),
@@ -231,8 +227,6 @@ def test_the_models_list_has_the_embedding_model(client):
     # What wcd does not do.
     ("/v1/embeddings", {"model": "embed-a", "input": "hi", "encoding_format": "bytes"}, 400,
      "encoding_format 'bytes' is not supported"),
-    ("/v1/embeddings", {"model": "embed-a", "messages": [{"role": "user", "content": "hi"}]},
-     400, "chat-style embedding input (`messages`) is not supported"),
 ])
 def test_refusals(daemon, path, request_body, status, message):
     got, answer = post(daemon, path, request_body)

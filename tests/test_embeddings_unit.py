@@ -13,7 +13,7 @@ import pytest
 
 from test_openai_unit import FakeScheduler, FakeWorker, post, run_async, serve
 from wcd.daemon import errors
-from wcd.daemon.openai_embeddings import EmbeddingRequest, EmbedJob
+from wcd.daemon.openai_embeddings import EmbeddingRequest, EmbedJob, PoolingRequest
 from wcd.daemon.worker_process import WorkerError
 from wcd.workers import protocol as p
 
@@ -44,9 +44,41 @@ def two_vectors(request: p.Embed) -> list[p.Embedding]:
     ([[1, 2], [3]], [p.Prompt(prompt_token_ids=[1, 2]), p.Prompt(prompt_token_ids=[3])]),
 ])
 def test_every_input_form_becomes_its_prompts(given, prompts):
-    body = request(input=given)
-    assert body.prompts() == prompts
-    assert body.prompt_count() == len(prompts)
+    assert request(input=given).prompts() == prompts
+
+
+HI = [{"role": "user", "content": "hi"}]
+YO = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]
+
+
+@pytest.mark.parametrize("body, chats", [
+    ({"messages": HI}, [HI]),
+    ({"messages": [HI, YO]}, [HI, YO]),
+    ({"input": HI}, [HI]),  # vLLM's EmbeddingChatInputRequest
+    ({"input": [HI, YO]}, [HI, YO]),
+    ({"input": "ignored", "messages": HI}, [HI]),  # as vLLM, the chat form wins
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+     [[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]]),
+])
+def test_every_chat_form_becomes_one_prompt_per_chat(body, chats):
+    job = EmbedJob.of(request(**body))
+    assert job.command.prompts == [p.Prompt(messages=chat) for chat in chats]
+    # vLLM's chat defaults: no special tokens of its own, no generation prompt.
+    assert job.command.render == p.RenderOptions(add_special_tokens=False,
+                                                 add_generation_prompt=False)
+
+
+def test_a_chats_own_fields_travel():
+    job = EmbedJob.of(request(messages=HI, add_special_tokens=True,
+                              continue_final_message=True, truncate_prompt_tokens=2,
+                              chat_template_kwargs={"flag": 1}))
+    assert job.command.render == p.RenderOptions(
+        add_special_tokens=True, truncate_prompt_tokens=2, add_generation_prompt=False,
+        continue_final_message=True)
+    assert job.command.chat_template_kwargs == {"flag": 1}
+    assert job.command.chat_template is None
+    trusted = EmbedJob.of(request(messages=HI, chat_template="{{ 1 }}"), trust_templates=True)
+    assert trusted.command.chat_template == "{{ 1 }}"
 
 
 def test_only_what_the_client_set_travels():
@@ -54,8 +86,9 @@ def test_only_what_the_client_set_travels():
                               truncation_side="left", add_special_tokens=False, user="u",
                               priority=2, request_id="mine", cache_salt="salt"))
     assert job.command.pooling == {"dimensions": 8}
-    assert (job.command.truncate_prompt_tokens, job.command.truncation_side,
-            job.command.add_special_tokens) == (3, "left", False)
+    assert job.command.render == p.RenderOptions(
+        add_special_tokens=False, truncate_prompt_tokens=3, truncation_side="left",
+        add_generation_prompt=False)
     assert EmbedJob.of(request(input="hi")).command.pooling == {}
     assert EmbedJob.of(request(input="hi", use_activation=False)).command.pooling == \
         {"use_activation": False}
@@ -73,12 +106,65 @@ def test_only_what_the_client_set_travels():
     ({"input": "hi", "embed_dtype": "float16"}, "embed_dtype is not supported", "embed_dtype"),
     ({"input": "hi", "endianness": "big"}, "endianness is not supported", "endianness"),
     ({"input": "hi", "padding": "max_length"}, "padding is not supported", "padding"),
+    ({"messages": HI, "media_io_kwargs": {"image": {}}}, "media_io_kwargs is not supported",
+     "media_io_kwargs"),
+    ({"messages": HI, "chat_template": "{{ 1 }}"}, "a chat template was passed with the "
+     "request, but http.trust_request_chat_template is not set", "chat_template"),
+    ({"messages": HI, "chat_template_kwargs": {"tools": []}},
+     "chat_template_kwargs may not set 'tools'", "chat_template_kwargs.tools"),
+    ({"messages": HI, "add_generation_prompt": True, "continue_final_message": True},
+     "Cannot set both `continue_final_message` and `add_generation_prompt` to True.", None),
+    ({"messages": [{"content": "no role"}]}, "messages: Object missing required field "
+     "`role`", "messages"),
 ])
 def test_what_wcd_cannot_honour_is_refused(body, error, param):
     with pytest.raises(errors.BadRequest) as refused:
         EmbedJob.of(request(**body))
     assert str(refused.value).startswith(error)
     assert (refused.value.status, refused.value.param) == (400, param)
+
+
+def pooling(**body) -> PoolingRequest:
+    return msgspec.json.decode(msgspec.json.encode({"model": "demo", **body}),
+                               type=PoolingRequest)
+
+
+def test_a_pooling_request_is_an_embed_for_the_pooling_endpoint():
+    job = EmbedJob.of(pooling(input=["a", "b"], task="embed", use_activation=False))
+    assert job.command.endpoint == "pooling" and job.command.task == "embed"
+    assert job.command.prompts == [p.Prompt(prompt="a"), p.Prompt(prompt="b")]
+    assert job.command.pooling == {"use_activation": False}
+    chat = EmbedJob.of(pooling(messages=HI)).command
+    assert (chat.prompts, chat.task) == ([p.Prompt(messages=HI)], None)
+    assert chat.render.add_special_tokens is False
+    assert EmbedJob.of(request(input="a")).command.endpoint == "embeddings"
+
+
+@pytest.mark.parametrize("body, error, param", [
+    ({"input": "hi", "dimensions": 8},
+     "dimensions is currently not supported (parameter=dimensions)", "dimensions"),
+    ({"input": "hi", "task": "encode"}, "`encode` task was removed; use `token_embed` or "
+     "`token_classify` instead. (parameter=task)", "task"),
+    ({"input": "hi", "task": "nonsense"}, "task must be one of", "task"),
+    ({"data": {"x": 1}}, "No IOProcessor plugin installed.", "task"),
+    ({"input": "hi", "task": "plugin"}, "No IOProcessor plugin installed.", "task"),
+    ({"messages": [HI, YO]}, "messages: Expected `object`, got `array`", "messages"),
+])
+def test_pooling_refusals_are_vllms(body, error, param):
+    with pytest.raises(errors.BadRequest) as refused:
+        EmbedJob.of(pooling(**body))
+    assert str(refused.value).startswith(error)
+    assert (refused.value.status, refused.value.param) == (400, param)
+
+
+def test_a_pooling_response_is_vllms_shape():
+    job = EmbedJob.of(pooling(input=["a", "b"]))
+    answer = msgspec.to_builtins(job.response([embedded(VECTORS[1], 1, 4),
+                                               embedded(VECTORS[0], 0, 3)]))
+    assert list(answer) == ["id", "object", "created", "model", "data", "usage"]
+    assert answer["id"].startswith("pooling-") and answer["object"] == "list"
+    assert answer["data"] == [{"index": i, "object": "pooling", "data": VECTORS[i]}
+                              for i in (0, 1)]
 
 
 def test_the_response_is_vllms_shape_in_input_order():
@@ -90,7 +176,9 @@ def test_the_response_is_vllms_shape_in_input_order():
     assert answer["model"] == "demo"
     assert answer["data"] == [{"index": i, "object": "embedding", "embedding": VECTORS[i]}
                               for i in (0, 1)]
-    assert answer["usage"] == {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
+    assert answer["usage"] == {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7,
+                               "prompt_tokens_details": None,
+                               "completion_tokens_details": None}
 
 
 def test_base64_is_the_float32_bytes():
@@ -101,16 +189,21 @@ def test_base64_is_the_float32_bytes():
 
 def test_every_vllm_request_field_is_known_with_vllms_default():
     """Clients written for `vllm serve --runner pooling` send any of vLLM's
-    fields: wcd knows them all (refusing some at other values)."""
-    from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+    fields, of either request form: wcd knows them all (refusing some at
+    other values)."""
+    from vllm.entrypoints.pooling.embed.protocol import (
+        EmbeddingChatRequest,
+        EmbeddingCompletionRequest,
+    )
 
     ours = {f.name: f.default for f in msgspec.structs.fields(EmbeddingRequest)}
-    for name, info in EmbeddingCompletionRequest.model_fields.items():
-        assert name in ours, f"EmbeddingRequest.{name} is missing"
-        # wcd requires model; ids are its own; input is required by check() (UNSET
-        # where a refused `messages` stands instead)
-        if ours[name] not in (None, msgspec.NODEFAULT, msgspec.UNSET):
-            assert ours[name] == info.default, name
+    for form in (EmbeddingCompletionRequest, EmbeddingChatRequest):
+        for name, info in form.model_fields.items():
+            assert name in ours, f"EmbeddingRequest.{name} is missing"
+            # wcd requires model; ids are its own; input or messages is required by
+            # check(); add_special_tokens' default is the form's (None: either)
+            if ours[name] not in (None, msgspec.NODEFAULT, msgspec.UNSET):
+                assert ours[name] == info.default, name
 
 
 @run_async

@@ -634,8 +634,9 @@ async def test_open_endpoints_and_openapi():
         async with session.get(url + "/openapi.json") as doc:
             document = await doc.json()
     app_routes = {"/v1/models", "/v1/models/{id}", "/v1/completions", "/v1/chat/completions",
-                  "/v1/embeddings", "/health", "/metrics", "/openapi.json", "/", "/status.json",
-                  "/version"}
+                  "/v1/embeddings", "/pooling", "/score", "/v1/score", "/rerank",
+                  "/v1/rerank", "/v2/rerank", "/health", "/metrics", "/openapi.json", "/",
+                  "/status.json", "/version"}
     assert set(document["paths"]) == app_routes
     assert document == json.loads(json.dumps(openapi_document()))
 

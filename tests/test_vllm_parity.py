@@ -5,11 +5,13 @@ the same status and the same JSON (ids and timestamps aside), streamed or not.
 Greedy decoding on both: the generated tokens, logprobs and text must match
 too, since both run the same vLLM on the same weights.
 
-Two pairs of servers, one after the other: plain, and with parsers (vLLM's
+Three pairs of servers, one after the other: plain, with parsers (vLLM's
 `--enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser
 qwen3`, wcd's small-a with the same tool_call_parser and reasoning_parser)
-for tool calling and reasoning. The random-weight model calls tools when a
-forced tool_choice or a structured output makes it.
+for tool calling and reasoning, and pooling (`--runner pooling` on the
+embedding model embed-a, whose vectors and scores must be equal to the bit:
+the same engine on the same tokens). The random-weight model calls tools
+when a forced tool_choice or a structured output makes it.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ TOOL_HISTORY = [
         "id": "call-1", "type": "function",
         "function": {"name": "weather", "arguments": '{"city": "Rome", "days": 1}'}}]},
     {"role": "tool", "tool_call_id": "call-1", "content": "sunny"}]
-PLAIN, PARSERS = "plain", "parsers"
+PLAIN, PARSERS, POOLING = "plain", "parsers", "pooling"
 PARSER_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                 "--reasoning-parser", "qwen3", "--trust-request-chat-template"]
 WCD_PARSERS = {"tool_call_parser": "hermes", "reasoning_parser": "qwen3"}
@@ -381,20 +383,110 @@ OTHERS = {
 }
 
 
+# embed-a's, as vLLM's pooling server answers them: every form of an
+# embedding request, chats rendered with the model's chat template (or the
+# request's, which both servers trust here), its pooling and its scoring
+# (bi-encoder) endpoints.
+SECOND = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]
+DOCUMENTS = ["yo", "the quick brown fox", "hi", "tell me a story about llamas"]
+POOLING_CASES = {
+    ("/v1/embeddings", "text"): {"input": "hello world"},
+    ("/v1/embeddings", "chat"): {"messages": HI},
+    ("/v1/embeddings", "chat, base64"): {"messages": HI, "encoding_format": "base64"},
+    ("/v1/embeddings", "chat batch"): {"messages": [HI, SECOND]},
+    ("/v1/embeddings", "chat in input"): {"input": SECOND},
+    ("/v1/embeddings", "chat batch in input"): {"input": [HI, SECOND]},
+    ("/v1/embeddings", "chat and input"): {"input": "hello world", "messages": HI},
+    ("/v1/embeddings", "chat of text parts"): {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+    ("/v1/embeddings", "chat, generation prompt"): {"messages": HI,
+                                                    "add_generation_prompt": True},
+    ("/v1/embeddings", "chat continued"): {"messages": CONTINUED,
+                                           "continue_final_message": True},
+    ("/v1/embeddings", "chat, special tokens"): {"messages": HI, "add_special_tokens": True},
+    ("/v1/embeddings", "chat truncated"): {"messages": SECOND, "truncate_prompt_tokens": 3,
+                                           "truncation_side": "left"},
+    ("/v1/embeddings", "chat, no activation"): {"messages": HI, "use_activation": False},
+    ("/v1/embeddings", "chat, request template and kwargs"): {
+        "messages": SECOND, "chat_template_kwargs": {"greeting": "hello"},
+        "chat_template": "{{ greeting }}{% for m in messages %}|{{ m.content }}{% endfor %}"},
+    ("/v1/embeddings", "chat, dimensions"): {"messages": HI, "dimensions": 8},
+    ("/v1/embeddings", "chat, both prompts"): {"messages": HI, "add_generation_prompt": True,
+                                               "continue_final_message": True},
+    ("/v1/embeddings", "empty chat"): {"messages": []},
+    ("/v1/embeddings", "chat too long"): {"messages": [{"role": "user",
+                                                        "content": "hello " * 600}]},
+    ("/pooling", "text"): {"input": "hello world"},
+    ("/pooling", "batch"): {"input": ["hello world", "tell me"]},
+    ("/pooling", "token ids batch"): {"input": [[462, 397, 399], [381]]},
+    ("/pooling", "base64"): {"input": "hello world", "encoding_format": "base64"},
+    ("/pooling", "no activation, truncated"): {"input": "the quick brown fox",
+                                               "use_activation": False,
+                                               "truncate_prompt_tokens": 2},
+    ("/pooling", "chat"): {"messages": SECOND, "add_generation_prompt": True},
+    ("/pooling", "task embed"): {"input": "hi", "task": "embed"},
+    ("/pooling", "task of another pooler"): {"input": "hi", "task": "token_embed"},
+    ("/pooling", "unsupported task"): {"input": "hi", "task": "classify"},
+    ("/pooling", "removed task"): {"input": "hi", "task": "encode"},
+    ("/pooling", "plugin data"): {"data": "x"},
+    ("/pooling", "dimensions"): {"input": "hi", "dimensions": 8},
+    ("/pooling", "too long"): {"input": list(range(600))},
+    ("/pooling", "unknown model"): {"model": "nope", "input": "hi"},
+    ("/score", "1:1"): {"text_1": "hi", "text_2": "yo"},
+    ("/score", "1:N"): {"queries": "hi", "documents": DOCUMENTS},
+    ("/score", "N:N"): {"queries": ["hi", "a"], "items": ["yo", "b"]},
+    ("/score", "data, a list of one"): {"data_1": ["hello world"], "data_2": DOCUMENTS},
+    ("/score", "truncated"): {"text_1": "hello world there", "text_2": "the quick brown fox",
+                              "max_tokens_per_query": 1, "max_tokens_per_doc": 2},
+    ("/score", "truncated prompts"): {"text_1": "hello world", "text_2": "quick brown fox",
+                                      "truncate_prompt_tokens": 1, "truncation_side": "left"},
+    ("/score", "no activation"): {"text_1": "hi", "text_2": DOCUMENTS, "use_activation": False},
+    ("/score", "instruction"): {"text_1": "hi", "text_2": "yo", "instruction": "compare"},
+    ("/v1/score", "1:N"): {"text_1": "hi", "text_2": DOCUMENTS},
+    ("/score", "N:M"): {"data_1": ["hi", "a"], "data_2": DOCUMENTS},
+    ("/score", "no queries"): {"text_1": [], "text_2": "yo"},
+    ("/score", "no documents"): {"text_1": "hi", "text_2": []},
+    ("/score", "multi-modal"): {"text_1": {"content": [{"type": "text", "text": "hi"}]},
+                                "text_2": "yo"},
+    ("/score", "query limit past the model's"): {"text_1": "hi", "text_2": "yo",
+                                                 "max_tokens_per_query": 600},
+    ("/score", "negative document limit"): {"text_1": "hi", "text_2": "yo",
+                                            "max_tokens_per_doc": -1},
+    ("/score", "truncation past the model's"): {"text_1": "hi", "text_2": "yo",
+                                                "truncate_prompt_tokens": 600},
+    ("/score", "too long"): {"text_1": "hi", "text_2": "hello " * 600},
+    ("/score", "unknown model"): {"model": "nope", "text_1": "hi", "text_2": "yo"},
+    ("/rerank", "documents"): {"query": "hi", "documents": DOCUMENTS},
+    ("/rerank", "top 2"): {"query": "hi", "documents": DOCUMENTS, "top_n": 2},
+    ("/rerank", "top past the documents"): {"query": "hi", "documents": DOCUMENTS, "top_n": 9},
+    ("/rerank", "one document"): {"query": "hi", "documents": "yo"},
+    ("/rerank", "no documents"): {"query": "hi", "documents": []},
+    ("/v1/rerank", "documents"): {"query": "the quick brown fox", "documents": DOCUMENTS},
+    ("/v2/rerank", "documents"): {"query": "hello world", "documents": DOCUMENTS},
+    ("/rerank", "unknown model"): {"model": "nope", "query": "hi", "documents": ["yo"]},
+    ("/invocations", "embedding"): {"input": "hello world"},
+    ("/invocations", "rerank"): {"query": "hi", "documents": DOCUMENTS},
+    ("/invocations", "score"): {"text_1": "hi", "text_2": DOCUMENTS},
+}
+
+
 @pytest.fixture(scope="module")
 def flavor(request) -> str:
-    """PLAIN or PARSERS: which pair of servers a test talks to (one pair at
-    a time: pytest groups the tests by it)."""
+    """PLAIN, PARSERS or POOLING: which pair of servers a test talks to (one
+    pair at a time: pytest groups the tests by it)."""
     return request.param
 
 
 @pytest.fixture(scope="module")
-def vllm_url(flavor, demo_models, tmp_path_factory):
-    """vLLM's own OpenAI server on small-a, as `vllm serve` runs it."""
+def vllm_url(flavor, demo_models, tmp_path_factory, request):
+    """vLLM's own OpenAI server on the flavor's model, as `vllm serve` runs it."""
+    if flavor == POOLING:
+        request.getfixturevalue("embed_model")
     port = free_port()
+    model = _MODEL[flavor]
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(demo_models / "small-a"), "--served-model-name", "small-a",
-            "--port", str(port), *(PARSER_FLAGS if flavor == PARSERS else ())]
+            "--model", str(demo_models / model), "--served-model-name", model,
+            "--port", str(port), *_VLLM_FLAGS.get(flavor, ())]
     for key, value in ENGINE_ARGS.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
@@ -427,15 +519,21 @@ def _wait_ready(url: str, server: subprocess.Popen, log_path) -> None:
     raise AssertionError(f"vLLM's server never came up:\n{log_path.read_text()[-4000:]}")
 
 
+_MODEL = {PLAIN: "small-a", PARSERS: "small-a", POOLING: "embed-a"}
+_VLLM_FLAGS = {PARSERS: PARSER_FLAGS,
+               POOLING: ["--runner", "pooling", "--trust-request-chat-template"]}
+_WCD_MODEL_ARGS = {PARSERS: WCD_PARSERS, POOLING: {"runner": "pooling"}}
+
+
 @pytest.fixture(scope="module")
 def wcd_url(flavor, demo_models, tmp_path_factory):
     # small-a alone, as vLLM serves it: refusals name the models served.
-    parsers = WCD_PARSERS if flavor == PARSERS else {}
-    models = {"small-a": {"path": str(demo_models / "small-a"), **parsers}}
+    model = _MODEL[flavor]
+    models = {model: {"path": str(demo_models / model), **_WCD_MODEL_ARGS.get(flavor, {})}}
     http = {"host": "127.0.0.1", "port": free_port(),
-            "trust_request_chat_template": flavor == PARSERS}
+            "trust_request_chat_template": flavor in (PARSERS, POOLING)}
     with serving(tmp_path_factory.mktemp("wcd"), demo_models, models=models, http=http,
-                 policy={**POLICY, "max_resident": 1}) as daemon:
+                 preload=[model], policy={**POLICY, "max_resident": 1}) as daemon:
         yield daemon.url
 
 
@@ -457,6 +555,13 @@ def test_answers_as_vllm_serve(vllm_url, wcd_url, path, name):
 def test_tools_and_reasoning_as_vllm_serve(vllm_url, wcd_url, name):
     body = {"model": "small-a", **GREEDY, **PARSER_CHATS[name]}
     _assert_same_answer(vllm_url, wcd_url, "/v1/chat/completions", body)
+
+
+@pytest.mark.parametrize("flavor", [POOLING], indirect=True)
+@pytest.mark.parametrize("path, name", POOLING_CASES)
+def test_pooling_answers_as_vllm_serve(vllm_url, wcd_url, path, name):
+    body = {"model": "embed-a", **POOLING_CASES[path, name]}
+    _assert_same_answer(vllm_url, wcd_url, path, body, tolerance=0.0)
 
 
 # wcd alone, on the parsers pair's daemon.
@@ -520,7 +625,8 @@ def _calls(answer, stream: bool) -> list[dict]:
     return [calls[index] for index in sorted(calls)]
 
 
-def _assert_same_answer(vllm_url: str, wcd_url: str, path: str, body: dict) -> None:
+def _assert_same_answer(vllm_url: str, wcd_url: str, path: str, body: dict,
+                        tolerance: float = TOLERANCE) -> None:
     expected, got = _answer(vllm_url, path, body), _answer(wcd_url, path, body)
     assert got[0] == expected[0], (expected, got)
     if expected[0] != 200:
@@ -529,9 +635,9 @@ def _assert_same_answer(vllm_url: str, wcd_url: str, path: str, body: dict) -> N
         # On a busy machine vLLM's AsyncLLM hands its server the deltas of
         # several steps at once, in fewer chunks: then what they carry, chunk
         # boundaries aside, must be the same.
-        assert _differences(_merged(expected[1]), _merged(got[1])) == []
+        assert _differences(_merged(expected[1]), _merged(got[1]), tolerance) == []
     else:
-        assert _differences(expected[1], got[1]) == []
+        assert _differences(expected[1], got[1], tolerance) == []
 
 
 def _needs_vllm_032_calls() -> None:
@@ -610,19 +716,19 @@ def _without_ignored(value):
     return value
 
 
-def _differences(expected, got, where: str = "") -> list[str]:
+def _differences(expected, got, tolerance: float = TOLERANCE, where: str = "") -> list[str]:
     if isinstance(expected, float) and isinstance(got, float):
-        return [] if abs(expected - got) <= TOLERANCE else [f"{where}: {expected} != {got}"]
+        return [] if abs(expected - got) <= tolerance else [f"{where}: {expected} != {got}"]
     if type(expected) is not type(got):
         return [f"{where}: {expected!r} != {got!r}"]
     if isinstance(expected, dict):
         return [d for key in sorted(set(expected) | set(got)) for d in (
-            _differences(expected[key], got[key], f"{where}.{key}")
+            _differences(expected[key], got[key], tolerance, f"{where}.{key}")
             if key in expected and key in got
             else [f"{where}.{key}: only on {'vLLM' if key in expected else 'wcd'}"])]
     if isinstance(expected, list):
         if len(expected) != len(got):
             return [f"{where}: {len(expected)} items != {len(got)}"]
         return [d for i, (e, g) in enumerate(zip(expected, got))
-                for d in _differences(e, g, f"{where}[{i}]")]
+                for d in _differences(e, g, tolerance, f"{where}[{i}]")]
     return [] if expected == got else [f"{where}: {expected!r} != {got!r}"]

@@ -3,6 +3,7 @@ driven over the worker protocol, compared with vLLM's own offline output."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
@@ -201,6 +202,17 @@ def test_bad_sampling_params_are_refused_by_vllm(loop, worker, demo_models):
     with pytest.raises(WorkerError) as raised:
         loop.run_until_complete(generate(worker, "small-a", "hello " * 600))
     assert raised.value.error.kind == p.BAD_ARGS  # longer than max_model_len
+
+
+def test_vectors_that_do_not_pair_are_refused_and_the_worker_stays(loop, worker):
+    """A Similarity is computed by the worker's torch: vectors of two lengths
+    are refused as data, not a dead main thread."""
+    two, three = (array.array("f", values).tobytes() for values in ([1, 0], [1, 0, 0]))
+    assert loop.run_until_complete(worker.similarity([(two, two)])).scores == [1.0]
+    with pytest.raises(WorkerError) as raised:
+        loop.run_until_complete(worker.similarity([(two, three)]))
+    assert raised.value.error.kind == p.BAD_ARGS
+    assert loop.run_until_complete(worker.similarity([(three, three)])).scores == [1.0]
 
 
 async def generate_ids(worker: WorkerProcess, model: str, prompt_len: int,

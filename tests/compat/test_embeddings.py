@@ -3,8 +3,9 @@ whatever embedding model the server lists (the embedding_model fixture skips
 every case when it lists none). vLLM's own compare with the model run by
 Hugging Face and know multilingual-e5-small's sizes; here embeddings are
 compared with each other: one length throughout, token counts from token-id
-inputs, base64 equal to floats, /invocations equal to /v1/embeddings. Its
-conversation cases need a chat template on the embedding model: not ported."""
+inputs, base64 equal to floats, /invocations equal to /v1/embeddings, a
+conversation equal to its prompt as the server's /tokenize renders it (vLLM's
+renders it with Hugging Face's tokenizer and the chat template it serves)."""
 
 from __future__ import annotations
 
@@ -119,3 +120,23 @@ def test_normalize(http, embedding_model):
     assert not np.allclose(normalized, raw, atol=1e-2)
     assert np.allclose(normalized, raw / np.linalg.norm(raw, axis=-1, keepdims=True),
                        atol=1e-2)
+
+
+def test_conversation_embedding(http, embedding_model):
+    messages = [{"role": "user", "content": "The cat sat on the mat."},
+                {"role": "assistant", "content": "A feline was resting on a rug."},
+                {"role": "user", "content": "Stars twinkle brightly in the night sky."}]
+    chat = http.post("/v1/embeddings", json={
+        "model": embedding_model, "messages": messages, "encoding_format": "float",
+        "add_generation_prompt": True})
+    chat.raise_for_status()
+    tokens = http.post("/tokenize", json={"model": embedding_model, "messages": messages,
+                                          "add_generation_prompt": True})
+    tokens.raise_for_status()
+    prompt = http.post("/v1/embeddings", json={
+        "model": embedding_model, "input": tokens.json()["tokens"], "encoding_format": "float"})
+    prompt.raise_for_status()
+    chat, prompt = chat.json(), prompt.json()
+    assert chat["id"] is not None and prompt["id"] is not None
+    assert {k: v for k, v in chat.items() if k not in ("id", "created")} == \
+        {k: v for k, v in prompt.items() if k not in ("id", "created")}

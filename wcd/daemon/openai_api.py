@@ -37,6 +37,7 @@ from msgspec import UNSET
 import wcd
 from wcd.daemon import errors
 from wcd.daemon import openai_embeddings as emb
+from wcd.daemon import openai_scores as sc
 from wcd.daemon import openai_tools
 from wcd.daemon import openai_types as t
 from wcd.daemon import vllm_dialect
@@ -93,6 +94,12 @@ def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None, *,
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_post("/v1/embeddings", api.embeddings)
+    app.router.add_post("/pooling", api.pooling)
+    # vLLM's paths for its scoring APIs, all served alike.
+    for path in ("/score", "/v1/score"):
+        app.router.add_post(path, api.score)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.router.add_post(path, api.rerank)
     app.router.add_post("/tokenize", api.tokenize)
     app.router.add_post("/detokenize", api.detokenize)
     # SageMaker's routes, which vLLM's server has too.
@@ -254,7 +261,8 @@ class _Job:
                           self.beam_search)
 
 
-def _check_counts(prompts: int, n: int, http: HttpSettings, param: str = "prompt") -> None:
+def _check_counts(prompts: int, n: int, http: HttpSettings,
+                  param: str | None = "prompt") -> None:
     if prompts > http.max_prompts:
         raise errors.BadRequest(f"{prompts} prompts in one request; at most "
                                 f"{http.max_prompts} (http.max_prompts)", param=param)
@@ -325,7 +333,16 @@ class _Api:
                                                            _ChatFormat))
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self._timed(request, self._embed)
+        return await self._timed(request, self._embed(emb.EmbeddingRequest))
+
+    async def pooling(self, request: web.Request) -> web.StreamResponse:
+        return await self._timed(request, self._embed(emb.PoolingRequest))
+
+    async def score(self, request: web.Request) -> web.StreamResponse:
+        return await self._timed(request, self._score(sc.ScoreRequest))
+
+    async def rerank(self, request: web.Request) -> web.StreamResponse:
+        return await self._timed(request, self._score(sc.RerankRequest))
 
     def _allowed(self, request: web.Request) -> frozenset[str] | None:
         """The canonical names the request's API key may use; None: any."""
@@ -381,6 +398,10 @@ class _Api:
             return await self.completions(request)
         if "input" in keys:
             return await self.embeddings(request)
+        if "query" in keys:
+            return await self.rerank(request)
+        if keys.keys() & {"queries", "data_1", "text_1"}:
+            return await self.score(request)
         raise errors.VllmBadRequest("Cannot find suitable handler for request. Expected one "
                                     "of: ['ChatCompletionRequest', 'CompletionRequest', "
                                     "'EmbeddingRequest']")
@@ -449,16 +470,36 @@ class _Api:
             job.render = msgspec.structs.replace(job.render, tools=sent.tools)
         return job
 
-    async def _embed(self, request: web.Request, http: HttpSettings,
-                     timer: RequestTimer) -> web.Response:
-        body = await self._body(request, emb.EmbeddingRequest)
-        job = emb.EmbedJob.of(body)  # checks the body: its input is known from here
-        _check_counts(body.prompt_count(), 1, http, param="input")
-        self._permitted(request, job.model)
-        async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
-                _outputs(lease.worker, job.request(lease.model))) as items:
-            timer.model = lease.model
-            return _json(job.response([item async for item in items]))
+    def _embed(self, shape: type[emb.EmbeddingRequest]) -> _Handler:
+        async def handle(request: web.Request, http: HttpSettings,
+                         timer: RequestTimer) -> web.Response:
+            body = await self._body(request, shape)
+            # checks the body: its input is known from here
+            job = emb.EmbedJob.of(body, http.trust_request_chat_template)
+            _check_counts(len(job.command.prompts), 1, http, param="input")
+            self._permitted(request, job.model)
+            async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
+                    _outputs(lease.worker, job.request(lease.model))) as items:
+                timer.model = lease.model
+                return _json(job.response([item async for item in items]))
+
+        return handle
+
+    def _score(self, shape: type[sc.ScoreRequest | sc.RerankRequest]) -> _Handler:
+        async def handle(request: web.Request, http: HttpSettings,
+                         timer: RequestTimer) -> web.Response:
+            body = await self._body(request, shape)
+            job = sc.ScoreJob.of(body)
+            _check_counts(job.input_count, 1, http, param=None)
+            self._permitted(request, job.model)
+            async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
+                    _outputs(lease.worker, job.request(lease.model))) as items:
+                timer.model = lease.model
+                vectors = [item async for item in items]
+                scored = await _asked(lease.worker.similarity(job.pairs(vectors)))
+            return _json(job.response(vectors, scored.scores))
+
+        return handle
 
     async def _serve(self, request: web.Request, job: _Job, fmt: _Format,
                      timer: RequestTimer) -> web.StreamResponse:
@@ -546,7 +587,8 @@ def _log_ignored_fields(body: bytes, shape: type) -> None:
 
 
 # The requests whose body may carry a batch of prompts, and in which field.
-_BATCH_FIELDS = {t.CompletionRequest: "prompt", emb.EmbeddingRequest: "input"}
+_BATCH_FIELDS = {t.CompletionRequest: "prompt", emb.EmbeddingRequest: "input",
+                 emb.PoolingRequest: "input"}
 
 
 @functools.cache
@@ -1128,7 +1170,8 @@ def openapi_document() -> dict:
     (_, components) = msgspec.json.schema_components(
         [t.CompletionRequest, t.ChatCompletionRequest, t.Completion, t.CompletionChunk,
          t.ChatCompletion, t.ChatCompletionChunk, emb.EmbeddingRequest, emb.EmbeddingList,
-         t.ModelList, t.Model, t.ErrorResponse, t.Health, t.Version],
+         emb.PoolingRequest, emb.PoolingList, sc.ScoreRequest, sc.ScoreList, sc.RerankRequest,
+         sc.RerankList, t.ModelList, t.Model, t.ErrorResponse, t.Health, t.Version],
         ref_template="#/components/schemas/{name}")
     return {
         "openapi": "3.1.0",
@@ -1168,12 +1211,22 @@ def openapi_document() -> dict:
             "/v1/chat/completions": {"post": _generation(
                 "createChatCompletion", "Chat completion (the model's chat template)",
                 "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk")},
-            "/v1/embeddings": {"post": {
-                **_operation("createEmbedding", "Embeddings of a pooling model "
-                             "(`runner: pooling`); a generating model answers 404",
-                             _ok("EmbeddingList"), (400, 401, 404, 413, 422, 500, 502, 503, 507)),
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}}}},
+            "/v1/embeddings": {"post": _pooling(
+                "createEmbedding", "Embeddings of a pooling model (`runner: pooling`): "
+                "texts, token ids or chats", "EmbeddingRequest", "EmbeddingList")},
+            "/pooling": {"post": _pooling(
+                "createPooling", "vLLM's pooling API for an embedding model: its pooled "
+                "vectors", "PoolingRequest", "PoolingList")},
+            **{path: {"post": _pooling(
+                f"createScore{suffix}", "vLLM's score API for an embedding model: the "
+                "cosine similarity of each pair of texts", "ScoreRequest", "ScoreList")}
+               for path, suffix in (("/score", ""), ("/v1/score", "V1"))},
+            **{path: {"post": _pooling(
+                f"createRerank{suffix}", "vLLM's rerank API for an embedding model: "
+                "documents by their cosine similarity with the query", "RerankRequest",
+                "RerankList")}
+               for path, suffix in (("/rerank", ""), ("/v1/rerank", "V1"),
+                                    ("/v2/rerank", "V2"))},
             "/version": {"get": {**_operation(
                 "version", "The vLLM version the workers run (vLLM's /version)",
                 _ok("Version"), ()), "security": []}},
@@ -1213,6 +1266,14 @@ _ERROR_STATUSES = {
     503: "No worker could serve the model in time; retry after Retry-After seconds",
     507: "Not enough memory to load the model",
 }
+
+
+def _pooling(operation_id: str, summary: str, request: str, response: str) -> dict:
+    """A pooling model's endpoint: a generating model answers 404."""
+    return {**_operation(operation_id, f"{summary}; a generating model answers 404",
+                         _ok(response), (400, 401, 404, 413, 422, 500, 502, 503, 507)),
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{request}"}}}}}
 
 
 def _ok(schema: str) -> dict:

@@ -1,13 +1,15 @@
-"""POST /v1/embeddings: OpenAI's embeddings API, as `vllm serve --runner
-pooling` serves it, for the pooling models among the configured ones.
+"""POST /v1/embeddings and POST /pooling: OpenAI's embeddings API and vLLM's
+generic pooling API, as `vllm serve --runner pooling` serves them for an
+embedding model, for the pooling models among the configured ones.
 
 A request becomes one `Embed`, its inputs sharing one set of pooling
 parameters; the worker answers one `Embedding` per input (float32 bytes),
-and the response is assembled here in vLLM's shape (`id` "embd-...", `data`
-in input order, `usage` with prompt and total tokens). Checking values is
-vLLM's business, in the worker (dimensions against the model's Matryoshka
-support, lengths, token ids); shapes and the fields wcd does not implement
-are checked here, as openai_types does for the generation endpoints.
+and the response is assembled here in vLLM's shape (`id` "embd-..." or
+"pooling-...", `data` in input order, `usage` with prompt and total tokens).
+Checking values is vLLM's business, in the worker (dimensions against the
+model's Matryoshka support, lengths, token ids, /pooling's task); shapes and
+the fields wcd does not implement are checked here, as openai_types does
+for the generation endpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import base64
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -26,89 +28,227 @@ from wcd.daemon import errors
 from wcd.daemon import openai_types as t
 from wcd.workers import protocol as p
 
-# vLLM's fields wcd does not implement: accepted at their defaults only (as
-# the struct declares them, vLLM's), never silently ignored.
-_UNIMPLEMENTED = ("padding", "embed_dtype", "endianness", "mm_processor_kwargs")
+class PoolingFields(Struct, kw_only=True):
+    """vLLM's PoolingBasicRequestMixin: the fields of every pooling request.
+    Without `model`, wcd's default model (openai_api). Unknown fields are
+    ignored, as vLLM ignores them."""
 
-
-class EmbeddingRequest(Struct, kw_only=True):
-    """vLLM's EmbeddingCompletionRequest; without `model`, wcd's default model
-    (openai_api). Unknown fields are ignored, as vLLM ignores them; chat-style
-    inputs (`messages`) are not served, and refused by name."""
+    # vLLM's fields wcd does not implement: accepted at their defaults only
+    # (as the struct declares them, vLLM's), never silently ignored.
+    unimplemented: ClassVar[tuple[str, ...]] = ("padding", "mm_processor_kwargs")
 
     model: str | None = None
-    # One text, one list of token ids, or a batch of either; checked in prompts().
-    # (UNSET only where `messages` stands instead, refused by check())
-    input: str | list[str | int | list[int]] | UnsetType = UNSET
-    encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
-    dimensions: int | None = None
     # Accepted and ignored: it changes nothing about the vectors.
     user: str | None = None
     # vLLM's fields, honoured.
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
     truncation_side: Literal["left", "right"] | None = None
-    add_special_tokens: bool = True
-    use_activation: bool | None = None
     # vLLM's fields that only tag the request (wcd has no priority scheduling,
     # and a salt only keys the prefix cache): accepted and ignored.
     request_id: str | None = None
     priority: Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1)] = 0
     cache_salt: str | None = None
-    # vLLM's, accepted only at their defaults (_UNIMPLEMENTED).
+    # vLLM's, accepted only at their defaults (`unimplemented`).
     padding: Literal["max_length", "do_not_pad"] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+    def check_implemented(self) -> None:
+        defaults = {f.name: f.default for f in msgspec.structs.fields(self)}
+        for name in self.unimplemented:
+            if getattr(self, name) != (default := defaults[name]):
+                raise errors.BadRequest(f"{name} is not supported (only its default "
+                                        f"{default!r})", param=name)
+
+
+class EmbeddingRequest(PoolingFields, kw_only=True):
+    """vLLM's EmbeddingRequest, each of its forms: inputs (EmbeddingCompletion-
+    Request), or chats (EmbeddingChatRequest and its batch, in `messages` or
+    in `input`)."""
+
+    endpoint: ClassVar[str] = "embeddings"
+    unimplemented: ClassVar[tuple[str, ...]] = (
+        *PoolingFields.unimplemented, "embed_dtype", "endianness", "media_io_kwargs")
+
+    # A text, a list of token ids, a batch of either, or a chat's messages or
+    # a batch of chats (vLLM's *ChatInputRequest); checked in prompts().
+    input: str | list[Any] | UnsetType = UNSET
+    # A chat's messages, or a batch of chats; where set, `input` is not read.
+    messages: list[Any] | UnsetType = UNSET
+    encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
+    dimensions: int | None = None
+    # Unset: vLLM's default for the form, True for inputs, False for chats
+    # (whose template writes its own).
+    add_special_tokens: bool | None = None
+    use_activation: bool | None = None
+    # vLLM's chat fields (ChatRequestOptionsMixin), honoured; a request's own
+    # template only where the operator trusts them.
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's, accepted only at their defaults (`unimplemented`).
     embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
     endianness: Literal["native", "big", "little"] = "native"
-    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
     # Removed from vLLM, which refuses it by name (reject_removed_pooling_parameters).
     normalize: bool | None | UnsetType = UNSET
-    # vLLM's chat-style embedding input, which wcd does not serve.
-    messages: Any = UNSET
 
     def check(self) -> None:
         if self.normalize is not UNSET:
             raise errors.VllmBadRequest("Parameter `normalize` was removed; use "
                                         "`use_activation` instead. (parameter=normalize)",
                                         param="normalize")
-        if self.messages is not UNSET:
-            raise errors.BadRequest("chat-style embedding input (`messages`) is not supported",
-                                    param="messages")
-        if self.input is UNSET:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise errors.VllmBadRequest("Cannot set both `continue_final_message` and "
+                                        "`add_generation_prompt` to True.")
+        if self.input is UNSET and self.messages is UNSET:
             raise errors.BadRequest("missing required field `input`", param="input")
         if self.encoding_format not in ("float", "base64"):
             raise errors.BadRequest(f"encoding_format {self.encoding_format!r} is not "
                                     "supported (only 'float' and 'base64')",
                                     param="encoding_format")
-        defaults = {f.name: f.default for f in msgspec.structs.fields(self)}
-        for name in _UNIMPLEMENTED:
-            if getattr(self, name) != (default := defaults[name]):
-                raise errors.BadRequest(f"{name} is not supported (only its default "
-                                        f"{default!r})", param=name)
-
-    def prompt_count(self) -> int:
-        return len(self._inputs())
+        self.check_implemented()
+        t._check_template_kwargs(self.chat_template_kwargs)
 
     def prompts(self) -> list[p.Prompt]:
+        chats = self._chats()
+        if chats is not None:
+            return [p.Prompt(messages=messages) for messages in chats]
         return [p.Prompt(prompt=item) if isinstance(item, str) else p.Prompt(prompt_token_ids=item)
                 for item in self._inputs()]
+
+    def is_chat(self) -> bool:
+        return self._chats() is not None
+
+    def _chats(self) -> list[list[dict[str, Any]]] | None:
+        """The chats to embed, as vLLM's request forms read them: `messages`
+        is one chat or a batch of them; `input` is only where every item is
+        a message (or every item a list of them); None: no chat."""
+        if self.messages is not UNSET:
+            given = self.messages
+            if given and all(isinstance(item, list) for item in given):
+                return [_messages(chat, "messages") for chat in given]
+            return [_messages(given, "messages")]
+        given = self.input
+        if isinstance(given, list) and given and all(map(_is_message, given)):
+            return [_messages(given, "input")]
+        if isinstance(given, list) and given and all(
+                isinstance(item, list) and item and all(map(_is_message, item))
+                for item in given):
+            return [_messages(chat, "input") for chat in given]
+        return None
 
     def _inputs(self) -> list[str | list[int]]:
         """As vLLM's prompt_to_seq: a list of ints is one input; an empty list
         is no input at all, refused in vLLM's words."""
         given = self.input
-        if isinstance(given, str) or (given and all(isinstance(item, int) for item in given)):
+        if isinstance(given, str) or (given and all(_is_int(item) for item in given)):
             return [given]
         if not given:
             raise errors.VllmBadRequest("You must pass at least one prompt", param="input")
-        if all(isinstance(item, str) for item in given) or \
-                all(isinstance(item, list) for item in given):
+        if all(isinstance(item, str) for item in given) or all(
+                isinstance(item, list) and all(map(_is_int, item)) for item in given):
             return given
-        raise errors.BadRequest("input must be a string, a list of token ids, or a list of "
-                                "either (a batch)", param="input")
+        raise errors.BadRequest("input must be a string, a list of token ids, a list of "
+                                "either (a batch), or chat messages", param="input")
+
+    def render(self) -> p.RenderOptions:
+        """How the inputs become tokens; add_special_tokens at its form's default."""
+        add_special = self.add_special_tokens
+        return p.RenderOptions(
+            add_special_tokens=(not self.is_chat()) if add_special is None else add_special,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            truncation_side=self.truncation_side,
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message)
+
+    def template(self, trusted: bool) -> str | None:
+        return t._request_template(self.chat_template, self.chat_template_kwargs, trusted)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {key: value for key, value in (self.chat_template_kwargs or {}).items()
+                if key != "chat_template"}
 
     def pooling(self) -> dict[str, Any]:
         """vLLM PoolingParams fields for what the client set, and only that."""
         return {name: value for name in ("dimensions", "use_activation")
                 if (value := getattr(self, name)) is not None}
+
+    def command(self, trust_templates: bool) -> p.Embed:
+        """The checked request as the worker takes it (its model the client's
+        name until a worker serves it)."""
+        self.check()
+        return p.Embed(f"{_ID_PREFIXES[self.endpoint]}-{uuid.uuid4().hex}", self.model,
+                       self.prompts(), self.pooling(), self.render(), self.template_kwargs(),
+                       self.template(trust_templates), self.endpoint, self._task())
+
+    def _task(self) -> str | None:
+        return None
+
+
+class PoolingRequest(EmbeddingRequest, kw_only=True):
+    """vLLM's PoolingRequest as its server takes it for an embedding model:
+    PoolingCompletionRequest (`input`) or PoolingChatRequest (`messages`,
+    one chat); its IOProcessorRequest (`data`) needs an IO processor plugin,
+    which wcd has none of, and is refused in vLLM's words."""
+
+    endpoint: ClassVar[str] = "pooling"
+
+    task: str | None = None
+    data: Any = UNSET
+
+    def check(self) -> None:
+        if self.task in _REMOVED_TASKS:
+            raise errors.VllmBadRequest(f"{_REMOVED_TASKS[self.task]} (parameter=task)",
+                                        param="task")
+        if self.task is not None and self.task not in _POOLING_TASKS:
+            raise errors.BadRequest(f"task must be one of {list(_POOLING_TASKS)}", param="task")
+        if self.dimensions is not None:
+            raise errors.VllmBadRequest("dimensions is currently not supported "
+                                        "(parameter=dimensions)", param="dimensions")
+        if self.task == "plugin" or (self.data is not UNSET and self.input is UNSET
+                                     and self.messages is UNSET):
+            raise errors.VllmBadRequest(
+                "No IOProcessor plugin installed. Please refer to the documentation and to "
+                "the 'prithvi_geospatial_mae_io_processor' offline inference example for "
+                "more details. (parameter=task)", param="task")
+        super().check()
+
+    def _chats(self) -> list[list[dict[str, Any]]] | None:
+        """One chat, in `messages` only (PoolingChatRequest)."""
+        if self.messages is UNSET:
+            return None
+        return [_messages(self.messages, "messages")]
+
+    def _task(self) -> str | None:
+        return self.task
+
+
+_ID_PREFIXES = {"embeddings": "embd", "pooling": "pooling"}
+# vLLM's PoolingTask values, and the removed ones it refuses by name.
+_POOLING_TASKS = ("embed", "classify", "token_embed", "token_classify", "plugin",
+                  "embed&token_classify")
+_REMOVED_TASKS = {"score": "`score` task was removed; use `classify` instead.",
+                  "encode": "`encode` task was removed; use `token_embed` or "
+                            "`token_classify` instead."}
+
+
+def _is_int(item: Any) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
+def _is_message(item: Any) -> bool:
+    """vLLM's _is_chat_message: what makes an input a chat's."""
+    return isinstance(item, dict) and isinstance(item.get("role"), str)
+
+
+def _messages(chat: Any, field: str) -> list[dict[str, Any]]:
+    """A chat's messages as wcd's chat completions take them (their fields
+    vLLM's; others dropped)."""
+    try:
+        return msgspec.to_builtins(msgspec.convert(chat, list[t.Message]))
+    except msgspec.ValidationError as exc:
+        raise errors.BadRequest(f"{field}: {exc}", param=field) from None
 
 
 # ---- responses ------------------------------------------------------------------
@@ -132,21 +272,36 @@ class EmbeddingList(Struct, kw_only=True):
     usage: t.Usage
 
 
+class PoolingData(Struct, kw_only=True):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    # As EmbeddingData's embedding.
+    data: list[float] | str
+
+
+class PoolingList(Struct, kw_only=True):
+    """vLLM's PoolingResponse."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: t.Usage
+
+
+def pooling_usage(tokens: int) -> t.Usage:
+    """vLLM's pooling endpoints' usage: their details null, not absent."""
+    return t.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens,
+                   prompt_tokens_details=None, completion_tokens_details=None)
+
+
 @dataclass(frozen=True)
-class EmbedJob:
+class PoolingJob:
     """A checked request, ready to send once a worker serves its model."""
 
     command: p.Embed  # its model is the client's name until a worker serves it
-    base64: bool
     created: int = field(default_factory=lambda: int(time.time()))
-
-    @classmethod
-    def of(cls, body: EmbeddingRequest) -> EmbedJob:
-        body.check()
-        command = p.Embed(f"embd-{uuid.uuid4().hex}", body.model, body.prompts(),
-                          body.pooling(), body.truncate_prompt_tokens, body.truncation_side,
-                          body.add_special_tokens)
-        return cls(command, body.encoding_format == "base64")
 
     @property
     def model(self) -> str:
@@ -155,14 +310,27 @@ class EmbedJob:
     def request(self, served: str) -> p.Embed:
         return msgspec.structs.replace(self.command, model=served)
 
-    def response(self, items: list[p.Embedding]) -> EmbeddingList:
+
+@dataclass(frozen=True)
+class EmbedJob(PoolingJob):
+    base64: bool = False
+
+    @classmethod
+    def of(cls, body: EmbeddingRequest, trust_templates: bool = False) -> EmbedJob:
+        return cls(body.command(trust_templates), base64=body.encoding_format == "base64")
+
+    def response(self, items: list[p.Embedding]) -> EmbeddingList | PoolingList:
         items = sorted(items, key=lambda item: item.prompt_index)
         tokens = sum(item.prompt_tokens for item in items)
-        return EmbeddingList(
-            id=self.command.request_id, created=self.created, model=self.model,
-            data=[EmbeddingData(index=item.prompt_index, embedding=self._vector(item.data))
-                  for item in items],
-            usage=t.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens))
+        head = {"id": self.command.request_id, "created": self.created, "model": self.model,
+                "usage": pooling_usage(tokens)}
+        if self.command.endpoint == "pooling":
+            return PoolingList(**head, data=[
+                PoolingData(index=item.prompt_index, data=self._vector(item.data))
+                for item in items])
+        return EmbeddingList(**head, data=[
+            EmbeddingData(index=item.prompt_index, embedding=self._vector(item.data))
+            for item in items])
 
     def _vector(self, data: bytes) -> list[float] | str:
         if self.base64:

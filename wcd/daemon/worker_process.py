@@ -156,7 +156,7 @@ class WorkerProcess:
             if queue is not None:
                 queue.put_nowait(event)
         elif isinstance(event, (p.Phase, p.OpDone, p.OpFailed, p.Stats, p.Tokenized,
-                                p.Detokenized)):
+                                p.Detokenized, p.Similarities)):
             queue = self._ops.get(event.op_id)
             if queue is not None:
                 queue.put_nowait(event)
@@ -226,6 +226,10 @@ class WorkerProcess:
     async def detokenize(self, model: str, token_ids: list[int]) -> p.Detokenized:
         op_id = next(self._op_ids)
         return await self._operation(op_id, p.Detokenize(op_id, model, token_ids), None)
+
+    async def similarity(self, pairs: list[tuple[bytes, bytes]]) -> p.Similarities:
+        op_id = next(self._op_ids)
+        return await self._operation(op_id, p.Similarity(op_id, pairs), None)
 
     async def _operation(self, op_id: int, command: p.Command,
                          on_phase: Callable[[p.Phase], None] | None):

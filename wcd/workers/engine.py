@@ -683,7 +683,7 @@ class EngineHost:
         A suspended resident takes them too: they wait for its resume. Returns
         the Outputs ready at once: beam searches with no token to generate."""
         served = self._resident(request.model)
-        if not request.prompts:
+        if not request.prompts and not (isinstance(request, p.Embed) and request.score):
             raise ModelError(p.BAD_ARGS, "a request needs at least one prompt")
         if pooling.task_of(request) not in served.engine.get_supported_tasks():
             raise ModelError(p.UNSUPPORTED, pooling.unsupported(request))

@@ -156,6 +156,8 @@ class Worker:
             self._suspend(command)
         elif isinstance(command, (p.Tokenize, p.Detokenize)):
             self._tokenize(command)
+        elif isinstance(command, p.Similarity):
+            self._similarity(command)
         elif isinstance(command, p.GetStats):
             self.channel.send(self._stats(command.op_id))
 
@@ -167,6 +169,16 @@ class Worker:
             self.channel.send(answer(command))
         except ModelError as exc:
             self.channel.send(p.OpFailed(command.op_id, exc.info(), self._residents()))
+
+    def _similarity(self, command: p.Similarity) -> None:
+        from wcd.workers import pooling
+
+        try:
+            answer = pooling.similarities(command)
+        except (RuntimeError, ValueError) as exc:  # torch's, for vectors that do not pair
+            answer = p.OpFailed(command.op_id, p.ErrorInfo(p.BAD_ARGS, str(exc)),
+                                self._residents())
+        self.channel.send(answer)
 
     def _generate(self, command: p.Generate | p.Embed) -> None:
         from wcd.workers.engine import ModelError
@@ -238,6 +250,8 @@ class Worker:
                 self._abort([command.request_id], reason=None)
             elif isinstance(command, (p.Generate, p.Embed, p.Tokenize, p.Detokenize)) and \
                     command.model not in leaving and command.model in self.host.residents:
+                self.handle(command)
+            elif isinstance(command, p.Similarity):  # no model's: a request's last step
                 self.handle(command)
             else:
                 # An Abort of a deferred Generate is deferred behind it.

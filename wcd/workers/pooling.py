@@ -1,5 +1,5 @@
-"""Pooling models in a warm worker: embeddings as `vllm serve --runner pooling`
-makes them.
+"""Pooling models in a warm worker: embeddings and bi-encoder scores as `vllm
+serve --runner pooling` makes them.
 
 A resident built with vLLM's pooling runner is stepped like any other; its
 requests carry PoolingParams instead of SamplingParams, and each input's
@@ -31,7 +31,7 @@ def unsupported(request: p.Generate | p.Embed) -> str:
     """vLLM's refusal of the API a request came through, had the server
     routed it to a model without its task (vllm/entrypoints/*/api_router.py)."""
     if isinstance(request, p.Embed):
-        api = "Embeddings API"
+        api = p.EMBED_ENDPOINTS[request.endpoint]
     elif request.prompts and request.prompts[0].messages is not None:
         api = "Chat Completions API"
     else:
@@ -42,12 +42,30 @@ def unsupported(request: p.Generate | p.Embed) -> str:
 def engine_requests(engine, request: p.Embed) -> list[tuple[dict, PoolingParams]]:
     """Each input rendered as vLLM's embeddings server renders it, with its own
     copy of the request's PoolingParams (the engine fills in its defaults)."""
+    if request.task is not None:
+        _check_task(engine, request.task)
     params = PoolingParams(task=EMBED, **request.pooling)
-    inputs = vllm_seams.render_pooled(
-        engine, [prompt.prompt if prompt.prompt is not None else prompt.prompt_token_ids
-                 for prompt in request.prompts],
-        request.truncate_prompt_tokens, request.truncation_side, request.add_special_tokens)
+    inputs = vllm_seams.render_pooled(engine, request)
+    vllm_seams.verify_pooling(engine, params, request.model)
     return [(engine_input, params.clone()) for engine_input in inputs]
+
+
+def _check_task(engine, task: str) -> None:
+    """/pooling's task against the model's, in vLLM's words
+    (ServingPooling._verify_pooling_task): the model's pooling task, which
+    for a model wcd embeds with is EMBED, is the one it serves."""
+    if task == EMBED:
+        return
+    tasks = list(engine.get_supported_tasks())
+    if task in tasks:
+        raise ValueError(f"Try switching the model's pooling_task via --pooler-config.task "
+                         f"{task}. (parameter=task)")
+    raise ValueError(f"Unsupported task: {task!r} Supported tasks: {tasks} (parameter=task)")
+
+
+def similarities(command: p.Similarity) -> p.Similarities:
+    return p.Similarities(command.op_id, [vllm_seams.cosine_similarity(vector_1, vector_2)
+                                          for vector_1, vector_2 in command.pairs])
 
 
 def warm_params(engine) -> SamplingParams | PoolingParams:

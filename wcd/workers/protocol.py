@@ -9,7 +9,7 @@ only msgspec and the stdlib so the daemon can share it.
 from __future__ import annotations
 
 import struct
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -207,22 +207,62 @@ class Detokenize(msgspec.Struct, tag="detokenize", frozen=True):
 
 
 class Embed(msgspec.Struct, tag="embed", frozen=True):
-    """One embeddings request for a pooling model: one input (text or token
-    ids) or a batch sharing one `pooling`. The worker answers an `Embedding`
-    per input, the request's last one `finished`.
+    """One embeddings request for a pooling model: one input (text, token ids
+    or a chat's messages) or a batch sharing one `pooling`. The worker answers
+    an `Embedding` per input, the request's last one `finished`.
 
     `pooling` holds vLLM PoolingParams fields (dimensions, use_activation),
-    validated by vLLM's own PoolingParams in the worker; the other fields say
-    how text is tokenized, as vLLM's embeddings server does.
+    validated by vLLM's own PoolingParams in the worker; `render` and the
+    chat template fields say how inputs become tokens, as vLLM's embeddings
+    server renders them (its `add_special_tokens` always set: True for text
+    and token ids, False for chats by default). `chat_template` is set only
+    where the operator trusts request templates.
+
+    `endpoint`: the vLLM endpoint asked (one of EMBED_ENDPOINTS), whose
+    refusals and input length limit the worker applies, as vLLM's server
+    does for it; `task`: /pooling's, checked against the model's pooling
+    task in vLLM's words (None: the model's); `score`: a score or rerank
+    request's two sides, whose items are the inputs (`prompts` empty).
     """
 
     request_id: str
     model: str
     prompts: list[Prompt]
     pooling: dict[str, Any] = {}
-    truncate_prompt_tokens: int | None = None
-    truncation_side: Literal["left", "right"] | None = None
-    add_special_tokens: bool = True
+    render: RenderOptions = RenderOptions(add_special_tokens=True, add_generation_prompt=False)
+    chat_template_kwargs: dict[str, Any] = {}
+    chat_template: str | None = None
+    endpoint: str = "embeddings"
+    task: str | None = None
+    score: ScoreInputs | None = None
+
+
+# The endpoints an Embed may come from, by vLLM's name for each in its refusals.
+EMBED_ENDPOINTS = {"embeddings": "Embeddings API", "pooling": "Pooling API",
+                   "score": "Score API", "rerank": "Rerank (Score) API"}
+
+
+class ScoreInputs(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A score or rerank request's two sides as vLLM's bi-encoder scoring
+    takes them: each item a text or a multi-modal {"content": [...]}, which
+    the worker refuses in vLLM's words for a text-only model. The worker
+    checks and truncates them as vLLM does (0: no limit) and embeds data_1's
+    items, then data_2's, as the Embed's inputs."""
+
+    data_1: list[Any]
+    data_2: list[Any]
+    max_tokens_per_query: int = 0
+    max_tokens_per_doc: int = 0
+
+
+class Similarity(msgspec.Struct, tag="similarity", frozen=True):
+    """The cosine similarity of each pair of vectors (float32 bytes, as an
+    Embedding's), computed as vLLM's bi-encoder scoring computes it, so a
+    score is to the bit the one vLLM's server sends. Answered by
+    `Similarities`."""
+
+    op_id: int
+    pairs: list[tuple[bytes, bytes]]
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):
@@ -243,8 +283,8 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     pass
 
 
-Command = Union[Swap, Unload, Suspend, Generate, Embed, Tokenize, Detokenize, Abort, GetStats,
-                Ping, Shutdown]
+Command = Union[Swap, Unload, Suspend, Generate, Embed, Tokenize, Detokenize, Similarity, Abort,
+                GetStats, Ping, Shutdown]
 
 
 # ---- events: worker -> daemon ---------------------------------------------------
@@ -495,6 +535,11 @@ class Detokenized(msgspec.Struct, tag="detokenized", frozen=True):
     text: str
 
 
+class Similarities(msgspec.Struct, tag="similarities", frozen=True):
+    op_id: int
+    scores: list[float]  # one per pair, in order
+
+
 class Stats(msgspec.Struct, tag="stats", frozen=True):
     op_id: int
     pid: int
@@ -505,7 +550,7 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
 
 
 Event = Union[Ready, Pong, Phase, OpDone, OpFailed, Outputs, RequestFailed, Tokenized,
-              Detokenized, Stats]
+              Detokenized, Similarities, Stats]
 
 SWAP_PHASES = ("resolve", "drain", "release", "fetch", "build", "warm", "ready")
 

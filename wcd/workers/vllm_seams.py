@@ -797,6 +797,13 @@ def _check_pooling() -> None:
             "max_total_tokens_param"} <= {f.name for f in dataclasses.fields(TokenizeParams)}:
         raise SeamBroken("TokenizeParams no longer truncates as the embeddings server asks "
                          "(render_pooled)")
+    from vllm.entrypoints.pooling.scoring import io_processor, utils
+
+    source = inspect.getsource(io_processor.BiEncoderIOProcessor._post_process)
+    if "F.cosine_similarity(" not in source or not hasattr(utils, "validate_score_input") \
+            or not hasattr(utils, "truncate_text_to_tokens"):
+        raise SeamBroken("vLLM's bi-encoder scoring changed (cosine_similarity, "
+                         "validate_score_input, truncate_text_to_tokens)")
 
 
 def _check_rendering() -> None:
@@ -1048,12 +1055,14 @@ def render_completion(engine, prompt: str | list[int], tok_params):
 
 
 def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
-                chat_template: str | None, options, tok_params):
+                chat_template: str | None, options, tok_params, pooled: bool = False):
     """`chat_template`: a request's own template, which the daemon passes
     only where the operator trusts request templates. wcd's own arguments are
     set after the request's template variables and win: vLLM's merge_kwargs
     would drop an argument set to None (tools=None, chat_template=None) and
-    let a request's value through."""
+    let a request's value through. `pooled`: a pooling request's chat, which
+    vLLM's pooling server tokenizes in the template only for Mistral's
+    tokenizer, where its chat server does also for prompt embeds."""
     from vllm.renderers import ChatParams
     from vllm.utils.mistral import is_mistral_tokenizer
 
@@ -1069,7 +1078,7 @@ def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
             **variables, "add_generation_prompt": options.add_generation_prompt,
             "continue_final_message": options.continue_final_message,
             "tokenize": is_mistral_tokenizer(renderer.tokenizer)
-            or engine.model_config.enable_prompt_embeds,
+            or (engine.model_config.enable_prompt_embeds and not pooled),
             # Absent rather than None: templates test `tools is defined`.
             **{key: value for key, value in (("tools", normalized_tools(options.tools)),
                                              ("documents", options.documents))
@@ -1079,36 +1088,104 @@ def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
     return engine_input
 
 
-# vllm 0.32: the input rendering of vLLM's embeddings server
+# vllm 0.32: the input rendering of vLLM's embeddings and pooling servers
 # (entrypoints/pooling/base: PoolingBaseServing._validate_request, then
-# EmbeddingTokenizeParamsMixin.build_tok_params for the inputs of
-# PoolingIOProcessor.get_request_factory_online), so an input served by wcd
-# becomes the tokens `vllm serve --runner pooling` makes, truncated or refused
-# as there, in its words. Not done: a pooler's chunked processing of long
-# inputs (pooler_config.enable_chunked_processing).
+# EmbeddingTokenizeParamsMixin.build_tok_params, or /pooling's
+# FixedMaxLenTokenizeParamsMixin, for the inputs of
+# EmbedIOProcessor.get_request_factory_online, a chat's rendered by
+# render_chat with the embedding request's ChatParams), so an input served by
+# wcd becomes the tokens `vllm serve --runner pooling` makes, truncated or
+# refused as there, in its words. Not done: a pooler's chunked processing of
+# long inputs (pooler_config.enable_chunked_processing).
 
 
-def render_pooled(engine, prompts: list[str | list[int]], truncate_prompt_tokens: int | None,
-                  truncation_side: str | None, add_special_tokens: bool) -> list:
+def render_pooled(engine, request) -> list:
+    """Each of an Embed's prompts, or its score inputs, as an engine input."""
     from vllm.renderers.inputs.preprocess import parse_model_prompt
     from vllm.renderers.params import TokenizeParams
 
+    from wcd.workers.protocol import Prompt
+
     model_config = engine.model_config
+    options = request.render
+    truncate_prompt_tokens = options.truncate_prompt_tokens
     if truncate_prompt_tokens is not None and truncate_prompt_tokens > model_config.max_model_len:
         raise ValueError("truncate_prompt_tokens value is greater than max_model_len. "
                          "Please request a smaller truncation size.")
-    pooler = model_config.pooler_config
+    # /v1/embeddings' inputs may be as long as the pooler's max_embed_len
+    # (EmbeddingTokenizeParamsMixin); the other endpoints', the model's length.
+    pooler = model_config.pooler_config if request.endpoint == "embeddings" else None
     tok_params = TokenizeParams(
         max_total_tokens=(pooler and pooler.max_embed_len) or model_config.max_model_len,
         max_output_tokens=0,
         truncate_prompt_tokens=truncate_prompt_tokens,
-        truncation_side=truncation_side,
+        truncation_side=options.truncation_side,
         do_lower_case=(model_config.encoder_config or {}).get("do_lower_case", False),
-        add_special_tokens=add_special_tokens,
+        add_special_tokens=options.add_special_tokens,
         max_total_tokens_param="max_model_len",
     )
-    return engine.renderer.render_cmpl(
-        [parse_model_prompt(model_config, prompt) for prompt in prompts], tok_params)
+    prompts = request.prompts if request.score is None else [
+        Prompt(prompt=text) for text in _score_texts(engine, request.score)]
+    inputs = []
+    for prompt in prompts:
+        if prompt.messages is not None:
+            inputs.append(render_chat(engine, prompt.messages, request.chat_template_kwargs,
+                                      request.chat_template, options, tok_params, pooled=True))
+            continue
+        given = prompt.prompt if prompt.prompt is not None else prompt.prompt_token_ids
+        (engine_input,) = engine.renderer.render_cmpl(
+            [parse_model_prompt(model_config, given)], tok_params)
+        inputs.append(engine_input)
+    return inputs
+
+
+def _score_texts(engine, score) -> list[str]:
+    """A score request's two sides as vLLM's bi-encoder scoring makes them
+    inputs (BiEncoderIOProcessor.get_request_factory_online): checked, each
+    side truncated to its token limit, queries then documents."""
+    from vllm.entrypoints.pooling.scoring.utils import (
+        truncate_text_to_tokens,
+        validate_score_input,
+    )
+
+    model_config = engine.model_config
+    data = validate_score_input(score.data_1, score.data_2,
+                                is_multimodal_model=model_config.is_multimodal_model,
+                                architecture=model_config.architecture)
+    sides = ((data.data_1, score.max_tokens_per_query, "max_tokens_per_query"),
+             (data.data_2, score.max_tokens_per_doc, "max_tokens_per_doc"))
+    for _, limit, name in sides:  # ScoringIOProcessor._validate_token_limit
+        if limit < 0:
+            raise ValueError(f"{name} must be a non-negative integer")
+        if limit >= model_config.max_model_len:
+            raise ValueError(f"{name} ({limit}) must be less than max_model_len "
+                             f"({model_config.max_model_len}).")
+    tokenizer = engine.renderer.get_tokenizer()
+    return [truncate_text_to_tokens(text, tokenizer, limit) if limit > 0 else text
+            for texts, limit, _ in sides for text in texts]
+
+
+def cosine_similarity(vector_1: bytes, vector_2: bytes) -> float:
+    """vLLM's bi-encoder score of two float32 vectors (BiEncoderIOProcessor.
+    _post_process, then ScoringOutput's .item())."""
+    import torch
+    import torch.nn.functional as F
+
+    def tensor(data: bytes):
+        return torch.frombuffer(bytearray(data), dtype=torch.float32)
+
+    return F.cosine_similarity(tensor(vector_1), tensor(vector_2), dim=0).item()
+
+
+def verify_pooling(engine, params, served_name: str) -> None:
+    """PoolingParams checked as vLLM's server checks them once rendered
+    (PoolingBaseServing._prepare_generators), its refusals naming the model
+    as served, where the engine's config names its path."""
+    import copy
+
+    model_config = copy.copy(engine.model_config)
+    model_config.served_model_name = served_name
+    params.verify(model_config)
 
 
 # ---- chat parsers ------------------------------------------------------------------
