@@ -108,7 +108,7 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
                                     "supported (only 'float' and 'base64')",
                                     param="encoding_format")
         self.check_implemented()
-        t._check_template_kwargs(self.chat_template_kwargs)
+        t.check_template_kwargs(self.chat_template_kwargs)
 
     def prompts(self) -> list[p.Prompt]:
         chats = self._chats()
@@ -163,7 +163,7 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
             continue_final_message=self.continue_final_message)
 
     def template(self, trusted: bool) -> str | None:
-        return t._request_template(self.chat_template, self.chat_template_kwargs, trusted)
+        return t.request_template(self.chat_template, self.chat_template_kwargs, trusted)
 
     def template_kwargs(self) -> dict[str, Any]:
         return {key: value for key, value in (self.chat_template_kwargs or {}).items()

@@ -570,7 +570,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         if self.modalities not in (None, ["text"]):
             raise errors.BadRequest("only text output is supported", param="modalities")
         self._check_logprobs()
-        _check_template_kwargs(self.chat_template_kwargs)
+        check_template_kwargs(self.chat_template_kwargs)
         self._check_mm_kwargs(dialect)
 
     def _check_mm_kwargs(self, dialect: Dialect) -> None:
@@ -641,7 +641,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         return body
 
     def template(self, trusted: bool) -> str | None:
-        return _request_template(self.chat_template, self.chat_template_kwargs, trusted)
+        return request_template(self.chat_template, self.chat_template_kwargs, trusted)
 
     def sampling(self) -> dict[str, Any]:
         params = super().sampling()
@@ -695,7 +695,7 @@ def _check_named_tool(choice: dict[str, Any], tools: list[Tool]) -> None:
                                       "of the specified `tools`", "tool_choice")
 
 
-def _check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
     reserved = sorted(p.RESERVED_CHAT_TEMPLATE_KWARGS.intersection(kwargs or ())
                       - {"chat_template"})
     if reserved:
@@ -703,7 +703,7 @@ def _check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
                                 "sets it", param=f"chat_template_kwargs.{reserved[0]}")
 
 
-def _request_template(template: str | None, kwargs: dict[str, Any] | None,
+def request_template(template: str | None, kwargs: dict[str, Any] | None,
                       trusted: bool) -> str | None:
     """A request's own chat template, refused unless the operator trusts
     request templates, as vLLM's --trust-request-chat-template does."""
@@ -740,10 +740,10 @@ class TokenizeRequest(_Request, kw_only=True):
         for name in ("media_io_kwargs", "mm_processor_kwargs"):
             if getattr(self, name):
                 raise errors.BadRequest(f"{name} is not supported", param=name)
-        _check_template_kwargs(self.chat_template_kwargs)
+        check_template_kwargs(self.chat_template_kwargs)
 
     def template(self, trusted: bool) -> str | None:
-        return _request_template(self.chat_template, self.chat_template_kwargs, trusted)
+        return request_template(self.chat_template, self.chat_template_kwargs, trusted)
 
     def prompt_input(self) -> p.Prompt:
         if self.messages is not None:

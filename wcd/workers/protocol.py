@@ -14,7 +14,7 @@ from typing import Any, Union
 import msgspec
 from msgspec import UNSET, UnsetType
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
