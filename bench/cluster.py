@@ -45,6 +45,7 @@ from common import (CACHE, ENGINE_ARGS, MODELS, ROOT, command_line, free_port,  
                     machine, metric_series, pct, sse_chunks, write_section)
 
 SECTION = "## Cluster (bench/cluster.py)"
+GPU_SECTION = "## Cluster on CUDA (bench/cluster.py --device cuda:0)"
 EXTRA_MODELS = CACHE / "cluster-models"
 ALL_MODELS = ("small-a", "small-b", "wide-a", "small-c")
 PAIR = ("small-a", "small-b")
@@ -70,13 +71,15 @@ class Run:
         return len(self.ttft_s) + len(self.failures)
 
 
-def config(directory: Path) -> Path:
+def config(directory: Path, device: str) -> Path:
     path = directory / "wcd.yaml"
+    # Every replica's engine shares the one GPU: none may ask for most of it.
+    shared_gpu = {} if device == "cpu" else {"gpu_memory_utilization": 0.2}
     path.write_text(yaml.safe_dump({
         "log_level": "warning",
-        "workers": [{"device": "cpu"}],
+        "workers": [{"device": device}],
         "model_roots": [str(MODELS), str(EXTRA_MODELS)],
-        "defaults": ENGINE_ARGS,
+        "defaults": {**ENGINE_ARGS, **shared_gpu},
         "models": {name: {"path": str(_path_of(name))} for name in ALL_MODELS},
         "policy": {"max_resident": 2, "host_cache_bytes": 256 << 20, "min_resident": 0,
                    "queue_wait": "300s"},
@@ -168,12 +171,14 @@ async def measured(urls: list[str], requests: list[tuple[str, str]], args,
 class ServeApp:
     """wcd.serve on a local Ray instance; `deploy` (re)deploys it."""
 
-    def __init__(self, config_path: Path):
+    def __init__(self, config_path: Path, device: str):
         import ray
         from ray import serve
 
         self.ray, self.serve, self.config = ray, serve, str(config_path)
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # On a GPU the replicas share it: a fraction each.
+        self.gpus = 0 if device == "cpu" else 1
+        ray.init(num_cpus=4, num_gpus=self.gpus, include_dashboard=False, log_to_driver=False)
         self.port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self.url = f"http://127.0.0.1:{self.port}"
@@ -181,7 +186,8 @@ class ServeApp:
     def deploy(self, replicas: int) -> None:
         from wcd.serve.deployments import ModelReplica, OpenAIIngress
 
-        models = ModelReplica.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1})
+        models = ModelReplica.options(num_replicas=replicas, ray_actor_options={
+            "num_cpus": 1, "num_gpus": self.gpus / replicas})
         self.serve.run(OpenAIIngress.bind(models.bind(self.config), self.config),
                        route_prefix="/")
 
@@ -208,7 +214,7 @@ async def serve_run(app: ServeApp, replicas: int, requests, args) -> Run:
 async def daemons_run(config_path: Path, count: int, requests, args) -> Run:
     from wcd.serve.replica_daemon import ReplicaDaemon
 
-    daemons = [ReplicaDaemon(str(config_path), "cpu") for _ in range(count)]
+    daemons = [ReplicaDaemon(str(config_path), args.device) for _ in range(count)]
     try:
         await asyncio.gather(*(d.start() for d in daemons))
         urls = [d.url for d in daemons]
@@ -262,12 +268,13 @@ def section(args, runs: dict[str, Run]) -> str:
         SECTION, "",
         f"Measured {now:%Y-%m-%d %H:%M} UTC on {machine()}; Python "
         f"{platform.python_version()}, Ray {_ray_version()}. Command: `{command_line()}`.", "",
-        f"Each replica: one wcd daemon, one CPU worker, two residents "
+        f"Each replica: one wcd daemon, one worker ({args.device}), two residents "
         f"(`policy.max_resident: 2`), engine args `{json.dumps(ENGINE_ARGS)}`. "
         f"{args.clients} concurrent streaming clients, completions of {args.max_tokens} "
         f"tokens (greedy, `ignore_eos`), each request's model drawn at random (seeded, the "
         "same stream for every run) after a warm-up that loads every model once. "
-        "Every process shares this machine's cores: the replicas compete for them.", "",
+        "Every process shares this machine's cores (and GPU): the replicas compete for "
+        "them.", "",
         "| run | requests | failed | swaps | TTFT p50 ms | TTFT p99 ms | tok/s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         _row(f"Serve, multiplexed routing, 2 replicas, {len(ALL_MODELS)} models",
@@ -291,11 +298,11 @@ def _ray_version() -> str:
 async def bench(args) -> dict[str, Run]:
     ensure_models()
     directory = Path(tempfile.mkdtemp(prefix="wcd-cluster-"))
-    config_path = config(directory)
+    config_path = config(directory, args.device)
     mixed = request_stream(args.requests, ALL_MODELS)
     pair = request_stream(args.requests // 2, PAIR, seed=1)
     runs: dict[str, Run] = {}
-    app = ServeApp(config_path)
+    app = ServeApp(config_path, args.device)
     try:
         runs["multiplexed"] = await serve_run(app, 2, mixed, args)
         print(_row("multiplexed", runs["multiplexed"]), flush=True)
@@ -316,10 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help='"cpu", or "cuda:0": every replica '
+                        "and daemon on that one GPU")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     runs = asyncio.run(bench(args))
-    write_section(args.out, SECTION, section(args, runs))
+    title = SECTION if args.device == "cpu" else GPU_SECTION
+    write_section(args.out, title, section(args, runs).replace(SECTION, title, 1))
     return 0
 
 
