@@ -224,9 +224,6 @@ def test_the_models_list_has_the_embedding_model(client):
      "truncate_prompt_tokens value is greater than max_model_len."),
     ("/v1/embeddings", {"model": "nope", "input": "hi"}, 404,
      "The model `nope` does not exist."),
-    # What wcd does not do.
-    ("/v1/embeddings", {"model": "embed-a", "input": "hi", "encoding_format": "bytes"}, 400,
-     "encoding_format 'bytes' is not supported"),
 ])
 def test_refusals(daemon, path, request_body, status, message):
     got, answer = post(daemon, path, request_body)
