@@ -23,8 +23,9 @@ import urllib.request
 
 import pytest
 
-from conftest import DEMO_MODELS, ENGINE_ARGS, GREEDY, PROMPTS, run_reference
+from conftest import DEMO_MODELS, ENGINE_ARGS, GREEDY, PROMPTS, installed_vllm, run_reference
 from daemon_harness import openai_client, serving
+from wcd.daemon import vllm_dialect
 
 pytestmark = pytest.mark.vllm
 
@@ -152,6 +153,37 @@ def test_base64_decodes_to_the_same_floats(daemon):
     for plain, packed in zip(floats["data"], encoded["data"]):
         assert array.array("f", base64.b64decode(packed["embedding"])).tolist() == \
             plain["embedding"]
+
+
+def test_bytes_in_bfloat16_are_the_floats_rounded(daemon):
+    """bfloat16 is float32's upper half: each vector widened back is its
+    floats to half a bf16 step (2**-8 relative), where the metadata says."""
+    inputs = [CASES[0]["input"], CASES[1]["input"]]
+    status, floats = post(daemon, "/v1/embeddings", {"model": "embed-a", "input": inputs})
+    assert status == 200
+    asked = {"model": "embed-a", "input": inputs, "encoding_format": "bytes",
+             "embed_dtype": "bfloat16", "endianness": "little"}
+    request = urllib.request.Request(daemon.url + "/v1/embeddings",
+                                     data=json.dumps(asked).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        metadata, packed = json.loads(response.headers["metadata"]), response.read()
+    for item, plain in zip(metadata["data"], floats["data"]):
+        halves = packed[item["start"]:item["end"]]
+        widened = array.array("f", b"".join(b"\0\0" + halves[i:i + 2]
+                                            for i in range(0, len(halves), 2)))
+        assert item["shape"] == [len(plain["embedding"])]
+        assert all(abs(got - want) <= abs(want) * 2 ** -8
+                   for got, want in zip(widened, plain["embedding"]))
+
+
+def test_padding_pads_to_the_models_length(daemon):
+    status, answer = post(daemon, "/v1/embeddings",
+                          {"model": "embed-a", "input": "hi", "padding": "max_length"})
+    assert status == 200, answer
+    # vLLM 0.26 has no padding, and ignores it
+    padded = vllm_dialect.of(installed_vllm()).pooling_padding
+    assert answer["usage"]["prompt_tokens"] == (ENGINE_ARGS["max_model_len"] if padded else 1)
 
 
 def test_the_response_has_vllms_fields(daemon):
