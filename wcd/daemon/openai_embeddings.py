@@ -258,7 +258,8 @@ def _messages(chat: Any, field: str) -> list[dict[str, Any]]:
 class EmbeddingData(Struct, kw_only=True):
     index: int
     object: Literal["embedding"] = "embedding"
-    # The vector, or with encoding_format base64 its float32 bytes in base64.
+    # The vector, or with encoding_format base64 its bytes (embed_dtype,
+    # endianness) in base64.
     embedding: list[float] | str
 
 
