@@ -23,8 +23,9 @@ import urllib.request
 
 import pytest
 
-from conftest import DEMO_MODELS, ENGINE_ARGS, GREEDY, PROMPTS, run_reference
+from conftest import DEMO_MODELS, ENGINE_ARGS, GREEDY, PROMPTS, installed_vllm, run_reference
 from daemon_harness import openai_client, serving
+from wcd.daemon import vllm_dialect
 
 pytestmark = pytest.mark.vllm
 
@@ -154,6 +155,37 @@ def test_base64_decodes_to_the_same_floats(daemon):
             plain["embedding"]
 
 
+def test_bytes_in_bfloat16_are_the_floats_rounded(daemon):
+    """bfloat16 is float32's upper half: each vector widened back is its
+    floats to half a bf16 step (2**-8 relative), where the metadata says."""
+    inputs = [CASES[0]["input"], CASES[1]["input"]]
+    status, floats = post(daemon, "/v1/embeddings", {"model": "embed-a", "input": inputs})
+    assert status == 200
+    asked = {"model": "embed-a", "input": inputs, "encoding_format": "bytes",
+             "embed_dtype": "bfloat16", "endianness": "little"}
+    request = urllib.request.Request(daemon.url + "/v1/embeddings",
+                                     data=json.dumps(asked).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        metadata, packed = json.loads(response.headers["metadata"]), response.read()
+    for item, plain in zip(metadata["data"], floats["data"]):
+        halves = packed[item["start"]:item["end"]]
+        widened = array.array("f", b"".join(b"\0\0" + halves[i:i + 2]
+                                            for i in range(0, len(halves), 2)))
+        assert item["shape"] == [len(plain["embedding"])]
+        assert all(abs(got - want) <= abs(want) * 2 ** -8
+                   for got, want in zip(widened, plain["embedding"]))
+
+
+def test_padding_pads_to_the_models_length(daemon):
+    status, answer = post(daemon, "/v1/embeddings",
+                          {"model": "embed-a", "input": "hi", "padding": "max_length"})
+    assert status == 200, answer
+    # vLLM 0.26 has no padding, and ignores it
+    padded = vllm_dialect.of(installed_vllm()).pooling_padding
+    assert answer["usage"]["prompt_tokens"] == (ENGINE_ARGS["max_model_len"] if padded else 1)
+
+
 def test_the_response_has_vllms_fields(daemon):
     """As vLLM 0.32's api_server answered for embed-a (--runner pooling): the
     same keys, usage with its details null."""
@@ -224,9 +256,6 @@ def test_the_models_list_has_the_embedding_model(client):
      "truncate_prompt_tokens value is greater than max_model_len."),
     ("/v1/embeddings", {"model": "nope", "input": "hi"}, 404,
      "The model `nope` does not exist."),
-    # What wcd does not do.
-    ("/v1/embeddings", {"model": "embed-a", "input": "hi", "encoding_format": "bytes"}, 400,
-     "encoding_format 'bytes' is not supported"),
 ])
 def test_refusals(daemon, path, request_body, status, message):
     got, answer = post(daemon, path, request_body)

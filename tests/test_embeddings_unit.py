@@ -8,12 +8,14 @@ import array
 import base64
 import json
 
+import aiohttp
 import msgspec
 import pytest
 
 from test_openai_unit import FakeScheduler, FakeWorker, post, run_async, serve
 from wcd.daemon import errors
 from wcd.daemon.openai_embeddings import EmbeddingRequest, EmbedJob, PoolingRequest
+from wcd.daemon.vllm_dialect import VLLM_026
 from wcd.daemon.worker_process import WorkerError
 from wcd.workers import protocol as p
 
@@ -102,12 +104,11 @@ def test_only_what_the_client_set_travels():
     ({"input": "hi", "normalize": True},
      "Parameter `normalize` was removed; use `use_activation` instead.", "normalize"),
     ({"input": "hi", "normalize": None}, "Parameter `normalize` was removed", "normalize"),
-    ({"input": "hi", "encoding_format": "bytes"}, "encoding_format 'bytes'", "encoding_format"),
-    ({"input": "hi", "embed_dtype": "float16"}, "embed_dtype is not supported", "embed_dtype"),
-    ({"input": "hi", "endianness": "big"}, "endianness is not supported", "endianness"),
-    ({"input": "hi", "padding": "max_length"}, "padding is not supported", "padding"),
-    ({"messages": HI, "media_io_kwargs": {"image": {}}}, "media_io_kwargs is not supported",
-     "media_io_kwargs"),
+    ({"input": "hi", "mm_processor_kwargs": {"a": 1}}, "Per-request mm_processor_kwargs are "
+     "disabled by default", "mm_processor_kwargs"),
+    # vLLM keeps it as an extra field of a text request, and checks it too.
+    ({"input": "hi", "media_io_kwargs": {"image": {}}}, "Per-request media_io_kwargs are "
+     "disabled by default", "media_io_kwargs"),
     ({"messages": HI, "chat_template": "{{ 1 }}"}, "a chat template was passed with the "
      "request, but http.trust_request_chat_template is not set", "chat_template"),
     ({"messages": HI, "chat_template_kwargs": {"tools": []}},
@@ -187,6 +188,56 @@ def test_base64_is_the_float32_bytes():
     assert array.array("f", base64.b64decode(data.embedding)).tolist() == VECTORS[0]
 
 
+@pytest.mark.parametrize("encoding", ["base64", "bytes", "bytes_only"])
+def test_a_binary_encoding_asks_the_worker_for_its_dtype_and_byte_order(encoding):
+    command = EmbedJob.of(request(input="a", encoding_format=encoding, embed_dtype="bfloat16",
+                                  endianness="big")).command
+    assert (command.embed_dtype, command.endianness) == ("bfloat16", "big")
+
+
+def test_floats_are_float32_whatever_the_dtype_asked():
+    """vLLM's float encoding reads neither embed_dtype nor endianness."""
+    command = EmbedJob.of(request(input="a", embed_dtype="fp8_e4m3", endianness="big")).command
+    assert (command.embed_dtype, command.endianness) == ("float32", "native")
+
+
+def encoded(data: bytes, index: int, tokens: int) -> p.Embedding:
+    return p.Embedding("r", index, data, tokens, shape=(len(data) // 2,))
+
+
+def test_bytes_are_the_vectors_end_to_end_and_the_metadata_says_where():
+    job = EmbedJob.of(request(input=["a", "b"], encoding_format="bytes",
+                              embed_dtype="float16", endianness="little"))
+    answer = job.response([encoded(b"\x03\x04", 1, 2), encoded(b"\x01\x02" * 2, 0, 3)])
+    assert answer.body == b"\x01\x02\x01\x02\x03\x04"
+    # vLLM's json.dumps, key order and separators as its server writes them
+    assert answer.metadata == json.dumps({
+        "id": job.command.request_id, "created": job.created, "model": "demo",
+        "data": [{"index": 0, "embed_dtype": "float16", "endianness": "little", "start": 0,
+                  "end": 4, "shape": [2]},
+                 {"index": 1, "embed_dtype": "float16", "endianness": "little", "start": 4,
+                  "end": 6, "shape": [1]}],
+        "usage": {"prompt_tokens": 5, "total_tokens": 5}})
+
+
+def test_bytes_only_are_the_vectors_alone():
+    job = EmbedJob.of(pooling(input="a", encoding_format="bytes_only"))
+    answer = job.response([encoded(b"\x01\x02", 0, 3)])
+    assert (answer.body, answer.metadata) == (b"\x01\x02", None)
+
+
+def test_padding_travels_where_the_workers_vllm_takes_it():
+    body = request(input="a", padding="max_length")
+    assert EmbedJob.of(body).command.render.padding == "max_length"
+    # vLLM 0.26 has no such field, and ignores it
+    assert EmbedJob.of(body, dialect=VLLM_026).command.render.padding is None
+
+
+def test_vllm_026_takes_a_requests_mm_kwargs():
+    body = request(input="a", mm_processor_kwargs={"a": 1}, media_io_kwargs={"image": {}})
+    assert EmbedJob.of(body, dialect=VLLM_026).command.prompts == [p.Prompt(prompt="a")]
+
+
 def test_every_vllm_request_field_is_known_with_vllms_default():
     """Clients written for `vllm serve --runner pooling` send any of vLLM's
     fields, of either request form: wcd knows them all (refusing some at
@@ -219,6 +270,24 @@ async def test_the_endpoint_sends_one_embed_and_answers_in_input_order():
     assert [d["embedding"] for d in answer["data"]] == VECTORS
     assert answer["usage"]["prompt_tokens"] == 7
     assert scheduler.released == 1
+
+
+@run_async
+async def test_bytes_are_answered_as_octets_with_their_metadata_header():
+    scheduler = FakeScheduler(FakeWorker(two_vectors))
+    async with serve(scheduler) as url, aiohttp.ClientSession() as session:
+        for encoding, has_metadata in (("bytes", True), ("bytes_only", False)):
+            body = {"model": "alias", "input": ["a", "b"], "encoding_format": encoding}
+            async with session.post(url + "/v1/embeddings", json=body) as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"] == "application/octet-stream"
+                assert ("metadata" in response.headers) is has_metadata
+                data = await response.read()
+            assert array.array("f", data).tolist() == VECTORS[0] + VECTORS[1]
+            if has_metadata:
+                metadata = json.loads(response.headers["metadata"])
+                assert metadata["model"] == "alias"
+                assert [item["start"] for item in metadata["data"]] == [0, 12]
 
 
 @run_async

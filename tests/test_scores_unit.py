@@ -48,6 +48,8 @@ def test_a_scores_fields_travel():
     assert command.render == p.RenderOptions(add_special_tokens=True, truncate_prompt_tokens=4,
                                              add_generation_prompt=False)
     assert command.pooling == {"use_activation": False}
+    assert score(text_1="a", text_2="b", padding="max_length").command.render.padding == \
+        "max_length"
 
 
 @pytest.mark.parametrize("make, body, param", [
@@ -55,7 +57,8 @@ def test_a_scores_fields_travel():
     (score, {"text_1": 1, "text_2": "b"}, "text_1"),
     (rerank, {"query": "a"}, "documents"),
     (rerank, {"query": ["a"], "documents": ["b"]}, "query"),
-    (score, {"text_1": "a", "text_2": "b", "padding": "max_length"}, "padding"),
+    (score, {"text_1": "a", "text_2": "b", "mm_processor_kwargs": {"a": 1}},
+     "mm_processor_kwargs"),
 ])
 def test_malformed_sides_are_refused(make, body, param):
     with pytest.raises(errors.BadRequest) as refused:

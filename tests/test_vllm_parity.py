@@ -433,6 +433,66 @@ POOLING_CASES = {
     ("/pooling", "dimensions"): {"input": "hi", "dimensions": 8},
     ("/pooling", "too long"): {"input": list(range(600))},
     ("/pooling", "unknown model"): {"model": "nope", "input": "hi"},
+    # vLLM's encodings (the worker's tensor2binary): a float ignores the dtype.
+    ("/v1/embeddings", "float, a dtype"): {"input": "hello world", "embed_dtype": "float16",
+                                           "endianness": "big"},
+    ("/v1/embeddings", "base64 float32 big"): {"input": "hello world", "encoding_format": "base64",
+                                               "endianness": "big"},
+    ("/v1/embeddings", "base64 float16"): {"input": "hello world", "encoding_format": "base64",
+                                           "embed_dtype": "float16"},
+    ("/v1/embeddings", "base64 bfloat16 little"): {"input": ["hello world", "tell me"],
+                                                   "encoding_format": "base64",
+                                                   "embed_dtype": "bfloat16",
+                                                   "endianness": "little"},
+    ("/v1/embeddings", "base64 fp8_e4m3"): {"messages": HI, "encoding_format": "base64",
+                                            "embed_dtype": "fp8_e4m3"},
+    ("/v1/embeddings", "base64 fp8_e5m2 big"): {"input": "hello world",
+                                                "encoding_format": "base64",
+                                                "embed_dtype": "fp8_e5m2", "endianness": "big"},
+    ("/v1/embeddings", "bytes"): {"input": ["hello world", "tell me"], "encoding_format": "bytes"},
+    ("/v1/embeddings", "bytes bfloat16 big"): {"input": ["hello world", "tell me"],
+                                               "encoding_format": "bytes",
+                                               "embed_dtype": "bfloat16", "endianness": "big"},
+    ("/v1/embeddings", "bytes fp8_e4m3, dimensions"): {"messages": [HI, SECOND],
+                                                       "encoding_format": "bytes",
+                                                       "embed_dtype": "fp8_e4m3",
+                                                       "dimensions": 8},
+    ("/v1/embeddings", "bytes_only float16 little"): {"input": ["hello world", "tell me"],
+                                                      "encoding_format": "bytes_only",
+                                                      "embed_dtype": "float16",
+                                                      "endianness": "little"},
+    ("/pooling", "base64 bfloat16 big"): {"input": "hello world", "encoding_format": "base64",
+                                          "embed_dtype": "bfloat16", "endianness": "big"},
+    ("/pooling", "bytes float16"): {"input": ["hello world", "tell me"],
+                                    "encoding_format": "bytes", "embed_dtype": "float16"},
+    ("/pooling", "bytes_only fp8_e5m2"): {"input": "hello world", "encoding_format": "bytes_only",
+                                          "embed_dtype": "fp8_e5m2"},
+    # Padding to the model's length with the pad token (0.26 ignores it).
+    ("/v1/embeddings", "padding"): {"input": "hello world", "padding": "max_length"},
+    ("/v1/embeddings", "no padding"): {"input": "hello world", "padding": "do_not_pad"},
+    ("/v1/embeddings", "chat padded"): {"messages": HI, "padding": "max_length"},
+    ("/v1/embeddings", "padding, truncated"): {"input": "the quick brown fox",
+                                               "padding": "max_length",
+                                               "truncate_prompt_tokens": 2},
+    ("/v1/embeddings", "padding, too long"): {"input": list(range(600)),
+                                              "padding": "max_length"},
+    ("/pooling", "token ids padded"): {"input": [[462, 397, 399], [381]], "padding": "max_length"},
+    ("/score", "padding"): {"text_1": "hi", "text_2": ["yo", "tell me"],
+                            "padding": "max_length"},
+    # A request's multi-modal kwargs, refused as by a server without
+    # --trust-request-mm-kwargs (0.26 takes them, a text model ignores them).
+    ("/v1/embeddings", "mm_processor_kwargs"): {"input": "hi", "mm_processor_kwargs": {"a": 1}},
+    ("/v1/embeddings", "empty mm_processor_kwargs"): {"input": "hi", "mm_processor_kwargs": {}},
+    ("/v1/embeddings", "chat, mm_processor_kwargs"): {"messages": HI,
+                                                      "mm_processor_kwargs": {"a": 1}},
+    ("/v1/embeddings", "media_io_kwargs"): {"input": "hi", "media_io_kwargs": {"image": {"x": 1}}},
+    ("/v1/embeddings", "chat, media_io_kwargs"): {"messages": HI,
+                                                  "media_io_kwargs": {"image": {"x": 1}}},
+    ("/v1/embeddings", "mm_processor_kwargs, unknown model"): {"model": "nope", "input": "hi",
+                                                               "mm_processor_kwargs": {"a": 1}},
+    ("/pooling", "mm_processor_kwargs"): {"input": "hi", "mm_processor_kwargs": {"a": 1}},
+    ("/score", "mm_processor_kwargs"): {"text_1": "hi", "text_2": "yo",
+                                        "mm_processor_kwargs": {"a": 1}},
     ("/score", "1:1"): {"text_1": "hi", "text_2": "yo"},
     ("/score", "1:N"): {"queries": "hi", "documents": DOCUMENTS},
     ("/score", "N:N"): {"queries": ["hi", "a"], "items": ["yo", "b"]},
@@ -707,13 +767,23 @@ def _post(url: str, path: str, body: dict) -> tuple[int, object]:
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
-            status, text = response.status, response.read().decode()
+            status, data = response.status, response.read()
+            if response.headers.get_content_type() == "application/octet-stream":
+                return status, _octets(response.headers, data)
+            text = data.decode()
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
     if body.get("stream"):
         return status, [json.loads(line[6:]) for line in text.splitlines()
                         if line.startswith("data: ") and line != "data: [DONE]"]
     return status, json.loads(text)
+
+
+def _octets(headers, data: bytes) -> dict:
+    """A bytes encoding's answer: its body, and its metadata header as JSON."""
+    metadata = headers.get("metadata")
+    return {"content-type": headers["Content-Type"], "body": data.hex(),
+            "metadata": None if metadata is None else json.loads(metadata)}
 
 
 def _without_ignored(value):

@@ -475,13 +475,16 @@ class _Api:
                          timer: RequestTimer) -> web.Response:
             body = await self._body(request, shape)
             # checks the body: its input is known from here
-            job = emb.EmbedJob.of(body, http.trust_request_chat_template)
+            job = emb.EmbedJob.of(body, http.trust_request_chat_template, self._dialect())
             _check_counts(len(job.command.prompts), 1, http, param="input")
             self._permitted(request, job.model)
             async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
                     _outputs(lease.worker, job.request(lease.model))) as items:
                 timer.model = lease.model
-                return _json(job.response([item async for item in items]))
+                answer = job.response([item async for item in items])
+            if isinstance(answer, emb.VectorBytes):
+                return _vector_bytes(answer)
+            return _json(answer)
 
         return handle
 
@@ -489,7 +492,7 @@ class _Api:
         async def handle(request: web.Request, http: HttpSettings,
                          timer: RequestTimer) -> web.Response:
             body = await self._body(request, shape)
-            job = sc.ScoreJob.of(body)
+            job = sc.ScoreJob.of(body, self._dialect())
             _check_counts(job.input_count, 1, http, param=None)
             self._permitted(request, job.model)
             async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
@@ -765,6 +768,12 @@ async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
 
 def _json(body: Any) -> web.Response:
     return web.Response(body=_encode(body), content_type="application/json")
+
+
+def _vector_bytes(answer: emb.VectorBytes) -> web.Response:
+    headers = None if answer.metadata is None else {"metadata": answer.metadata}
+    return web.Response(body=answer.body, content_type="application/octet-stream",
+                        headers=headers)
 
 
 # ---- shaping outputs ------------------------------------------------------------------

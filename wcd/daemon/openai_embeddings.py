@@ -3,19 +3,22 @@ generic pooling API, as `vllm serve --runner pooling` serves them for an
 embedding model, for the pooling models among the configured ones.
 
 A request becomes one `Embed`, its inputs sharing one set of pooling
-parameters; the worker answers one `Embedding` per input (float32 bytes),
-and the response is assembled here in vLLM's shape (`id` "embd-..." or
-"pooling-...", `data` in input order, `usage` with prompt and total tokens).
+parameters; the worker answers one `Embedding` per input (its vector's bytes,
+float32 for JSON floats, else in the request's embed_dtype and endianness,
+which only the worker's vLLM can encode), and the response is assembled here
+in vLLM's shape (`id` "embd-..." or "pooling-...", `data` in input order,
+`usage` with prompt and total tokens), or as vLLM's bytes encodings send it.
 Checking values is vLLM's business, in the worker (dimensions against the
-model's Matryoshka support, lengths, token ids, /pooling's task); shapes and
-the fields wcd does not implement are checked here, as openai_types does
-for the generation endpoints.
+model's Matryoshka support, lengths, token ids, /pooling's task); shapes are
+checked here, as openai_types does for the generation endpoints.
 """
 
 from __future__ import annotations
 
 import array
 import base64
+import itertools
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,16 +29,13 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from wcd.daemon import errors
 from wcd.daemon import openai_types as t
+from wcd.daemon.vllm_dialect import VLLM_032, Dialect
 from wcd.workers import protocol as p
 
 class PoolingFields(Struct, kw_only=True):
     """vLLM's PoolingBasicRequestMixin: the fields of every pooling request.
     Without `model`, wcd's default model (openai_api). Unknown fields are
     ignored, as vLLM ignores them."""
-
-    # vLLM's fields wcd does not implement: accepted at their defaults only
-    # (as the struct declares them, vLLM's), never silently ignored.
-    unimplemented: ClassVar[tuple[str, ...]] = ("padding", "mm_processor_kwargs")
 
     model: str | None = None
     # Accepted and ignored: it changes nothing about the vectors.
@@ -48,16 +48,20 @@ class PoolingFields(Struct, kw_only=True):
     request_id: str | None = None
     priority: Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1)] = 0
     cache_salt: str | None = None
-    # vLLM's, accepted only at their defaults (`unimplemented`).
+    # vLLM's, honoured as the worker's vLLM takes it (Dialect.pooling_padding).
     padding: Literal["max_length", "do_not_pad"] | None = None
+    # vLLM's, which its server refuses but empty without
+    # --trust-request-mm-kwargs (Dialect.refuses_request_mm_kwargs); its
+    # chat requests declare media_io_kwargs, and the others keep it as an
+    # extra field, which it checks as well.
     mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
 
-    def check_implemented(self) -> None:
-        defaults = {f.name: f.default for f in msgspec.structs.fields(self)}
-        for name in self.unimplemented:
-            if getattr(self, name) != (default := defaults[name]):
-                raise errors.BadRequest(f"{name} is not supported (only its default "
-                                        f"{default!r})", param=name)
+    def check_mm_kwargs(self, dialect: Dialect) -> None:
+        t.check_mm_kwargs(dialect, self.mm_processor_kwargs, self.media_io_kwargs)
+
+    def padding_for(self, dialect: Dialect) -> str | None:
+        return self.padding if dialect.pooling_padding else None
 
 
 class EmbeddingRequest(PoolingFields, kw_only=True):
@@ -66,8 +70,6 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
     in `input`)."""
 
     endpoint: ClassVar[str] = "embeddings"
-    unimplemented: ClassVar[tuple[str, ...]] = (
-        *PoolingFields.unimplemented, "embed_dtype", "endianness", "media_io_kwargs")
 
     # A text, a list of token ids, a batch of either, or a chat's messages or
     # a batch of chats (vLLM's *ChatInputRequest); checked in prompts().
@@ -86,14 +88,13 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # vLLM's, accepted only at their defaults (`unimplemented`).
-    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
-    endianness: Literal["native", "big", "little"] = "native"
-    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    # The base64 and bytes encodings' (a float is sent as vLLM's float32).
+    embed_dtype: p.EmbedDType = "float32"
+    endianness: p.Endianness = "native"
     # Removed from vLLM, which refuses it by name (reject_removed_pooling_parameters).
     normalize: bool | None | UnsetType = UNSET
 
-    def check(self) -> None:
+    def check(self, dialect: Dialect) -> None:
         if self.normalize is not UNSET:
             raise errors.VllmBadRequest("Parameter `normalize` was removed; use "
                                         "`use_activation` instead. (parameter=normalize)",
@@ -103,12 +104,8 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
                                         "`add_generation_prompt` to True.")
         if self.input is UNSET and self.messages is UNSET:
             raise errors.BadRequest("missing required field `input`", param="input")
-        if self.encoding_format not in ("float", "base64"):
-            raise errors.BadRequest(f"encoding_format {self.encoding_format!r} is not "
-                                    "supported (only 'float' and 'base64')",
-                                    param="encoding_format")
-        self.check_implemented()
         t.check_template_kwargs(self.chat_template_kwargs)
+        self.check_mm_kwargs(dialect)
 
     def prompts(self) -> list[p.Prompt]:
         chats = self._chats()
@@ -152,13 +149,14 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
         raise errors.BadRequest("input must be a string, a list of token ids, a list of "
                                 "either (a batch), or chat messages", param="input")
 
-    def render(self) -> p.RenderOptions:
+    def render(self, dialect: Dialect) -> p.RenderOptions:
         """How the inputs become tokens; add_special_tokens at its form's default."""
         add_special = self.add_special_tokens
         return p.RenderOptions(
             add_special_tokens=(not self.is_chat()) if add_special is None else add_special,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             truncation_side=self.truncation_side,
+            padding=self.padding_for(dialect),
             add_generation_prompt=self.add_generation_prompt,
             continue_final_message=self.continue_final_message)
 
@@ -174,13 +172,16 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
         return {name: value for name in ("dimensions", "use_activation")
                 if (value := getattr(self, name)) is not None}
 
-    def command(self, trust_templates: bool) -> p.Embed:
+    def command(self, trust_templates: bool, dialect: Dialect) -> p.Embed:
         """The checked request as the worker takes it (its model the client's
         name until a worker serves it)."""
-        self.check()
+        self.check(dialect)
+        binary = {} if self.encoding_format == "float" else {
+            "embed_dtype": self.embed_dtype, "endianness": self.endianness}
         return p.Embed(f"{_ID_PREFIXES[self.endpoint]}-{uuid.uuid4().hex}", self.model,
-                       self.prompts(), self.pooling(), self.render(), self.template_kwargs(),
-                       self.template(trust_templates), self.endpoint, self._task())
+                       self.prompts(), self.pooling(), self.render(dialect),
+                       self.template_kwargs(), self.template(trust_templates), self.endpoint,
+                       self._task(), **binary)
 
     def _task(self) -> str | None:
         return None
@@ -197,7 +198,7 @@ class PoolingRequest(EmbeddingRequest, kw_only=True):
     task: str | None = None
     data: Any = UNSET
 
-    def check(self) -> None:
+    def check(self, dialect: Dialect) -> None:
         if self.task in _REMOVED_TASKS:
             raise errors.VllmBadRequest(f"{_REMOVED_TASKS[self.task]} (parameter=task)",
                                         param="task")
@@ -212,7 +213,7 @@ class PoolingRequest(EmbeddingRequest, kw_only=True):
                 "No IOProcessor plugin installed. Please refer to the documentation and to "
                 "the 'prithvi_geospatial_mae_io_processor' offline inference example for "
                 "more details. (parameter=task)", param="task")
-        super().check()
+        super().check(dialect)
 
     def _chats(self) -> list[list[dict[str, Any]]] | None:
         """One chat, in `messages` only (PoolingChatRequest)."""
@@ -257,7 +258,8 @@ def _messages(chat: Any, field: str) -> list[dict[str, Any]]:
 class EmbeddingData(Struct, kw_only=True):
     index: int
     object: Literal["embedding"] = "embedding"
-    # The vector, or with encoding_format base64 its float32 bytes in base64.
+    # The vector, or with encoding_format base64 its bytes (embed_dtype,
+    # endianness) in base64.
     embedding: list[float] | str
 
 
@@ -312,16 +314,30 @@ class PoolingJob:
 
 
 @dataclass(frozen=True)
+class VectorBytes:
+    """vLLM's bytes and bytes_only answers (build_pooling_bytes_streaming_
+    response): the vectors' bytes end to end, application/octet-stream, and
+    for bytes a `metadata` header saying where each lies, JSON as vLLM's
+    json.dumps writes it."""
+
+    body: bytes
+    metadata: str | None
+
+
+@dataclass(frozen=True)
 class EmbedJob(PoolingJob):
-    base64: bool = False
+    encoding_format: str = "float"
 
     @classmethod
-    def of(cls, body: EmbeddingRequest, trust_templates: bool = False) -> EmbedJob:
-        return cls(body.command(trust_templates), base64=body.encoding_format == "base64")
+    def of(cls, body: EmbeddingRequest, trust_templates: bool = False,
+           dialect: Dialect = VLLM_032) -> EmbedJob:
+        return cls(body.command(trust_templates, dialect), encoding_format=body.encoding_format)
 
-    def response(self, items: list[p.Embedding]) -> EmbeddingList | PoolingList:
+    def response(self, items: list[p.Embedding]) -> EmbeddingList | PoolingList | VectorBytes:
         items = sorted(items, key=lambda item: item.prompt_index)
         tokens = sum(item.prompt_tokens for item in items)
+        if self.encoding_format in ("bytes", "bytes_only"):
+            return self._bytes(items, tokens)
         head = {"id": self.command.request_id, "created": self.created, "model": self.model,
                 "usage": pooling_usage(tokens)}
         if self.command.endpoint == "pooling":
@@ -333,6 +349,20 @@ class EmbedJob(PoolingJob):
             for item in items])
 
     def _vector(self, data: bytes) -> list[float] | str:
-        if self.base64:
+        if self.encoding_format == "base64":
             return base64.b64encode(data).decode("ascii")
         return array.array("f", data).tolist()
+
+    def _bytes(self, items: list[p.Embedding], tokens: int) -> VectorBytes:
+        """As encode_pooling_bytes lays them out, in input order."""
+        body = b"".join(item.data for item in items)
+        if self.encoding_format == "bytes_only":
+            return VectorBytes(body, None)
+        starts = itertools.accumulate((len(item.data) for item in items), initial=0)
+        data = [{"index": item.prompt_index, "embed_dtype": self.command.embed_dtype,
+                 "endianness": self.command.endianness, "start": start,
+                 "end": start + len(item.data), "shape": list(item.shape)}
+                for item, start in zip(items, starts)]
+        metadata = {"id": self.command.request_id, "created": self.created, "model": self.model,
+                    "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return VectorBytes(body, json.dumps(metadata))

@@ -21,6 +21,7 @@ from msgspec import UNSET, Meta, Struct
 from wcd.daemon import errors
 from wcd.daemon import openai_embeddings as emb
 from wcd.daemon import openai_types as t
+from wcd.daemon.vllm_dialect import VLLM_032, Dialect
 from wcd.workers import protocol as p
 
 
@@ -51,13 +52,14 @@ class _ScoringRequest(emb.PoolingFields, kw_only=True):
         """The two sides' items, each a text or a multi-modal item."""
         raise NotImplementedError
 
-    def command(self) -> p.Embed:
-        self.check_implemented()
+    def command(self, dialect: Dialect) -> p.Embed:
+        self.check_mm_kwargs(dialect)
         data_1, data_2 = self.sides()
         pooling = {} if self.use_activation is None else {"use_activation": self.use_activation}
         render = p.RenderOptions(add_special_tokens=True,
                                  truncate_prompt_tokens=self.truncate_prompt_tokens,
                                  truncation_side=self.truncation_side,
+                                 padding=self.padding_for(dialect),
                                  add_generation_prompt=False)
         return p.Embed(f"score-{uuid.uuid4().hex}", self.model, [], pooling, render,
                        endpoint=self.endpoint,
@@ -165,8 +167,8 @@ class ScoreJob(emb.PoolingJob):
     top_n: int = 0  # a rerank's; 0: every document
 
     @classmethod
-    def of(cls, body: ScoreRequest | RerankRequest) -> ScoreJob:
-        return cls(body.command(), top_n=getattr(body, "top_n", 0))
+    def of(cls, body: ScoreRequest | RerankRequest, dialect: Dialect = VLLM_032) -> ScoreJob:
+        return cls(body.command(dialect), top_n=getattr(body, "top_n", 0))
 
     @property
     def input_count(self) -> int:

@@ -25,6 +25,24 @@ _SAME_NAME = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_p
               "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
               "min_tokens", "include_stop_str_in_output", "skip_special_tokens",
               "allowed_token_ids", "bad_words", "stream_interval", "watermarking")
+
+
+def check_mm_kwargs(dialect: Dialect, mm_processor_kwargs: dict | None,
+                    media_io_kwargs: dict | None) -> None:
+    """vLLM's validate_request_mm_kwargs, as its server without
+    --trust-request-mm-kwargs runs it (wcd has no such flag: its text models
+    use neither)."""
+    if not dialect.refuses_request_mm_kwargs:
+        return
+    for name, given, what in (("mm_processor_kwargs", mm_processor_kwargs, "preprocessing"),
+                              ("media_io_kwargs", media_io_kwargs, "media loading")):
+        if given:
+            raise errors.VllmValidationError(
+                f"Per-request {name} are disabled by default because they can change "
+                f"multimodal {what} resource usage. Start the server with "
+                "--trust-request-mm-kwargs only when clients are trusted.", name)
+
+
 def _check_cache_salt(salt: str | None, dialect: Dialect) -> None:
     """vLLM's validate_cache_salt: a salt keys cache backends, which take
     neither an empty one nor path-like characters."""
@@ -571,20 +589,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             raise errors.BadRequest("only text output is supported", param="modalities")
         self._check_logprobs()
         check_template_kwargs(self.chat_template_kwargs)
-        self._check_mm_kwargs(dialect)
-
-    def _check_mm_kwargs(self, dialect: Dialect) -> None:
-        """vLLM's validate_request_mm_kwargs, as its server without
-        --trust-request-mm-kwargs runs it."""
-        if not dialect.refuses_request_mm_kwargs:
-            return
-        for name, what in (("mm_processor_kwargs", "preprocessing"),
-                           ("media_io_kwargs", "media loading")):
-            if getattr(self, name):
-                raise errors.VllmValidationError(
-                    f"Per-request {name} are disabled by default because they can change "
-                    f"multimodal {what} resource usage. Start the server with "
-                    "--trust-request-mm-kwargs only when clients are trusted.", name)
+        check_mm_kwargs(dialect, self.mm_processor_kwargs, self.media_io_kwargs)
 
     def _check_logprobs(self) -> None:
         """vLLM's check_logprobs, in its words."""

@@ -32,16 +32,21 @@ class Dialect:
     # reported; 0.26 starts each chunk at the length of the text generated so
     # far, an echoed prompt not counted.
     offsets_follow_tokens: bool = True
-    # A chat's own mm_processor_kwargs or media_io_kwargs are refused, as by
-    # a server without --trust-request-mm-kwargs (wcd has no such flag: its
-    # text models use neither); 0.26 takes them and a text model ignores them.
+    # A chat's or pooling request's own mm_processor_kwargs or media_io_kwargs
+    # are refused, as by a server without --trust-request-mm-kwargs (wcd has
+    # no such flag: its text models use neither); 0.26 takes them and a text
+    # model ignores them.
     refuses_request_mm_kwargs: bool = True
+    # A pooling request's padding pads its prompts; 0.26 has no such field,
+    # and ignores it as any unknown field.
+    pooling_padding: bool = True
 
 
 VLLM_032 = Dialect()
 VLLM_026 = Dialect(completion_tokens_details=False, wrapped_refusals=True,
                    cache_salt_charset=False, fim_suffix=False, names_models=False,
-                   offsets_follow_tokens=False, refuses_request_mm_kwargs=False)
+                   offsets_follow_tokens=False, refuses_request_mm_kwargs=False,
+                   pooling_padding=False)
 
 
 def of(version: str) -> Dialect:

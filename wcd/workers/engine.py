@@ -694,7 +694,7 @@ class EngineHost:
                 inputs = list(self._inputs(served, request))
                 # Every prompt is known before any search can finish: the
                 # request's last Output is the one that says so.
-                sub_ids = [served.requests.add(request.request_id, index, return_prompt, turn)
+                sub_ids = [served.requests.add(request, index, return_prompt, turn)
                            for index, (_, _, turn) in enumerate(inputs)]
                 for sub_id, (engine_input, params, turn) in zip(sub_ids, inputs):
                     if isinstance(params, BeamSearchParams):
@@ -842,13 +842,15 @@ class _Requests:
         self._open: dict[str, set[str]] = {}  # request -> its unfinished engine ids
         self._prompt_owed: set[str] = set()  # engine ids whose PromptInfo is not sent yet
         self._turns: dict[str, parsing.ChatTurn] = {}  # engine id -> its chat's parsing
+        self._embeds: dict[str, p.Embed] = {}  # engine id -> its Embed, which says the encoding
         # A beam-searched prompt's id stands for its search, whose rounds are
         # engine requests of their own.
         self._searches: dict[str, beam.Search] = {}
         self._round_of: dict[str, str] = {}  # a round's engine id -> its prompt's id
 
-    def add(self, request_id: str, index: int, return_prompt: bool = False,
+    def add(self, request: p.Generate | p.Embed, index: int, return_prompt: bool = False,
             turn: parsing.ChatTurn | None = None) -> str:
+        request_id = request.request_id
         sub_id = f"{request_id}-{index}"
         self._prompt_of[sub_id] = (request_id, index)
         self._open.setdefault(request_id, set()).add(sub_id)
@@ -856,6 +858,8 @@ class _Requests:
             self._prompt_owed.add(sub_id)
         if turn is not None:
             self._turns[sub_id] = turn
+        if isinstance(request, p.Embed):
+            self._embeds[sub_id] = request
         return sub_id
 
     def search(self, search: beam.Search, engine: LLMEngine) -> list[p.Output]:
@@ -883,6 +887,7 @@ class _Requests:
             self._prompt_of.pop(sub, None)
             self._prompt_owed.discard(sub)
             self._turns.pop(sub, None)
+            self._embeds.pop(sub, None)
             search = self._searches.pop(sub, None)
             if search is None:
                 engine_ids.append(sub)
@@ -897,6 +902,7 @@ class _Requests:
         self._open.clear()
         self._prompt_owed.clear()
         self._turns.clear()
+        self._embeds.clear()
         self._searches.clear()
         self._round_of.clear()
 
@@ -929,7 +935,8 @@ class _Requests:
                 del self._open[request_id]
                 last_of_request = True
         if isinstance(ro, PoolingRequestOutput):
-            yield pooling.embedding(ro, request_id, index, last_of_request)
+            yield pooling.embedding(ro, request_id, index, last_of_request,
+                                    self._embeds.pop(ro.request_id))
         else:
             yield from _outputs(ro, request_id, index, last_of_request, prompt, turn)
 

@@ -10,7 +10,6 @@ route for that model (404).
 
 from __future__ import annotations
 
-import torch
 from vllm.outputs import PoolingRequestOutput
 from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import SamplingParams
@@ -78,7 +77,8 @@ def warm_params(engine) -> SamplingParams | PoolingParams:
 
 
 def embedding(ro: PoolingRequestOutput, request_id: str, prompt_index: int,
-              last_of_request: bool) -> p.Embedding:
-    data = ro.outputs.data.to("cpu", torch.float32).contiguous()
-    return p.Embedding(request_id, prompt_index, data.numpy().tobytes(),
-                       len(ro.prompt_token_ids or ()), last_of_request)
+              last_of_request: bool, request: p.Embed) -> p.Embedding:
+    data = ro.outputs.data
+    return p.Embedding(request_id, prompt_index,
+                       vllm_seams.vector_bytes(data, request.embed_dtype, request.endianness),
+                       len(ro.prompt_token_ids or ()), last_of_request, tuple(data.shape))

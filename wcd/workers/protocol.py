@@ -9,12 +9,12 @@ only msgspec and the stdlib so the daemon can share it.
 from __future__ import annotations
 
 import struct
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
@@ -122,6 +122,8 @@ class RenderOptions(msgspec.Struct, frozen=True, omit_defaults=True):
     add_special_tokens: bool | None = None
     truncate_prompt_tokens: int | None = None
     truncation_side: str | None = None
+    # A pooling request's, as TokenizeParams.with_kwargs takes it.
+    padding: str | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: list[dict[str, Any]] | None = None
@@ -206,6 +208,12 @@ class Detokenize(msgspec.Struct, tag="detokenize", frozen=True):
     token_ids: list[int]
 
 
+# vLLM's encodings of a pooled vector (vllm/utils/serial_utils.py, checked by
+# vllm_seams.check): its dtype, and its byte order, "native" the host's.
+EmbedDType = Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"]
+Endianness = Literal["native", "big", "little"]
+
+
 class Embed(msgspec.Struct, tag="embed", frozen=True):
     """One embeddings request for a pooling model: one input (text, token ids
     or a chat's messages) or a batch sharing one `pooling`. The worker answers
@@ -223,6 +231,9 @@ class Embed(msgspec.Struct, tag="embed", frozen=True):
     does for it; `task`: /pooling's, checked against the model's pooling
     task in vLLM's words (None: the model's); `score`: a score or rerank
     request's two sides, whose items are the inputs (`prompts` empty).
+    `embed_dtype` and `endianness`: how each Embedding's vector crosses,
+    encoded by vLLM's own tensor2binary, since only the worker has the dtypes
+    (bfloat16, fp8).
     """
 
     request_id: str
@@ -235,6 +246,8 @@ class Embed(msgspec.Struct, tag="embed", frozen=True):
     endpoint: str = "embeddings"
     task: str | None = None
     score: ScoreInputs | None = None
+    embed_dtype: EmbedDType = "float32"
+    endianness: Endianness = "native"
 
 
 # The endpoints an Embed may come from, by vLLM's name for each in its refusals.
@@ -469,15 +482,18 @@ class Output(msgspec.Struct, tag="output", frozen=True):
 
 
 class Embedding(msgspec.Struct, tag="embedding", frozen=True):
-    """The pooled vector of one input of an Embed, as float32 in the host's
-    byte order (daemon and worker share the host): it crosses exactly, in 4
-    bytes a value, and is what vLLM's base64 encoding sends."""
+    """The pooled vector of one input of an Embed, in the Embed's embed_dtype
+    and endianness, exactly the bytes vLLM's base64 and bytes encodings send
+    (float32 in the host's byte order by default: daemon and worker share the
+    host). `shape`: the vector's, vLLM's outputs.data.shape, which its bytes
+    encoding reports."""
 
     request_id: str
     prompt_index: int
     data: bytes
     prompt_tokens: int
     finished: bool = False
+    shape: tuple[int, ...] = ()
 
 
 class FinishedStats(msgspec.Struct, frozen=True):

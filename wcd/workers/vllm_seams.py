@@ -797,6 +797,19 @@ def _check_pooling() -> None:
             "max_total_tokens_param"} <= {f.name for f in dataclasses.fields(TokenizeParams)}:
         raise SeamBroken("TokenizeParams no longer truncates as the embeddings server asks "
                          "(render_pooled)")
+    if "padding" not in inspect.getsource(TokenizeParams.with_kwargs):
+        raise SeamBroken("TokenizeParams.with_kwargs no longer takes a padding (render_pooled)")
+    from typing import get_args
+
+    from vllm.utils import serial_utils
+
+    from wcd.workers.protocol import EmbedDType, Endianness
+
+    if not hasattr(serial_utils, "tensor2binary") or \
+            set(serial_utils.EMBED_DTYPES) != set(get_args(EmbedDType)) or \
+            set(serial_utils.ENDIANNESS) != set(get_args(Endianness)):
+        raise SeamBroken("vLLM's vector encodings changed (tensor2binary, EMBED_DTYPES, "
+                         "ENDIANNESS: vector_bytes)")
     from vllm.entrypoints.pooling.scoring import io_processor, utils
 
     source = inspect.getsource(io_processor.BiEncoderIOProcessor._post_process)
@@ -1124,6 +1137,10 @@ def render_pooled(engine, request) -> list:
         add_special_tokens=options.add_special_tokens,
         max_total_tokens_param="max_model_len",
     )
+    if options.padding is not None:
+        # As _build_pooling_tok_params: with_kwargs, which forgets
+        # max_total_tokens_param as vLLM's server does.
+        tok_params = tok_params.with_kwargs(padding=options.padding)
     prompts = request.prompts if request.score is None else [
         Prompt(prompt=text) for text in _score_texts(engine, request.score)]
     inputs = []
@@ -1163,6 +1180,15 @@ def _score_texts(engine, score) -> list[str]:
     tokenizer = engine.renderer.get_tokenizer()
     return [truncate_text_to_tokens(text, tokenizer, limit) if limit > 0 else text
             for texts, limit, _ in sides for text in texts]
+
+
+def vector_bytes(data, embed_dtype: str, endianness: str) -> bytes:
+    """A pooled vector as vLLM's base64 and bytes encodings send it
+    (tensor2binary, as encode_pooling_output_base64 and encode_pooling_bytes
+    call it)."""
+    from vllm.utils.serial_utils import tensor2binary
+
+    return tensor2binary(data.cpu(), embed_dtype, endianness)
 
 
 def cosine_similarity(vector_1: bytes, vector_2: bytes) -> float:
