@@ -147,7 +147,9 @@ async def _coalesced(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         yield pending
 
 
-@serve.deployment(name="wcd-openai")
+# Each streamed answer holds its slot to the end: a request past the limit
+# waits in the proxy, its time to first token too.
+@serve.deployment(name="wcd-openai", max_ongoing_requests=1024)
 class OpenAIIngress:
     def __init__(self, models: DeploymentHandle, config: str):
         self.models = models
