@@ -184,10 +184,10 @@ class ServeApp:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def deploy(self, replicas: int) -> None:
-        from wcd.serve.deployments import ModelReplica, OpenAIIngress
+        from wcd.serve.deployments import ACTOR_OPTIONS, ModelReplica, OpenAIIngress
 
         models = ModelReplica.options(num_replicas=replicas, ray_actor_options={
-            "num_cpus": 1, "num_gpus": self.gpus / replicas})
+            **ACTOR_OPTIONS, "num_cpus": 1, "num_gpus": self.gpus / replicas})
         self.serve.run(OpenAIIngress.bind(models.bind(self.config), self.config),
                        route_prefix="/")
 

@@ -23,7 +23,7 @@ from daemon_harness import free_port
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 serve = pytest.importorskip("ray.serve")
 
-from wcd.serve.deployments import ModelReplica, OpenAIIngress  # noqa: E402
+from wcd.serve.deployments import ACTOR_OPTIONS, ModelReplica, OpenAIIngress  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 MODELS = ("small-a", "small-b", "wide-a")
@@ -65,8 +65,9 @@ def cluster():
 
 
 def deploy(config: str, **replica_options) -> None:
-    replicas = ModelReplica.options(max_replicas_per_node=1, ray_actor_options={"num_cpus": 1},
-                                    health_check_period_s=1, **replica_options)
+    replicas = ModelReplica.options(max_replicas_per_node=1, health_check_period_s=1,
+                                    ray_actor_options={**ACTOR_OPTIONS, "num_cpus": 1},
+                                    **replica_options)
     serve.run(OpenAIIngress.bind(replicas.bind(config), config), route_prefix="/")
 
 
