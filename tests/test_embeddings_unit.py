@@ -182,6 +182,13 @@ def test_the_response_is_vllms_shape_in_input_order():
                                "completion_tokens_details": None}
 
 
+def test_vllm_026s_usage_has_no_completion_tokens_details():
+    job = EmbedJob.of(pooling(input="a"), dialect=VLLM_026)
+    answer = msgspec.to_builtins(job.response([embedded(VECTORS[0], 0, 3)]))
+    assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3,
+                               "prompt_tokens_details": None}
+
+
 def test_base64_is_the_float32_bytes():
     job = EmbedJob.of(request(input="a", encoding_format="base64"))
     (data,) = job.response([embedded(VECTORS[0], 0, 3)]).data

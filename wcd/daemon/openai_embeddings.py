@@ -292,10 +292,14 @@ class PoolingList(Struct, kw_only=True):
     usage: t.Usage
 
 
-def pooling_usage(tokens: int) -> t.Usage:
-    """vLLM's pooling endpoints' usage: their details null, not absent."""
-    return t.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens,
-                   prompt_tokens_details=None, completion_tokens_details=None)
+def pooling_usage(tokens: int, dialect: Dialect) -> t.Usage:
+    """vLLM's pooling endpoints' usage: their details null, not absent
+    (completion_tokens_details where its UsageInfo has them)."""
+    usage = t.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens,
+                    prompt_tokens_details=None)
+    if dialect.completion_tokens_details:
+        usage.completion_tokens_details = None
+    return usage
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,7 @@ class PoolingJob:
     """A checked request, ready to send once a worker serves its model."""
 
     command: p.Embed  # its model is the client's name until a worker serves it
+    dialect: Dialect = VLLM_032
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -331,7 +336,8 @@ class EmbedJob(PoolingJob):
     @classmethod
     def of(cls, body: EmbeddingRequest, trust_templates: bool = False,
            dialect: Dialect = VLLM_032) -> EmbedJob:
-        return cls(body.command(trust_templates, dialect), encoding_format=body.encoding_format)
+        return cls(body.command(trust_templates, dialect), dialect,
+                   encoding_format=body.encoding_format)
 
     def response(self, items: list[p.Embedding]) -> EmbeddingList | PoolingList | VectorBytes:
         items = sorted(items, key=lambda item: item.prompt_index)
@@ -339,7 +345,7 @@ class EmbedJob(PoolingJob):
         if self.encoding_format in ("bytes", "bytes_only"):
             return self._bytes(items, tokens)
         head = {"id": self.command.request_id, "created": self.created, "model": self.model,
-                "usage": pooling_usage(tokens)}
+                "usage": pooling_usage(tokens, self.dialect)}
         if self.command.endpoint == "pooling":
             return PoolingList(**head, data=[
                 PoolingData(index=item.prompt_index, data=self._vector(item.data))

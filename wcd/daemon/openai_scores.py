@@ -168,7 +168,7 @@ class ScoreJob(emb.PoolingJob):
 
     @classmethod
     def of(cls, body: ScoreRequest | RerankRequest, dialect: Dialect = VLLM_032) -> ScoreJob:
-        return cls(body.command(dialect), top_n=getattr(body, "top_n", 0))
+        return cls(body.command(dialect), dialect, top_n=getattr(body, "top_n", 0))
 
     @property
     def input_count(self) -> int:
@@ -192,7 +192,7 @@ class ScoreJob(emb.PoolingJob):
             return ScoreList(id=self.command.request_id, created=self.created, model=self.model,
                              data=[ScoreData(index=i, score=score)
                                    for i, score in enumerate(scores)],
-                             usage=emb.pooling_usage(tokens))
+                             usage=emb.pooling_usage(tokens, self.dialect))
         documents = self.command.score.data_2
         results = sorted((RerankResult(index=i, document=_document(documents[i]),
                                        relevance_score=score)
