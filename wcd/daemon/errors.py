@@ -51,13 +51,21 @@ class VllmValidationError(VllmBadRequest):
 
 
 class ValidatorRefusal(VllmValidationError):
-    """One that vLLM raises in its request model's validators. `bare`: vLLM
-    0.26 raised it as a plain ValueError, which names no parameter."""
+    """One that vLLM raises in its request model's validators: of the whole
+    body, else (`field`) of that field's value. `bare`: vLLM 0.26 raised it
+    as a plain ValueError, which names no parameter."""
 
     def __init__(self, reason: str, param: str | None = None, value: Any = None, *,
-                 bare: bool = False):
+                 bare: bool = False, field: str | None = None):
         super().__init__(reason, param, value)
         self.bare = bare
+        self.field = field
+
+
+def serving_refusal(reason: str, param: str, named: bool) -> VllmBadRequest:
+    """A refusal of vLLM's serving code: a VLLMValidationError naming `param`
+    where `named`, else a plain ValueError, which names none."""
+    return VllmValidationError(reason, param) if named else VllmBadRequest(reason)
 
 
 class RequestValidation(VllmBadRequest):
@@ -77,19 +85,21 @@ class UnsupportedMediaType(RequestValidation):
 
 class WrappedRefusal(RequestValidation):
     """A ValidatorRefusal as vLLM 0.26 answers it: pydantic wraps the ValueError
-    as a value_error of the whole body, whose `input` is the body as the
-    validators had it (the request's JSON as json decodes it, keys in order),
-    and the server's validation_exception_handler prints that error and
-    sanitizes the message."""
+    as a value_error of the whole body, or of its field, whose `input` is what
+    the validator had (the request's JSON as json decodes it, keys in order,
+    or the field's value in it), and the server's validation_exception_handler
+    prints that error and sanitizes the message."""
 
     def __init__(self, refusal: ValidatorRefusal, body: Any):
         raised = "ValueError" if refusal.bare else "VLLMValidationError"
         said = "Value error, " + (refusal.reason if refusal.bare else str(refusal))
-        error = (f"{{'type': 'value_error', 'loc': ('body',), 'msg': {said!r}, "
-                 f"'input': {body!r}, 'ctx': {{'error': {raised}({refusal.reason!r})}}}}")
+        loc = ("body",) if refusal.field is None else ("body", refusal.field)
+        given = body if refusal.field is None else body[refusal.field]
+        error = (f"{{'type': 'value_error', 'loc': {loc!r}, 'msg': {said!r}, "
+                 f"'input': {given!r}, 'ctx': {{'error': {raised}({refusal.reason!r})}}}}")
         # Its param: the VLLMValidationError's, else the error's location.
         super().__init__(_sanitized(f"1 validation error:\n  {error}"),
-                         param=(None if refusal.bare else refusal.param) or "body")
+                         param=(None if refusal.bare else refusal.param) or ".".join(loc))
 
 
 # vLLM 0.26's sanitize_message: no memory addresses, tracebacks or file paths.
