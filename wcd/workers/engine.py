@@ -936,7 +936,7 @@ class _Requests:
                 last_of_request = True
         if isinstance(ro, PoolingRequestOutput):
             yield pooling.embedding(ro, request_id, index, last_of_request,
-                                    self._embeds.pop(ro.request_id))
+                                    self._embeds.pop(ro.request_id), engine)
         else:
             yield from _outputs(ro, request_id, index, last_of_request, prompt, turn)
 

@@ -77,8 +77,11 @@ def warm_params(engine) -> SamplingParams | PoolingParams:
 
 
 def embedding(ro: PoolingRequestOutput, request_id: str, prompt_index: int,
-              last_of_request: bool, request: p.Embed) -> p.Embedding:
+              last_of_request: bool, request: p.Embed, engine) -> p.Embedding:
     data = ro.outputs.data
+    pad_token = request.score is not None and \
+        getattr(engine.renderer.get_tokenizer(), "pad_token_id", None) is not None
     return p.Embedding(request_id, prompt_index,
                        vllm_seams.vector_bytes(data, request.embed_dtype, request.endianness),
-                       len(ro.prompt_token_ids or ()), last_of_request, tuple(data.shape))
+                       len(ro.prompt_token_ids or ()), last_of_request, tuple(data.shape),
+                       pad_token)

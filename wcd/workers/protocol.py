@@ -494,6 +494,9 @@ class Embedding(msgspec.Struct, tag="embedding", frozen=True):
     prompt_tokens: int
     finished: bool = False
     shape: tuple[int, ...] = ()
+    # A score's input: whether the model's tokenizer has a pad token, with
+    # which vLLM's bi-encoder scoring joins a pair's prompts.
+    pad_token: bool = False
 
 
 class FinishedStats(msgspec.Struct, frozen=True):
