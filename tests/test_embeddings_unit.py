@@ -12,7 +12,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from test_openai_unit import FakeScheduler, FakeWorker, post, run_async, serve
+from test_openai_unit import FakeScheduler, FakeWorker, on_vllm_026, post, run_async, serve
 from wcd.daemon import errors
 from wcd.daemon.openai_embeddings import EmbeddingRequest, EmbedJob, PoolingRequest
 from wcd.daemon.vllm_dialect import VLLM_026
@@ -156,6 +156,51 @@ def test_pooling_refusals_are_vllms(body, error, param):
         EmbedJob.of(pooling(**body))
     assert str(refused.value).startswith(error)
     assert (refused.value.status, refused.value.param) == (400, param)
+
+
+@pytest.mark.parametrize("body, error, param", [
+    ({"input": "hi", "dimensions": 8}, "dimensions is currently not supported", None),
+    ({"data": {"x": 1}}, "No IOProcessor plugin installed. Please refer to the documentation "
+     "and to the 'prithvi_geospatial_mae_io_processor' offline inference example for more "
+     "details.", None),
+])
+def test_vllm_026s_pooling_refusals_name_no_parameter(body, error, param):
+    """Its ServingPooling raises them as plain ValueErrors."""
+    with pytest.raises(errors.BadRequest) as refused:
+        EmbedJob.of(pooling(**body), dialect=VLLM_026)
+    assert (str(refused.value), refused.value.param) == (error, param)
+
+
+@pytest.mark.parametrize("on_026, message, param", [
+    (False, "Try switching the model's pooling_task via --pooler-config.task token_embed. "
+     "(parameter=task)", "task"),
+    (True, "Try switching the model's pooling_task via --pooler-config.task token_embed.",
+     None),
+])
+@run_async
+async def test_a_workers_refusal_names_its_parameter_as_its_vllm_does(on_026, message, param):
+    refusal = WorkerError(p.ErrorInfo(p.BAD_ARGS, "Try switching the model's pooling_task via "
+                                                  "--pooler-config.task token_embed.", "task"))
+    scheduler = FakeScheduler(FakeWorker(lambda request: [refusal]))
+    async with serve(on_vllm_026(scheduler) if on_026 else scheduler) as url:
+        status, _, answer = await post(url, "/pooling", {"model": "demo", "input": "hi",
+                                                         "task": "token_embed"})
+    assert (status, answer["error"]["message"], answer["error"]["param"]) == \
+        (400, message, param)
+
+
+@run_async
+async def test_vllm_026_wraps_its_removed_tasks_refusal_as_pydantic_does():
+    body = {"model": "embed-a", "input": "hi", "task": "encode"}
+    async with serve(on_vllm_026(FakeScheduler())) as url:
+        status, _, answer = await post(url, "/pooling", body)
+    assert (status, answer["error"]["param"]) == (400, "task")
+    assert answer["error"]["message"] == (
+        "1 validation error:\n  {'type': 'value_error', 'loc': ('body',), 'msg': 'Value error, "
+        "`encode` task was removed; use `token_embed` or `token_classify` instead. "
+        "(parameter=task)', 'input': {'model': 'embed-a', 'input': 'hi', 'task': 'encode'}, "
+        "'ctx': {'error': VLLMValidationError('`encode` task was removed; use `token_embed` or "
+        "`token_classify` instead.')}}")
 
 
 def test_a_pooling_response_is_vllms_shape():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from wcd.daemon.vllm_dialect import VLLM_032, Dialect
 from wcd.workers import protocol as p
 
 
@@ -197,8 +198,12 @@ class WorkerFailed(WcdError):
     type = "worker_error"
 
 
-def from_worker(error: p.ErrorInfo) -> WcdError:
-    """The daemon-side error for a failure a worker reported as data."""
+def from_worker(error: p.ErrorInfo, dialect: Dialect = VLLM_032) -> WcdError:
+    """The daemon-side error for a failure a worker reported as data; a
+    refusal of vLLM's serving code names its parameter as `dialect` does."""
+    if error.kind == p.BAD_ARGS and error.param is not None:
+        return serving_refusal(error.message, error.param,
+                               dialect.serving_refusals_name_parameter)
     kinds = {
         p.BAD_MODEL: ModelUnusable,
         p.BAD_ARGS: BadRequest,

@@ -95,13 +95,21 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
     normalize: bool | None | UnsetType = UNSET
 
     def check(self, dialect: Dialect) -> None:
-        if self.normalize is not UNSET:
-            raise errors.VllmBadRequest("Parameter `normalize` was removed; use "
-                                        "`use_activation` instead. (parameter=normalize)",
-                                        param="normalize")
+        """vLLM's request validators first, then what its server checks."""
+        self.check_removed()
         if self.continue_final_message and self.add_generation_prompt:
             raise errors.VllmBadRequest("Cannot set both `continue_final_message` and "
                                         "`add_generation_prompt` to True.")
+        self.check_fields(dialect)
+
+    def check_removed(self) -> None:
+        """vLLM's reject_removed_pooling_parameters, the request union's own
+        validator: before its members'."""
+        if self.normalize is not UNSET:
+            raise errors.ValidatorRefusal("Parameter `normalize` was removed; use "
+                                          "`use_activation` instead.", "normalize")
+
+    def check_fields(self, dialect: Dialect) -> None:
         if self.input is UNSET and self.messages is UNSET:
             raise errors.BadRequest("missing required field `input`", param="input")
         t.check_template_kwargs(self.chat_template_kwargs)
@@ -198,22 +206,27 @@ class PoolingRequest(EmbeddingRequest, kw_only=True):
     task: str | None = None
     data: Any = UNSET
 
-    def check(self, dialect: Dialect) -> None:
+    def check_removed(self) -> None:
+        super().check_removed()
         if self.task in _REMOVED_TASKS:
-            raise errors.VllmBadRequest(f"{_REMOVED_TASKS[self.task]} (parameter=task)",
-                                        param="task")
+            raise errors.ValidatorRefusal(_REMOVED_TASKS[self.task], "task")
+
+    def check_fields(self, dialect: Dialect) -> None:
         if self.task is not None and self.task not in _POOLING_TASKS:
             raise errors.BadRequest(f"task must be one of {list(_POOLING_TASKS)}", param="task")
+        # ServingPooling._verify_pooling_task's, the model's task aside (the
+        # worker's, which knows it).
+        named = dialect.serving_refusals_name_parameter
         if self.dimensions is not None:
-            raise errors.VllmBadRequest("dimensions is currently not supported "
-                                        "(parameter=dimensions)", param="dimensions")
+            raise errors.serving_refusal("dimensions is currently not supported",
+                                         "dimensions", named)
         if self.task == "plugin" or (self.data is not UNSET and self.input is UNSET
                                      and self.messages is UNSET):
-            raise errors.VllmBadRequest(
+            raise errors.serving_refusal(
                 "No IOProcessor plugin installed. Please refer to the documentation and to "
                 "the 'prithvi_geospatial_mae_io_processor' offline inference example for "
-                "more details. (parameter=task)", param="task")
-        super().check(dialect)
+                "more details.", "task", named)
+        super().check_fields(dialect)
 
     def _chats(self) -> list[list[dict[str, Any]]] | None:
         """One chat, in `messages` only (PoolingChatRequest)."""
