@@ -203,6 +203,32 @@ async def test_vllm_026_wraps_its_removed_tasks_refusal_as_pydantic_does():
         "`token_classify` instead.')}}")
 
 
+BOTH = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+
+
+@pytest.mark.parametrize("path, members", [
+    ("/v1/embeddings", ["input", None, None, None, None]),
+    ("/pooling", ["input", None, "data"]),
+])
+@run_async
+async def test_vllm_026_lists_its_request_unions_errors_for_both_prompts(path, members):
+    """Each member of its request union fails: the chat ones by their
+    validator, the others missing their fields (vLLM 0.26's own words)."""
+    body = {"model": "embed-a", "messages": HI, "add_generation_prompt": True,
+            "continue_final_message": True}
+    async with serve(on_vllm_026(FakeScheduler())) as url:
+        status, _, answer = await post(url, path, body)
+    member = "('body', 'function-wrap[__log_extra_fields__()]'"
+    listed = [f"{{'type': 'missing', 'loc': {member}, {missing!r}), 'msg': 'Field required', "
+              f"'input': {body!r}}}" if missing else
+              f"{{'type': 'value_error', 'loc': {member}), 'msg': {'Value error, ' + BOTH!r}, "
+              f"'input': {body!r}, 'ctx': {{'error': VLLMValidationError({BOTH!r})}}}}"
+              for missing in members]
+    assert (status, answer["error"]["param"]) == (400, "body.input")
+    assert answer["error"]["message"] == \
+        f"{len(members)} validation errors:\n" + "\n".join(f"  {error}" for error in listed)
+
+
 def test_a_pooling_response_is_vllms_shape():
     job = EmbedJob.of(pooling(input=["a", "b"]))
     answer = msgspec.to_builtins(job.response([embedded(VECTORS[1], 1, 4),

@@ -54,13 +54,18 @@ class VllmValidationError(VllmBadRequest):
 class ValidatorRefusal(VllmValidationError):
     """One that vLLM raises in its request model's validators: of the whole
     body, else (`field`) of that field's value. `bare`: vLLM 0.26 raised it
-    as a plain ValueError, which names no parameter."""
+    as a plain ValueError, which names no parameter. `members`: raised by
+    some members of a union of request models (vLLM's embedding and pooling
+    requests), each member in order the required field it missed instead,
+    or None where it raised this."""
 
     def __init__(self, reason: str, param: str | None = None, value: Any = None, *,
-                 bare: bool = False, field: str | None = None):
+                 bare: bool = False, field: str | None = None,
+                 members: tuple[str | None, ...] = ()):
         super().__init__(reason, param, value)
         self.bare = bare
         self.field = field
+        self.members = members
 
 
 def serving_refusal(reason: str, param: str, named: bool) -> VllmBadRequest:
@@ -88,19 +93,40 @@ class WrappedRefusal(RequestValidation):
     """A ValidatorRefusal as vLLM 0.26 answers it: pydantic wraps the ValueError
     as a value_error of the whole body, or of its field, whose `input` is what
     the validator had (the request's JSON as json decodes it, keys in order,
-    or the field's value in it), and the server's validation_exception_handler
-    prints that error and sanitizes the message."""
+    or the field's value in it), and lists a union's members' errors each;
+    the server's validation_exception_handler prints them and sanitizes the
+    message."""
 
     def __init__(self, refusal: ValidatorRefusal, body: Any):
         raised = "ValueError" if refusal.bare else "VLLMValidationError"
         said = "Value error, " + (refusal.reason if refusal.bare else str(refusal))
-        loc = ("body",) if refusal.field is None else ("body", refusal.field)
         given = body if refusal.field is None else body[refusal.field]
-        error = (f"{{'type': 'value_error', 'loc': {loc!r}, 'msg': {said!r}, "
-                 f"'input': {given!r}, 'ctx': {{'error': {raised}({refusal.reason!r})}}}}")
-        # Its param: the VLLMValidationError's, else the error's location.
-        super().__init__(_sanitized(f"1 validation error:\n  {error}"),
-                         param=(None if refusal.bare else refusal.param) or ".".join(loc))
+
+        def value_error(loc: tuple[str, ...]) -> str:
+            return (f"{{'type': 'value_error', 'loc': {loc!r}, 'msg': {said!r}, "
+                    f"'input': {given!r}, 'ctx': {{'error': {raised}({refusal.reason!r})}}}}")
+
+        if refusal.members:
+            locs = [("body", _MEMBER) if missing is None else ("body", _MEMBER, missing)
+                    for missing in refusal.members]
+            errors = [value_error(loc) if len(loc) == 2 else
+                      f"{{'type': 'missing', 'loc': {loc!r}, 'msg': 'Field required', "
+                      f"'input': {body!r}}}" for loc in locs]
+        else:
+            locs = [("body",) if refusal.field is None else ("body", refusal.field)]
+            errors = [value_error(locs[0])]
+        label = "error" if len(errors) == 1 else "errors"
+        listed = "\n".join(f"  {error}" for error in errors)
+        # Its param: the VLLMValidationError's, else the first error's
+        # location, pydantic's markers left out.
+        super().__init__(_sanitized(f"{len(errors)} validation {label}:\n{listed}"),
+                         param=(None if refusal.bare else refusal.param)
+                         or ".".join(part for part in locs[0] if part != _MEMBER))
+
+
+# Where pydantic locates the errors of a union's member: vLLM's request
+# models' __log_extra_fields__, a wrap validator.
+_MEMBER = "function-wrap[__log_extra_fields__()]"
 
 
 # vLLM 0.26's sanitize_message: no memory addresses, tracebacks or file paths.

@@ -70,6 +70,10 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
     in `input`)."""
 
     endpoint: ClassVar[str] = "embeddings"
+    # vLLM's request union, each member the field it requires of a chat in
+    # `messages`, or None (the chat members): EmbeddingCompletionRequest,
+    # then its four chat requests.
+    _MEMBERS: ClassVar[tuple[str | None, ...]] = ("input", None, None, None, None)
 
     # A text, a list of token ids, a batch of either, or a chat's messages or
     # a batch of chats (vLLM's *ChatInputRequest); checked in prompts().
@@ -98,8 +102,13 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
         """vLLM's request validators first, then what its server checks."""
         self.check_removed()
         if self.continue_final_message and self.add_generation_prompt:
-            raise errors.VllmBadRequest("Cannot set both `continue_final_message` and "
-                                        "`add_generation_prompt` to True.")
+            # Its chat members' validator; the others then miss their fields,
+            # which this body lacks (else vLLM 0.26 may take it as another
+            # member, or word their own errors: not wcd's).
+            missed = all(getattr(self, name) is UNSET for name in self._MEMBERS if name)
+            raise errors.ValidatorRefusal("Cannot set both `continue_final_message` and "
+                                          "`add_generation_prompt` to True.",
+                                          members=self._MEMBERS if missed else ())
         self.check_fields(dialect)
 
     def check_removed(self) -> None:
@@ -202,6 +211,8 @@ class PoolingRequest(EmbeddingRequest, kw_only=True):
     which wcd has none of, and is refused in vLLM's words."""
 
     endpoint: ClassVar[str] = "pooling"
+    # PoolingCompletionRequest, PoolingChatRequest, IOProcessorRequest.
+    _MEMBERS: ClassVar[tuple[str | None, ...]] = ("input", None, "data")
 
     task: str | None = None
     data: Any = UNSET
