@@ -102,9 +102,10 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
         """vLLM's request validators first, then what its server checks."""
         self.check_removed()
         if self.continue_final_message and self.add_generation_prompt:
-            # Its chat members' validator; the others then miss their fields,
-            # which this body lacks (else vLLM 0.26 may take it as another
-            # member, or word their own errors: not wcd's).
+            # Each chat member's validator refuses it, and the other members
+            # miss their fields where this body lacks them too (else vLLM
+            # 0.26 takes it as one of those, or lists their own errors, which
+            # wcd does not word).
             missed = all(getattr(self, name) is UNSET for name in self._MEMBERS if name)
             raise errors.ValidatorRefusal("Cannot set both `continue_final_message` and "
                                           "`add_generation_prompt` to True.",
