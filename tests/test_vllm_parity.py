@@ -30,7 +30,7 @@ import jsonschema
 import pytest
 
 from conftest import ENGINE_ARGS, ROOT, installed_vllm
-from daemon_harness import POLICY, free_port, serving
+from daemon_harness import DEVICE, POLICY, free_port, serving
 
 # Fields that differ by construction: ids and clocks.
 IGNORED = {"id", "created"}
@@ -42,6 +42,12 @@ PRESENCE_ONLY = {"system_fingerprint"}
 # Logprobs of the same model on two engines agree to the float; this allows
 # for a last-bit difference in a reduction order.
 TOLERANCE = 1e-4
+# Vectors and scores agree to the bit on the CPU. On CUDA vLLM's server hands
+# its engine a batch's requests as they come (a step may take some of them),
+# where wcd's worker adds them at once: kernels of another batch shape may
+# round a unit vector's component a float32 step apart (seen on a chat batch
+# with vLLM 0.26).
+POOLING_TOLERANCE = 0.0 if DEVICE == "cpu" else 1e-7
 
 
 VLLM_026 = tuple(int(part) for part in (installed_vllm() or "0.0").split(".")[:2]) < (0, 27)
@@ -630,7 +636,7 @@ def test_tools_and_reasoning_as_vllm_serve(vllm_url, wcd_url, name):
 @pytest.mark.parametrize("path, name", POOLING_CASES)
 def test_pooling_answers_as_vllm_serve(vllm_url, wcd_url, path, name):
     body = {"model": "embed-a", **POOLING_CASES[path, name]}
-    _assert_same_answer(vllm_url, wcd_url, path, body, tolerance=0.0)
+    _assert_same_answer(vllm_url, wcd_url, path, body, tolerance=POOLING_TOLERANCE)
 
 
 # wcd alone, on the parsers pair's daemon.
