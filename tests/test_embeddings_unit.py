@@ -12,7 +12,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from test_openai_unit import FakeScheduler, FakeWorker, post, run_async, serve
+from test_openai_unit import FakeScheduler, FakeWorker, on_vllm_026, post, run_async, serve
 from wcd.daemon import errors
 from wcd.daemon.openai_embeddings import EmbeddingRequest, EmbedJob, PoolingRequest
 from wcd.daemon.vllm_dialect import VLLM_026
@@ -158,6 +158,77 @@ def test_pooling_refusals_are_vllms(body, error, param):
     assert (refused.value.status, refused.value.param) == (400, param)
 
 
+@pytest.mark.parametrize("body, error, param", [
+    ({"input": "hi", "dimensions": 8}, "dimensions is currently not supported", None),
+    ({"data": {"x": 1}}, "No IOProcessor plugin installed. Please refer to the documentation "
+     "and to the 'prithvi_geospatial_mae_io_processor' offline inference example for more "
+     "details.", None),
+])
+def test_vllm_026s_pooling_refusals_name_no_parameter(body, error, param):
+    """Its ServingPooling raises them as plain ValueErrors."""
+    with pytest.raises(errors.BadRequest) as refused:
+        EmbedJob.of(pooling(**body), dialect=VLLM_026)
+    assert (str(refused.value), refused.value.param) == (error, param)
+
+
+@pytest.mark.parametrize("on_026, message, param", [
+    (False, "Try switching the model's pooling_task via --pooler-config.task token_embed. "
+     "(parameter=task)", "task"),
+    (True, "Try switching the model's pooling_task via --pooler-config.task token_embed.",
+     None),
+])
+@run_async
+async def test_a_workers_refusal_names_its_parameter_as_its_vllm_does(on_026, message, param):
+    refusal = WorkerError(p.ErrorInfo(p.BAD_ARGS, "Try switching the model's pooling_task via "
+                                                  "--pooler-config.task token_embed.", "task"))
+    scheduler = FakeScheduler(FakeWorker(lambda request: [refusal]))
+    async with serve(on_vllm_026(scheduler) if on_026 else scheduler) as url:
+        status, _, answer = await post(url, "/pooling", {"model": "demo", "input": "hi",
+                                                         "task": "token_embed"})
+    assert (status, answer["error"]["message"], answer["error"]["param"]) == \
+        (400, message, param)
+
+
+@run_async
+async def test_vllm_026_wraps_its_removed_tasks_refusal_as_pydantic_does():
+    body = {"model": "embed-a", "input": "hi", "task": "encode"}
+    async with serve(on_vllm_026(FakeScheduler())) as url:
+        status, _, answer = await post(url, "/pooling", body)
+    assert (status, answer["error"]["param"]) == (400, "task")
+    assert answer["error"]["message"] == (
+        "1 validation error:\n  {'type': 'value_error', 'loc': ('body',), 'msg': 'Value error, "
+        "`encode` task was removed; use `token_embed` or `token_classify` instead. "
+        "(parameter=task)', 'input': {'model': 'embed-a', 'input': 'hi', 'task': 'encode'}, "
+        "'ctx': {'error': VLLMValidationError('`encode` task was removed; use `token_embed` or "
+        "`token_classify` instead.')}}")
+
+
+BOTH = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+
+
+@pytest.mark.parametrize("path, members", [
+    ("/v1/embeddings", ["input", None, None, None, None]),
+    ("/pooling", ["input", None, "data"]),
+])
+@run_async
+async def test_vllm_026_lists_its_request_unions_errors_for_both_prompts(path, members):
+    """Each member of its request union fails: the chat ones by their
+    validator, the others missing their fields (vLLM 0.26's own words)."""
+    body = {"model": "embed-a", "messages": HI, "add_generation_prompt": True,
+            "continue_final_message": True}
+    async with serve(on_vllm_026(FakeScheduler())) as url:
+        status, _, answer = await post(url, path, body)
+    member = "('body', 'function-wrap[__log_extra_fields__()]'"
+    listed = [f"{{'type': 'missing', 'loc': {member}, {missing!r}), 'msg': 'Field required', "
+              f"'input': {body!r}}}" if missing else
+              f"{{'type': 'value_error', 'loc': {member}), 'msg': {'Value error, ' + BOTH!r}, "
+              f"'input': {body!r}, 'ctx': {{'error': VLLMValidationError({BOTH!r})}}}}"
+              for missing in members]
+    assert (status, answer["error"]["param"]) == (400, "body.input")
+    assert answer["error"]["message"] == \
+        f"{len(members)} validation errors:\n" + "\n".join(f"  {error}" for error in listed)
+
+
 def test_a_pooling_response_is_vllms_shape():
     job = EmbedJob.of(pooling(input=["a", "b"]))
     answer = msgspec.to_builtins(job.response([embedded(VECTORS[1], 1, 4),
@@ -180,6 +251,13 @@ def test_the_response_is_vllms_shape_in_input_order():
     assert answer["usage"] == {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7,
                                "prompt_tokens_details": None,
                                "completion_tokens_details": None}
+
+
+def test_vllm_026s_usage_has_no_completion_tokens_details():
+    job = EmbedJob.of(pooling(input="a"), dialect=VLLM_026)
+    answer = msgspec.to_builtins(job.response([embedded(VECTORS[0], 0, 3)]))
+    assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3,
+                               "prompt_tokens_details": None}
 
 
 def test_base64_is_the_float32_bytes():

@@ -1749,6 +1749,22 @@ CHAT_HI = {**ASKED, "messages": [{"role": "user", "content": "hi"}], "max_tokens
      "{'model': 'small-a', 'temperature': 0, 'messages': [{'role': 'user', 'content': 'hi'}], "
      "'max_tokens': 3, 'tool_choice': 'auto'}, 'ctx': {'error': VLLMValidationError('When "
      "using `tool_choice`, `tools` must be set.')}}", "tool_choice"),
+    # A field's validator: the field's location and value.
+    ("/v1/completions", {**ASKED, "prompt": "hello", "max_tokens": 3,
+                         "thinking_token_budget": 1.5},
+     "1 validation error:\n  {'type': 'value_error', 'loc': ('body', 'thinking_token_budget'), "
+     "'msg': 'Value error, `thinking_token_budget` must be a non-negative integer or -1 for "
+     "unlimited. (parameter=thinking_token_budget, value=1.5)', 'input': 1.5, 'ctx': {'error': "
+     "VLLMValidationError('`thinking_token_budget` must be a non-negative integer or -1 for "
+     "unlimited.')}}", "thinking_token_budget"),
+    ("/v1/completions", {**ASKED, "prompt": "hello", "max_tokens": 3,
+                         "repetition_detection": {"max_pattern_size": 2, "min_count": 1}},
+     "1 validation error:\n  {'type': 'value_error', 'loc': ('body', 'repetition_detection'), "
+     "'msg': 'Value error, min_count must be >= 2 to detect repetitive patterns in engine "
+     "output. If you do not wish to detect repetitive patterns, set max_pattern_size to 0.', "
+     "'input': {'max_pattern_size': 2, 'min_count': 1}, 'ctx': {'error': ValueError('min_count "
+     "must be >= 2 to detect repetitive patterns in engine output. If you do not wish to "
+     "detect repetitive patterns, set max_pattern_size to 0.')}}", "body.repetition_detection"),
 ])
 @run_async
 async def test_validator_refusals_are_wrapped_as_vllm_026_wraps_them(path, body, message, param):

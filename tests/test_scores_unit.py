@@ -10,21 +10,23 @@ import pytest
 
 from wcd.daemon import errors
 from wcd.daemon.openai_scores import RerankRequest, ScoreJob, ScoreRequest
+from wcd.daemon.vllm_dialect import VLLM_026, VLLM_032, Dialect
 from wcd.workers import protocol as p
 
 
-def score(**body) -> ScoreJob:
+def score(dialect: Dialect = VLLM_032, **body) -> ScoreJob:
     return ScoreJob.of(msgspec.json.decode(msgspec.json.encode({"model": "demo", **body}),
-                                           type=ScoreRequest))
+                                           type=ScoreRequest), dialect)
 
 
-def rerank(**body) -> ScoreJob:
+def rerank(dialect: Dialect = VLLM_032, **body) -> ScoreJob:
     return ScoreJob.of(msgspec.json.decode(msgspec.json.encode({"model": "demo", **body}),
-                                           type=RerankRequest))
+                                           type=RerankRequest), dialect)
 
 
-def embedded(index: int, tokens: int) -> p.Embedding:
-    return p.Embedding("r", index, array.array("f", [float(index)]).tobytes(), tokens)
+def embedded(index: int, tokens: int, pad_token: bool = False) -> p.Embedding:
+    return p.Embedding("r", index, array.array("f", [float(index)]).tobytes(), tokens,
+                       pad_token=pad_token)
 
 
 @pytest.mark.parametrize("body, sides", [
@@ -86,6 +88,20 @@ def test_a_score_response_is_vllms_shape():
                               {"index": 1, "object": "score", "score": -0.25}]
     assert answer["usage"] == {"prompt_tokens": 6, "completion_tokens": 0, "total_tokens": 6,
                                "prompt_tokens_details": None, "completion_tokens_details": None}
+
+
+@pytest.mark.parametrize("pad_token, tokens", [(True, 2 * (1 + 1) + 2 + 3),
+                                               (False, 2 * 1 + 2 + 3)])
+def test_vllm_026_counts_each_pairs_prompt_joined_by_the_pad_token(pad_token, tokens):
+    """Its bi-encoder's usage: each pair's query, pad token and document."""
+    items = [embedded(0, 1, pad_token), embedded(1, 2, pad_token), embedded(2, 3, pad_token)]
+    answer = msgspec.to_builtins(score(VLLM_026, queries="q", documents=["a", "b"]).response(
+        items, [0.5, -0.25]))
+    assert answer["usage"] == {"prompt_tokens": tokens, "completion_tokens": 0,
+                               "total_tokens": tokens, "prompt_tokens_details": None}
+    answer = msgspec.to_builtins(rerank(VLLM_026, query="q", documents=["a", "b"]).response(
+        items, [0.5, -0.25]))
+    assert answer["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
 @pytest.mark.parametrize("top_n, indices", [(0, [1, 2, 0]), (2, [1, 2]), (9, [1, 2, 0])])

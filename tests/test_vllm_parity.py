@@ -30,7 +30,7 @@ import jsonschema
 import pytest
 
 from conftest import ENGINE_ARGS, ROOT, installed_vllm
-from daemon_harness import POLICY, free_port, serving
+from daemon_harness import DEVICE, POLICY, free_port, serving
 
 # Fields that differ by construction: ids and clocks.
 IGNORED = {"id", "created"}
@@ -42,6 +42,12 @@ PRESENCE_ONLY = {"system_fingerprint"}
 # Logprobs of the same model on two engines agree to the float; this allows
 # for a last-bit difference in a reduction order.
 TOLERANCE = 1e-4
+# Vectors and scores agree to the bit on the CPU. On CUDA vLLM's server hands
+# its engine a batch's requests as they come (a step may take some of them),
+# where wcd's worker adds them at once: kernels of another batch shape may
+# round a unit vector's component a float32 step apart (seen on a chat batch
+# with vLLM 0.26).
+POOLING_TOLERANCE = 0.0 if DEVICE == "cpu" else 1e-7
 
 
 VLLM_026 = tuple(int(part) for part in (installed_vllm() or "0.0").split(".")[:2]) < (0, 27)
@@ -49,10 +55,16 @@ VLLM_026 = tuple(int(part) for part in (installed_vllm() or "0.0").split(".")[:2
 # steps by token within it: offsets follow where the chunks break, so only
 # streams cut alike compare them.
 OFFSETS_FOLLOW_CHUNKS = VLLM_026
-# Requests vLLM 0.26's own server cannot answer: nothing to compare with.
+# Requests vLLM 0.26's own server cannot answer, or answers only inside a
+# stream already begun: nothing to compare with.
 VLLM_026_FAULTS = {
     ("/v1/completions", "beam search n=0"): "its server never answers (beam width 0)",
     ("/v1/completions", "beam search echo logprobs"): "its server answers 500, no message",
+    # Its engine's input processor refuses thinking_token_budget on the V2
+    # model runner (CUDA's default), after its server has begun the stream
+    # (a 200, then an error event); wcd's worker refuses it before, a 400.
+    ("/v1/chat/completions", "thinking_token_budget stream"):
+        "its GPU model runner refuses it inside a 200 stream",
 }
 GREEDY = {"temperature": 0}
 HI = [{"role": "user", "content": "hi"}]
@@ -614,6 +626,8 @@ def test_answers_as_vllm_serve(vllm_url, wcd_url, path, name):
 @pytest.mark.parametrize("flavor", [PARSERS], indirect=True)
 @pytest.mark.parametrize("name", PARSER_CHATS)
 def test_tools_and_reasoning_as_vllm_serve(vllm_url, wcd_url, name):
+    if VLLM_026 and ("/v1/chat/completions", name) in VLLM_026_FAULTS:
+        pytest.skip(f"vLLM 0.26: {VLLM_026_FAULTS['/v1/chat/completions', name]}")
     body = {"model": "small-a", **GREEDY, **PARSER_CHATS[name]}
     _assert_same_answer(vllm_url, wcd_url, "/v1/chat/completions", body)
 
@@ -622,7 +636,7 @@ def test_tools_and_reasoning_as_vllm_serve(vllm_url, wcd_url, name):
 @pytest.mark.parametrize("path, name", POOLING_CASES)
 def test_pooling_answers_as_vllm_serve(vllm_url, wcd_url, path, name):
     body = {"model": "embed-a", **POOLING_CASES[path, name]}
-    _assert_same_answer(vllm_url, wcd_url, path, body, tolerance=0.0)
+    _assert_same_answer(vllm_url, wcd_url, path, body, tolerance=POOLING_TOLERANCE)
 
 
 # wcd alone, on the parsers pair's daemon.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from wcd.daemon.vllm_dialect import VLLM_032, Dialect
 from wcd.workers import protocol as p
 
 
@@ -51,13 +52,26 @@ class VllmValidationError(VllmBadRequest):
 
 
 class ValidatorRefusal(VllmValidationError):
-    """One that vLLM raises in its request model's validators. `bare`: vLLM
-    0.26 raised it as a plain ValueError, which names no parameter."""
+    """One that vLLM raises in its request model's validators: of the whole
+    body, else (`field`) of that field's value. `bare`: vLLM 0.26 raised it
+    as a plain ValueError, which names no parameter. `members`: raised by
+    some members of a union of request models (vLLM's embedding and pooling
+    requests), each member in order the required field it missed instead,
+    or None where it raised this."""
 
     def __init__(self, reason: str, param: str | None = None, value: Any = None, *,
-                 bare: bool = False):
+                 bare: bool = False, field: str | None = None,
+                 members: tuple[str | None, ...] = ()):
         super().__init__(reason, param, value)
         self.bare = bare
+        self.field = field
+        self.members = members
+
+
+def serving_refusal(reason: str, param: str, named: bool) -> VllmBadRequest:
+    """A refusal of vLLM's serving code: a VLLMValidationError naming `param`
+    where `named`, else a plain ValueError, which names none."""
+    return VllmValidationError(reason, param) if named else VllmBadRequest(reason)
 
 
 class RequestValidation(VllmBadRequest):
@@ -77,19 +91,42 @@ class UnsupportedMediaType(RequestValidation):
 
 class WrappedRefusal(RequestValidation):
     """A ValidatorRefusal as vLLM 0.26 answers it: pydantic wraps the ValueError
-    as a value_error of the whole body, whose `input` is the body as the
-    validators had it (the request's JSON as json decodes it, keys in order),
-    and the server's validation_exception_handler prints that error and
-    sanitizes the message."""
+    as a value_error of the whole body, or of its field, whose `input` is what
+    the validator had (the request's JSON as json decodes it, keys in order,
+    or the field's value in it), and lists a union's members' errors each;
+    the server's validation_exception_handler prints them and sanitizes the
+    message."""
 
     def __init__(self, refusal: ValidatorRefusal, body: Any):
         raised = "ValueError" if refusal.bare else "VLLMValidationError"
         said = "Value error, " + (refusal.reason if refusal.bare else str(refusal))
-        error = (f"{{'type': 'value_error', 'loc': ('body',), 'msg': {said!r}, "
-                 f"'input': {body!r}, 'ctx': {{'error': {raised}({refusal.reason!r})}}}}")
-        # Its param: the VLLMValidationError's, else the error's location.
-        super().__init__(_sanitized(f"1 validation error:\n  {error}"),
-                         param=(None if refusal.bare else refusal.param) or "body")
+        given = body if refusal.field is None else body[refusal.field]
+
+        def value_error(loc: tuple[str, ...]) -> str:
+            return (f"{{'type': 'value_error', 'loc': {loc!r}, 'msg': {said!r}, "
+                    f"'input': {given!r}, 'ctx': {{'error': {raised}({refusal.reason!r})}}}}")
+
+        if refusal.members:
+            locs = [("body", _MEMBER) if missing is None else ("body", _MEMBER, missing)
+                    for missing in refusal.members]
+            errors = [value_error(loc) if len(loc) == 2 else
+                      f"{{'type': 'missing', 'loc': {loc!r}, 'msg': 'Field required', "
+                      f"'input': {body!r}}}" for loc in locs]
+        else:
+            locs = [("body",) if refusal.field is None else ("body", refusal.field)]
+            errors = [value_error(locs[0])]
+        label = "error" if len(errors) == 1 else "errors"
+        listed = "\n".join(f"  {error}" for error in errors)
+        # Its param: the VLLMValidationError's, else the first error's
+        # location, pydantic's markers left out.
+        super().__init__(_sanitized(f"{len(errors)} validation {label}:\n{listed}"),
+                         param=(None if refusal.bare else refusal.param)
+                         or ".".join(part for part in locs[0] if part != _MEMBER))
+
+
+# Where pydantic locates the errors of a union's member: vLLM's request
+# models' __log_extra_fields__, a wrap validator.
+_MEMBER = "function-wrap[__log_extra_fields__()]"
 
 
 # vLLM 0.26's sanitize_message: no memory addresses, tracebacks or file paths.
@@ -187,8 +224,12 @@ class WorkerFailed(WcdError):
     type = "worker_error"
 
 
-def from_worker(error: p.ErrorInfo) -> WcdError:
-    """The daemon-side error for a failure a worker reported as data."""
+def from_worker(error: p.ErrorInfo, dialect: Dialect = VLLM_032) -> WcdError:
+    """The daemon-side error for a failure a worker reported as data; a
+    refusal of vLLM's serving code names its parameter as `dialect` does."""
+    if error.kind == p.BAD_ARGS and error.param is not None:
+        return serving_refusal(error.message, error.param,
+                               dialect.serving_refusals_name_parameter)
     kinds = {
         p.BAD_MODEL: ModelUnusable,
         p.BAD_ARGS: BadRequest,

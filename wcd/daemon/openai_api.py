@@ -457,12 +457,8 @@ class _Api:
         try:
             job = _Job.of(body, prefix, http, dialect)
         except errors.ValidatorRefusal as refusal:
-            if not dialect.wrapped_refusals:
-                raise
-            # pydantic's input: the body as the server's json decodes it, which
-            # aiohttp still holds.
-            raw = json.loads(await request.read())
-            raise errors.WrappedRefusal(refusal, body.validated_input(raw, refusal)) from None
+            raise await _served_refusal(request, refusal, dialect, functools.partial(
+                body.validated_input, refusal=refusal)) from None
         if job.render.tools is not None:
             # As sent, fields of other dialects too: the worker's vLLM decides
             # what its chat template sees of them (0.26 all, 0.32 its own).
@@ -474,12 +470,15 @@ class _Api:
         async def handle(request: web.Request, http: HttpSettings,
                          timer: RequestTimer) -> web.Response:
             body = await self._body(request, shape)
-            # checks the body: its input is known from here
-            job = emb.EmbedJob.of(body, http.trust_request_chat_template, self._dialect())
+            dialect = self._dialect()
+            try:  # checks the body: its input is known from here
+                job = emb.EmbedJob.of(body, http.trust_request_chat_template, dialect)
+            except errors.ValidatorRefusal as refusal:
+                raise await _served_refusal(request, refusal, dialect) from None
             _check_counts(len(job.command.prompts), 1, http, param="input")
             self._permitted(request, job.model)
             async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
-                    _outputs(lease.worker, job.request(lease.model))) as items:
+                    _outputs(lease.worker, job.request(lease.model), job.dialect)) as items:
                 timer.model = lease.model
                 answer = job.response([item async for item in items])
             if isinstance(answer, emb.VectorBytes):
@@ -496,7 +495,7 @@ class _Api:
             _check_counts(job.input_count, 1, http, param=None)
             self._permitted(request, job.model)
             async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
-                    _outputs(lease.worker, job.request(lease.model))) as items:
+                    _outputs(lease.worker, job.request(lease.model), job.dialect)) as items:
                 timer.model = lease.model
                 vectors = [item async for item in items]
                 scored = await _asked(lease.worker.similarity(job.pairs(vectors)))
@@ -506,8 +505,8 @@ class _Api:
 
     async def _serve(self, request: web.Request, job: _Job, fmt: _Format,
                      timer: RequestTimer) -> web.StreamResponse:
-        async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
-                timer.observe(_outputs(lease.worker, job.request(lease.model)))) as outputs:
+        async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(timer.observe(
+                _outputs(lease.worker, job.request(lease.model), job.dialect))) as outputs:
             job.fingerprint = lease.fingerprint
             timer.model = lease.model
             if job.stream:
@@ -645,6 +644,17 @@ def _validation_problem(message: str) -> tuple[str, str | None]:
     return f"missing required field `{path}`", path
 
 
+async def _served_refusal(request: web.Request, refusal: errors.ValidatorRefusal,
+                          dialect: vllm_dialect.Dialect,
+                          validated: Callable[[Any], Any] = lambda body: body) -> errors.WcdError:
+    """`refusal` as the workers' vLLM answers it: 0.26's pydantic wraps it,
+    its input the body as `validated` leaves the request's JSON (the server's
+    json decodes it; aiohttp still holds it)."""
+    if not dialect.wrapped_refusals:
+        return refusal
+    return errors.WrappedRefusal(refusal, validated(json.loads(await request.read())))
+
+
 async def _asked(answer: Awaitable[Any]) -> Any:
     """A worker's answer to a question (tokenize, detokenize); its failures
     come out as WcdErrors."""
@@ -654,17 +664,17 @@ async def _asked(answer: Awaitable[Any]) -> Any:
         raise errors.from_worker(exc.error) from None
 
 
-async def _outputs(worker, request: p.Generate | p.Embed
+async def _outputs(worker, request: p.Generate | p.Embed, dialect: vllm_dialect.Dialect
                    ) -> AsyncIterator[p.Output | p.Embedding]:
     """The request's Outputs, in arrival order; worker failures come out as
-    WcdErrors. Closing this generator closes the worker stream, which aborts
-    what is still running in the worker."""
+    WcdErrors, worded as `dialect`. Closing this generator closes the worker
+    stream, which aborts what is still running in the worker."""
     try:
         async with contextlib.aclosing(worker.generate(request)) as stream:
             async for output in stream:
                 yield output
     except WorkerError as exc:
-        raise errors.from_worker(exc.error) from None
+        raise errors.from_worker(exc.error, dialect) from None
     except p.FrameTooLarge as exc:
         raise errors.PayloadTooLarge(str(exc)) from None
 

@@ -70,6 +70,10 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
     in `input`)."""
 
     endpoint: ClassVar[str] = "embeddings"
+    # vLLM's request union, each member the field it requires of a chat in
+    # `messages`, or None (the chat members): EmbeddingCompletionRequest,
+    # then its four chat requests.
+    _MEMBERS: ClassVar[tuple[str | None, ...]] = ("input", None, None, None, None)
 
     # A text, a list of token ids, a batch of either, or a chat's messages or
     # a batch of chats (vLLM's *ChatInputRequest); checked in prompts().
@@ -95,13 +99,27 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
     normalize: bool | None | UnsetType = UNSET
 
     def check(self, dialect: Dialect) -> None:
-        if self.normalize is not UNSET:
-            raise errors.VllmBadRequest("Parameter `normalize` was removed; use "
-                                        "`use_activation` instead. (parameter=normalize)",
-                                        param="normalize")
+        """vLLM's request validators first, then what its server checks."""
+        self.check_removed()
         if self.continue_final_message and self.add_generation_prompt:
-            raise errors.VllmBadRequest("Cannot set both `continue_final_message` and "
-                                        "`add_generation_prompt` to True.")
+            # Each chat member's validator refuses it, and the other members
+            # miss their fields where this body lacks them too (else vLLM
+            # 0.26 takes it as one of those, or lists their own errors, which
+            # wcd does not word).
+            missed = all(getattr(self, name) is UNSET for name in self._MEMBERS if name)
+            raise errors.ValidatorRefusal("Cannot set both `continue_final_message` and "
+                                          "`add_generation_prompt` to True.",
+                                          members=self._MEMBERS if missed else ())
+        self.check_fields(dialect)
+
+    def check_removed(self) -> None:
+        """vLLM's reject_removed_pooling_parameters, the request union's own
+        validator: before its members'."""
+        if self.normalize is not UNSET:
+            raise errors.ValidatorRefusal("Parameter `normalize` was removed; use "
+                                          "`use_activation` instead.", "normalize")
+
+    def check_fields(self, dialect: Dialect) -> None:
         if self.input is UNSET and self.messages is UNSET:
             raise errors.BadRequest("missing required field `input`", param="input")
         t.check_template_kwargs(self.chat_template_kwargs)
@@ -194,26 +212,33 @@ class PoolingRequest(EmbeddingRequest, kw_only=True):
     which wcd has none of, and is refused in vLLM's words."""
 
     endpoint: ClassVar[str] = "pooling"
+    # PoolingCompletionRequest, PoolingChatRequest, IOProcessorRequest.
+    _MEMBERS: ClassVar[tuple[str | None, ...]] = ("input", None, "data")
 
     task: str | None = None
     data: Any = UNSET
 
-    def check(self, dialect: Dialect) -> None:
+    def check_removed(self) -> None:
+        super().check_removed()
         if self.task in _REMOVED_TASKS:
-            raise errors.VllmBadRequest(f"{_REMOVED_TASKS[self.task]} (parameter=task)",
-                                        param="task")
+            raise errors.ValidatorRefusal(_REMOVED_TASKS[self.task], "task")
+
+    def check_fields(self, dialect: Dialect) -> None:
         if self.task is not None and self.task not in _POOLING_TASKS:
             raise errors.BadRequest(f"task must be one of {list(_POOLING_TASKS)}", param="task")
+        # ServingPooling._verify_pooling_task's, the model's task aside (the
+        # worker's, which knows it).
+        named = dialect.serving_refusals_name_parameter
         if self.dimensions is not None:
-            raise errors.VllmBadRequest("dimensions is currently not supported "
-                                        "(parameter=dimensions)", param="dimensions")
+            raise errors.serving_refusal("dimensions is currently not supported",
+                                         "dimensions", named)
         if self.task == "plugin" or (self.data is not UNSET and self.input is UNSET
                                      and self.messages is UNSET):
-            raise errors.VllmBadRequest(
+            raise errors.serving_refusal(
                 "No IOProcessor plugin installed. Please refer to the documentation and to "
                 "the 'prithvi_geospatial_mae_io_processor' offline inference example for "
-                "more details. (parameter=task)", param="task")
-        super().check(dialect)
+                "more details.", "task", named)
+        super().check_fields(dialect)
 
     def _chats(self) -> list[list[dict[str, Any]]] | None:
         """One chat, in `messages` only (PoolingChatRequest)."""
@@ -292,10 +317,14 @@ class PoolingList(Struct, kw_only=True):
     usage: t.Usage
 
 
-def pooling_usage(tokens: int) -> t.Usage:
-    """vLLM's pooling endpoints' usage: their details null, not absent."""
-    return t.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens,
-                   prompt_tokens_details=None, completion_tokens_details=None)
+def pooling_usage(tokens: int, dialect: Dialect) -> t.Usage:
+    """vLLM's pooling endpoints' usage: their details null, not absent
+    (completion_tokens_details where its UsageInfo has them)."""
+    usage = t.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens,
+                    prompt_tokens_details=None)
+    if dialect.completion_tokens_details:
+        usage.completion_tokens_details = None
+    return usage
 
 
 @dataclass(frozen=True)
@@ -303,6 +332,7 @@ class PoolingJob:
     """A checked request, ready to send once a worker serves its model."""
 
     command: p.Embed  # its model is the client's name until a worker serves it
+    dialect: Dialect = VLLM_032
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -331,7 +361,8 @@ class EmbedJob(PoolingJob):
     @classmethod
     def of(cls, body: EmbeddingRequest, trust_templates: bool = False,
            dialect: Dialect = VLLM_032) -> EmbedJob:
-        return cls(body.command(trust_templates, dialect), encoding_format=body.encoding_format)
+        return cls(body.command(trust_templates, dialect), dialect,
+                   encoding_format=body.encoding_format)
 
     def response(self, items: list[p.Embedding]) -> EmbeddingList | PoolingList | VectorBytes:
         items = sorted(items, key=lambda item: item.prompt_index)
@@ -339,7 +370,7 @@ class EmbedJob(PoolingJob):
         if self.encoding_format in ("bytes", "bytes_only"):
             return self._bytes(items, tokens)
         head = {"id": self.command.request_id, "created": self.created, "model": self.model,
-                "usage": pooling_usage(tokens)}
+                "usage": pooling_usage(tokens, self.dialect)}
         if self.command.endpoint == "pooling":
             return PoolingList(**head, data=[
                 PoolingData(index=item.prompt_index, data=self._vector(item.data))

@@ -168,7 +168,7 @@ class ScoreJob(emb.PoolingJob):
 
     @classmethod
     def of(cls, body: ScoreRequest | RerankRequest, dialect: Dialect = VLLM_032) -> ScoreJob:
-        return cls(body.command(dialect), top_n=getattr(body, "top_n", 0))
+        return cls(body.command(dialect), dialect, top_n=getattr(body, "top_n", 0))
 
     @property
     def input_count(self) -> int:
@@ -176,23 +176,31 @@ class ScoreJob(emb.PoolingJob):
         return len(score.data_1) + len(score.data_2)
 
     def pairs(self, items: list[p.Embedding]) -> list[tuple[bytes, bytes]]:
-        """The vectors paired as vLLM pairs them: one query with each
+        return [(query.data, document.data) for query, document in self._paired(items)]
+
+    def _paired(self, items: list[p.Embedding]) -> list[tuple[p.Embedding, p.Embedding]]:
+        """The inputs paired as vLLM pairs them: one query with each
         document, else each query with its document."""
-        vectors = [item.data for item in sorted(items, key=lambda item: item.prompt_index)]
+        items = sorted(items, key=lambda item: item.prompt_index)
         count = len(self.command.score.data_1)
-        queries, documents = vectors[:count], vectors[count:]
+        queries, documents = items[:count], items[count:]
         if len(queries) == 1:
             queries = queries * len(documents)
         return list(zip(queries, documents))
 
+    def _usage_tokens(self, items: list[p.Embedding]) -> int:
+        if self.dialect.score_usage_of_inputs:
+            return sum(item.prompt_tokens for item in items)
+        return sum(query.prompt_tokens + query.pad_token + document.prompt_tokens
+                   for query, document in self._paired(items))
+
     def response(self, items: list[p.Embedding], scores: list[float]) -> ScoreList | RerankList:
-        """Usage counts each input once, a query scored against many too."""
-        tokens = sum(item.prompt_tokens for item in items)
+        tokens = self._usage_tokens(items)
         if self.command.endpoint == "score":
             return ScoreList(id=self.command.request_id, created=self.created, model=self.model,
                              data=[ScoreData(index=i, score=score)
                                    for i, score in enumerate(scores)],
-                             usage=emb.pooling_usage(tokens))
+                             usage=emb.pooling_usage(tokens, self.dialect))
         documents = self.command.score.data_2
         results = sorted((RerankResult(index=i, document=_document(documents[i]),
                                        relevance_score=score)

@@ -72,7 +72,8 @@ def _thinking_budget(value: int | float | bool | None) -> int | None:
         return None
     if isinstance(value, (bool, float)) or value < -1:
         raise errors.ValidatorRefusal("`thinking_token_budget` must be a non-negative integer "
-                                      "or -1 for unlimited.", "thinking_token_budget", value)
+                                      "or -1 for unlimited.", "thinking_token_budget", value,
+                                      field="thinking_token_budget")
     return None if value == -1 else value
 
 
@@ -126,16 +127,18 @@ class RepetitionDetection(_Request):
     min_count: int = 0
 
     def check(self) -> None:
-        """vLLM's __post_init__, in its words."""
+        """vLLM's __post_init__, in its words (0.26's a plain ValueError)."""
         if (self.max_pattern_size < 0 or self.min_pattern_size < 0
                 or self.min_pattern_size > self.max_pattern_size):
             raise errors.ValidatorRefusal("max_pattern_size, min_pattern_size must be >=0, with "
                                           "min_pattern_size <= max_pattern_size. Set both to 0 "
-                                          "to disable repetitive pattern detection.")
+                                          "to disable repetitive pattern detection.",
+                                          bare=True, field="repetition_detection")
         if self.max_pattern_size > 0 and self.min_count < 2:
             raise errors.ValidatorRefusal("min_count must be >= 2 to detect repetitive patterns "
                                           "in engine output. If you do not wish to detect "
-                                          "repetitive patterns, set max_pattern_size to 0.")
+                                          "repetitive patterns, set max_pattern_size to 0.",
+                                          bare=True, field="repetition_detection")
 
 
 class _Sampling(_Request, kw_only=True):

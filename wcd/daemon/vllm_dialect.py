@@ -40,13 +40,23 @@ class Dialect:
     # A pooling request's padding pads its prompts; 0.26 has no such field,
     # and ignores it as any unknown field.
     pooling_padding: bool = True
+    # /score's and /rerank's usage counts each input's tokens once; 0.26
+    # counts each pair's prompt: its query's tokens, the tokenizer's pad token
+    # (where it has one) and its document's, a query scored against N
+    # documents N times.
+    score_usage_of_inputs: bool = True
+    # /pooling's refusals of its task or dimensions (ServingPooling.
+    # _verify_pooling_task) are VLLMValidationErrors naming their parameter;
+    # 0.26 raises plain ValueErrors, which name none.
+    serving_refusals_name_parameter: bool = True
 
 
 VLLM_032 = Dialect()
 VLLM_026 = Dialect(completion_tokens_details=False, wrapped_refusals=True,
                    cache_salt_charset=False, fim_suffix=False, names_models=False,
                    offsets_follow_tokens=False, refuses_request_mm_kwargs=False,
-                   pooling_padding=False)
+                   pooling_padding=False, score_usage_of_inputs=False,
+                   serving_refusals_name_parameter=False)
 
 
 def of(version: str) -> Dialect:

@@ -58,12 +58,13 @@ FORCED_ENGINE_ARGS = {"distributed_executor_backend": "uni", "disable_log_stats"
 class ModelError(Exception):
     """A failure to report as data: `kind` is one of protocol.ERROR_KINDS."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, param: str | None = None):
         super().__init__(message)
         self.kind = kind
+        self.param = param
 
     def info(self) -> p.ErrorInfo:
-        return p.ErrorInfo(self.kind, str(self))
+        return p.ErrorInfo(self.kind, str(self), self.param)
 
 
 class SwapFailed(Exception):
@@ -936,7 +937,7 @@ class _Requests:
                 last_of_request = True
         if isinstance(ro, PoolingRequestOutput):
             yield pooling.embedding(ro, request_id, index, last_of_request,
-                                    self._embeds.pop(ro.request_id))
+                                    self._embeds.pop(ro.request_id), engine)
         else:
             yield from _outputs(ro, request_id, index, last_of_request, prompt, turn)
 
@@ -1009,6 +1010,8 @@ def _as_bad_args() -> Iterator[None]:
         raise ModelError(p.BAD_ARGS, str(exc)) from None
     except ModelError:
         raise
+    except pooling.Refused as exc:
+        raise ModelError(p.BAD_ARGS, str(exc), exc.param) from None
     except Exception as exc:
         raise ModelError(p.BAD_ARGS, _first_line(exc)) from exc
 

@@ -49,6 +49,15 @@ def engine_requests(engine, request: p.Embed) -> list[tuple[dict, PoolingParams]
     return [(engine_input, params.clone()) for engine_input in inputs]
 
 
+class Refused(ValueError):
+    """A request vLLM's server refuses about one of its fields, `param`,
+    which the daemon names (or not) as the workers' vLLM does."""
+
+    def __init__(self, reason: str, param: str):
+        super().__init__(reason)
+        self.param = param
+
+
 def _check_task(engine, task: str) -> None:
     """/pooling's task against the model's, in vLLM's words
     (ServingPooling._verify_pooling_task): the model's pooling task, which
@@ -57,9 +66,9 @@ def _check_task(engine, task: str) -> None:
         return
     tasks = list(engine.get_supported_tasks())
     if task in tasks:
-        raise ValueError(f"Try switching the model's pooling_task via --pooler-config.task "
-                         f"{task}. (parameter=task)")
-    raise ValueError(f"Unsupported task: {task!r} Supported tasks: {tasks} (parameter=task)")
+        raise Refused(f"Try switching the model's pooling_task via --pooler-config.task "
+                      f"{task}.", "task")
+    raise Refused(f"Unsupported task: {task!r} Supported tasks: {tasks}", "task")
 
 
 def similarities(command: p.Similarity) -> p.Similarities:
@@ -77,8 +86,11 @@ def warm_params(engine) -> SamplingParams | PoolingParams:
 
 
 def embedding(ro: PoolingRequestOutput, request_id: str, prompt_index: int,
-              last_of_request: bool, request: p.Embed) -> p.Embedding:
+              last_of_request: bool, request: p.Embed, engine) -> p.Embedding:
     data = ro.outputs.data
+    pad_token = request.score is not None and \
+        getattr(engine.renderer.get_tokenizer(), "pad_token_id", None) is not None
     return p.Embedding(request_id, prompt_index,
                        vllm_seams.vector_bytes(data, request.embed_dtype, request.endianness),
-                       len(ro.prompt_token_ids or ()), last_of_request, tuple(data.shape))
+                       len(ro.prompt_token_ids or ()), last_of_request, tuple(data.shape),
+                       pad_token)

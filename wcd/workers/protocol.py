@@ -36,10 +36,13 @@ class ModelSpec(msgspec.Struct, frozen=True):
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
-    """A failure as data. `kind` is one of the ERROR_KINDS below."""
+    """A failure as data. `kind` is one of the ERROR_KINDS below; `param`: the
+    request field a refusal is about, where vLLM's server names one (the
+    daemon words it as the workers' vLLM does)."""
 
     kind: str
     message: str
+    param: str | None = None
 
 
 # Error kinds, mapped to HTTP statuses and exit codes at the daemon's edge.
@@ -494,6 +497,9 @@ class Embedding(msgspec.Struct, tag="embedding", frozen=True):
     prompt_tokens: int
     finished: bool = False
     shape: tuple[int, ...] = ()
+    # A score's input: whether the model's tokenizer has a pad token, with
+    # which vLLM's bi-encoder scoring joins a pair's prompts.
+    pad_token: bool = False
 
 
 class FinishedStats(msgspec.Struct, frozen=True):
