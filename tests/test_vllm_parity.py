@@ -491,6 +491,12 @@ POOLING_CASES = {
     ("/pooling", "token ids padded"): {"input": [[462, 397, 399], [381]], "padding": "max_length"},
     ("/score", "padding"): {"text_1": "hi", "text_2": ["yo", "tell me"],
                             "padding": "max_length"},
+    # Every pooling request's cache_salt validator.
+    ("/v1/embeddings", "empty cache_salt"): {"input": "hi", "cache_salt": ""},
+    ("/v1/embeddings", "chat, cache_salt with a slash"): {"messages": HI, "cache_salt": "a/b"},
+    ("/pooling", "empty cache_salt"): {"input": "hi", "cache_salt": ""},
+    ("/score", "empty cache_salt"): {"text_1": "hi", "text_2": "yo", "cache_salt": ""},
+    ("/rerank", "cache_salt"): {"query": "hi", "documents": ["yo"], "cache_salt": "salt"},
     # A request's multi-modal kwargs, refused as by a server without
     # --trust-request-mm-kwargs (0.26 takes them, a text model ignores them).
     ("/v1/embeddings", "mm_processor_kwargs"): {"input": "hi", "mm_processor_kwargs": {"a": 1}},

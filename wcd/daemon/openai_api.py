@@ -470,11 +470,9 @@ class _Api:
         async def handle(request: web.Request, http: HttpSettings,
                          timer: RequestTimer) -> web.Response:
             body = await self._body(request, shape)
-            dialect = self._dialect()
-            try:  # checks the body: its input is known from here
-                job = emb.EmbedJob.of(body, http.trust_request_chat_template, dialect)
-            except errors.ValidatorRefusal as refusal:
-                raise await _served_refusal(request, refusal, dialect) from None
+            # checks the body: its input is known from here
+            job = await self._pooling_job(request, functools.partial(
+                emb.EmbedJob.of, body, http.trust_request_chat_template))
             _check_counts(len(job.command.prompts), 1, http, param="input")
             self._permitted(request, job.model)
             async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(
@@ -487,11 +485,21 @@ class _Api:
 
         return handle
 
+    async def _pooling_job(self, request: web.Request,
+                           build: Callable[[vllm_dialect.Dialect], Any]) -> Any:
+        """`build(dialect)`'s job, a refusal of vLLM's request validators as
+        the workers' vLLM words it."""
+        dialect = self._dialect()
+        try:
+            return build(dialect)
+        except errors.ValidatorRefusal as refusal:
+            raise await _served_refusal(request, refusal, dialect) from None
+
     def _score(self, shape: type[sc.ScoreRequest | sc.RerankRequest]) -> _Handler:
         async def handle(request: web.Request, http: HttpSettings,
                          timer: RequestTimer) -> web.Response:
             body = await self._body(request, shape)
-            job = sc.ScoreJob.of(body, self._dialect())
+            job = await self._pooling_job(request, functools.partial(sc.ScoreJob.of, body))
             _check_counts(job.input_count, 1, http, param=None)
             self._permitted(request, job.model)
             async with self.scheduler.lease(job.model) as lease, contextlib.aclosing(

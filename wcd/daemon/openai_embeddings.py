@@ -60,6 +60,10 @@ class PoolingFields(Struct, kw_only=True):
     def check_mm_kwargs(self, dialect: Dialect) -> None:
         t.check_mm_kwargs(dialect, self.mm_processor_kwargs, self.media_io_kwargs)
 
+    def check_cache_salt(self, dialect: Dialect) -> None:
+        """vLLM's check_cache_salt_support, every pooling request's validator."""
+        t.check_cache_salt(self.cache_salt, dialect)
+
     def padding_for(self, dialect: Dialect) -> str | None:
         return self.padding if dialect.pooling_padding else None
 
@@ -101,6 +105,7 @@ class EmbeddingRequest(PoolingFields, kw_only=True):
     def check(self, dialect: Dialect) -> None:
         """vLLM's request validators first, then what its server checks."""
         self.check_removed()
+        self.check_cache_salt(dialect)
         if self.continue_final_message and self.add_generation_prompt:
             # Each chat member's validator refuses it, and the other members
             # miss their fields where this body lacks them too (else vLLM

@@ -53,6 +53,7 @@ class _ScoringRequest(emb.PoolingFields, kw_only=True):
         raise NotImplementedError
 
     def command(self, dialect: Dialect) -> p.Embed:
+        self.check_cache_salt(dialect)
         self.check_mm_kwargs(dialect)
         data_1, data_2 = self.sides()
         pooling = {} if self.use_activation is None else {"use_activation": self.use_activation}

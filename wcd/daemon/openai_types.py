@@ -43,7 +43,7 @@ def check_mm_kwargs(dialect: Dialect, mm_processor_kwargs: dict | None,
                 "--trust-request-mm-kwargs only when clients are trusted.", name)
 
 
-def _check_cache_salt(salt: str | None, dialect: Dialect) -> None:
+def check_cache_salt(salt: str | None, dialect: Dialect) -> None:
     """vLLM's validate_cache_salt: a salt keys cache backends, which take
     neither an empty one nor path-like characters."""
     if salt is None:
@@ -233,7 +233,7 @@ class _Sampling(_Request, kw_only=True):
         if self.structured_outputs is not None and self._format() is not None:
             raise errors.BadRequest("set response_format or structured_outputs, not both",
                                     param="structured_outputs")
-        _check_cache_salt(self.cache_salt, dialect)
+        check_cache_salt(self.cache_salt, dialect)
         if (asked := self.prompt_logprobs) is not None:
             if self.stream and (asked > 0 or asked == -1):
                 raise errors.ValidatorRefusal("`prompt_logprobs` are not available when "
