@@ -229,6 +229,35 @@ async def test_vllm_026_lists_its_request_unions_errors_for_both_prompts(path, m
         f"{len(members)} validation errors:\n" + "\n".join(f"  {error}" for error in listed)
 
 
+EMPTY_SALT = "Parameter 'cache_salt' must be a non-empty string if provided."
+SCORE_MEMBER = ("function-after[_merge_instruction_into_kwargs(), "
+                "function-wrap[__log_extra_fields__()]]")
+
+
+@pytest.mark.parametrize("path, body, locs", [
+    ("/v1/embeddings", {"input": "hi"}, [("body", "function-wrap[__log_extra_fields__()]")] * 5),
+    ("/pooling", {"input": "hi"}, [("body", "function-wrap[__log_extra_fields__()]")] * 3),
+    ("/score", {"text_1": "hi", "text_2": "yo"}, [("body", SCORE_MEMBER)] * 4),
+    ("/rerank", {"query": "hi", "documents": ["yo"]}, [("body",)]),
+])
+@run_async
+async def test_vllm_026_refuses_an_empty_cache_salt_once_per_member_of_its_union(
+        path, body, locs):
+    """Every member of vLLM 0.26's request union runs its cache_salt
+    validator before its fields' (its own models' words, checked against
+    them): one error each; rerank's request is no union."""
+    body = {"model": "embed-a", **body, "cache_salt": ""}
+    async with serve(on_vllm_026(FakeScheduler())) as url:
+        status, _, answer = await post(url, path, body)
+    listed = [f"{{'type': 'value_error', 'loc': {loc!r}, 'msg': "
+              f"{'Value error, ' + EMPTY_SALT + ' (parameter=cache_salt)'!r}, 'input': {body!r}, "
+              f"'ctx': {{'error': VLLMValidationError({EMPTY_SALT!r})}}}}" for loc in locs]
+    label = "error" if len(locs) == 1 else "errors"
+    assert (status, answer["error"]["param"]) == (400, "cache_salt")
+    assert answer["error"]["message"] == \
+        f"{len(locs)} validation {label}:\n" + "\n".join(f"  {error}" for error in listed)
+
+
 def test_a_pooling_response_is_vllms_shape():
     job = EmbedJob.of(pooling(input=["a", "b"]))
     answer = msgspec.to_builtins(job.response([embedded(VECTORS[1], 1, 4),

@@ -57,15 +57,17 @@ class ValidatorRefusal(VllmValidationError):
     as a plain ValueError, which names no parameter. `members`: raised by
     some members of a union of request models (vLLM's embedding and pooling
     requests), each member in order the required field it missed instead,
-    or None where it raised this."""
+    or None where it raised this; `member`: where pydantic locates a
+    member's errors."""
 
     def __init__(self, reason: str, param: str | None = None, value: Any = None, *,
                  bare: bool = False, field: str | None = None,
-                 members: tuple[str | None, ...] = ()):
+                 members: tuple[str | None, ...] = (), member: str | None = None):
         super().__init__(reason, param, value)
         self.bare = bare
         self.field = field
         self.members = members
+        self.member = member or UNION_MEMBER
 
 
 def serving_refusal(reason: str, param: str, named: bool) -> VllmBadRequest:
@@ -107,7 +109,8 @@ class WrappedRefusal(RequestValidation):
                     f"'input': {given!r}, 'ctx': {{'error': {raised}({refusal.reason!r})}}}}")
 
         if refusal.members:
-            locs = [("body", _MEMBER) if missing is None else ("body", _MEMBER, missing)
+            member = refusal.member
+            locs = [("body", member) if missing is None else ("body", member, missing)
                     for missing in refusal.members]
             errors = [value_error(loc) if len(loc) == 2 else
                       f"{{'type': 'missing', 'loc': {loc!r}, 'msg': 'Field required', "
@@ -121,12 +124,12 @@ class WrappedRefusal(RequestValidation):
         # location, pydantic's markers left out.
         super().__init__(_sanitized(f"{len(errors)} validation {label}:\n{listed}"),
                          param=(None if refusal.bare else refusal.param)
-                         or ".".join(part for part in locs[0] if part != _MEMBER))
+                         or ".".join(part for part in locs[0] if part != refusal.member))
 
 
 # Where pydantic locates the errors of a union's member: vLLM's request
 # models' __log_extra_fields__, a wrap validator.
-_MEMBER = "function-wrap[__log_extra_fields__()]"
+UNION_MEMBER = "function-wrap[__log_extra_fields__()]"
 
 
 # vLLM 0.26's sanitize_message: no memory addresses, tracebacks or file paths.

@@ -56,13 +56,20 @@ class PoolingFields(Struct, kw_only=True):
     # extra field, which it checks as well.
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    # vLLM's request union this request's endpoint takes (none: one model):
+    # each member, the required field it misses or None; where pydantic
+    # locates a member's errors.
+    _MEMBERS: ClassVar[tuple[str | None, ...]] = ()
+    _MEMBER_LOC: ClassVar[str] = errors.UNION_MEMBER
 
     def check_mm_kwargs(self, dialect: Dialect) -> None:
         t.check_mm_kwargs(dialect, self.mm_processor_kwargs, self.media_io_kwargs)
 
     def check_cache_salt(self, dialect: Dialect) -> None:
-        """vLLM's check_cache_salt_support, every pooling request's validator."""
-        t.check_cache_salt(self.cache_salt, dialect)
+        """vLLM's check_cache_salt_support, every pooling request's validator,
+        which every member of its request union runs before its fields'."""
+        t.check_cache_salt(self.cache_salt, dialect, members=(None,) * len(self._MEMBERS),
+                           member=self._MEMBER_LOC)
 
     def padding_for(self, dialect: Dialect) -> str | None:
         return self.padding if dialect.pooling_padding else None

@@ -75,6 +75,11 @@ class ScoreRequest(_ScoringRequest, kw_only=True):
     endpoint: ClassVar[str] = "score"
     _NAMES: ClassVar = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"),
                         ("text_1", "text_2"))
+    # vLLM 0.26's ScoreRequest: a union of one model per pair of names, each
+    # merging its instruction into the template's kwargs after validation.
+    _MEMBERS: ClassVar = (None,) * len(_NAMES)
+    _MEMBER_LOC: ClassVar = ("function-after[_merge_instruction_into_kwargs(), "
+                             f"{errors.UNION_MEMBER}]")
 
     queries: Any = UNSET
     documents: Any = UNSET

@@ -43,19 +43,20 @@ def check_mm_kwargs(dialect: Dialect, mm_processor_kwargs: dict | None,
                 "--trust-request-mm-kwargs only when clients are trusted.", name)
 
 
-def check_cache_salt(salt: str | None, dialect: Dialect) -> None:
+def check_cache_salt(salt: str | None, dialect: Dialect, **refusal: Any) -> None:
     """vLLM's validate_cache_salt: a salt keys cache backends, which take
-    neither an empty one nor path-like characters."""
+    neither an empty one nor path-like characters. `refusal`: how vLLM's
+    request model raises it (errors.ValidatorRefusal's keywords)."""
     if salt is None:
         return
     if not salt:
         raise errors.ValidatorRefusal("Parameter 'cache_salt' must be a non-empty string if "
-                                      "provided.", "cache_salt")
+                                      "provided.", "cache_salt", **refusal)
     if dialect.cache_salt_charset and (len(salt) > 128
                                        or any(char in "@/\\\0" for char in salt)):
         raise errors.ValidatorRefusal("Parameter 'cache_salt' must be at most 128 characters "
                                       "and must not contain '@', '/', '\\\\', or NUL.",
-                                      "cache_salt")
+                                      "cache_salt", **refusal)
 
 
 def _token_keys(bias: dict[str, float]) -> dict[int, float]:
