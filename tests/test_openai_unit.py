@@ -845,11 +845,7 @@ async def test_vllm_fields_at_their_defaults_are_served(path, body):
 ])
 @run_async
 async def test_vllm_sampling_extensions_map_to_sampling_params(path, extra, sampling):
-    body = {"model": "demo", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
-    body.pop("messages" if path == "/v1/completions" else "prompt")
-    scheduler = FakeScheduler()
-    async with serve(scheduler) as url:
-        status, _, answer = await post(url, path, {**body, **extra})
+    scheduler, status, answer = await _generation(path, extra)
     assert status == 200, answer
     sent = sampling_sent(scheduler)
     sent.pop("max_tokens", None)
@@ -873,14 +869,21 @@ async def test_vllm_sampling_extensions_map_to_sampling_params(path, extra, samp
 ])
 @run_async
 async def test_vllm_sampling_extensions_refused_as_vllm_refuses_them(path, extra, param):
-    body = {"model": "demo", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
-    body.pop("messages" if path == "/v1/completions" else "prompt")
-    scheduler = FakeScheduler()
-    async with serve(scheduler) as url:
-        status, _, answer = await post(url, path, {**body, **extra})
+    scheduler, status, answer = await _generation(path, extra)
     assert status == 400, answer
     assert param in json.dumps(answer["error"]), answer
     assert not scheduler.leased
+
+
+async def _generation(path: str, extra: dict) -> tuple[FakeScheduler, int, dict]:
+    """A completion or chat of the demo model with `extra` fields, to a fake
+    scheduler: it, and the answer's status and body."""
+    body = {"model": "demo", "prompt": "hi"} if path == "/v1/completions" else \
+        {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+    scheduler = FakeScheduler()
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, path, {**body, **extra})
+    return scheduler, status, answer
 
 
 @pytest.mark.parametrize("continuous", [False, True])
