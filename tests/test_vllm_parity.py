@@ -160,8 +160,9 @@ COMPLETIONS = {
     "logit_bias keys not token ids": {"prompt": "hello", "max_tokens": 3,
                                       "logit_bias": {"x": 1, "7": 2}},
     "logit_bias": {"prompt": "hello", "max_tokens": 3, "logit_bias": {"7": 100}},
-    # vLLM 0.32 ignores best_of.
-    "best_of": {"prompt": "hello", "max_tokens": 3, "best_of": 3},
+    # vLLM 0.32 ignores best_of, and OpenAI's other fields it does not know.
+    "best_of": {"prompt": "hello", "max_tokens": 3, "best_of": 3, "store": True,
+                "metadata": {"a": 1}, "service_tier": "flex"},
     # Beam search: the best n beams, searched in one-token rounds; the logprobs
     # are each position's 2n, of which the first logprobs+1 are listed.
     "beam search": {"prompt": "hello world", "max_tokens": 5, **BEAMS},
@@ -302,6 +303,13 @@ CHATS = {
     "return_prompt_text": {"messages": HI, "max_tokens": 2, "return_prompt_text": True},
     "stream return_prompt_text": {"messages": HI, "max_tokens": 2, "return_prompt_text": True,
                                   "stream": True},
+    # OpenAI's fields vLLM does not know: ignored, whatever they ask for.
+    "OpenAI fields vLLM lacks": {"messages": HI, "max_tokens": 3, "store": True,
+                                 "metadata": {"a": "b"}, "service_tier": "flex",
+                                 "modalities": ["text", "audio"], "audio": {"voice": "x"},
+                                 "functions": [{"name": "f", "parameters": {}}],
+                                 "function_call": "auto", "prediction": {"type": "content"},
+                                 "prompt_cache_key": "k", "safety_identifier": "s"},
     "multimodal options": {"messages": HI, "max_tokens": 3, "mm_processor_kwargs": {"a": 1}},
     "media options": {"messages": HI, "max_tokens": 3, "media_io_kwargs": {"image": {"x": 1}}},
 }

@@ -174,13 +174,10 @@ class _Sampling(_Request, kw_only=True):
     response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
     # vLLM's own structured-outputs request (json, regex, choice, grammar, ...).
     structured_outputs: dict[str, Any] | None = None
-    # Accepted and ignored: they change nothing about the tokens produced.
+    # vLLM's, and ignored there: it changes nothing about the tokens. OpenAI's
+    # fields vLLM does not know (store, metadata, functions, modalities...)
+    # are unknown here too, ignored as there.
     user: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
     # vLLM's fields that only tag the request, without changing its output
     # (wcd has no priority scheduling, and a session or salt only keys caches).
     request_id: str | None = None
@@ -354,8 +351,6 @@ class CompletionRequest(_Sampling, kw_only=True):
     logprobs: int | None = None
     echo: bool | None = None
     suffix: str | None = None
-    # OpenAI's; vLLM 0.32 ignores it (returns n completions), so does wcd.
-    best_of: int | None = None
     add_special_tokens: bool = True
     prompt_embeds: bytes | list[bytes] | None = None
 
@@ -509,12 +504,6 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None | UnsetType = UNSET
     parallel_tool_calls: bool | None = True
-    # Refused when set to anything that asks for behaviour wcd lacks.
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
     # vLLM's: reasoning_effort reaches the chat template (template_kwargs);
     # include_reasoning false drops what the model's reasoning_parser finds.
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
@@ -585,12 +574,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
     def check(self, dialect: Dialect = VLLM_032) -> None:
         super().check(dialect)
-        for name in ("functions", "function_call", "audio", "prediction"):
-            if getattr(self, name):
-                raise errors.BadRequest(f"{name} is not supported", param=name)
         self._check_tools()
-        if self.modalities not in (None, ["text"]):
-            raise errors.BadRequest("only text output is supported", param="modalities")
         self._check_logprobs()
         check_template_kwargs(self.chat_template_kwargs)
         check_mm_kwargs(dialect, self.mm_processor_kwargs, self.media_io_kwargs)
