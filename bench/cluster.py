@@ -273,8 +273,8 @@ def section(args, runs: dict[str, Run]) -> str:
         f"{args.clients} concurrent streaming clients, completions of {args.max_tokens} "
         f"tokens (greedy, `ignore_eos`), each request's model drawn at random (seeded, the "
         "same stream for every run) after a warm-up that loads every model once. "
-        "Every process shares this machine's cores (and GPU): the replicas compete for "
-        "them.", "",
+        f"Every process shares this machine's {_shared(args.device)}: the replicas compete "
+        "for them.", "",
         "| run | requests | failed | swaps | TTFT p50 ms | TTFT p99 ms | tok/s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         _row(f"Serve, multiplexed routing, 2 replicas, {len(ALL_MODELS)} models",
@@ -287,6 +287,15 @@ def section(args, runs: dict[str, Run]) -> str:
         *[f"| {what} | {target} | {got} | {'met' if met else '**missed**'} |"
           for what, target, got, met in goals], "",
     ])
+
+
+def _shared(device: str) -> str:
+    if device != "cpu":
+        return "cores and GPU"
+    # vLLM's CPU engine keeps every core busy: Serve's processes take theirs.
+    return ("cores, which vLLM's CPU engine keeps busy: Ray's own processes (its "
+            "controller, proxy and agents) and each request's hops through Serve take "
+            "time from it, which the GPU section below does not pay")
 
 
 def _ray_version() -> str:
