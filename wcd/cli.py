@@ -512,7 +512,7 @@ def build_parser() -> Parser:
                       "the daemon's choice)")
     swap.add_argument("--force", action="store_true", help="abort in-flight requests "
                       "instead of draining them")
-    sub.add_parser("load", parents=shared, help="load MODEL on a free worker")
+    sub.add_parser("load", parents=shared, help="load MODEL beside the models resident now")
     unload = sub.add_parser("unload", parents=shared, help="stop serving MODEL")
     unload.add_argument("--force", action="store_true", help="abort in-flight requests "
                         "instead of draining them")

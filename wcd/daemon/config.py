@@ -240,8 +240,7 @@ def parse_settings(data: object, source: str) -> Settings:
 
 def parse_duration(value: object) -> float:
     """Seconds from a number or text such as "30s", "5m", "1h30m"; ValueError if
-    neither. Public so that the control API and wcctl can take durations in
-    the same form as the file."""
+    neither."""
     if isinstance(value, str):
         return _duration_text(value)
     seconds = _number(value)

@@ -63,7 +63,6 @@ class WorkerProcess:
         self.options = options
         self.process: asyncio.subprocess.Process | None = None
         self.ready: p.Ready | None = None
-        self.exit_code: int | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._op_ids = itertools.count(1)
@@ -139,7 +138,6 @@ class WorkerProcess:
         except (asyncio.IncompleteReadError, ConnectionError, p.ProtocolError) as exc:
             reason = str(exc) if isinstance(exc, p.ProtocolError) else "connection closed"
         code = await self.process.wait()
-        self.exit_code = code
         self._fail_all(p.ErrorInfo(p.INTERNAL, f"worker {self.options.index} (pid "
                                    f"{self.process.pid}) exited with code {code}: {reason}"))
 

@@ -61,11 +61,6 @@ class Checkpoint:
     root: str = ""  # every file must resolve beneath it ("": not checked)
     pooling: str = ""  # digest of the sentence-transformers files ("": none)
 
-    @property
-    def architecture(self) -> str:
-        archs = self.config.get("architectures") or ["?"]
-        return archs[0]
-
     def shape_key(self, engine_args: dict[str, Any]) -> str:
         """Equal keys mean the live engine can take these weights in place.
         The tensor layout is part of it: vLLM's in-place reload leaves layers

@@ -105,10 +105,9 @@ def _follower_main(conn, rank: int, env: dict[str, str]) -> None:
     die_with_parent(signal.SIGKILL)
     logging.basicConfig(level=logging.INFO,
                         format=f"wcd-group[{rank}] %(levelname)s %(name)s: %(message)s")
-    started = time.perf_counter()
     vllm_seams.apply()
     vllm_seams.freeze_import_heap()
-    _send(conn, ("ready", os.getpid(), time.perf_counter() - started))
+    _send(conn, ("ready", os.getpid()))
     Follower(conn, rank).serve()
 
 
@@ -193,7 +192,6 @@ class _Peer:
     process: Any
     conn: Any
     pid: int
-    warm_s: float
 
 
 class WarmGroup:
@@ -225,9 +223,9 @@ class WarmGroup:
             with _environ(env):  # a spawned child reads os.environ at start
                 process.start()
             child.close()
-            self.peers.append(_Peer(rank, process, parent, 0, 0.0))
+            self.peers.append(_Peer(rank, process, parent, 0))
         for peer in self.peers:
-            tag, peer.pid, peer.warm_s = self._recv(peer, timeout=300)
+            tag, peer.pid = self._recv(peer, timeout=300)
             assert tag == "ready", tag
         self.start_s = time.perf_counter() - started
         WarmGroup.current = self

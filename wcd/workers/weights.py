@@ -88,15 +88,13 @@ class HostCache:
         self.budget_bytes = budget_bytes
         self._pool = _Pool(budget_bytes, pinned) if budget_bytes > 0 else None
         self._entries: OrderedDict[str, Snapshot] = OrderedDict()  # LRU first
-        self.hits = self.misses = self.evictions = 0
+        self.evictions = 0
 
     def get(self, key: str) -> Snapshot | None:
         snapshot = self._entries.get(key)
         if snapshot is None:
-            self.misses += 1
             return None
         self._entries.move_to_end(key)
-        self.hits += 1
         return snapshot
 
     def __contains__(self, key: str) -> bool:
