@@ -27,6 +27,7 @@ from wcd.daemon.catalog import Catalog, ModelEntry
 from wcd.daemon.config import Settings
 from wcd.daemon.metrics import Metrics
 from wcd.daemon.worker_process import WorkerError, WorkerGone, WorkerOptions, WorkerProcess
+from wcd.proc_stats import phases_line
 from wcd.workers import protocol as p
 
 log = logging.getLogger(__name__)
@@ -356,7 +357,7 @@ class Scheduler:
         if what == "done":
             self.metrics.swap_done(model, event)
             log.info("worker %d: %s (%s) in %.3f s: %s", index, model, event["path"],
-                     event["total_s"], _phases(event["phases"]))
+                     event["total_s"], phases_line(event["phases"]))
         elif what == "failed":
             self.metrics.swap_failed(model)
         elif what == "suspended":
@@ -466,7 +467,7 @@ class Scheduler:
             return
         if op.kind == "suspend":
             log.info("worker %d: suspended %s in %.3f s: %s", index, op.targets[0],
-                     result.total_s, _phases(result.phases))
+                     result.total_s, phases_line(result.phases))
         phases = dict(result.phases)
         phases["drain"] = phases.get("drain", 0.0) + drained_s
         finished(done={"event": "done", "model": result.model, "worker": index,
@@ -480,5 +481,3 @@ class Scheduler:
             self._post(core.Tick(time.monotonic()))
 
 
-def _phases(phases: dict[str, float]) -> str:
-    return " ".join(f"{k}={v * 1000:.1f}ms" for k, v in phases.items())

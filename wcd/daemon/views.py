@@ -4,13 +4,13 @@ loop between two of the owner's events, so never half-changed."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from wcd.daemon.catalog import Catalog
 from wcd.daemon.policy import (DRAINING, LOADING, READY, SERVING, SUSPENDED, SUSPENDING)
 from wcd.daemon.scheduler_core import State, Worker, budget, max_resident
 from wcd.daemon.worker_process import WorkerProcess
+from wcd.proc_stats import rss_bytes
 
 # What a worker is doing, for one-word displays (wcctl ps, the status page).
 IDLE, SWAPPING, SUSPENDING_WORKER = "idle", "swapping", "suspending"
@@ -67,7 +67,7 @@ def worker_views(state: State, process: Callable[[int], WorkerProcess | None]) -
             "active": active(state, worker),
             "running": sum(r.running for r in worker.residents.values()),
             "restarts": worker.restarts,
-            "rss_bytes": _rss(proc.pid) if proc else None,
+            "rss_bytes": rss_bytes(proc.pid) if proc else None,
             "device_bytes": worker.device_bytes,
             "resident_bytes": sum(r.bytes for r in worker.residents.values()),
             "memory_budget_bytes": budget(state, worker),
@@ -140,11 +140,3 @@ def waiting_by_model(state: State) -> dict[str, int]:
     return counts
 
 
-def _rss(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return None

@@ -30,6 +30,7 @@ import time
 
 import msgspec
 
+from wcd.proc_stats import phases_line, rss_bytes
 from wcd.workers import protocol as p
 from wcd.workers.process import die_with_parent
 
@@ -278,7 +279,7 @@ class Worker:
             self.channel.send(p.OpDone(command.op_id, name, path, clock.phases, clock.total(),
                                        self._residents(), weights))
             log.info("swap %s -> %s: %s from %s in %.3f s %s", before, self.host.models, path,
-                     weights, clock.total(), _phases(clock.phases))
+                     weights, clock.total(), phases_line(clock.phases))
             self._snapshot(name)
             if path == "rebuild":
                 self.host.collect_after_build()
@@ -306,7 +307,7 @@ class Worker:
             self.channel.send(p.OpDone(command.op_id, None, "unload", clock.phases,
                                        clock.total(), self._residents()))
             log.info("unload %s: %s -> %s in %.3f s %s", command.models, before,
-                     self.host.models, clock.total(), _phases(clock.phases))
+                     self.host.models, clock.total(), phases_line(clock.phases))
         finally:
             self._publish()
             self.busy = None
@@ -328,7 +329,7 @@ class Worker:
                      command.model,
                      sum(1 for model in self.inflight.values() if model == command.model),
                      self.host.residents[command.model].kept_bytes, clock.total(),
-                     _phases(clock.phases))
+                     phases_line(clock.phases))
         finally:
             self._publish()
             self.busy = None
@@ -363,15 +364,6 @@ class Worker:
         self.host.release_all()
         if self.group is not None:
             self.group.close()
-
-
-def _phases(phases: dict[str, float]) -> str:
-    return " ".join(f"{name}={seconds * 1000:.1f}ms" for name, seconds in phases.items())
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _on_sigterm(signum, frame) -> None:
