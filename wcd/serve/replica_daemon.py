@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -31,10 +30,10 @@ import uvloop
 from wcd.daemon import systemd
 from wcd.daemon.config import ConfigError, load_settings
 from wcd.daemon.main import run
+from wcd.workers.process import die_with_parent
 
 log = logging.getLogger("wcd.serve")
 
-_PR_SET_PDEATHSIG = 1
 # A worker comes up with torch, vLLM and its device context in this long.
 READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
@@ -148,9 +147,7 @@ def _free_port() -> int:
 def _die_with(parent: int) -> None:
     """SIGTERM when the replica's process ends, however it ends; an exit now
     if it is gone already (it died before the signal was armed)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    die_with_parent(signal.SIGTERM)
     if os.getppid() != parent:
         raise SystemExit("wcd replica daemon: the replica is gone")
 
