@@ -154,7 +154,8 @@ def run_sleep(models: Path) -> dict:
 
 class Wcd:
     def __init__(self, directory: Path, models: Path, workers: list | None = None,
-                 defaults: dict | None = None, http: dict | None = None, **policy):
+                 defaults: dict | None = None, http: dict | None = None,
+                 preload: list[str] | None = None, models_extra: dict | None = None, **policy):
         directory.mkdir(parents=True, exist_ok=True)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -168,8 +169,9 @@ class Wcd:
             "defaults": defaults or ENGINE_ARGS,
             "models": {**{n: {"path": str(models / n)} for n in (*SAME, OTHER)},
                        "bigwide-eager": {"path": str(models / OTHER), "enforce_eager": True},
-                       TP1: {"path": str(models / SAME[0]), "tensor_parallel_size": 1}},
-            "preload": [SAME[0]],
+                       TP1: {"path": str(models / SAME[0]), "tensor_parallel_size": 1},
+                       **(models_extra or {})},
+            "preload": [SAME[0]] if preload is None else preload,
             "policy": {"host_cache_bytes": 8 * GiB, "worker_ready_timeout": "600s",
                        "queue_wait": "600s", "drain_timeout": "60s", "health_timeout": "60s",
                        "health_interval": "1s",  # pings carry the memory figures read here
@@ -195,6 +197,21 @@ class Wcd:
 
     def worker(self) -> dict:
         return self.wcctl("ps")[1]["workers"][0]
+
+    def wait_ready(self, timeout: float = 900) -> dict:
+        """The worker, once it is up with nothing loaded."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"wcd exited:\n{self.tail()}")
+            try:
+                worker = self.worker()
+            except RuntimeError:
+                worker = {}
+            if worker.get("pid") and worker.get("state") in ("idle", "serving"):
+                return worker
+            time.sleep(0.5)
+        raise RuntimeError(f"no worker ready:\n{self.tail()}")
 
     def wait_serving(self, model: str, timeout: float = 900) -> dict:
         deadline = time.monotonic() + timeout
@@ -407,45 +424,66 @@ def run_parked(models: Path, out: Path) -> dict:
 
 TP_ARGS = {**ENGINE_ARGS, "tensor_parallel_size": 2}
 TP1 = f"{SAME[0]}-tp1"  # big-a at TP=1: the group re-partitions for it
+TP1_B = f"{SAME[1]}-tp1"
+# Twice over: the second round's same-shape swaps and TP=2 rebuilds come from
+# each rank's host snapshot, every shape's graphs from the compile cache.
 TP_SEQUENCE = [(SAME[1], "same shape, in place"), (OTHER, "rebuild"), (SAME[0], "rebuild"),
-               (TP1, "to TP=1"), (SAME[0], "back to TP=2"), (TP1, "to TP=1 again"),
-               (SAME[0], "back to TP=2 again")]
+               (TP1, "to TP=1"), (TP1_B, "TP=1 same shape"), (SAME[0], "back to TP=2"),
+               (SAME[1], "TP=2 same shape"), (TP1, "to TP=1 again"),
+               (SAME[0], "back to TP=2 again")] * 2
 
 
 def run_tp(models: Path, out: Path) -> dict:
-    """wcd with one TP=2 worker group on cuda:0-1: swaps keep both processes;
-    big-a's answer against vLLM's own LLM(tensor_parallel_size=2)."""
-    result: dict = {"swaps": [], "failures": []}
-    log("tp: vLLM's own TP=2 run of big-a")
-    result["vllm"] = fresh_process(COLD, str(time.time()), str(models / SAME[0]),
-                                   json.dumps(TP_ARGS))
-    log("tp: vLLM", result["vllm"] if "error" not in result["vllm"] else
-        result["vllm"]["error"][-500:])
-    wcd = Wcd(out / "wcd-tp", models, defaults=TP_ARGS,
+    """wcd with one TP=2 worker group on cuda:0-1: every swap keeps both
+    processes; each answer against vLLM's own LLM at the same size, each in
+    a fresh process; both GPUs' memory after unload against before the first
+    load."""
+    result: dict = {"swaps": [], "failures": [], "vllm": {}}
+    for model, args in ((SAME[0], TP_ARGS), (SAME[1], TP_ARGS), (TP1, ENGINE_ARGS),
+                        (TP1_B, ENGINE_ARGS)):
+        log(f"tp: vLLM's own run of {model}")
+        path = models / model.removesuffix("-tp1")
+        result["vllm"][model] = fresh_process(COLD, str(time.time()), str(path), json.dumps(args))
+    log("tp: vLLM", {m: r.get("text", r.get("error", "")[-300:])
+                     for m, r in result["vllm"].items()})
+    wcd = Wcd(out / "wcd-tp", models, defaults=TP_ARGS, preload=[],
               workers=[{"device": "cuda:0", "tensor_parallel_size": 2,
-                        "serves_tensor_parallel_sizes": [1, 2]}])
+                        "serves_tensor_parallel_sizes": [1, 2]}],
+              models_extra={TP1_B: {"path": str(models / SAME[1]), "tensor_parallel_size": 1}})
     with daemon_part(wcd, result, "tp"):
-        ready = wcd.wait_serving(SAME[0])
-        result["start_to_serving_s"] = time.perf_counter() - wcd.started
+        ready = wcd.wait_ready()
+        result["start_to_ready_s"] = time.perf_counter() - wcd.started
         pids = [ready["pid"], *ready["group_pids"]]
         result["pids"] = pids
-        answers = {SAME[0]: wcd.complete(SAME[0])}
-        result["big_a_equals_vllm"] = answers[SAME[0]] == result["vllm"].get("text")
-        for model, label in TP_SEQUENCE:
-            wall, event = wcd.wcctl("swap", model)
-            text = wcd.complete(model)
-            same = answers.setdefault(model, text) == text
-            worker = wcd.worker()
-            kept = [worker["pid"], *worker["group_pids"]] == pids
-            if not (same and kept):
-                result["failures"].append(f"{label}: same_output={same} pids_kept={kept}")
-            result["swaps"].append({"label": label, "model": model, "path": event["path"],
-                                    "worker_s": event["total_s"], "wcctl_s": wall,
-                                    "phases": event["phases"], "same_output": same,
-                                    "pids_kept": kept})
-            log(f"tp: {label}: {model} {event['path']} worker {event['total_s']:.3f} s "
-                f"same_output={same} pids_kept={kept}")
+        result["gpu_used_before"] = gpu_memory_used()
+        for model, label in [(SAME[0], "first load"), *TP_SEQUENCE]:
+            result["swaps"].append(_tp_swap(wcd, model, label, pids, result))
+        wcd.wcctl("unload", SAME[0])
+        time.sleep(2)  # nvidia-smi reads what the driver has freed
+        result["gpu_used_after_unload"] = gpu_memory_used()
     return result
+
+
+def _tp_swap(wcd: Wcd, model: str, label: str, pids: list[int], result: dict) -> dict:
+    wall, event = wcd.wcctl("swap", model)
+    text = wcd.complete(model)
+    same = text == result["vllm"][model].get("text")
+    worker = wcd.worker()
+    kept = [worker["pid"], *worker["group_pids"]] == pids
+    if not (same and kept):
+        result["failures"].append(f"{label} {model}: equals_vllm={same} pids_kept={kept}")
+    log(f"tp: {label}: {model} {event['path']} from {event['weights']} worker "
+        f"{event['total_s']:.3f} s wcctl {wall:.3f} s equals_vllm={same} pids_kept={kept}")
+    return {"label": label, "model": model, "path": event["path"], "weights": event["weights"],
+            "worker_s": event["total_s"], "wcctl_s": wall, "phases": event["phases"],
+            "equals_vllm": same, "pids_kept": kept}
+
+
+def gpu_memory_used() -> list[int]:
+    """Bytes in use on each GPU, as the driver counts them (every process's)."""
+    done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, check=True)
+    return [int(line) << 20 for line in done.stdout.split()]
 
 
 # ---- throughput: vLLM's API server, then wcd, one model each ------------------------
@@ -779,27 +817,23 @@ def parked_lines(r: dict) -> list[str]:
 
 
 def tp_lines(r: dict) -> list[str]:
+    before, after = r["gpu_used_before"], r["gpu_used_after_unload"]
+    memory = ", ".join(f"GPU {i}: {(a - b) / 2**20:+.0f} MiB" for i, (b, a)
+                       in enumerate(zip(before, after)))
     return [
         f"Tensor parallel (`--parts tp`, 2 GPUs): one wcd worker with "
-        f"`tensor_parallel_size: 2` (a leader and one follower, PIDs {r['pids']}), vLLM's "
-        f"own `LLM(tensor_parallel_size=2)` of big-a in a fresh process as the reference "
-        f"({r['vllm']['first_output_s']:.1f} s to its first output). big-a through wcd "
-        f"answered {'the same' if r['big_a_equals_vllm'] else '**differently**'} "
-        f"(greedy, 16 tokens); daemon start to big-a serving "
-        f"{r['start_to_serving_s']:.1f} s.", "",
-        "| swap | path | worker (s) | output | both PIDs kept |",
-        "| --- | --- | ---: | --- | --- |",
-        *[f"| {row['label']}: {row['model']} | {row['path']} | {row['worker_s']:.2f} | "
-          f"{'same' if row['same_output'] else '**differs**'} | "
+        f"`tensor_parallel_size: 2` and `serves_tensor_parallel_sizes: [1, 2]` (a leader "
+        f"and one follower, PIDs {r['pids']}); each model's greedy 16-token answer against "
+        f"vLLM's own `LLM` at the same tensor-parallel size, each in a fresh process. "
+        f"`-tp1` models are the same checkpoints at TP=1, on the leader alone.", "",
+        "| swap | path | weights | worker (s) | wcctl (s) | equals vLLM | both PIDs kept |",
+        "| --- | --- | --- | ---: | ---: | --- | --- |",
+        *[f"| {row['label']}: {row['model']} | {row['path']} | {row['weights']} | "
+          f"{row['worker_s']:.3f} | {row['wcctl_s']:.3f} | "
+          f"{'yes' if row['equals_vllm'] else '**no**'} | "
           f"{'yes' if row['pids_kept'] else '**no**'} |" for row in r["swaps"]], "",
-        f"`{TP1}` is big-a at `tensor_parallel_size: 1` on the same group "
-        "(`serves_tensor_parallel_sizes: [1, 2]`): the group destroys its NCCL world "
-        "and the leader serves alone; back at TP=2 a new world forms in the same two "
-        "processes. \"output: same\" compares each model's answer with its first one "
-        "in this part.", "",
-        "A group runs without the host cache (snapshots are per process), so its "
-        "same-shape swap reloads from disk, and the tensors travel to the follower "
-        "through its pipe: 5 s for 1.43 GB here, the next thing to make fast.", "",
+        f"Memory in use after unloading, against before the first load (nvidia-smi, every "
+        f"process): {memory}. Failures: {r['failures'] or 'none'}.", "",
     ]
 
 

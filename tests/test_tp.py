@@ -2,11 +2,14 @@
 
 Two views of one mechanism, both real vLLM on CPU with TP=2:
 - the leader alone, as a script in its own process: one warm follower started
-  before any model, then wcd's EngineHost swaps small-a -> small-b (in place)
-  -> wide-a -> small-a (rebuilds); the torch.distributed default group and
-  vLLM's world and TP groups must be the very objects of the first build, on
-  both ranks. Then the group re-partitions: small-a and small-b at TP=1 on
-  the leader alone, and small-a at TP=2 again, in the same two processes;
+  before any model, a host cache on each rank and parking on, then wcd's
+  EngineHost swaps small-a -> small-b (in place) -> wide-a (small-b parked) ->
+  small-b (unparked) -> small-a (in place, each rank from its own snapshot);
+  the torch.distributed default group and vLLM's world and TP groups must be
+  the very objects of the first build, on both ranks. Then the group
+  re-partitions TP=2 -> TP=1 -> TP=2 -> TP=1 in the same two processes, every
+  world named as a fresh process names its first (what compiled collectives
+  call on CUDA), TP=2 coming back from the ranks' snapshots;
 - the daemon with a `tensor_parallel_size: 2` worker, driven by wcctl and the
   OpenAI endpoint: outputs equal vLLM's own TP=2 run, both PIDs survive swaps,
   a model of a TP size the worker is not configured for is refused, one it is
@@ -32,16 +35,21 @@ pytestmark = pytest.mark.vllm
 
 TP_ARGS = {**ENGINE_ARGS, "tensor_parallel_size": 2}
 TP_PROMPTS = PROMPTS[:2]
-# (model, tensor_parallel_size, path the swap takes)
-SEQUENCE = [("small-a", 2, "rebuild"), ("small-b", 2, "same_shape"), ("wide-a", 2, "rebuild"),
-            ("small-a", 2, "rebuild"), ("small-a", 1, "rebuild"), ("small-b", 1, "same_shape"),
-            ("small-a", 2, "rebuild")]
-KEPT_WORLD = 4  # the first steps, in one world
+# (model, tensor_parallel_size, path the swap takes, where the weights came from);
+# every swap is followed by a snapshot on each rank, as the worker takes one.
+SEQUENCE = [("small-a", 2, "rebuild", "disk"), ("small-b", 2, "same_shape", "disk"),
+            ("wide-a", 2, "rebuild", "disk"), ("small-b", 2, "unpark", "parked"),
+            ("small-a", 2, "same_shape", "host_cache"), ("small-a", 1, "rebuild", "disk"),
+            ("small-b", 1, "same_shape", "disk"), ("small-a", 2, "rebuild", "host_cache"),
+            ("small-b", 1, "rebuild", "host_cache")]
+KEPT_WORLD = 5  # the first steps, in one world
+FAILED_RE_PARTITION_AFTER = 7  # the step (TP=2) after which a TP=1 build fails
 # 2 cores: one OpenMP thread per rank. vLLM's automatic binding wants a NUMA
 # node per rank, so its own run binds rank r to core r (VLLM_CPU_OMP_THREADS_BIND
 # is a compile-cache factor, so wcd's ranks run without it).
 THREADS = {"OMP_NUM_THREADS": "1"}
 REFERENCE_THREADS = {**THREADS, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+CACHE_BYTES = 256 << 20  # each rank's; the demo checkpoints are a few MB
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +87,17 @@ def leader_run(demo_models) -> dict:
 
 def test_group_outputs_equal_vllm_at_each_tensor_parallel_size(leader_run, tp_reference,
                                                                 tp1_reference):
-    for step, (model, tp, path) in zip(leader_run["steps"], SEQUENCE, strict=True):
+    for step, (model, tp, path, source) in zip(leader_run["steps"], SEQUENCE, strict=True):
         reference = tp_reference if tp == 2 else tp1_reference
         expected = [r["token_ids"] for r in reference[model]["prompts"]]
         assert step["token_ids"] == expected, (model, tp)
-        assert step["path"] == path, (model, tp)
+        assert (step["path"], step["weights_source"]) == (path, source), (model, tp)
+
+
+def test_each_rank_keeps_a_snapshot_of_its_own(leader_run):
+    """After each swap both ranks hold the model's snapshot, in their own caches."""
+    for step, (model, tp, _, _) in zip(leader_run["steps"], SEQUENCE):
+        assert step["snapshot_held"] == [True] * tp, (model, tp)
 
 
 def test_group_keeps_processes_and_distributed_groups_across_swaps(leader_run):
@@ -103,12 +117,21 @@ def test_group_re_partitions_in_the_same_processes(leader_run):
     """TP=1: the leader alone in a world of its own, the follower out of any;
     TP=2 again: one world of both, in the same two processes."""
     pids = leader_run["before_first_build"]["pids"]
-    for step, (model, tp, _) in zip(leader_run["steps"][KEPT_WORLD:], SEQUENCE[KEPT_WORLD:]):
+    for step, (model, tp, _, _) in zip(leader_run["steps"][KEPT_WORLD:], SEQUENCE[KEPT_WORLD:]):
         state = step["state"]
         assert state["pids"] == pids, "a rank was restarted"
         assert state["leader"]["world_size"] == tp, (model, tp)
         follower = state["followers"][0]
         assert follower["world_size"] == (2 if tp == 2 else None), (model, tp)
+
+
+def test_every_world_has_the_group_names_of_a_fresh_process(leader_run):
+    """A graph compiled by a fresh process (and loaded from the compile cache)
+    calls its collectives by group name: tp:0 in every world formed."""
+    for step, (model, tp, _, _) in zip(leader_run["steps"], SEQUENCE):
+        members = [step["state"]["leader"], *step["state"]["followers"][:tp - 1]]
+        assert [(m["world_group_name"], m["tp_group_name"]) for m in members] == \
+            [("world:0", "tp:0")] * tp, (model, tp)
 
 
 def test_a_failed_re_partition_brings_the_tp2_model_back(leader_run, tp_reference):
@@ -125,25 +148,32 @@ def leader(models: str) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from wcd.workers import protocol as p
     from wcd.workers import vllm_seams
-    from wcd.workers.engine import EngineHost, PhaseClock
+    from wcd.workers.engine import EngineHost, Parking, PhaseClock
     from wcd.workers.group import WarmGroup
     from wcd.workers.weights import HostCache
 
     vllm_seams.apply()
     vllm_seams.freeze_import_heap()
-    group = WarmGroup(2)
-    host = EngineHost(HostCache(0, pinned=False), group)
+    group = WarmGroup(2, host_cache_bytes=CACHE_BYTES)
+    host = EngineHost(HostCache(CACHE_BYTES, pinned=False), group, Parking(max_parked=2))
     result = {"before_first_build": group.state(), "steps": []}
     try:
-        for name, tp, _ in SEQUENCE:
+        for i, (name, tp, _, _) in enumerate(SEQUENCE):
             spec = p.ModelSpec(name, f"{models}/{name}",
                                {**ENGINE_ARGS, "tensor_parallel_size": tp})
             path = host.swap(spec, host.models, PhaseClock(lambda phase, s: None),
                              lambda names: None)
+            source = host.weights_source
+            host.snapshot(name)
+            plan = host.residents[name].plan
+            held = [plan.cache_key in host.cache,
+                    *([group.holds_snapshot(plan.cache_key, tp)] if tp > 1 else [])]
             result["steps"].append({
-                "model": name, "path": path, "state": group.state(),
+                "model": name, "path": path, "weights_source": source, "state": group.state(),
+                "snapshot_held": held,
                 "token_ids": [_generate(host, name, prompt) for prompt in TP_PROMPTS]})
-        result["failed_re_partition"] = _fail_a_re_partition(host, group, models)
+            if i == FAILED_RE_PARTITION_AFTER:
+                result["failed_re_partition"] = _fail_a_re_partition(host, group, models)
         host.release_all()
     finally:
         group.close()

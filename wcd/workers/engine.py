@@ -41,12 +41,11 @@ from vllm.v1.engine.llm_engine import LLMEngine
 
 from wcd.workers import beam, parsing, pooling
 from wcd.workers import protocol as p
-from wcd.workers import vllm_seams
+from wcd.workers import vllm_seams, weights
 from wcd.workers.process import trim_heap
 from wcd.workers.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from wcd.workers.watchdog import RenderTimeout
-from wcd.workers.weights import (CHECKPOINT, KERNEL, HostCache, Snapshot, copy_into,
-                                 kernel_format_holds)
+from wcd.workers.weights import HostCache, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +173,10 @@ class EngineHost:
         self._bounded = bounded or (lambda kind: contextlib.nullcontext())
         self.parked: OrderedDict[str, Served] = OrderedDict()  # oldest first
         self._arriving: Served | None = None  # a parked engine on its way back
-        self.parking = parking if group is None else Parking()
+        self.parking = parking
         self.group = group
         self.cache = cache
+        weights.set_rank_cache(cache)  # rank 0's, for the functions each rank runs
         self.max_tensor_parallel_size = group.size if group else 1
         self.weights_source: str | None = None  # of the last swap: "host_cache" or "disk"
         self.stats: list[p.EngineStats] = []  # of the steps since take_stats()
@@ -242,7 +242,7 @@ class EngineHost:
             in_place = None if stays or unpark else next(
                 (name for name in leaving
                  if self.residents[name].plan.shape_key == plan.shape_key), None)
-            snapshot = None if stays or unpark else self.cache.get(plan.cache_key)
+            snapshot = None if stays or unpark else self._snapshot_of(plan)
             config = None if stays or unpark or in_place else self._engine_config(
                 plan, dummy=bool(snapshot))
             resume = stays and current.suspended
@@ -304,24 +304,27 @@ class EngineHost:
             self._leave(leaving)
 
     def snapshot(self, name: str) -> bool:
-        """Snapshot a resident's parameters into the host cache unless there
-        already; True when one was taken."""
+        """Snapshot a resident's weights into the host cache of each of its
+        ranks, unless there already; True when one was taken."""
         served = self.residents.get(name)
-        if served is None or not self.cache.enabled or served.plan.cache_key in self.cache:
+        if served is None or not self.cache.enabled or self._snapshot_of(served.plan):
             return False
-        model = vllm_seams.live_model(served.engine)
-        if kernel_format_holds(model):
-            format_, tensors = KERNEL, dict(model.named_parameters())
-        else:
-            format_, tensors = CHECKPOINT, dict(served.plan.checkpoint.read_weights())
-        return self.cache.take(served.plan.cache_key, served.name, format_,
-                               tensors) is not None
+        plan = served.plan
+        return all(served.engine.collective_rpc(
+            weights.take_rank_snapshot,
+            args=(plan.cache_key, name, str(plan.checkpoint.path), plan.checkpoint.root)))
 
-    def _apply(self, engine: LLMEngine, snapshot: Snapshot) -> None:
-        if snapshot.format == KERNEL:
-            copy_into(vllm_seams.live_model(engine), snapshot)
-        else:
-            self._load_weights(engine, snapshot.tensors.items())
+    def _snapshot_of(self, plan: Plan) -> Snapshot | None:
+        """Rank 0's snapshot of `plan`, if every rank of its engine holds one."""
+        snapshot = self.cache.get(plan.cache_key)
+        if snapshot is None or plan.tensor_parallel_size == 1 or \
+                self.group.holds_snapshot(plan.cache_key, plan.tensor_parallel_size):
+            return snapshot
+        return None
+
+    @staticmethod
+    def _apply(engine: LLMEngine, snapshot: Snapshot) -> None:
+        engine.collective_rpc(weights.apply_rank_snapshot, args=(snapshot.key,))
 
     def _swap_in_place(self, name: str, plan: Plan, snapshot: Snapshot | None,
                        clock: PhaseClock) -> None:
@@ -331,16 +334,16 @@ class EngineHost:
         try:
             with clock.phase("fetch"):
                 # A group's ranks read the files themselves, in build.
-                weights = None if snapshot or plan.tensor_parallel_size > 1 \
+                tensors = None if snapshot or plan.tensor_parallel_size > 1 \
                     else list(plan.checkpoint.read_weights())
             with clock.phase("build"):
                 if snapshot:
                     self._apply(served.engine, snapshot)
-                elif weights is None:
+                elif tensors is None:
                     self._load_in_each_rank(served.engine, plan)
                 else:
-                    self._load_weights(served.engine, weights)
-                    del weights
+                    self._load_weights(served.engine, tensors)
+                    del tensors
                 frontend_key = plan.checkpoint.frontend_key()
                 if frontend_key != served.frontend_key:
                     vllm_seams.switch_frontend(served.engine, self._engine_config(plan))
@@ -369,7 +372,7 @@ class EngineHost:
             served.engine.reset_prefix_cache()
 
     def _restore_in_place(self, served: Served, previous: Plan) -> None:
-        snapshot = self.cache.get(previous.cache_key)
+        snapshot = self._snapshot_of(previous)
         if snapshot:
             self._apply(served.engine, snapshot)
         elif previous.tensor_parallel_size > 1:
@@ -418,7 +421,7 @@ class EngineHost:
                     self._arriving = self.parked.pop(plan.spec.name)
                     self._unpark(plan)
                     continue
-                snapshot = self.cache.get(plan.cache_key)
+                snapshot = self._snapshot_of(plan)
                 self._build_resident(plan, self._engine_config(plan, dummy=bool(snapshot)),
                                      snapshot, quiet)
             except Exception:
@@ -445,7 +448,7 @@ class EngineHost:
 
     def _build(self, plan: Plan, config) -> Served:
         if self.group is not None:
-            self.group.form(plan.tensor_parallel_size)
+            self._form_world(plan.tensor_parallel_size)
         unbuilt = vllm_seams.unbuilt_copy(config)
         with vllm_seams.collections_deferred(), vllm_seams.engine_stats_kept() as stats_args:
             engine = LLMEngine.from_vllm_config(config, **stats_args)
@@ -453,10 +456,18 @@ class EngineHost:
                       engine.model_config.get_diff_sampling_param(),
                       workspace=vllm_seams.built_workspace(), unbuilt_config=unbuilt)
 
+    def _form_world(self, size: int) -> None:
+        """A group's world serves engines of one tensor-parallel size: those
+        parked in a world of another size go before it is re-formed."""
+        for name in [name for name, served in self.parked.items()
+                     if served.plan.tensor_parallel_size != size]:
+            self._release_parked(name)
+        self.group.form(size)
+
     @staticmethod
-    def _load_weights(engine: LLMEngine, weights) -> None:
+    def _load_weights(engine: LLMEngine, tensors) -> None:
         engine.collective_rpc("reload_weights",
-                              kwargs={"weights_iterator": iter(weights),
+                              kwargs={"weights_iterator": iter(tensors),
                                       "is_checkpoint_format": True})
 
     @staticmethod
@@ -487,8 +498,8 @@ class EngineHost:
     def _measure(self, served: Served) -> None:
         """The footprint a Resident reports: parameters (else, where vLLM packed
         them away, the checkpoint's files) and KV cache."""
-        weights = vllm_seams.parameter_bytes(served.engine)
-        served.weight_bytes = weights if weights is not None else sum(
+        parameters = vllm_seams.parameter_bytes(served.engine)
+        served.weight_bytes = parameters if parameters is not None else sum(
             f.stat().st_size for f in served.plan.checkpoint.weight_files)
         served.kv_bytes = vllm_seams.kv_cache_bytes(served.engine)
 
@@ -526,8 +537,9 @@ class EngineHost:
         """Shut an engine down that is neither resident nor parked any more;
         its memory comes back at _free_memory, once the caller holds no
         reference to it. None: a build that failed half-way."""
-        # Other engines in this process still use the distributed groups.
-        if self.group is None:
+        # Other engines in this process still use the distributed groups (a
+        # group's world of several ranks is kept by the group itself).
+        if self.group is None or self.group.world_size == 1:
             vllm_seams.keep_distributed_state(self._engines_alive)
         if served is None:
             vllm_seams.cleanup_failed_build()

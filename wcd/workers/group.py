@@ -16,12 +16,20 @@ world/TP groups they form at the first build, stay.
       shutdown        ──"destroy"──────────>        worker.shutdown, gc
 
 Protocol (internal to the group): one multiprocessing Pipe per follower, each
-frame a pickle of a tuple (create, rpc, destroy, state, exit), each
-answered by ("ok", value) or ("err", text with traceback); callables travel cloudpickled as vLLM's own
-MultiprocExecutor sends them; iterators in RPC arguments (reload_weights'
-weights_iterator) are materialised, since both ranks must read every tensor.
-Only the rank-0 result is returned for execute_model / sample_tokens; other
-RPCs return one result per rank, like MultiprocExecutor.
+frame a pickle of a tuple (create, rpc, destroy, state, cached, dissolve,
+exit), each answered by ("ok", value) or ("err", text with traceback);
+callables travel cloudpickled as vLLM's own MultiprocExecutor sends them;
+iterators in RPC arguments (reload_weights' weights_iterator) are
+materialised, since both ranks must read every tensor. Only the rank-0 result
+is returned for execute_model / sample_tokens; other RPCs return one result
+per rank, like MultiprocExecutor. create, rpc and destroy name their engine:
+a follower holds one vLLM worker per engine of the group, the resident's and
+those parked with it.
+
+Host weight snapshots are per rank: each follower keeps a host cache of its
+own (weights.set_rank_cache), of the worker's budget, holding its own shard
+in kernel format, so a group's swap from snapshots is one copy per rank, in
+parallel (weights.apply_rank_snapshot, sent by collective RPC).
 
 Keeping the groups across engines: vLLM's init_distributed_environment and
 ensure_model_parallel_initialized skip work when torch.distributed, _WORLD and
@@ -45,6 +53,7 @@ worker.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -66,7 +75,7 @@ from vllm.v1.outputs import AsyncModelRunnerOutput
 from vllm.v1.serial_utils import run_method
 from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-from wcd.workers import vllm_seams
+from wcd.workers import vllm_seams, weights
 from wcd.workers.process import die_with_parent, trim_heap
 
 log = logging.getLogger(__name__)
@@ -94,11 +103,14 @@ def dist_state() -> dict[str, Any]:
         "world_group_id": id(ps._WORLD) if ps._WORLD is not None else None,
         "tp_group_id": id(ps._TP) if ps._TP is not None else None,
         "tp_cpu_group_id": id(ps._TP.cpu_group) if ps._TP is not None else None,
+        # What compiled collectives call (vllm_seams seam 17).
+        "world_group_name": ps._WORLD.unique_name if ps._WORLD is not None else None,
+        "tp_group_name": ps._TP.unique_name if ps._TP is not None else None,
     }
 
 
-
-def _follower_main(conn, rank: int, env: dict[str, str]) -> None:
+def _follower_main(conn, rank: int, env: dict[str, str], host_cache_bytes: int,
+                   pinned: bool) -> None:
     """Entry point of a follower process (spawned): warm up, then serve.
     torch and vLLM are already imported (this module imports them)."""
     os.environ.update(env)
@@ -107,6 +119,7 @@ def _follower_main(conn, rank: int, env: dict[str, str]) -> None:
                         format=f"wcd-group[{rank}] %(levelname)s %(name)s: %(message)s")
     vllm_seams.apply()
     vllm_seams.freeze_import_heap()
+    weights.set_rank_cache(weights.HostCache(host_cache_bytes, pinned))
     _send(conn, ("ready", os.getpid()))
     Follower(conn, rank).serve()
 
@@ -115,7 +128,7 @@ class Follower:
     def __init__(self, conn, rank: int):
         self.conn = conn
         self.rank = rank
-        self.wrapper = None  # vLLM's WorkerWrapperBase for the current engine
+        self.wrappers: dict[int, Any] = {}  # engine id -> vLLM's WorkerWrapperBase
 
     def serve(self) -> None:
         while True:
@@ -135,7 +148,8 @@ class Follower:
             if kind == "exit":
                 os._exit(0)
 
-    def _on_create(self, vllm_config, kwargs: dict, env: dict[str, str]) -> dict:
+    def _on_create(self, engine_id: int, vllm_config, kwargs: dict,
+                   env: dict[str, str]) -> dict:
         """Build this rank's vLLM worker as MultiprocExecutor's WorkerProc does,
         with the environment a worker spawned by the leader now would inherit."""
         started = time.perf_counter()
@@ -146,34 +160,39 @@ class Follower:
             "vllm_config": vllm_config, "rank": self.rank, "local_rank": self.rank,
             "is_driver_worker": self.rank % vllm_config.parallel_config.tensor_parallel_size
             == 0, **kwargs}
-        self.wrapper = wrapper
+        self.wrappers[engine_id] = wrapper
         wrapper.init_worker(all_kwargs)
         wrapper.init_device()
         wrapper.load_model()
         current_platform.update_block_size_for_backend(vllm_config)
         return {"seconds": time.perf_counter() - started, **dist_state()}
 
-    def _on_rpc(self, method, args, kwargs, want_result: bool):
-        if self.wrapper is None:
-            raise GroupError(f"rank {self.rank} has no worker")
-        result = run_method(self.wrapper, method, args, kwargs)
+    def _on_rpc(self, engine_id: int, method, args, kwargs, want_result: bool):
+        wrapper = self.wrappers.get(engine_id)
+        if wrapper is None:
+            raise GroupError(f"rank {self.rank} has no worker for engine {engine_id}")
+        result = run_method(wrapper, method, args, kwargs)
         if hasattr(result, "get_output"):  # AsyncModelRunnerOutput
             result = result.get_output()
         return result if want_result else None
 
-    def _on_destroy(self) -> dict:
-        """Drop this rank's engine state; the distributed groups stay."""
-        wrapper, self.wrapper = self.wrapper, None
+    def _on_destroy(self, engine_id: int) -> dict:
+        """Drop this rank's state of one engine; the distributed groups, and
+        the engines parked beside it, stay."""
+        wrapper = self.wrappers.pop(engine_id, None)
         if wrapper is not None:  # its model was unpinned by the leader's release
             with vllm_seams.collections_deferred():
                 wrapper.shutdown()
             del wrapper
-        vllm_seams.release_engine_memory()
+        vllm_seams.release_engine_memory(others_alive=bool(self.wrappers))
         trim_heap()
         return dist_state()
 
     def _on_state(self) -> dict:
         return dist_state()
+
+    def _on_cached(self, key: str) -> bool:
+        return weights.rank_cache().get(key) is not None
 
     def _on_dissolve(self) -> dict:
         destroy_dist_state()
@@ -202,7 +221,9 @@ class WarmGroup:
     current: ClassVar[WarmGroup | None] = None
 
     def __init__(self, size: int = 2, follower_env: dict[str, str] | None = None,
-                 rpc_timeout_s: float = 600.0):
+                 rpc_timeout_s: float = 600.0, host_cache_bytes: int = 0,
+                 pinned: bool = False):
+        """`host_cache_bytes`, `pinned`: each follower's own host cache."""
         if WarmGroup.current is not None:
             raise GroupError("this process already leads a group")
         self.size = size  # processes, the leader included
@@ -218,7 +239,8 @@ class WarmGroup:
         started = time.perf_counter()
         for rank in range(1, size):
             parent, child = context.Pipe()
-            process = context.Process(target=_follower_main, args=(child, rank, env),
+            process = context.Process(target=_follower_main,
+                                      args=(child, rank, env, host_cache_bytes, pinned),
                                       name=f"wcd-group-rank{rank}", daemon=True)
             with _environ(env):  # a spawned child reads os.environ at start
                 process.start()
@@ -271,6 +293,13 @@ class WarmGroup:
         return results
 
     # -- state
+
+    def holds_snapshot(self, key: str, size: int) -> bool:
+        """Whether the followers of a TP=`size` engine each hold their shard's
+        snapshot under `key` (each rank's cache evicts on its own)."""
+        peers = self.peers[:size - 1]
+        self.post(("cached", key), peers)
+        return all(self.gather(peers=peers))
 
     def follower_state(self) -> list[dict]:
         self.post(("state",), self.peers)
@@ -347,9 +376,10 @@ class GroupExecutor(Executor):
                              f"match the group's world of {group.world_size}")
         self.group = group
         self.driver_worker = None
+        self.engine_id = next(_ENGINE_IDS)
         # Followers first: init_device meets the other ranks in collectives.
-        group.post(("create", self.vllm_config, {"distributed_init_method": group.init_method},
-                    _inherited_env()))
+        group.post(("create", self.engine_id, self.vllm_config,
+                    {"distributed_init_method": group.init_method}, _inherited_env()))
         try:
             worker = WorkerWrapperBase(rpc_rank=0, global_rank=0)
             all_kwargs = [{} for _ in range(group.world_size)]
@@ -372,7 +402,7 @@ class GroupExecutor(Executor):
         sent = method if isinstance(method, str) else cloudpickle.dumps(
             method, protocol=pickle.HIGHEST_PROTOCOL)
         want = not (single_value or name in _RANK0_ONLY)
-        self.group.post(("rpc", sent, args, kwargs, want))
+        self.group.post(("rpc", self.engine_id, sent, args, kwargs, want))
         try:
             local_args, local_kwargs = fresh()
             local = run_method(self.driver_worker, method, local_args, local_kwargs)
@@ -411,7 +441,7 @@ class GroupExecutor(Executor):
         worker, self.driver_worker = getattr(self, "driver_worker", None), None
         if worker is None:
             return
-        self.group.post(("destroy",))
+        self.group.post(("destroy", self.engine_id))
         try:
             worker.shutdown()
         finally:
@@ -421,6 +451,8 @@ class GroupExecutor(Executor):
     def supports_async_scheduling(cls) -> bool:
         return False
 
+
+_ENGINE_IDS = itertools.count()
 
 # Per-process settings a follower keeps its own of: OpenMP thread binding is per
 # rank (vLLM's OMPProcessManager sets it for each spawned worker).

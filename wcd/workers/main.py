@@ -370,10 +370,11 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
-def _start_group(size: int):
+def _start_group(size: int, host_cache_bytes: int, device: str):
+    """Each follower keeps a host cache of the worker's budget for its shard."""
     from wcd.workers.group import WarmGroup
 
-    group = WarmGroup(size)
+    group = WarmGroup(size, host_cache_bytes=host_cache_bytes, pinned=device == "cuda")
     threading.Thread(target=_exit_when_a_follower_dies, args=(group,), name="wcd-group-watch",
                      daemon=True).start()
     log.info("tensor-parallel group of %d: followers %s warm in %.1f s", size,
@@ -439,14 +440,12 @@ def main(argv: list[str] | None = None) -> int:
 
     vllm_seams.apply()
     _init_device(args.device)
-    group = _start_group(args.tp) if args.tp > 1 else None
+    group = _start_group(args.tp, args.host_cache_bytes, args.device) if args.tp > 1 else None
     vllm_seams.freeze_import_heap()
-    # Snapshots hold one process's parameters; a group's ranks each hold a shard.
-    cache_bytes = args.host_cache_bytes if group is None else 0
     from wcd.workers.engine import Parking
     from wcd.workers.watchdog import Watchdog
 
-    worker = Worker(channel, args.device, cache_bytes, group,
+    worker = Worker(channel, args.device, args.host_cache_bytes, group,
                     Parking(args.max_parked, args.park_min_free_bytes),
                     Watchdog(args.render_timeout, args.step_timeout))
     channel.send(p.Ready(os.getpid(), args.device, p.PROTOCOL_VERSION, vllm.__version__,

@@ -41,6 +41,7 @@ def apply() -> None:
     _register_kernel_overrides_once()
     _key_compile_cache_by_graph()
     _guard_distributed_teardown()
+    _restart_group_names_with_each_world()
     _admit_builds_beside_residents()
     _applied = True
 
@@ -298,6 +299,36 @@ def _guard_distributed_teardown() -> None:
     cleanup_dist_env_and_memory.__wrapped__ = original
     for module in (core, parallel_state, vllm.distributed):
         module.cleanup_dist_env_and_memory = cleanup_dist_env_and_memory
+
+
+# ---- seam 17: group names restart with each world ----------------------------------
+# vllm 0.26/0.32: each GroupCoordinator is named "<kind>:<n>" by a per-process
+# counter (parallel_state._get_unique_name), and on CUDA a TP collective in a
+# compiled graph is torch.ops.vllm.all_reduce(x, group_name) with that name as
+# a constant. The compile cache is keyed by the config, not the name, so a
+# graph compiled by a fresh process, where the first TP group is "tp:0",
+# calls "tp:0" wherever it is loaded. A group that re-partitions forms a
+# second world in the same processes, and its TP group was "tp:2" (H200 x2,
+# vLLM 0.26: "ValueError: Group tp:0 is destroyed" at the first step of TP=2
+# after TP=1). Restarting the counter when a world is destroyed gives every
+# world the names a fresh process gives its first one. (On CPU the collectives
+# are not custom ops, so only the names show it there.)
+
+
+def _restart_group_names_with_each_world() -> None:
+    from vllm.distributed import parallel_state
+
+    original = parallel_state.destroy_distributed_environment
+    if getattr(original, "_wcd_restarts_names", False):
+        return
+
+    def destroy_distributed_environment():
+        original()
+        parallel_state._group_name_counter.clear()
+
+    destroy_distributed_environment._wcd_restarts_names = True
+    destroy_distributed_environment.__wrapped__ = original
+    parallel_state.destroy_distributed_environment = destroy_distributed_environment
 
 
 # ---- seam 10: a parked engine's KV cache -------------------------------------------
@@ -698,6 +729,9 @@ def check() -> None:
         raise SeamBroken("cleanup_dist_env_and_memory no longer resets the env cache")
     if "if _WORLD is None" not in inspect.getsource(parallel_state.init_distributed_environment):
         raise SeamBroken("init_distributed_environment no longer keeps an existing world")
+    if "_group_name_counter[name]" not in inspect.getsource(parallel_state._get_unique_name):
+        raise SeamBroken("group names no longer come from _group_name_counter "
+                         "(_restart_group_names_with_each_world)")
     for name in ("collective_rpc", "reset_prefix_cache", "add_request", "step", "abort_request"):
         if not hasattr(LLMEngine, name):
             raise SeamBroken(f"LLMEngine.{name} is gone")
@@ -900,8 +934,13 @@ def _ignored_hash_factors() -> str:
 
 
 def live_model(engine):
-    (model,) = engine.collective_rpc(lambda worker: worker.model_runner.get_model())
+    """One process's engine only: a group's models stay in their ranks."""
+    (model,) = engine.collective_rpc(worker_model)
     return model
+
+
+def worker_model(worker):
+    return worker.model_runner.get_model()
 
 
 # ---- seam 8: compiled models pinned after their engine is gone ---------------------

@@ -18,6 +18,13 @@ least recently used under the configured byte budget. A snapshot's key holds
 the checkpoint's weights key (file sizes and mtimes) and its shape key
 (config, engine args, tensor layout), so changed files or other engine args
 never hit a stale snapshot.
+
+Each process holds its own cache (set_rank_cache): the worker's, and in a
+tensor-parallel group each follower's, holding that rank's shard. Snapshots
+are taken and applied by functions that run on every rank of an engine
+(take_rank_snapshot, apply_rank_snapshot, through the engine's collective
+RPC), so a group's ranks copy their shards in parallel and no tensor crosses
+a pipe.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from wcd.workers import protocol as p
+from wcd.workers import vllm_seams
+from wcd.workers.checkpoint import open_checkpoint
 
 log = logging.getLogger(__name__)
 _ALIGN = 512  # bytes; keeps every tensor view aligned for fast copies
@@ -177,3 +186,50 @@ def _aligned(nbytes: int) -> int:
 def _synchronize(params: dict[str, torch.Tensor]) -> None:
     if any(t.is_cuda for t in params.values()):
         torch.cuda.synchronize()
+
+
+# ---- this process's cache, for the functions every rank runs ------------------------
+
+_rank_cache: HostCache | None = None
+
+
+def set_rank_cache(cache: HostCache) -> None:
+    global _rank_cache
+    _rank_cache = cache
+
+
+def rank_cache() -> HostCache:
+    if _rank_cache is None:
+        raise RuntimeError("this process has no host cache")
+    return _rank_cache
+
+
+def take_rank_snapshot(worker, key: str, name: str, path: str, root: str) -> bool:
+    """On each rank of an engine: snapshot this rank's weights unless held;
+    True when the rank holds them after. Kernel format where the parameters
+    hold the weights, else the checkpoint's tensors (every rank reloads from
+    the whole checkpoint, as vLLM's loader reads it)."""
+    cache = rank_cache()
+    if not cache.enabled:
+        return False
+    if cache.get(key) is not None:
+        return True
+    model = vllm_seams.worker_model(worker)
+    if kernel_format_holds(model):
+        format_, tensors = KERNEL, dict(model.named_parameters())
+    else:
+        format_, tensors = CHECKPOINT, dict(open_checkpoint(path, root).read_weights())
+    return cache.take(key, name, format_, tensors) is not None
+
+
+def apply_rank_snapshot(worker, key: str) -> int:
+    """On each rank of an engine: this rank's snapshot into its live model;
+    returns the bytes it holds."""
+    snapshot = rank_cache().get(key)
+    if snapshot is None:
+        raise LookupError(f"no snapshot {key} on this rank")
+    if snapshot.format == KERNEL:
+        return copy_into(vllm_seams.worker_model(worker), snapshot)
+    worker.reload_weights(weights_iterator=iter(snapshot.tensors.items()),
+                          is_checkpoint_format=True)
+    return snapshot.nbytes
