@@ -486,6 +486,48 @@ def gpu_memory_used() -> list[int]:
     return [int(line) << 20 for line in done.stdout.split()]
 
 
+# ---- copy: pinned host-to-device bandwidth (issue 18) --------------------------------
+
+COPY_SIZES = (1_430_000_000, 16 << 30)  # the demo model; an 8B-class model in bf16
+COPY_STREAMS = (1, 2, 4, 8)
+COPY_CHUNK = 64 << 20
+
+
+def run_copy() -> dict:
+    """The link's pinned host-to-device rate, one stream and several, one
+    copy and 64 MiB chunks, at 1.43 GB and 16 GiB: what a snapshot copy can
+    reach. Best of 5 each; the snapshot copy itself is in --parts wcd."""
+    import torch
+
+    result: dict = {"device": _device(), "rates": []}
+    for size in COPY_SIZES:
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        device = torch.empty(size, dtype=torch.uint8, device="cuda")
+        for streams in COPY_STREAMS:
+            chunk = size if streams == 1 else COPY_CHUNK
+            seconds = min(_timed_copy(device, host, streams, chunk) for _ in range(5))
+            result["rates"].append({"bytes": size, "streams": streams, "chunk": chunk,
+                                    "seconds": seconds, "gb_per_s": size / seconds / 1e9})
+            log(f"copy: {size / 1e9:.2f} GB over {streams} stream(s): "
+                f"{size / seconds / 1e9:.1f} GB/s")
+        del host, device
+        torch.cuda.empty_cache()
+    return result
+
+
+def _timed_copy(device, host, streams: int, chunk: int) -> float:
+    import torch
+
+    lanes = [torch.cuda.Stream() for _ in range(streams)]
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i, at in enumerate(range(0, host.numel(), chunk)):
+        with torch.cuda.stream(lanes[i % streams]):
+            device[at:at + chunk].copy_(host[at:at + chunk], non_blocking=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 # ---- throughput: vLLM's API server, then wcd, one model each ------------------------
 
 LOAD = {"clients": 16, "requests": 256, "max_tokens": 128}
@@ -1112,7 +1154,7 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=Path("/tmp/wcd-gpu-models"))
     parser.add_argument("--parts", default="wcd,cold,sleep,throughput,parked",
                         help="comma-separated, of: wcd, cold, sleep, throughput, parked, tp "
-                             "(2 GPUs), hostile, residents (default: %(default)s)")
+                             "(2 GPUs), hostile, residents, copy (default: %(default)s)")
     args = parser.parse_args()
     if args.report:
         report(args.report)
@@ -1125,6 +1167,7 @@ def main() -> int:
                "throughput": lambda: run_throughput(args.models, args.out),
                "parked": lambda: run_parked(args.models, args.out),
                "tp": lambda: run_tp(args.models, args.out),
+               "copy": run_copy,
                "hostile": lambda: run_hostile(args.models, args.out),
                "residents": lambda: run_residents(args.models, args.out)}
     for part in args.parts.split(","):
