@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from wcd import control_socket
 from wcd.daemon import config
 from wcd.daemon.config import ConfigError, load_settings, parse_duration, parse_settings
 
@@ -83,7 +84,7 @@ def test_builtin_defaults():
     assert settings.models == {} and settings.model_roots == ()
     assert settings.workers == (config.WorkerSettings("cpu"),)
     assert settings.log_level == "info"
-    assert settings.control.socket == config.default_control_socket()
+    assert settings.control.socket == control_socket.daemon_default()
 
 
 # ---- errors name file and key -------------------------------------------------------
@@ -294,17 +295,17 @@ def test_env_api_keys_without_file(monkeypatch):
 def test_socket_under_systemd(monkeypatch):
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/wcd:/run/wcd-other")
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert config.default_control_socket() == "/run/wcd/control.sock"
+    assert control_socket.daemon_default() == "/run/wcd/control.sock"
 
 
 def test_socket_under_xdg(monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert config.default_control_socket() == "/run/user/1000/wcd/control.sock"
+    assert control_socket.daemon_default() == "/run/user/1000/wcd/control.sock"
 
 
 def test_socket_fallback(monkeypatch):
     monkeypatch.setenv("RUNTIME_DIRECTORY", "")
-    assert config.default_control_socket() == f"/tmp/wcd-{os.getuid()}/control.sock"
+    assert control_socket.daemon_default() == f"/tmp/wcd-{os.getuid()}/control.sock"
 
 
 def test_find_config_order(tmp_path, monkeypatch):

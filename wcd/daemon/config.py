@@ -33,6 +33,8 @@ from typing import Any, Callable, NoReturn
 
 import yaml
 
+from wcd import control_socket
+
 SYSTEM_CONFIG = "/etc/wcd/wcd.yaml"
 BUILTIN_SOURCE = "<built-in defaults>"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -249,17 +251,6 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-def default_control_socket() -> str:
-    # systemd's RuntimeDirectory= may list several directories; ours is the first.
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if runtime:
-        return os.path.join(runtime, "control.sock")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return os.path.join(xdg, "wcd", "control.sock")
-    return f"/tmp/wcd-{os.getuid()}/control.sock"
-
-
 # ---- YAML -------------------------------------------------------------------------
 
 
@@ -385,7 +376,7 @@ _NOT_ENGINE_ARGS = {
 
 def _parse_control(section: _Reader, base_dir: str) -> ControlSettings:
     return ControlSettings(
-        socket=section.get("socket", _path_under(base_dir), None) or default_control_socket(),
+        socket=section.get("socket", _path_under(base_dir), None) or control_socket.daemon_default(),
         allow_uids=section.get("allow_uids", _list_of(_id_of(pwd.getpwnam, "user")), ()),
         allow_gids=section.get("allow_gids", _list_of(_id_of(grp.getgrnam, "group")), ()),
     )
