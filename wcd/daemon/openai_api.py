@@ -115,8 +115,9 @@ def _auth_middleware(scheduler: Scheduler):
     @web.middleware
     async def auth(request: web.Request, handler):
         http = scheduler.settings.http
-        if http.api_keys and not _open(request.path, http):
-            key = bearer_key(request.headers.get("Authorization", ""), http.api_keys)
+        tokens = http.tokens
+        if tokens and not _open(request.path, http):
+            key = bearer_key(request.headers.get("Authorization", ""), tokens)
             if key is None:
                 raise errors.Unauthorized("missing or invalid API key; send "
                                           "`Authorization: Bearer KEY`")
