@@ -29,6 +29,7 @@ from wcd.daemon import errors, vllm_dialect
 from wcd.daemon.config import ApiKey, HttpSettings
 from wcd.daemon.metrics import Metrics
 from wcd.daemon.openai_api import create_openai_app, max_model_len, openapi_document
+from wcd.daemon.status import DaemonState
 from wcd.daemon.worker_process import WorkerError, WorkerGone
 from wcd.workers import protocol as p
 
@@ -174,7 +175,7 @@ async def serve(scheduler: FakeScheduler, keys: tuple[str | ApiKey, ...] = (), m
     scheduler.settings = SimpleNamespace(http=HttpSettings(api_keys=keys, **http),
                                          workers=[None] * 2)
     # A plain AppRunner, as the daemon's: nothing here may rely on test-only settings.
-    runner = web.AppRunner(create_openai_app(scheduler, metrics, state={"state": "ready"}))
+    runner = web.AppRunner(create_openai_app(scheduler, metrics, state=DaemonState("ready")))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
