@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from wcd import control_socket
 from wcd.daemon import config
 from wcd.daemon.config import ConfigError, load_settings, parse_duration, parse_settings
 
@@ -83,7 +84,7 @@ def test_builtin_defaults():
     assert settings.models == {} and settings.model_roots == ()
     assert settings.workers == (config.WorkerSettings("cpu"),)
     assert settings.log_level == "info"
-    assert settings.control.socket == config.default_control_socket()
+    assert settings.control.socket == control_socket.daemon_default()
 
 
 # ---- errors name file and key -------------------------------------------------------
@@ -107,23 +108,23 @@ def test_unknown_key(tree, data, key):
     [
         (valid(http={"port": "8000"}), "http.port: expected int, got str"),
         (valid(http={"port": True}), "http.port: expected int, got bool"),
-        (valid(http={"port": 70000}), "http.port: expected a port"),
-        (valid(http={"api_keys": ["k", 3]}), "http.api_keys[1]: expected str, got int"),
-        (valid(workers=[{"device": "gpu0"}]), "workers[0].device: expected 'cpu' or 'cuda:N'"),
-        (valid(workers={"device": "cpu"}), "workers: expected a list, got mapping"),
-        (valid(workers=[]), "workers: expected at least one worker"),
+        (valid(http={"port": 70000}), "http.port: expected int <= 65535"),
+        (valid(http={"api_keys": ["k", 3]}), "http.api_keys[1]: expected str | mapping, got int"),
+        (valid(workers=[{"device": "gpu0"}]), "workers[0].device: expected str matching regex '^(cpu|cuda:[0-9]+)$'"),
+        (valid(workers={"device": "cpu"}), "workers: expected list, got mapping"),
+        (valid(workers=[]), "workers: expected list of length >= 1"),
         (valid(workers=[{"device": "cuda:0"}, {"device": "cuda:0"}]), "workers[1].device: cuda:0 is given"),
         (valid(models={"m1": {"path": "m1", "keep_alive": "soon"}}), "models.m1.keep_alive: expected a duration"),
         (valid(models={"m1": {"keep_alive": 5}}), "models.m1.path: required"),
         (valid(models={"m1": {"path": "m1", "model": "x"}}), "models.m1.model: set by wcd"),
-        (valid(models={"m1": "m1"}), "models.m1: expected a mapping, got str"),
+        (valid(models={"m1": "m1"}), "models.m1: expected mapping, got str"),
         (valid(defaults={"keep_alive": 5}), "defaults.keep_alive: a model's own key"),
-        (valid(policy={"queue_max": -1}), "policy.queue_max: expected an int >= 0"),
+        (valid(policy={"queue_max": -1}), "policy.queue_max: expected int >= 0"),
         (valid(policy={"health_interval": 0}), "policy.health_interval: expected a duration > 0"),
         (valid(policy={"restart_backoff_min": "2m"}), "policy.restart_backoff_min: must not exceed"),
         (valid(control={"allow_gids": ["no-such-group-wcd-test"]}), "control.allow_gids[0]: no such group"),
         (valid(log_level="loud"), "log_level: expected one of"),
-        (["a", "list"], "expected a mapping, got list"),
+        (["a", "list"], "expected mapping, got list"),
     ],
 )
 def test_ill_typed_key(tree, data, expected):
@@ -294,17 +295,17 @@ def test_env_api_keys_without_file(monkeypatch):
 def test_socket_under_systemd(monkeypatch):
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/wcd:/run/wcd-other")
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert config.default_control_socket() == "/run/wcd/control.sock"
+    assert control_socket.daemon_default() == "/run/wcd/control.sock"
 
 
 def test_socket_under_xdg(monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert config.default_control_socket() == "/run/user/1000/wcd/control.sock"
+    assert control_socket.daemon_default() == "/run/user/1000/wcd/control.sock"
 
 
 def test_socket_fallback(monkeypatch):
     monkeypatch.setenv("RUNTIME_DIRECTORY", "")
-    assert config.default_control_socket() == f"/tmp/wcd-{os.getuid()}/control.sock"
+    assert control_socket.daemon_default() == f"/tmp/wcd-{os.getuid()}/control.sock"
 
 
 def test_find_config_order(tmp_path, monkeypatch):
@@ -347,10 +348,10 @@ def test_a_group_may_serve_smaller_tensor_parallel_sizes(tree):
 @pytest.mark.parametrize("workers, message", [
     ("[{device: 'cuda:0', tensor_parallel_size: 2}, {device: 'cuda:1'}]",
      "cuda:1 is given to another worker already"),
-    ("[{device: cpu, tensor_parallel_size: 0}]", "expected an int >= 1, got 0"),
+    ("[{device: cpu, tensor_parallel_size: 0}]", "workers[0].tensor_parallel_size: expected int >= 1"),
     ("[{device: cpu, tensor_parallel_size: 2, serves_tensor_parallel_sizes: [1, 4]}]",
      "workers[0].serves_tensor_parallel_sizes: sizes above the worker's tensor_parallel_size 2: [4]"),
-    ("[{device: cpu, serves_tensor_parallel_sizes: 1}]", "expected a list, got"),
+    ("[{device: cpu, serves_tensor_parallel_sizes: 1}]", "workers[0].serves_tensor_parallel_sizes: expected list, got int"),
 ])
 def test_bad_tensor_parallel_groups_are_refused(tree, workers, message):
     with pytest.raises(config.ConfigError) as raised:

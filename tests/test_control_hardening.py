@@ -27,6 +27,7 @@ from wcd.daemon.config import load_settings
 from wcd.daemon.control import create_control_app, peer_groups, peer_of
 from wcd.daemon.main import _prepare_socket_path
 from wcd.daemon.scheduler import Scheduler
+from wcd.daemon.status import DaemonState
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
@@ -175,7 +176,7 @@ class ControlServer:
     def __init__(self, config: Path, *listeners: socket.socket):
         self.scheduler = Scheduler(load_settings(str(config)))
         self.loop = uvloop.new_event_loop()
-        app = create_control_app(self.scheduler, {"state": "ready"})
+        app = create_control_app(self.scheduler, DaemonState("ready"))
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self.loop.run_until_complete(self.runner.setup())
         for listener in listeners:

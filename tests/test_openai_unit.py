@@ -26,9 +26,10 @@ import pytest
 from aiohttp import web
 
 from wcd.daemon import errors, vllm_dialect
-from wcd.daemon.config import HttpSettings
+from wcd.daemon.config import ApiKey, HttpSettings
 from wcd.daemon.metrics import Metrics
 from wcd.daemon.openai_api import create_openai_app, max_model_len, openapi_document
+from wcd.daemon.status import DaemonState
 from wcd.daemon.worker_process import WorkerError, WorkerGone
 from wcd.workers import protocol as p
 
@@ -168,12 +169,13 @@ def run_async(test):
 
 
 @contextlib.asynccontextmanager
-async def serve(scheduler: FakeScheduler, keys: tuple[str, ...] = (), metrics=None, **http):
+async def serve(scheduler: FakeScheduler, keys: tuple[str | ApiKey, ...] = (), metrics=None,
+                **http):
     """The app on a free port; `http`: other HttpSettings fields (limits, ...)."""
     scheduler.settings = SimpleNamespace(http=HttpSettings(api_keys=keys, **http),
                                          workers=[None] * 2)
     # A plain AppRunner, as the daemon's: nothing here may rely on test-only settings.
-    runner = web.AppRunner(create_openai_app(scheduler, metrics, state={"state": "ready"}))
+    runner = web.AppRunner(create_openai_app(scheduler, metrics, state=DaemonState("ready")))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
@@ -1302,8 +1304,7 @@ async def test_status_needs_a_key_unless_opened(path):
 @run_async
 async def test_a_key_limited_to_models_sees_and_uses_only_those():
     scheduler = FakeScheduler()
-    async with serve(scheduler, keys=("limited", "full"),
-                     key_models={"limited": ("alias",)}) as url:
+    async with serve(scheduler, keys=(ApiKey("limited", ("alias",)), "full")) as url:
         async with client(url, "limited") as api:
             listed = await api.models.list()
             # Any spelling of an allowed model is allowed.

@@ -39,9 +39,10 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from unittest import mock
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -305,7 +306,7 @@ def settings_for(directory, fleet: str, preload: tuple[str, ...], policy: dict) 
         (path / "model.safetensors").write_bytes(b"w" * WEIGHT_BYTES)
         models[name] = ModelSettings(name, str(path), None, {
             "tensor_parallel_size": size, "kv_cache_memory_bytes": KV_BYTES})
-    return replace(settings, models=models, preload=preload)
+    return msgspec.structs.replace(settings, models=models, preload=preload)
 
 
 class Interleaving:

@@ -1,6 +1,6 @@
 """wcctl: command-line client for the wcd control API.
 
-Standard library only and no wcd imports that pull in aiohttp or msgspec, so
+Standard library only (its one wcd import, wcd.control_socket, is too), so
 it starts in well under 100 ms. It speaks HTTP/1.1 with JSON over the daemon's
 Unix control socket. Every failure becomes one `wcctl: ...` line on stderr and
 an exit status a script can branch on (see the EXIT_* constants).
@@ -21,12 +21,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
+from wcd import control_socket
+
 EXIT_FAILED = 1  # the operation failed (error event, 5xx, broken stream)
 EXIT_USAGE = 2  # bad command line, or the daemon rejected the request (4xx)
 EXIT_UNREACHABLE = 3  # no daemon at any socket we tried, or no permission
 EXIT_NOT_FOUND = 4  # the daemon does not know the model (404)
 
-SYSTEM_SOCKET = "/run/wcd/control.sock"
 # Queries answer at once from the daemon's state; only operations move weights.
 QUERY_TIMEOUT_S = 10.0
 OPERATION_TIMEOUT_S = 600.0
@@ -64,12 +65,7 @@ def socket_candidates(explicit: str | None) -> list[str]:
     named = explicit or os.environ.get("WCD_SOCKET")
     if named:
         return [named]
-    paths = [SYSTEM_SOCKET]
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir:
-        paths.append(os.path.join(runtime_dir, "wcd", "control.sock"))
-    paths.append(f"/tmp/wcd-{os.getuid()}/control.sock")
-    return paths
+    return control_socket.candidates()
 
 
 def find_socket(candidates: list[str]) -> str:
@@ -495,7 +491,7 @@ def build_parser() -> Parser:
         suppress = {} if defaults else {"default": argparse.SUPPRESS}
         parent.add_argument("--socket", metavar="PATH", **suppress,
                             help="control socket (default: $WCD_SOCKET, "
-                                 f"{SYSTEM_SOCKET}, then per-user paths)")
+                                 f"{control_socket.SYSTEM}, then per-user paths)")
         parent.add_argument("--timeout", metavar="S", type=positive_float, **suppress,
                             help=f"give up after S seconds (default {OPERATION_TIMEOUT_S:g} "
                                  f"for operations, {QUERY_TIMEOUT_S:g} for queries)")

@@ -27,11 +27,11 @@ from aiohttp import web
 from wcd.daemon import errors
 from wcd.daemon.http_errors import error_middleware, read_json
 from wcd.daemon.scheduler import Scheduler
-from wcd.daemon.status import status_document
+from wcd.daemon.status import DaemonState, status_document
 
 log = logging.getLogger(__name__)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
-STATE = web.AppKey("state", dict)
+STATE = web.AppKey("state", DaemonState)
 _PEERCRED = struct.Struct("3i")
 # Python's socket module may lack the constant; 59 on every Linux architecture.
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -41,8 +41,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _OPERATIONS = ("swap", "load", "unload", "prefetch")
 
 
-def create_control_app(scheduler: Scheduler, state: dict) -> web.Application:
-    """`state` is shared with the daemon: {"state": "starting"|"ready"|...}."""
+def create_control_app(scheduler: Scheduler, state: DaemonState) -> web.Application:
+    """`state` is the daemon's, which it changes as it goes."""
     app = web.Application(middlewares=[error_middleware, _peer_middleware])
     app[SCHEDULER] = scheduler
     app[STATE] = state
@@ -120,8 +120,7 @@ async def _peer_middleware(request: web.Request, handler):
 
 
 async def _status(request: web.Request) -> web.Response:
-    return web.json_response(status_document(request.app[SCHEDULER],
-                                             request.app[STATE]["state"]))
+    return web.json_response(status_document(request.app[SCHEDULER], request.app[STATE]))
 
 
 async def _workers(request: web.Request) -> web.Response:

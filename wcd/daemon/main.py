@@ -3,7 +3,8 @@
     wcd [--config PATH] [--check-config]
 
 Start-up order: config, control socket (READY=1 as soon as it listens, while
-workers still warm up), OpenAI endpoint, workers. SIGHUP reloads the config
+workers still warm up), OpenAI endpoint, workers; stopping undoes what
+started in reverse, however far start-up got. SIGHUP reloads the config
 without dropping warm workers; SIGTERM drains in-flight requests (bounded by
 policy.drain_timeout) and stops the workers.
 """
@@ -33,9 +34,15 @@ from wcd.daemon.http_server import (GuardedAppRunner, connection_limits,
                                    raise_open_file_limit)
 from wcd.daemon.openai_api import create_openai_app
 from wcd.daemon.scheduler import Scheduler
+from wcd.daemon.status import DaemonState
 
 log = logging.getLogger("wcd")
+EXIT_START = 1
 EXIT_CONFIG = 2
+
+
+class StartupError(Exception):
+    """The daemon cannot start: one line for the operator."""
 
 
 class Daemon:
@@ -44,28 +51,29 @@ class Daemon:
         self.settings = settings
         self._load = load
         self.notifier = systemd.Notifier()
-        self.state = {"state": "starting"}
+        self.state = DaemonState()
         self.scheduler = Scheduler(settings, on_change=self._changed)
         self._changed_flag = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
-        self._runners: list[web.AppRunner] = []
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_wanted.set)
-        control = await self._serve_control()
-        self.notifier.ready("control socket up; workers warming")
-        openai = await self._serve_openai()
-        await self.scheduler.start()
-        self.state["state"] = "ready"
-        log.info("wcd ready: control %s, OpenAI API http://%s:%d, %d workers", control,
-                 self.settings.http.host, openai, len(self.settings.workers))
-        async with self._background():
+        async with contextlib.AsyncExitStack() as started:
+            control = await self._serve_control(started)
+            self.notifier.ready("control socket up; workers warming")
+            openai = await self._serve_openai(started)
+            started.push_async_callback(self._stop_workers)
+            await self.scheduler.start()
+            self.state.phase = "ready"
+            log.info("wcd ready: control %s, OpenAI API http://%s:%d, %d workers", control,
+                     self.settings.http.host, openai, len(self.settings.workers))
+            await started.enter_async_context(self._background())
             await self._stop.wait()
-        await self._shutdown()
+        log.info("stopped")
         return 0
 
     @contextlib.asynccontextmanager
@@ -82,33 +90,34 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _serve_control(self) -> str:
+    async def _serve_control(self, started: contextlib.AsyncExitStack) -> str:
         runner = web.AppRunner(create_control_app(self.scheduler, self.state),
                                access_log=None, handle_signals=False)
         await runner.setup()
-        self._runners.append(runner)
+        started.push_async_callback(runner.cleanup)
         passed = systemd.listen_fds()
         if passed:
-            site = web.SockSite(runner, passed[0])
-            await site.start()
+            await _listen(web.SockSite(runner, passed[0]), "the socket systemd passed")
             return f"fd {passed[0].fileno()} (socket activation)"
         path = Path(self.settings.control.socket)
         _prepare_socket_path(path)
-        await web.UnixSite(runner, str(path)).start()
+        await _listen(web.UnixSite(runner, str(path)), str(path))
+        # A daemon that stopped leaves no socket: wcctl then says none runs.
+        started.callback(path.unlink, missing_ok=True)
         os.chmod(path, 0o660)
         return str(path)
 
-    async def _serve_openai(self) -> int:
+    async def _serve_openai(self, started: contextlib.AsyncExitStack) -> int:
         app = create_openai_app(self.scheduler, self.scheduler.metrics, state=self.state)
         # Fixed for the server's life, like host and port: a reload keeps them.
         limits = connection_limits(self.settings.http, raise_open_file_limit())
         runner = GuardedAppRunner(app, limits, access_log=None, handle_signals=False,
                                   shutdown_timeout=self.settings.policy.drain_timeout_s)
         await runner.setup()
-        self._runners.append(runner)
-        site = web.TCPSite(runner, self.settings.http.host, self.settings.http.port,
-                           reuse_address=True)
-        await site.start()
+        started.push_async_callback(runner.cleanup)
+        http = self.settings.http
+        await _listen(web.TCPSite(runner, http.host, http.port, reuse_address=True),
+                      f"{http.host}:{http.port}")
         return runner.addresses[0][1]
 
     def _changed(self) -> None:
@@ -137,7 +146,7 @@ class Daemon:
 
     async def _reload(self) -> None:
         self.notifier.reloading()
-        self.state["state"] = "reloading"
+        self.state.phase = "reloading"
         try:
             settings = await asyncio.to_thread(self._load)
         except ConfigError as exc:
@@ -145,18 +154,23 @@ class Daemon:
         else:
             self.settings = settings
             self.scheduler.reload(settings)
-        self.state["state"] = "ready"
+        self.state.phase = "ready"
         self.notifier.ready(self.scheduler.status_line())
 
-    async def _shutdown(self) -> None:
-        self.state["state"] = "stopping"
+    async def _stop_workers(self) -> None:
+        self.state.phase = "stopping"
         self.notifier.stopping()
         log.info("stopping: draining requests, then workers")
         # Requests in flight finish (bounded by drain_timeout); new ones get 503.
         await self.scheduler.stop()
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        log.info("stopped")
+
+
+async def _listen(site: web.BaseSite, where: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(f"cannot listen on {where}: {reason}") from None
 
 
 def _prepare_socket_path(path: Path) -> None:
@@ -164,8 +178,8 @@ def _prepare_socket_path(path: Path) -> None:
     try:
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     except OSError as exc:
-        raise SystemExit(f"wcd: cannot create the control socket directory {path.parent}: "
-                         f"{exc.strerror or exc}") from None
+        raise StartupError(f"cannot create the control socket directory {path.parent}: "
+                           f"{exc.strerror or exc}") from None
     _check_socket_directory(path.parent)
     if path.is_socket():
         probe = socket.socket(socket.AF_UNIX)
@@ -174,7 +188,7 @@ def _prepare_socket_path(path: Path) -> None:
         except OSError:
             path.unlink()  # nobody listens: left over
         else:
-            raise SystemExit(f"wcd: another daemon listens on {path}")
+            raise StartupError(f"another daemon listens on {path}")
         finally:
             probe.close()
 
@@ -191,8 +205,8 @@ def _check_socket_directory(directory: Path) -> None:
             and not target.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
         return
     owner = link.st_uid if link.st_uid not in trusted else target.st_uid
-    raise SystemExit(
-        f"wcd: refusing the control socket directory {directory}: owned by uid {owner}, "
+    raise StartupError(
+        f"refusing the control socket directory {directory}: owned by uid {owner}, "
         f"mode {stat.S_IMODE(target.st_mode):04o}; it must belong to this daemon's user "
         f"(uid {os.getuid()}) or root and not be writable by group or others. Remove it "
         "(wcd creates it with mode 0750) or set control.socket to a private directory")
@@ -215,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wcd: {config_path or 'built-in defaults'}: ok")
         return 0
     systemd.setup_logging(settings.log_level)
-    return uvloop.run(run(settings, partial(load_settings, config_path)))
+    try:
+        return uvloop.run(run(settings, partial(load_settings, config_path)))
+    except StartupError as exc:
+        print(f"wcd: {exc}", file=sys.stderr)
+        return EXIT_START
 
 
 async def run(settings: Settings, load: Callable[[], Settings]) -> int:

@@ -44,7 +44,7 @@ from wcd.daemon import vllm_dialect
 from wcd.daemon.config import HttpSettings
 from wcd.daemon.http_errors import error_middleware
 from wcd.daemon.metrics import Metrics, RequestTimer
-from wcd.daemon.status import status_document, status_page
+from wcd.daemon.status import DaemonState, status_document, status_page
 from wcd.daemon.worker_process import WorkerError
 from wcd.workers import protocol as p
 
@@ -71,7 +71,7 @@ _PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'uns
 
 
 def create_openai_app(scheduler: Scheduler, metrics: Metrics | None = None, *,
-                      state: dict) -> web.Application:
+                      state: DaemonState) -> web.Application:
     """API keys are read from scheduler.settings per request, so a reload
     (SIGHUP) changes them. `state` is the daemon's, as for the control app."""
     app = web.Application(
@@ -115,8 +115,9 @@ def _auth_middleware(scheduler: Scheduler):
     @web.middleware
     async def auth(request: web.Request, handler):
         http = scheduler.settings.http
-        if http.api_keys and not _open(request.path, http):
-            key = bearer_key(request.headers.get("Authorization", ""), http.api_keys)
+        tokens = http.tokens
+        if tokens and not _open(request.path, http):
+            key = bearer_key(request.headers.get("Authorization", ""), tokens)
             if key is None:
                 raise errors.Unauthorized("missing or invalid API key; send "
                                           "`Authorization: Bearer KEY`")
@@ -279,14 +280,14 @@ def _payload_bytes(*parts: Any) -> int:
 
 
 class _Api:
-    def __init__(self, scheduler: Scheduler, metrics: Metrics, state: dict):
+    def __init__(self, scheduler: Scheduler, metrics: Metrics, state: DaemonState):
         self.scheduler = scheduler
         self.metrics = metrics
         self.state = state
         self.started = int(time.time())
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(status_document(self.scheduler, self.state["state"]))
+        return _json(status_document(self.scheduler, self.state))
 
     async def version(self, request: web.Request) -> web.Response:
         return _json(t.Version(version=self._vllm_version()))

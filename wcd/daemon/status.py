@@ -7,8 +7,9 @@ from __future__ import annotations
 import functools
 import os
 import time
+from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import wcd
 
@@ -16,11 +17,18 @@ if TYPE_CHECKING:
     from wcd.daemon.scheduler import Scheduler
 
 
-def status_document(scheduler: Scheduler, state: str) -> dict:
-    """`state` is the daemon's: starting, ready, reloading or stopping."""
+@dataclass
+class DaemonState:
+    """What the daemon is doing: the daemon changes it, the control API and
+    the HTTP port show it."""
+
+    phase: Literal["starting", "ready", "reloading", "stopping"] = "starting"
+
+
+def status_document(scheduler: Scheduler, state: DaemonState) -> dict:
     return {
         "version": wcd.__version__, "pid": os.getpid(),
-        "uptime_s": time.time() - scheduler.started, "state": state,
+        "uptime_s": time.time() - scheduler.started, "state": state.phase,
         "workers": scheduler.views(), "models": scheduler.model_views(),
         "queue": {"waiting": scheduler.waiting()},
         "recent_swaps": scheduler.recent_swaps(),

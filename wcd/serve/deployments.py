@@ -193,7 +193,7 @@ class OpenAIIngress:
         return await _relayed(handle.forward.remote(request.method, path, headers, body))
 
     def _key(self, request: Request) -> str | None:
-        keys = self.settings.http.api_keys
+        keys = self.settings.http.tokens
         if not keys:
             return None
         key = bearer_key(request.headers.get("authorization", ""), keys)
