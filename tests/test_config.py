@@ -251,6 +251,10 @@ def test_null_takes_the_default(tree):
     assert len(settings.workers) == 1 and settings.log_level == "info"
 
 
+def test_log_level_in_capitals_is_read_as_logging_spells_it(tree):
+    assert load_settings(write(tree, "log_level: WARNING\n")).log_level == "warning"
+
+
 # ---- durations --------------------------------------------------------------------
 
 

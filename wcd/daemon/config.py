@@ -280,6 +280,13 @@ def find_config(explicit: str | None) -> str | None:
     return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
 
 
+def _log_level_lowered(data: object) -> object:
+    """`log_level: INFO` reads as Python's logging and journald spell it."""
+    if isinstance(data, dict) and isinstance(data.get("log_level"), str):
+        return {**data, "log_level": data["log_level"].lower()}
+    return data
+
+
 def load_settings(path: str | None, overrides: dict | None = None) -> Settings:
     """The file's settings; `overrides` are laid over its sections key by key
     (a section's other keys stay as the file has them), before any check, so
@@ -445,7 +452,7 @@ class _Reading:
         self.base_dir = os.path.dirname(os.path.abspath(source))
 
     def settings(self, data: object) -> Settings:
-        file = self.convert(_without_nulls(data), _File, "")
+        file = self.convert(_log_level_lowered(_without_nulls(data)), _File, "")
         models = {alias: self.model(alias, entry, file.model_roots)
                   for alias, entry in file.models.items()}
         from_env = (key.strip() for key in os.environ.get("WCD_API_KEYS", "").split(","))
