@@ -5,7 +5,10 @@
 Start-up order: config, control socket (READY=1 as soon as it listens, while
 workers still warm up), OpenAI endpoint, workers. SIGHUP reloads the config
 without dropping warm workers; SIGTERM drains in-flight requests (bounded by
-policy.drain_timeout) and stops the workers.
+policy.drain_timeout) and stops the workers. A worker of another protocol
+version (the installed wcd changed under this daemon) stops the daemon the
+same way, with exit code 76, for its service manager to start the installed
+one.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from wcd.daemon.http_server import (GuardedAppRunner, connection_limits,
                                    raise_open_file_limit)
 from wcd.daemon.openai_api import create_openai_app
 from wcd.daemon.scheduler import Scheduler
+from wcd.workers import protocol as p
 
 log = logging.getLogger("wcd")
 EXIT_CONFIG = 2
@@ -45,7 +49,9 @@ class Daemon:
         self._load = load
         self.notifier = systemd.Notifier()
         self.state = {"state": "starting"}
-        self.scheduler = Scheduler(settings, on_change=self._changed)
+        self.scheduler = Scheduler(settings, on_change=self._changed,
+                                   on_fatal=self._version_mismatch)
+        self.exit_code = 0
         self._changed_flag = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
@@ -66,7 +72,7 @@ class Daemon:
         async with self._background():
             await self._stop.wait()
         await self._shutdown()
-        return 0
+        return self.exit_code
 
     @contextlib.asynccontextmanager
     async def _background(self):
@@ -113,6 +119,14 @@ class Daemon:
 
     def _changed(self) -> None:
         self._changed_flag.set()
+
+    def _version_mismatch(self, mismatch: p.VersionMismatch) -> None:
+        """This daemon's code is older or newer than the installed wcd its
+        workers run: only a new daemon mends that."""
+        log.critical("stopping: %s; restart wcd so that it runs the installed version",
+                     mismatch)
+        self.exit_code = p.EXIT_VERSION_MISMATCH
+        self._stop.set()
 
     async def _report_status(self) -> None:
         """STATUS= for systemctl status, at most once a second."""
