@@ -151,7 +151,7 @@ class TrackedWorker(FakeWorker):
         try:
             await asyncio.wait({working, exited}, return_when=asyncio.FIRST_COMPLETED)
             if not self.alive:
-                raise WorkerGone(p.ErrorInfo(p.INTERNAL, "the worker exited"))
+                raise WorkerGone(p.ErrorInfo(p.GONE, "the worker exited"))
             return working.result()
         finally:
             working.cancel()

@@ -450,7 +450,7 @@ class Scheduler:
         policy_ = self.settings.policy
         try:
             if worker is None:
-                raise WorkerGone(p.ErrorInfo(p.INTERNAL, f"worker {index} is gone"))
+                raise WorkerGone(p.ErrorInfo(p.GONE, f"worker {index} is gone"))
             if op.kind == "swap":
                 result = await worker.swap(op.entry.spec(), replace=list(op.targets),
                                            drain_timeout_s=policy_.drain_timeout_s,

@@ -142,7 +142,7 @@ class WorkerProcess:
             self._refuse(p.VersionMismatch(
                 f"{name} refused this daemon's wcd protocol version {p.PROTOCOL_VERSION}: "
                 "the two run different wcd installs (see the worker's log)"))
-        self._fail_all(p.ErrorInfo(p.INTERNAL, f"{name} exited with code {code}: {reason}"))
+        self._fail_all(p.ErrorInfo(p.GONE, f"{name} exited with code {code}: {reason}"))
 
     def _refuse(self, mismatch: p.VersionMismatch) -> None:
         """A worker of another protocol version fails its start with the

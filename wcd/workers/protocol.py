@@ -72,16 +72,18 @@ class ErrorInfo(msgspec.Struct, frozen=True):
 
 
 # Error kinds, mapped to HTTP statuses and exit codes at the daemon's edge.
-BAD_MODEL = "bad_model"  # path, config, weights or architecture unusable
-BAD_ARGS = "bad_args"  # an engine arg or sampling parameter vLLM refused
+# The worker chooses one by the type of the exception it caught.
+BAD_MODEL = "bad_model"  # files, config (its architecture...) or engine args vLLM cannot serve
+BAD_ARGS = "bad_args"  # a request vLLM refused, or an engine arg it does not have
 OUT_OF_MEMORY = "out_of_memory"
 NOT_LOADED = "not_loaded"  # the request names a model this worker is not serving
 UNSUPPORTED = "unsupported"  # the model does not do the request's task (generate, embed)
 ABORTED = "aborted"  # the request was aborted (client gone, drain timeout)
 BUSY = "busy"  # another load/swap is running
-INTERNAL = "internal"
+INTERNAL = "internal"  # none of the above: the worker's own, logged with its traceback
+GONE = "gone"  # the worker exited or its socket broke (set by the daemon)
 ERROR_KINDS = (BAD_MODEL, BAD_ARGS, OUT_OF_MEMORY, NOT_LOADED, UNSUPPORTED, ABORTED, BUSY,
-               INTERNAL)
+               INTERNAL, GONE)
 
 
 # ---- commands: daemon -> worker -------------------------------------------------
