@@ -137,7 +137,8 @@ async def warm(args: argparse.Namespace, cold_s: list[float],
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     # With etc/wcd.yaml's host cache: after the first round every swap's
     # weights come from host memory, as they do in service.
-    worker = await WorkerProcess.start(WorkerOptions(env=env, host_cache_bytes=HOST_CACHE))
+    worker = await WorkerProcess.start(WorkerOptions(p.Setup(host_cache_bytes=HOST_CACHE),
+                                                     env=env))
     try:
         print(f"worker ready in {worker.ready.startup_s:.1f} s; loading small-a")
         first_load = await swap_and_serve(worker, "small-a", REBUILD)

@@ -61,7 +61,7 @@ async def swap(worker: WorkerProcess, name: str, tp: int) -> tuple[str, float]:
 
 async def warm(rounds: int) -> dict:
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-    worker = await WorkerProcess.start(WorkerOptions(env=env, tensor_parallel_size=2))
+    worker = await WorkerProcess.start(WorkerOptions(p.Setup(tensor_parallel_size=2), env=env))
     pids = [worker.pid, *worker.ready.group_pids]
     result = {"startup_s": worker.ready.startup_s, "series": {}}
     try:

@@ -1026,9 +1026,37 @@ async def test_worker_refusal_is_400(stream):
     assert scheduler.released == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@run_async
+async def test_a_workers_internal_error_is_a_500(stream):
+    """A failure the worker could not put on the request or the model (logged
+    there with its traceback) is vLLM's answer to an exception it did not
+    expect: a 500 with OpenAI's error JSON, before any output."""
+    failure = WorkerError(p.ErrorInfo(
+        p.INTERNAL, "a request: internal error (KeyError); see the worker's log"))
+    scheduler = FakeScheduler(FakeWorker(lambda request: [failure]))
+    async with serve(scheduler) as url:
+        status, _, answer = await post(url, "/v1/completions", {
+            "model": "demo", "prompt": "hi", "stream": stream})
+    assert status == 500
+    assert answer == {"error": {
+        "message": "a request: internal error (KeyError); see the worker's log",
+        "type": "InternalServerError", "param": None, "code": "internal_error"}}
+    assert scheduler.released == 1
+
+
+def test_each_kind_of_worker_failure_has_its_status():
+    statuses = {kind: errors.from_worker(p.ErrorInfo(kind, "m")).status
+                for kind in p.ERROR_KINDS}
+    assert statuses == {p.BAD_MODEL: 422, p.BAD_ARGS: 400, p.OUT_OF_MEMORY: 507,
+                        p.NOT_LOADED: 409, p.UNSUPPORTED: 404, p.ABORTED: 503, p.BUSY: 409,
+                        p.INTERNAL: 500, p.GONE: 502}
+    assert errors.from_worker(p.ErrorInfo("a kind of a later wcd", "m")).status == 500
+
+
 @run_async
 async def test_failure_mid_stream_is_an_sse_error():
-    gone = WorkerGone(p.ErrorInfo(p.INTERNAL, "worker 0 exited with code -9"))
+    gone = WorkerGone(p.ErrorInfo(p.GONE, "worker 0 exited with code -9"))
     scheduler = FakeScheduler(FakeWorker(lambda request: [two_tokens(request)[0], gone]))
     async with serve(scheduler) as url:
         events = await sse_events(url, "/v1/completions",

@@ -10,6 +10,7 @@ import pytest
 
 from test_worker import assert_matches_reference, serving, spec, swap
 from wcd.daemon.worker_process import WorkerOptions, WorkerProcess
+from wcd.workers import protocol as p
 
 pytestmark = pytest.mark.vllm
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def worker(loop, demo_models):
     worker = loop.run_until_complete(WorkerProcess.start(WorkerOptions(
-        max_parked=1, park_min_free_bytes=1 << 30)))
+        p.Setup(max_parked=1, park_min_free_bytes=1 << 30))))
     yield worker
     loop.run_until_complete(worker.stop())
 
@@ -69,7 +70,7 @@ def test_a_parked_model_changed_on_disk_is_rebuilt(loop, worker, demo_models, tm
 
 def test_no_parking_below_the_free_memory_headroom(loop, demo_models):
     worker = loop.run_until_complete(WorkerProcess.start(WorkerOptions(
-        max_parked=2, park_min_free_bytes=1 << 50)))
+        p.Setup(max_parked=2, park_min_free_bytes=1 << 50))))
     try:
         swap(loop, worker, spec(demo_models, "small-a"))
         swap(loop, worker, spec(demo_models, "wide-a"))

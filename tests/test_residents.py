@@ -261,8 +261,8 @@ def test_a_suspended_resident_that_leaves_parks_and_comes_back_clean(loop, demo_
                                                                     reference):
     """Unloaded while suspended: its request is aborted, its kept blocks are
     dropped, it parks; brought back, it serves vLLM's outputs."""
-    worker = run(loop, WorkerProcess.start(WorkerOptions(max_parked=1,
-                                                         park_min_free_bytes=1 << 30)))
+    worker = run(loop, WorkerProcess.start(WorkerOptions(p.Setup(
+        max_parked=1, park_min_free_bytes=1 << 30))))
     try:
         run(loop, worker.swap(spec(demo_models, "small-a")))
 

@@ -100,10 +100,10 @@ class TrackedWorker(FakeWorker):
     async def swap(self, model: p.ModelSpec, *, replace=(), drain_timeout_s: float,
                    force: bool, on_phase=None) -> p.OpDone:
         size = int(model.engine_args.get("tensor_parallel_size", 1))
-        if size not in self.fleet.serves[self.options.index]:
+        if size not in self.fleet.serves[self.options.setup.index]:
             self.fleet.broken.append(f"{model.name} (TP={size}) sent to worker "
-                                     f"{self.options.index}, which serves "
-                                     f"{self.fleet.serves[self.options.index]}")
+                                     f"{self.options.setup.index}, which serves "
+                                     f"{self.fleet.serves[self.options.setup.index]}")
         return await self._operation(force, {model.name, *replace}, set(replace), self._swap(
             model, list(self.models), replace, drain_timeout_s, force, on_phase))
 
@@ -127,7 +127,7 @@ class TrackedWorker(FakeWorker):
             models, drain_timeout_s=drain_timeout_s, force=force, on_phase=on_phase))
 
     async def suspend(self, model: str, *, on_phase=None) -> p.OpDone:
-        if int(self.options.tensor_parallel_size) > 1:
+        if int(self.options.setup.tensor_parallel_size) > 1:
             self.fleet.broken.append(f"{model} suspended in a tensor-parallel group")
         return await self._operation(False, {model}, set(), super().suspend(model))
 
@@ -152,7 +152,7 @@ class TrackedWorker(FakeWorker):
         try:
             await asyncio.wait({working, exited}, return_when=asyncio.FIRST_COMPLETED)
             if not self.alive:
-                raise WorkerGone(p.ErrorInfo(p.INTERNAL, "the worker exited"))
+                raise WorkerGone(p.ErrorInfo(p.GONE, "the worker exited"))
             return working.result()
         finally:
             working.cancel()

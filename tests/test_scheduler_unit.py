@@ -168,10 +168,11 @@ class Running:
     """A started scheduler over a Fleet, serving its preload; stopped at exit."""
 
     def __init__(self, tmp_path, preload=("a",), on_change=None, workers=({"device": "cpu"},),
-                 **policy):
+                 on_fatal=None, **policy):
         self.fleet = Fleet()
         self.scheduler = Scheduler(make_settings(tmp_path, preload, workers, **policy),
-                                   start_worker=self.fleet, on_change=on_change)
+                                   start_worker=self.fleet, on_change=on_change,
+                                   on_fatal=on_fatal)
 
     def worker(self) -> dict:
         return self.scheduler.views()[0]
@@ -399,6 +400,32 @@ async def test_a_worker_that_fails_to_start_in_an_unexpected_way_is_started_agai
     try:
         await eventually(lambda: running.worker()["state"] == "serving")
         assert len(calls) == 2 and running.worker()["model"] == "a"
+    finally:
+        await running.scheduler.stop()
+
+
+@run_async
+async def test_a_worker_of_another_protocol_version_is_not_started_again(tmp_path, caplog):
+    """Its next start would run the same code: the scheduler says so once, to
+    `on_fatal` (the daemon stops), instead of restarting it in a loop."""
+    mismatch = p.VersionMismatch("worker 0 (pid 7) speaks wcd protocol version 99, not "
+                                 f"this side's {p.PROTOCOL_VERSION}")
+    fatal, calls = [], []
+
+    async def refused(options):
+        calls.append(options)
+        raise mismatch
+
+    running = Running(tmp_path, restart_backoff_min=0.01, on_fatal=fatal.append)
+    running.scheduler._start_worker_process = refused
+    await running.scheduler.start()
+    try:
+        await eventually(lambda: fatal)
+        await asyncio.sleep(0.1)  # many backoffs of 0.01 s
+        assert fatal == [mismatch] and len(calls) == 1
+        assert calls[0].setup.protocol_version == p.PROTOCOL_VERSION
+        assert any(r.levelname == "CRITICAL" and "version 99" in r.getMessage()
+                   for r in caplog.records)
     finally:
         await running.scheduler.stop()
 

@@ -48,7 +48,7 @@ def assert_serves_reference(loop, worker, name: str, reference, as_model: str | 
 def worker(loop, demo_models):
     # Room for a small and a wide snapshot, not for a third model.
     worker = loop.run_until_complete(WorkerProcess.start(WorkerOptions(
-        host_cache_bytes=14 * MB)))
+        p.Setup(host_cache_bytes=14 * MB))))
     yield worker
     loop.run_until_complete(worker.stop())
 

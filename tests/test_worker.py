@@ -39,7 +39,8 @@ async def generate(worker: WorkerProcess, model: str, prompt: str, **sampling) -
 
 @pytest.fixture(scope="module")
 def worker(loop, demo_models):
-    worker = loop.run_until_complete(WorkerProcess.start(WorkerOptions(render_timeout_s=2.0)))
+    worker = loop.run_until_complete(WorkerProcess.start(WorkerOptions(
+        p.Setup(render_timeout_s=2.0))))
     yield worker
     loop.run_until_complete(worker.stop())
 

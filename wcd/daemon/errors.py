@@ -223,8 +223,19 @@ class InsufficientMemory(WcdError):
 
 
 class WorkerFailed(WcdError):
+    """The worker died under the request or operation."""
+
     status = 502
     type = "worker_error"
+
+
+class InternalError(WcdError):
+    """A failure that was neither the request's nor the model's: a worker's
+    (logged there with its traceback), or the daemon's running an operation.
+    A 500, with the type vLLM's server gives an exception it did not expect."""
+
+    type = "InternalServerError"
+    code = "internal_error"
 
 
 def from_worker(error: p.ErrorInfo, dialect: Dialect = VLLM_032) -> WcdError:
@@ -241,5 +252,6 @@ def from_worker(error: p.ErrorInfo, dialect: Dialect = VLLM_032) -> WcdError:
         p.UNSUPPORTED: TaskUnsupported,
         p.ABORTED: Unavailable,
         p.BUSY: Conflict,
+        p.GONE: WorkerFailed,
     }
-    return kinds.get(error.kind, WorkerFailed)(error.message)
+    return kinds.get(error.kind, InternalError)(error.message)

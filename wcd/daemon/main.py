@@ -6,7 +6,10 @@ Start-up order: config, control socket (READY=1 as soon as it listens, while
 workers still warm up), OpenAI endpoint, workers; stopping undoes what
 started in reverse, however far start-up got. SIGHUP reloads the config
 without dropping warm workers; SIGTERM drains in-flight requests (bounded by
-policy.drain_timeout) and stops the workers.
+policy.drain_timeout) and stops the workers. A worker of another protocol
+version (the installed wcd changed under this daemon) stops the daemon the
+same way, with exit code 76, for its service manager to start the installed
+one.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from wcd.daemon.http_server import (GuardedAppRunner, connection_limits,
 from wcd.daemon.openai_api import create_openai_app
 from wcd.daemon.scheduler import Scheduler
 from wcd.daemon.status import DaemonState
+from wcd.workers import protocol as p
 
 log = logging.getLogger("wcd")
 EXIT_START = 1
@@ -52,7 +56,9 @@ class Daemon:
         self._load = load
         self.notifier = systemd.Notifier()
         self.state = DaemonState()
-        self.scheduler = Scheduler(settings, on_change=self._changed)
+        self.scheduler = Scheduler(settings, on_change=self._changed,
+                                   on_fatal=self._version_mismatch)
+        self.exit_code = 0
         self._changed_flag = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
@@ -74,7 +80,7 @@ class Daemon:
             await started.enter_async_context(self._background())
             await self._stop.wait()
         log.info("stopped")
-        return 0
+        return self.exit_code
 
     @contextlib.asynccontextmanager
     async def _background(self):
@@ -122,6 +128,14 @@ class Daemon:
 
     def _changed(self) -> None:
         self._changed_flag.set()
+
+    def _version_mismatch(self, mismatch: p.VersionMismatch) -> None:
+        """This daemon's code is older or newer than the installed wcd its
+        workers run: only a new daemon mends that."""
+        log.critical("stopping: %s; restart wcd so that it runs the installed version",
+                     mismatch)
+        self.exit_code = p.EXIT_VERSION_MISMATCH
+        self._stop.set()
 
     async def _report_status(self) -> None:
         """STATUS= for systemctl status, at most once a second."""

