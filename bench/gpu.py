@@ -458,6 +458,7 @@ def run_tp(models: Path, out: Path) -> dict:
         result["gpu_used_before"] = gpu_memory_used()
         for model, label in [(SAME[0], "first load"), *TP_SEQUENCE]:
             result["swaps"].append(_tp_swap(wcd, model, label, pids, result))
+        result["side_by_side"] = _tp_side_by_side(wcd, pids, result)
         wcd.wcctl("unload", SAME[0])
         time.sleep(2)  # nvidia-smi reads what the driver has freed
         result["gpu_used_after_unload"] = gpu_memory_used()
@@ -477,6 +478,28 @@ def _tp_swap(wcd: Wcd, model: str, label: str, pids: list[int], result: dict) ->
     return {"label": label, "model": model, "path": event["path"], "weights": event["weights"],
             "worker_s": event["total_s"], "wcctl_s": wall, "phases": event["phases"],
             "equals_vllm": same, "pids_kept": kept}
+
+
+def _tp_side_by_side(wcd: Wcd, pids: list[int], result: dict) -> dict:
+    """big-a and big-b at TP=1 loaded side by side, one per GPU of the group,
+    answering at once; then big-a at TP=2 takes the group back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    side: dict = {"swaps": [_tp_swap(wcd, TP1, "TP=1 on GPU 0", pids, result)]}
+    wall, event = wcd.wcctl("load", TP1_B)
+    side["load"] = {"path": event["path"], "weights": event["weights"],
+                    "worker_s": event["total_s"], "wcctl_s": wall}
+    with ThreadPoolExecutor(2) as pool:
+        texts = dict(zip((TP1, TP1_B), pool.map(wcd.complete, (TP1, TP1_B))))
+    side["equals_vllm"] = {m: t == result["vllm"][m].get("text") for m, t in texts.items()}
+    worker = wcd.worker()
+    side["residents"] = [r["model"] for r in worker["residents"]]
+    side["gpu_used"] = gpu_memory_used()
+    if not all(side["equals_vllm"].values()) or sorted(side["residents"]) != sorted((TP1, TP1_B)):
+        result["failures"].append(f"side by side: {side}")
+    side["swaps"].append(_tp_swap(wcd, SAME[0], "TP=2 takes the group back", pids, result))
+    log(f"tp: side by side: {side}")
+    return side
 
 
 def gpu_memory_used() -> list[int]:
@@ -874,9 +897,24 @@ def tp_lines(r: dict) -> list[str]:
           f"{row['worker_s']:.3f} | {row['wcctl_s']:.3f} | "
           f"{'yes' if row['equals_vllm'] else '**no**'} | "
           f"{'yes' if row['pids_kept'] else '**no**'} |" for row in r["swaps"]], "",
+        *_tp_side_by_side_lines(r.get("side_by_side")),
         f"Memory in use after unloading, against before the first load (nvidia-smi, every "
         f"process): {memory}. Failures: {r['failures'] or 'none'}.", "",
     ]
+
+
+def _tp_side_by_side_lines(side: dict | None) -> list[str]:
+    if not side:
+        return []
+    load = side["load"]
+    equal = ", ".join(f"{m}: {'equal' if same else '**differs**'}"
+                      for m, same in side["equals_vllm"].items())
+    return [f"Side by side: `{TP1}` on GPU 0, then `wcctl load {TP1_B}` "
+            f"({load['path']}, {load['weights']}, worker {load['worker_s']:.2f} s) on GPU 1 "
+            f"beside it; residents {side['residents']}, GPU memory in use "
+            f"{[round(b / 2**30, 1) for b in side['gpu_used']]} GiB; both asked at once, "
+            f"answers against vLLM's TP=1 runs: {equal}. Then big-a at TP=2: "
+            f"{side['swaps'][-1]['path']} in {side['swaps'][-1]['worker_s']:.2f} s.", ""]
 
 
 def throughput_lines(t: dict) -> list[str]:

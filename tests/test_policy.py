@@ -8,8 +8,9 @@ GIB = 1 << 30
 
 
 def resident(name, *, active=0, waiting=0, bytes=10, loaded_at=0.0, last_used=0.0,
-             state=SERVING, kv_bytes=5) -> ResidentView:
-    return ResidentView(name, state, active, waiting, bytes, loaded_at, last_used, kv_bytes)
+             state=SERVING, kv_bytes=5, ranks=1) -> ResidentView:
+    return ResidentView(name, state, active, waiting, bytes, loaded_at, last_used, kv_bytes,
+                        ranks)
 
 
 def worker(index=0, *residents, budget=0, max_resident=4, serves=(1,), tp=1, parked=(),
@@ -78,9 +79,31 @@ def test_an_operator_drains_busy_residents_when_idle_ones_are_not_enough():
 
 
 def test_a_group_drains_its_busy_resident_after_a_quantum_instead_of_suspending():
-    group = worker(0, resident("a", active=2), max_resident=1, tp=2, serves=(1, 2))
+    group = worker(0, resident("a", active=2, ranks=2), max_resident=2, tp=2, serves=(1, 2))
     assert room(group, now=100.0, since=99.0) == Room(0, at=101.0)
     assert room(group, now=101.0, since=99.0) == Room(0, evict=("a",))
+
+
+def test_a_group_runs_one_tp1_model_per_rank_side_by_side():
+    group = worker(0, resident("a", last_used=1), max_resident=2, tp=2, serves=(1, 2),
+                   budget=15)
+    assert room(group, need=12) == Room(0)  # the other rank's device: its own budget
+    full = worker(0, resident("a", last_used=1), resident("b", last_used=2), max_resident=2,
+                  tp=2, serves=(1, 2))
+    assert room(full) == Room(0, evict=("a",))
+    assert room(group, need=16) is None  # more than one device holds
+
+
+def test_a_group_takes_a_larger_model_only_alone_and_drains_for_it():
+    two = worker(0, resident("a", last_used=1), resident("b", last_used=2), max_resident=2,
+                 tp=2, serves=(1, 2))
+    assert room(two, ranks=2) == Room(0, evict=("a", "b"))
+    busy = worker(0, resident("a", active=1, last_used=1), resident("b", last_used=2),
+                  max_resident=2, tp=2, serves=(1, 2))
+    assert room(busy, ranks=2, now=100.0, since=100.0) == Room(0, at=102.0)
+    assert room(busy, ranks=2, now=102.0, since=100.0) == Room(0, evict=("a", "b"))
+    wide = worker(0, resident("w", ranks=2), max_resident=2, tp=2, serves=(1, 2))
+    assert room(wide) == Room(0, evict=("w",))  # a TP=1 model re-partitions the group
 
 
 def test_a_suspended_model_resuming_is_not_its_own_victim():
@@ -92,7 +115,7 @@ def test_a_suspended_model_resuming_is_not_its_own_victim():
 def test_place_prefers_a_fit_then_parked_then_the_smallest_worker():
     full = worker(0, resident("a", last_used=1), max_resident=1)
     free = worker(1, resident("b"), max_resident=2)
-    group = worker(2, max_resident=1, tp=2, serves=(1, 2))
+    group = worker(2, max_resident=2, tp=2, serves=(1, 2))
     args = dict(now=100.0, waited_since=100.0, quantum_s=2.0, min_resident_s=0.0)
     assert place([full, free, group], "c", 1, 10, **args) == Room(1)
     parked = worker(0, resident("a", last_used=1), max_resident=1, parked=("c",))

@@ -142,7 +142,8 @@ class Fleet:
         return worker
 
 
-def make_settings(tmp_path, preload=("a",), workers=({"device": "cpu"},), **policy):
+def make_settings(tmp_path, preload=("a",), workers=({"device": "cpu"},), model_tp=1,
+                  **policy):
     root = tmp_path / "models"
     for name in MODELS:
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -152,7 +153,8 @@ def make_settings(tmp_path, preload=("a",), workers=({"device": "cpu"},), **poli
     policy = {"min_resident": 0, "queue_wait": 2, "drain_timeout": 10,
               "health_interval": 10, "max_resident": 1, **policy}
     return parse_settings({"workers": list(workers), "model_roots": [str(root)],
-                           "models": {n: {"path": str(root / n)} for n in MODELS},
+                           "models": {n: {"path": str(root / n),
+                                          "tensor_parallel_size": model_tp} for n in MODELS},
                            "preload": list(preload), "policy": policy},
                           str(tmp_path / "wcd.yaml"))
 
@@ -168,9 +170,9 @@ class Running:
     """A started scheduler over a Fleet, serving its preload; stopped at exit."""
 
     def __init__(self, tmp_path, preload=("a",), on_change=None, workers=({"device": "cpu"},),
-                 on_fatal=None, **policy):
+                 on_fatal=None, model_tp=1, **policy):
         self.fleet = Fleet()
-        self.scheduler = Scheduler(make_settings(tmp_path, preload, workers, **policy),
+        self.scheduler = Scheduler(make_settings(tmp_path, preload, workers, model_tp, **policy),
                                    start_worker=self.fleet, on_change=on_change,
                                    on_fatal=on_fatal)
 
@@ -245,9 +247,20 @@ async def test_a_request_kept_by_min_resident_loads_when_the_time_is_up(tmp_path
         assert running.fleet.swaps == ["a", "b"]
 
 
-# A tensor-parallel group keeps one engine and never suspends: a request for
-# another model drains the busy one, at once with preempt_after 0.
+# A tensor-parallel group runs a TP=2 engine alone and never suspends: a
+# request for another TP=2 model drains the busy one, at once with
+# preempt_after 0.
 GROUP = ({"device": "cpu", "tensor_parallel_size": 2, "serves_tensor_parallel_sizes": [1, 2]},)
+TP2 = {"workers": GROUP, "model_tp": 2}
+
+
+@run_async
+async def test_a_group_serves_two_tp1_models_side_by_side_without_a_drain(tmp_path):
+    async with Running(tmp_path, workers=GROUP, preempt_after=0) as running:
+        async with running.scheduler.lease("a"):  # busy: no TP=1 model needs its rank
+            assert await asyncio.wait_for(running.lease_once("b"), 0.5) == "b"
+            assert [r["model"] for r in running.worker()["residents"]] == ["a", "b"]
+        assert running.fleet.swaps == ["a", "b"]
 
 
 async def drain_for_b(running: Running) -> None:
@@ -257,7 +270,7 @@ async def drain_for_b(running: Running) -> None:
 
 @run_async
 async def test_a_cancelled_request_cancels_the_swap_it_was_waiting_for(tmp_path):
-    async with Running(tmp_path, workers=GROUP, preempt_after=0) as running:
+    async with Running(tmp_path, preempt_after=0, **TP2) as running:
         async with running.scheduler.lease("a"):  # a request in flight: b must drain it
             lease_b = asyncio.create_task(running.lease_once("b"))
             await drain_for_b(running)
@@ -274,7 +287,7 @@ async def test_a_cancelled_request_cancels_the_swap_it_was_waiting_for(tmp_path)
 
 @run_async
 async def test_a_request_that_times_out_cancels_the_swap_it_was_waiting_for(tmp_path):
-    async with Running(tmp_path, queue_wait=0.1, workers=GROUP, preempt_after=0) as running:
+    async with Running(tmp_path, queue_wait=0.1, preempt_after=0, **TP2) as running:
         async with running.scheduler.lease("a"):
             with pytest.raises(errors.Unavailable):
                 await running.lease_once("b")
@@ -285,7 +298,7 @@ async def test_a_request_that_times_out_cancels_the_swap_it_was_waiting_for(tmp_
 
 @run_async
 async def test_the_swap_stays_while_another_request_still_waits_for_it(tmp_path):
-    async with Running(tmp_path, workers=GROUP, preempt_after=0) as running:
+    async with Running(tmp_path, preempt_after=0, **TP2) as running:
         async with running.scheduler.lease("a"):
             first = asyncio.create_task(running.lease_once("b"))
             await drain_for_b(running)

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 import pytest
@@ -143,6 +144,29 @@ def test_a_failed_re_partition_brings_the_tp2_model_back(leader_run, tp_referenc
     assert failed["token_ids"] == [r["token_ids"] for r in tp_reference["small-a"]["prompts"]]
 
 
+def test_a_group_serves_two_tp1_models_at_once_one_per_rank(leader_run, tp1_reference):
+    beside = leader_run["side_by_side"]["beside"]
+    assert beside["path"] == "rebuild"
+    assert beside["ranks"] == {"small-b": 0, "small-a": 1}
+    for model, tokens in beside["token_ids"].items():
+        assert tokens == [r["token_ids"] for r in tp1_reference[model]["prompts"]], model
+    state = beside["state"]
+    assert state["pids"] == leader_run["before_first_build"]["pids"]
+    # Each rank in a one-rank world of its own, named as a fresh process names it.
+    assert [(m["world_size"], m["tp_group_name"]) for m in
+            (state["leader"], *state["followers"])] == [(1, "tp:0"), (1, "tp:0")]
+
+
+def test_a_tp2_model_replaces_the_side_by_side_models_in_one_world(leader_run, tp_reference):
+    back = leader_run["side_by_side"]["back"]
+    assert (back["path"], back["residents"]) == ("rebuild", ["small-a"])
+    assert back["token_ids"]["small-a"] == [r["token_ids"]
+                                            for r in tp_reference["small-a"]["prompts"]]
+    state = back["state"]
+    assert state["pids"] == leader_run["before_first_build"]["pids"]
+    assert [m["world_size"] for m in (state["leader"], *state["followers"])] == [2, 2]
+
+
 def leader(models: str) -> dict:
     """Runs as a script: a wcd worker's engine side, with a TP=2 group."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -167,13 +191,14 @@ def leader(models: str) -> dict:
             host.snapshot(name)
             plan = host.residents[name].plan
             held = [plan.cache_key in host.cache,
-                    *([group.holds_snapshot(plan.cache_key, tp)] if tp > 1 else [])]
+                    *([group.holds_snapshot(plan.cache_key, range(1, tp))] if tp > 1 else [])]
             result["steps"].append({
                 "model": name, "path": path, "weights_source": source, "state": group.state(),
                 "snapshot_held": held,
                 "token_ids": [_generate(host, name, prompt) for prompt in TP_PROMPTS]})
             if i == FAILED_RE_PARTITION_AFTER:
                 result["failed_re_partition"] = _fail_a_re_partition(host, group, models)
+        result["side_by_side"] = _side_by_side(host, group, models)
         host.release_all()
     finally:
         group.close()
@@ -198,6 +223,44 @@ def _fail_a_re_partition(host, group, models: str) -> dict:
     return {"kind": None}
 
 
+def _side_by_side(host, group, models: str) -> dict:
+    """small-b at TP=1 on rank 0 (the last step), small-a at TP=1 loaded
+    beside it on rank 1, both generating at once; then small-a at TP=2
+    replaces both."""
+    from wcd.workers import protocol as p
+    from wcd.workers.engine import PhaseClock
+
+    def swap(tp: int, replace: list[str]) -> str:
+        spec = p.ModelSpec("small-a", f"{models}/small-a",
+                           {**ENGINE_ARGS, "tensor_parallel_size": tp})
+        return host.swap(spec, replace, PhaseClock(lambda phase, s: None), lambda names: None)
+
+    beside = {"path": swap(1, []), "ranks": {n: s.rank for n, s in host.residents.items()},
+              "state": group.state(), "token_ids": _generate_at_once(host, host.models)}
+    back = {"path": swap(2, host.models), "residents": host.models, "state": group.state(),
+            "token_ids": {"small-a": [_generate(host, "small-a", prompt)
+                                      for prompt in TP_PROMPTS]}}
+    return {"beside": beside, "back": back}
+
+
+def _generate_at_once(host, models: list[str]) -> dict[str, list[list[int]]]:
+    """Every prompt to every model, stepped together."""
+    from wcd.workers import protocol as p
+
+    ids = {}
+    for model in models:
+        for i, prompt in enumerate(TP_PROMPTS):
+            request_id = f"r-{model}-{i}-{time.monotonic_ns()}"
+            ids[request_id] = (model, i)
+            host.add(p.Generate(request_id, model, [p.Prompt(prompt=prompt)], dict(GREEDY)))
+    tokens = {model: [[] for _ in TP_PROMPTS] for model in models}
+    while host.has_work():
+        for out in host.step():
+            model, i = ids[out.request_id]
+            tokens[model][i] += out.token_ids
+    return tokens
+
+
 def _generate(host, model: str, prompt: str) -> list[int]:
     from wcd.workers import protocol as p
 
@@ -217,6 +280,7 @@ def _generate(host, model: str, prompt: str) -> list[int]:
 def daemon(tmp_path_factory, demo_models, tp_reference):
     models = {name: {"path": str(demo_models / name)} for name in ("small-a", "small-b", "wide-a")}
     models["small-a-tp1"] = {"path": str(demo_models / "small-a"), "tensor_parallel_size": 1}
+    models["small-b-tp1"] = {"path": str(demo_models / "small-b"), "tensor_parallel_size": 1}
     models["small-a-tp4"] = {"path": str(demo_models / "small-a"), "tensor_parallel_size": 4}
     with serving(tmp_path_factory.mktemp("wcd-tp"), demo_models,
                  workers=[{"device": "cpu", "tensor_parallel_size": 2,
@@ -273,6 +337,26 @@ def test_a_tp1_model_re_partitions_the_group_in_its_processes(daemon, tp_referen
     done = daemon.json("swap", "wide-a")
     assert (done["model"], done["path"]) == ("wide-a", "rebuild")
     assert completions(daemon, "wide-a") == [r["text"] for r in tp_reference["wide-a"]["prompts"]]
+    assert group_pids(daemon) == pids
+
+
+def test_the_daemon_runs_two_tp1_models_on_the_group_at_once(daemon, tp_reference,
+                                                           tp1_reference):
+    """Requests for two TP=1 models: each runs on a rank of its own, both
+    resident and answering at once; a TP=2 model then takes the group back."""
+    pids = group_pids(daemon)
+    daemon.json("swap", "small-a-tp1")
+    with ThreadPoolExecutor(2) as pool:
+        answers = dict(zip(("small-a-tp1", "small-b-tp1"),
+                           pool.map(lambda model: completions(daemon, model),
+                                    ("small-a-tp1", "small-b-tp1"))))
+    for model, texts in answers.items():
+        assert texts == [r["text"] for r in tp1_reference[model[:-4]]["prompts"]], model
+    worker = daemon.json("ps")["workers"][0]
+    assert sorted(r["model"] for r in worker["residents"]) == ["small-a-tp1", "small-b-tp1"]
+    assert group_pids(daemon) == pids
+    assert completions(daemon, "small-a") == [r["text"] for r in tp_reference["small-a"]["prompts"]]
+    assert [r["model"] for r in daemon.json("ps")["workers"][0]["residents"]] == ["small-a"]
     assert group_pids(daemon) == pids
 
 

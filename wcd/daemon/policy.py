@@ -38,6 +38,7 @@ class ResidentView:
     loaded_at: float  # when it last began serving (loaded or resumed)
     last_used: float
     kv_bytes: int = 0  # what suspending it would free
+    ranks: int = 1  # its tensor-parallel size: the ranks of a group it takes
 
     @property
     def busy(self) -> bool:
@@ -53,8 +54,8 @@ class WorkerView:
     residents: tuple[ResidentView, ...] = ()
     parked: tuple[str, ...] = ()
     budget_bytes: int = 0  # 0: no memory limit known
-    max_resident: int = 1
-    can_suspend: bool = True  # a tensor-parallel group keeps one engine and never suspends
+    max_resident: int = 1  # a tensor-parallel group: its ranks
+    can_suspend: bool = True  # a tensor-parallel group drains rather than suspends
 
     def stepped(self) -> list[ResidentView]:
         """Residents that take part in stepping (not suspended)."""
@@ -90,25 +91,40 @@ def footprint_estimate(disk_bytes: int, engine_args: dict, device: str,
     return disk_bytes + CPU_DEFAULT_KV_BYTES
 
 
-def fits(worker: WorkerView, need: int, leaving: Sequence[ResidentView] = ()) -> bool:
+def fits(worker: WorkerView, need: int, leaving: Sequence[ResidentView] = (),
+         ranks: int = 1) -> bool:
     gone = {r.name for r in leaving}
     stepped = [r for r in worker.stepped() if r.name not in gone]
+    if worker.tensor_parallel_size > 1:
+        return _fits_a_group(worker, need, stepped, ranks)
     if len(stepped) >= worker.max_resident:
         return False
     used = worker.used_bytes() - sum(r.bytes for r in leaving)
     return worker.budget_bytes <= 0 or used + need <= worker.budget_bytes
 
 
+def _fits_a_group(worker: WorkerView, need: int, stepped: list[ResidentView],
+                  ranks: int) -> bool:
+    """A group runs one engine per rank, each on its rank's device (the
+    budget is one device's): TP=1 models side by side, one per rank, or one
+    engine of a larger size alone, in a world formed at that size."""
+    if (ranks > 1 or any(r.ranks > 1 for r in stepped)) and stepped:
+        return False
+    return sum(r.ranks for r in stepped) + ranks <= worker.max_resident and (
+        worker.budget_bytes <= 0 or need <= worker.budget_bytes)
+
+
 def make_room(worker: WorkerView, need: int, *, now: float, waited_since: float,
               quantum_s: float, min_resident_s: float | None,
-              exclude: str | None = None) -> Room | None:
+              exclude: str | None = None, ranks: int = 1) -> Room | None:
     """How `worker` takes a model needing `need` bytes that has waited since
     `waited_since`; None: it cannot now, nor at a time known in advance.
 
     `min_resident_s` None: an operator asks, and may evict any idle resident
     and drain busy ones (least recently used first). `exclude`: the model
-    itself (a suspended resident resuming is not its own victim)."""
-    if fits(worker, need):
+    itself (a suspended resident resuming is not its own victim). `ranks`:
+    the model's tensor-parallel size."""
+    if fits(worker, need, ranks=ranks):
         return Room(worker.index)
     # Suspended residents nobody waits for go first: no work is lost.
     idle = sorted((r for r in worker.residents if r.state in (SERVING, SUSPENDED)
@@ -121,15 +137,17 @@ def make_room(worker: WorkerView, need: int, *, now: float, waited_since: float,
     victims: list[ResidentView] = []
     for resident in evictable:
         victims.append(resident)
-        if fits(worker, need, victims):
+        if fits(worker, need, victims, ranks):
             return Room(worker.index, evict=tuple(r.name for r in victims))
     if min_resident_s is None:
         # An operator's load drains busy residents too, as a swap does.
         for resident in (r for r in serving if r.busy):
             victims.append(resident)
-            if fits(worker, need, victims):
+            if fits(worker, need, victims, ranks):
                 return Room(worker.index, evict=tuple(r.name for r in victims))
         return None
+    if not worker.can_suspend:
+        return _drain_in_a_group(worker, need, now, waited_since, quantum_s, serving, ranks)
     return _suspend_for(worker, need, now, waited_since, quantum_s, min_resident_s, serving)
 
 
@@ -142,8 +160,6 @@ def _suspend_for(worker: WorkerView, need: int, now: float, waited_since: float,
     resident comes of age and may be evicted. Idle residents are never
     suspended: suspended models keep their weights, and only work in flight
     is worth keeping that way."""
-    if not worker.can_suspend:
-        return _drain_in_a_group(worker, need, now, waited_since, quantum_s, serving)
     times = [r.loaded_at + min_resident_s for r in serving if not r.busy]
     busy = sorted((r for r in serving if r.busy), key=lambda r: r.loaded_at)
     if busy and _suspension_helps(worker, need, busy):
@@ -166,15 +182,22 @@ def _suspension_helps(worker: WorkerView, need: int,
 
 
 def _drain_in_a_group(worker: WorkerView, need: int, now: float, waited_since: float,
-                      quantum_s: float, serving: list[ResidentView]) -> Room | None:
-    """A tensor-parallel group keeps one engine: after a quantum its busy
-    resident drains (its requests finish, bounded by the drain timeout)."""
-    if not serving:
+                      quantum_s: float, serving: list[ResidentView],
+                      ranks: int) -> Room | None:
+    """A tensor-parallel group never suspends: after a quantum busy
+    residents drain (their requests finish, bounded by the drain timeout),
+    the least recently used first, as many as the model needs ranks."""
+    if not serving or not fits(worker, need, serving, ranks):
         return None
     at = waited_since + quantum_s
     if at > now:
         return Room(worker.index, at=at)
-    return Room(worker.index, evict=tuple(r.name for r in serving))
+    victims: list[ResidentView] = []
+    for resident in serving:
+        victims.append(resident)
+        if fits(worker, need, victims, ranks):
+            break
+    return Room(worker.index, evict=tuple(r.name for r in victims))
 
 
 def place(workers: Sequence[WorkerView], model: str, tensor_parallel_size: int, need: int, *,
@@ -190,7 +213,8 @@ def place(workers: Sequence[WorkerView], model: str, tensor_parallel_size: int, 
         if not worker.available or tensor_parallel_size not in worker.serves:
             continue
         room = make_room(worker, need, now=now, waited_since=waited_since,
-                         quantum_s=quantum_s, min_resident_s=min_resident_s)
+                         quantum_s=quantum_s, min_resident_s=min_resident_s,
+                         ranks=tensor_parallel_size)
         if room is not None:
             rooms.append((worker, room))
     if not rooms:

@@ -500,7 +500,8 @@ def _operator_targets(state: State, worker: Worker, op: Op, now: float) -> tuple
         return others
     need = _need(state, op.entry, op.estimate, worker)
     room = policy.make_room(_view(state, worker, now), need, now=now, waited_since=now,
-                            quantum_s=0.0, min_resident_s=None, exclude=op.entry.name)
+                            quantum_s=0.0, min_resident_s=None, exclude=op.entry.name,
+                            ranks=op.entry.tensor_parallel_size)
     return room.evict if room is not None and room.at is None else others
 
 
@@ -813,7 +814,7 @@ def _bring_in(state: State, wanted: _Wanted, now: float, out: list[Effect]) -> f
         if worker.phase != READY or worker.op is not None:
             return None
         room = policy.make_room(_view(state, worker, now), need, exclude=wanted.entry.name,
-                                **kwargs)
+                                ranks=wanted.entry.tensor_parallel_size, **kwargs)
     else:
         views = [_view(state, w, now) for w in state.workers]
         room = policy.place(views, wanted.entry.name, wanted.entry.tensor_parallel_size,
@@ -918,15 +919,17 @@ def budget(state: State, worker: Worker) -> int:
 
 
 def max_resident(state: State, worker: Worker) -> int:
-    # A tensor-parallel group re-forms its world per size: one engine at a time.
-    return 1 if worker.settings.tensor_parallel_size > 1 else state.settings.policy.max_resident
+    # A tensor-parallel group runs one engine per rank (policy.fits).
+    size = worker.settings.tensor_parallel_size
+    return size if size > 1 else state.settings.policy.max_resident
 
 
 def _view(state: State, worker: Worker, now: float) -> WorkerView:
     residents = tuple(
         ResidentView(r.name, r.state, r.active, _waiting_for(state, r.name), r.bytes,
                      r.loaded_at, r.last_used, state.kv_bytes.get(
-                         r.name, int(r.entry.engine_args.get("kv_cache_memory_bytes") or 0)))
+                         r.name, int(r.entry.engine_args.get("kv_cache_memory_bytes") or 0)),
+                     r.entry.tensor_parallel_size)
         for r in worker.residents.values())
     return WorkerView(worker.index, worker.phase == READY and worker.op is None
                       and worker.queued is None and not worker.restore,

@@ -48,7 +48,7 @@ from wcd.workers import vllm_seams, weights
 from wcd.workers.process import trim_heap
 from wcd.workers.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from wcd.workers.watchdog import RenderTimeout
-from wcd.workers.weights import HostCache, Snapshot
+from wcd.workers.weights import HostCache
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ class Served:
     parsers: parsing.ModelParsers | None = None  # set once its tokenizer is known
     unbuilt_config: Any = None  # its VllmConfig before the build (vllm_seams.unbuilt_copy)
     fingerprint: str | None = None  # vLLM's system_fingerprint, of what it serves now
+    rank: int = 0  # a group's: the rank whose device runs it (a TP=1 engine's), else 0
 
     @property
     def name(self) -> str:
@@ -238,16 +239,18 @@ class EngineHost:
             leaving = [name for name in self.residents
                        if (name in replace and name != spec.name)
                        or (name == spec.name and not stays)]
-            if self.group is not None and set(self.residents) - set(leaving) - {spec.name}:
-                raise ModelError(p.BAD_ARGS, f"{spec.name}: a tensor-parallel group serves one "
-                                             f"model at a time (resident: {self.models})")
-            unpark = not stays and self._parked_for(plan) is not None
+            staying = [self.residents[name] for name in self.residents
+                       if name not in leaving and name != spec.name]
+            rank = self._free_rank(plan, staying)
+            unpark = not stays and self._parked_for(plan, rank) is not None
             in_place = None if stays or unpark else next(
                 (name for name in leaving
                  if self.residents[name].plan.shape_key == plan.shape_key), None)
-            snapshot = None if stays or unpark else self._snapshot_of(plan)
+            if in_place is not None:
+                rank = self.residents[in_place].rank
+            snapshot = None if stays or unpark else self._snapshot_of(plan, rank)
             config = None if stays or unpark or in_place else self._engine_config(
-                plan, dummy=bool(snapshot))
+                plan, dummy=bool(snapshot), rank=rank)
             resume = stays and current.suspended
             del current  # engines are looked up by name from here on
         previous = [self.residents[name].plan for name in leaving]
@@ -310,26 +313,50 @@ class EngineHost:
         """Snapshot a resident's weights into the host cache of each of its
         ranks, unless there already; True when one was taken."""
         served = self.residents.get(name)
-        if served is None or not self.cache.enabled or self._snapshot_of(served.plan):
+        if served is None or not self.cache.enabled or \
+                self._snapshot_of(served.plan, served.rank):
             return False
         plan = served.plan
         return all(served.engine.collective_rpc(
             weights.take_rank_snapshot,
             args=(plan.cache_key, name, str(plan.checkpoint.path), plan.checkpoint.root)))
 
-    def _snapshot_of(self, plan: Plan) -> Snapshot | None:
-        """Rank 0's snapshot of `plan`, if every rank of its engine holds one."""
-        snapshot = self.cache.get(plan.cache_key)
-        if snapshot is None or plan.tensor_parallel_size == 1 or \
-                self.group.holds_snapshot(plan.cache_key, plan.tensor_parallel_size):
-            return snapshot
-        return None
+    def _snapshot_of(self, plan: Plan, rank: int = 0) -> str | None:
+        """The key of `plan`'s snapshot, if every rank of an engine on ranks
+        from `rank` holds one (each rank's cache evicts on its own)."""
+        key = plan.cache_key
+        followers = range(max(rank, 1), rank + plan.tensor_parallel_size)
+        if rank == 0 and self.cache.get(key) is None:
+            return None
+        if followers and not self.group.holds_snapshot(key, followers):
+            return None
+        return key
+
+    def _free_rank(self, plan: Plan, staying: list[Served]) -> int:
+        """Where an engine of `plan` runs beside `staying`: a group's TP=1
+        engine on the first rank none of them runs on; anything else from
+        rank 0. A group runs one engine per rank, and an engine of a larger
+        size alone (its world is formed at that size)."""
+        if self.group is None or not staying:
+            return 0
+        name = plan.spec.name
+        if plan.tensor_parallel_size > 1 or any(
+                s.plan.tensor_parallel_size > 1 for s in staying):
+            raise ModelError(p.BAD_ARGS, f"{name}: a tensor-parallel group runs an engine of "
+                                         f"more than one rank alone (resident: {self.models})")
+        taken = {served.rank for served in staying}
+        free = [rank for rank in range(self.group.size) if rank not in taken]
+        if not free:
+            raise ModelError(p.BAD_ARGS, f"{name}: every rank of the group serves a model "
+                                         f"(resident: {self.models})")
+        return free[0]
 
     @staticmethod
-    def _apply(engine: LLMEngine, snapshot: Snapshot) -> None:
-        engine.collective_rpc(weights.apply_rank_snapshot, args=(snapshot.key,))
+    def _apply(engine: LLMEngine, snapshot: str) -> None:
+        """Each rank of `engine` copies its own snapshot under that key in."""
+        engine.collective_rpc(weights.apply_rank_snapshot, args=(snapshot,))
 
-    def _swap_in_place(self, name: str, plan: Plan, snapshot: Snapshot | None,
+    def _swap_in_place(self, name: str, plan: Plan, snapshot: str | None,
                        clock: PhaseClock) -> None:
         served = self.residents[name]
         previous = served.plan
@@ -375,7 +402,7 @@ class EngineHost:
             served.engine.reset_prefix_cache()
 
     def _restore_in_place(self, served: Served, previous: Plan) -> None:
-        snapshot = self._snapshot_of(previous)
+        snapshot = self._snapshot_of(previous, served.rank)
         if snapshot:
             self._apply(served.engine, snapshot)
         elif previous.tensor_parallel_size > 1:
@@ -384,7 +411,7 @@ class EngineHost:
             self._load_weights(served.engine, previous.checkpoint.read_weights())
         served.plan = previous
 
-    def _build_beside(self, plan: Plan, config, snapshot: Snapshot | None,
+    def _build_beside(self, plan: Plan, config, snapshot: str | None,
                       clock: PhaseClock) -> None:
         with clock.phase("fetch"):
             pass  # from disk, vLLM's loader reads the checkpoint inside build
@@ -392,7 +419,7 @@ class EngineHost:
         with clock.phase("ready"):
             pass
 
-    def _build_resident(self, plan: Plan, config, snapshot: Snapshot | None,
+    def _build_resident(self, plan: Plan, config, snapshot: str | None,
                         clock: PhaseClock) -> None:
         """Build, load and warm an engine, and make it resident; on failure,
         leave nothing of it but garbage for the next collection."""
@@ -420,25 +447,31 @@ class EngineHost:
             if plan.spec.name in self.residents:
                 continue  # reloaded in place
             try:
-                if self._parked_for(plan) is not None:
+                rank = self._free_rank(plan, list(self.residents.values()))
+                if self._parked_for(plan, rank) is not None:
                     self._arriving = self.parked.pop(plan.spec.name)
                     self._unpark(plan)
                     continue
-                snapshot = self._snapshot_of(plan)
-                self._build_resident(plan, self._engine_config(plan, dummy=bool(snapshot)),
-                                     snapshot, quiet)
+                snapshot = self._snapshot_of(plan, rank)
+                self._build_resident(plan, self._engine_config(plan, dummy=bool(snapshot),
+                                                               rank=rank), snapshot, quiet)
             except Exception:
                 log.exception("could not bring %s back", plan.spec.name)
         ranked = {name: i for i, name in enumerate(order)}
         self.residents = dict(sorted(self.residents.items(),
                                      key=lambda item: ranked.get(item[0], len(ranked))))
 
-    def _engine_config(self, plan: Plan, dummy: bool = False):
+    def _engine_config(self, plan: Plan, dummy: bool = False, rank: int = 0):
+        """`rank`: a group's TP=1 engine on a follower's device."""
         args = {**plan.engine_args, **FORCED_ENGINE_ARGS, "model": str(plan.checkpoint.path)}
         if plan.tensor_parallel_size > 1:
             from wcd.workers.group import GroupExecutor
 
             args["distributed_executor_backend"] = GroupExecutor
+        elif rank > 0:
+            from wcd.workers.group import RankExecutor
+
+            args["distributed_executor_backend"] = RankExecutor.on(rank)
         if dummy:
             args["load_format"] = "dummy"
         try:
@@ -459,9 +492,13 @@ class EngineHost:
         unbuilt = vllm_seams.unbuilt_copy(config)
         with vllm_seams.collections_deferred(), vllm_seams.engine_stats_kept() as stats_args:
             engine = LLMEngine.from_vllm_config(config, **stats_args)
+        rank = getattr(config.parallel_config.distributed_executor_backend, "rank", 0)
+        # A follower's engine has its workspace in the follower: this process's
+        # is another engine's.
         return Served(plan, engine, plan.checkpoint.frontend_key(),
                       engine.model_config.get_diff_sampling_param(),
-                      workspace=vllm_seams.built_workspace(), unbuilt_config=unbuilt)
+                      workspace=vllm_seams.built_workspace() if rank == 0 else None,
+                      unbuilt_config=unbuilt, rank=rank)
 
     def _form_world(self, size: int) -> None:
         """A group's world serves engines of one tensor-parallel size: those
@@ -622,11 +659,11 @@ class EngineHost:
 
     # ---- parked engines ------------------------------------------------------------
 
-    def _parked_for(self, plan: Plan) -> Served | None:
+    def _parked_for(self, plan: Plan, rank: int = 0) -> Served | None:
         """The parked engine of this model, if its files and args still match
-        (else it is stale and goes)."""
+        and, in a group, its rank is the free one (else it goes)."""
         parked = self.parked.get(plan.spec.name)
-        if parked is None or parked.plan.cache_key == plan.cache_key:
+        if parked is None or (parked.plan.cache_key == plan.cache_key and parked.rank == rank):
             return parked
         del parked
         self._release_parked(plan.spec.name)

@@ -41,13 +41,20 @@ it (vllm_seams.keep_distributed_state), and the group destroys it when it
 closes.
 
 Re-partitioning: a group of N processes also serves models of a smaller
-tensor-parallel size m, on the leader and the first m-1 followers (the rest
-wait, warm). vLLM cannot run a TP=m engine in a world of N ranks, so when the
+tensor-parallel size m, on the leader and the first m-1 followers. vLLM cannot run a TP=m engine in a world of N ranks, so when the
 size changes every member destroys the world (dissolve) and the next build forms
 one of m ranks on a fresh init port: the processes stay, the communicator is
 re-created (on CUDA, NCCL's init: ~0.5 s). m = 1 is vLLM's "uni" executor in
 the leader, which forms and destroys its own one-rank world like any TP=1
 worker.
+
+TP=1 models side by side: while the group's world is dissolved, each rank
+may serve a TP=1 model of its own, on its own device. The leader's is a
+plain TP=1 engine; a follower's runs its engine core (scheduler, renderer,
+detokenizer) in the leader and its model in the follower, through a
+RankExecutor: the same frames as a group engine's, to that one follower,
+which builds a vLLM worker of a one-rank world on its device. The engines
+are stepped in turn by the leader, as a single worker's residents are.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ import pickle
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -129,6 +136,7 @@ class Follower:
         self.conn = conn
         self.rank = rank
         self.wrappers: dict[int, Any] = {}  # engine id -> vLLM's WorkerWrapperBase
+        self.solo: set[int] = set()  # engines of a one-rank world of this process's own
 
     def serve(self) -> None:
         while True:
@@ -149,17 +157,22 @@ class Follower:
                 os._exit(0)
 
     def _on_create(self, engine_id: int, vllm_config, kwargs: dict,
-                   env: dict[str, str]) -> dict:
+                   env: dict[str, str], solo: bool = False) -> dict:
         """Build this rank's vLLM worker as MultiprocExecutor's WorkerProc does,
-        with the environment a worker spawned by the leader now would inherit."""
+        with the environment a worker spawned by the leader now would inherit.
+        `solo`: a TP=1 engine's only worker, rank 0 of a world of its own, on
+        this follower's device."""
         started = time.perf_counter()
         os.environ.update(env)
-        wrapper = WorkerWrapperBase(rpc_rank=self.rank, global_rank=self.rank)
+        rank = 0 if solo else self.rank
+        wrapper = WorkerWrapperBase(rpc_rank=rank, global_rank=rank)
         all_kwargs = [{} for _ in range(vllm_config.parallel_config.world_size)]
-        all_kwargs[self.rank] = {
-            "vllm_config": vllm_config, "rank": self.rank, "local_rank": self.rank,
-            "is_driver_worker": self.rank % vllm_config.parallel_config.tensor_parallel_size
+        all_kwargs[rank] = {
+            "vllm_config": vllm_config, "rank": rank, "local_rank": self.rank,
+            "is_driver_worker": rank % vllm_config.parallel_config.tensor_parallel_size
             == 0, **kwargs}
+        if solo:
+            self.solo.add(engine_id)
         self.wrappers[engine_id] = wrapper
         wrapper.init_worker(all_kwargs)
         wrapper.init_device()
@@ -184,6 +197,10 @@ class Follower:
             with vllm_seams.collections_deferred():
                 wrapper.shutdown()
             del wrapper
+        if engine_id in self.solo:
+            self.solo.discard(engine_id)
+            if not self.solo:  # the last engine of this process's own world
+                destroy_dist_state()
         vllm_seams.release_engine_memory(others_alive=bool(self.wrappers))
         trim_heap()
         return dist_state()
@@ -294,10 +311,10 @@ class WarmGroup:
 
     # -- state
 
-    def holds_snapshot(self, key: str, size: int) -> bool:
-        """Whether the followers of a TP=`size` engine each hold their shard's
-        snapshot under `key` (each rank's cache evicts on its own)."""
-        peers = self.peers[:size - 1]
+    def holds_snapshot(self, key: str, ranks: Iterable[int]) -> bool:
+        """Whether the followers of these ranks each hold their snapshot
+        under `key` (each rank's cache evicts on its own)."""
+        peers = [self.peers[rank - 1] for rank in ranks]
         self.post(("cached", key), peers)
         return all(self.gather(peers=peers))
 
@@ -453,6 +470,76 @@ class GroupExecutor(Executor):
 
 
 _ENGINE_IDS = itertools.count()
+
+class RankExecutor(GroupExecutor):
+    """vLLM executor of a TP=1 engine whose model runs on one follower's
+    device (its `rank`, set on a subclass by `on`): the engine core stays
+    in the leader, the worker in the follower, in a one-rank world of the
+    follower's own. Only while the group's world is dissolved."""
+
+    rank: ClassVar[int] = 0
+
+    @classmethod
+    def on(cls, rank: int) -> type[RankExecutor]:
+        """The class for `rank`, a module attribute so that the VllmConfig
+        naming it pickles to the follower."""
+        name = f"{cls.__name__}{rank}"
+        if name not in globals():
+            globals()[name] = type(name, (cls,), {"rank": rank, "__module__": __name__,
+                                                  "__qualname__": name})
+        return globals()[name]
+
+    def _init_executor(self) -> None:
+        from vllm.utils.network_utils import get_distributed_init_method, get_open_port
+
+        group = WarmGroup.current
+        if group is None or group.world_size != 1 or self.parallel_config.world_size != 1:
+            raise GroupError(f"rank {self.rank} serves a TP=1 engine only while the group's "
+                             "world is dissolved")
+        self.group = group
+        self.peer = group.peers[self.rank - 1]
+        self.driver_worker = self.peer
+        self.engine_id = next(_ENGINE_IDS)
+        init_method = get_distributed_init_method("127.0.0.1", get_open_port())
+        group.post(("create", self.engine_id, self.vllm_config,
+                    {"distributed_init_method": init_method}, _inherited_env(), True),
+                   [self.peer])
+        group.gather(peers=[self.peer])
+        current_platform.update_block_size_for_backend(self.vllm_config)
+
+    def collective_rpc(self, method: str | Callable, timeout: float | None = None,
+                       args: tuple = (), kwargs: dict | None = None,
+                       non_block: bool = False, single_value: bool = False) -> Any:
+        args, kwargs, _ = _materialise(args, kwargs or {})
+        sent = method if isinstance(method, str) else cloudpickle.dumps(
+            method, protocol=pickle.HIGHEST_PROTOCOL)
+        self.group.post(("rpc", self.engine_id, sent, args, kwargs, True), [self.peer])
+        (result,) = self.group.gather(timeout, peers=[self.peer])
+        result = result if single_value else [result]
+        if non_block:
+            future: Future = Future()
+            future.set_result(result)
+            return future
+        return result
+
+    def check_health(self) -> None:
+        if not self.peer.process.is_alive():
+            raise GroupError(f"rank {self.rank} (pid {self.peer.pid}) is dead")
+
+    def shutdown(self) -> None:
+        peer, self.driver_worker = getattr(self, "driver_worker", None), None
+        if peer is not None:
+            self.group.post(("destroy", self.engine_id), [peer])
+            self.group.gather(peers=[peer])
+
+
+def __getattr__(name: str) -> type[RankExecutor]:
+    """RankExecutor<r> in a process that has not made it yet (unpickling)."""
+    prefix = RankExecutor.__name__
+    if name.startswith(prefix) and name[len(prefix):].isdigit():
+        return RankExecutor.on(int(name[len(prefix):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Per-process settings a follower keeps its own of: OpenMP thread binding is per
 # rank (vLLM's OMPProcessManager sets it for each spawned worker).
