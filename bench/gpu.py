@@ -551,6 +551,57 @@ def _timed_copy(device, host, streams: int, chunk: int) -> float:
     return time.perf_counter() - started
 
 
+# ---- restart: snapshots from disk (issue 18) ------------------------------------------
+
+
+def run_restart(models: Path, out: Path) -> dict:
+    """A daemon with the disk tier serves big-a and big-b, so both are
+    snapshotted to files, and stops. Then two restarts preloading big-a,
+    each timed from the daemon's start to its first completion: without the
+    disk tier (vLLM's loader reads the checkpoint), then with it (the
+    snapshot file). vLLM's compile cache is warm for both. And the disk's own
+    O_DIRECT read rate of the snapshot file (dd), in the same run."""
+    snapshots = out / "snapshots"
+    result: dict = {"failures": []}
+
+    def daemon(name: str, disk_bytes: int) -> Wcd:
+        return Wcd(out / name, models, disk_cache_dir=str(snapshots),
+                   disk_cache_bytes=disk_bytes)
+
+    first = daemon("wcd-restart-0", 64 << 30)
+    with daemon_part(first, result, "restart"):
+        first.wait_serving(SAME[0])
+        first.wcctl("swap", SAME[1])
+        deadline = time.monotonic() + 300
+        while len(list(snapshots.glob("*.wcds"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+    result["files"] = {p.name: p.stat().st_size for p in snapshots.glob("*.wcds")}
+    reference = None
+    for label, disk_bytes in (("checkpoint", 0), ("snapshot_file", 64 << 30)):
+        wcd = daemon(f"wcd-restart-{label}", disk_bytes)
+        row: dict = {}
+        with daemon_part(wcd, row, "restart"):
+            wcd.wait_serving(SAME[0])
+            row["start_to_serving_s"] = time.perf_counter() - wcd.started
+            text = wcd.complete(SAME[0])
+            row["start_to_first_completion_s"] = time.perf_counter() - wcd.started
+            reference = reference or text
+            row["same_output"] = text == reference
+            row["last_swap"] = wcd.worker()["last_swap"]
+            row["read_log"] = [ln for ln in wcd.log_path.read_text().splitlines()
+                               if "read from disk" in ln]
+        result[label] = row
+        log(f"restart ({label}): serving after {row.get('start_to_serving_s', 0):.1f} s, "
+            f"first completion after {row.get('start_to_first_completion_s', 0):.1f} s "
+            f"{row.get('read_log')}")
+    biggest = max(snapshots.glob("*.wcds"), key=lambda p: p.stat().st_size)
+    done = subprocess.run(["dd", f"if={biggest}", "of=/dev/null", "bs=64M", "iflag=direct"],
+                          capture_output=True, text=True)
+    result["dd_direct"] = done.stderr.strip().splitlines()[-1:]
+    log("restart: dd", result["dd_direct"])
+    return result
+
+
 # ---- throughput: vLLM's API server, then wcd, one model each ------------------------
 
 LOAD = {"clients": 16, "requests": 256, "max_tokens": 128}
@@ -1192,7 +1243,7 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=Path("/tmp/wcd-gpu-models"))
     parser.add_argument("--parts", default="wcd,cold,sleep,throughput,parked",
                         help="comma-separated, of: wcd, cold, sleep, throughput, parked, tp "
-                             "(2 GPUs), hostile, residents, copy (default: %(default)s)")
+                             "(2 GPUs), hostile, residents, copy, restart (default: %(default)s)")
     args = parser.parse_args()
     if args.report:
         report(args.report)
@@ -1206,6 +1257,7 @@ def main() -> int:
                "parked": lambda: run_parked(args.models, args.out),
                "tp": lambda: run_tp(args.models, args.out),
                "copy": run_copy,
+               "restart": lambda: run_restart(args.models, args.out),
                "hostile": lambda: run_hostile(args.models, args.out),
                "residents": lambda: run_residents(args.models, args.out)}
     for part in args.parts.split(","):

@@ -251,6 +251,17 @@ def test_null_takes_the_default(tree):
     assert len(settings.workers) == 1 and settings.log_level == "info"
 
 
+def test_the_disk_tier_lives_in_systemds_cache_directory_unless_set(tree, monkeypatch):
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    assert load_settings(write(tree, "log_level: info\n")).policy.disk_cache_dir is None
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/wcd")
+    policy = load_settings(write(tree, "log_level: info\n")).policy
+    assert (policy.disk_cache_dir, policy.disk_cache_bytes) == ("/var/cache/wcd/snapshots",
+                                                                64 << 30)
+    policy = load_settings(write(tree, "policy:\n  disk_cache_dir: snaps\n")).policy
+    assert policy.disk_cache_dir == str(tree / "etc" / "snaps")  # beside the config file
+
+
 def test_log_level_in_capitals_is_read_as_logging_spells_it(tree):
     assert load_settings(write(tree, "log_level: WARNING\n")).log_level == "warning"
 

@@ -43,8 +43,8 @@ def test_snapshot_is_a_copy_not_a_view_of_the_live_model():
 
 
 def test_lru_eviction_and_reuse_of_freed_ranges():
-    one = sum(p.numel() * p.element_size() for p in module(0).parameters())
-    cache = HostCache(int(2.5 * one) + 4 * KB, pinned=False)  # room for two
+    one = snapshot_of(HostCache(1 << 20, pinned=False), "probe", module(0)).nbytes  # aligned
+    cache = HostCache(int(2.5 * one), pinned=False)  # room for two
     for key in ("a", "b"):
         assert snapshot_of(cache, key, module(ord(key))) is not None
     assert cache.get("a") is not None  # a is now the most recently used

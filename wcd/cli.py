@@ -350,6 +350,7 @@ def done_summary(event: dict) -> str:
         "prefetch": f"{model} prefetched into host memory",
     }
     source = {"host_cache": ", from host memory", "disk": ", from disk",
+              "snapshot_file": ", from its snapshot file",
               "parked": ", parked on the device"}.get(
         event.get("weights"), "")
     head = heads.get(path, f"{who} now serves {model} ({path}{source})")

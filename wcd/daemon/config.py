@@ -203,6 +203,11 @@ class PolicySettings(_Section):
     max_parked: Count = 0  # swapped-out engines kept on each worker's device
     park_min_free_bytes: Count = 2 << 30  # parked engines yield to keep this free
     host_cache_bytes: Count = 0
+    # The host cache's disk tier: snapshots also written here, read back after
+    # a restart instead of vLLM's loader (null: $CACHE_DIRECTORY/snapshots under
+    # systemd, else none), within disk_cache_bytes (0: no disk tier).
+    disk_cache_dir: ConfigPath | None = field(default_factory=lambda: _default_disk_cache_dir())
+    disk_cache_bytes: Count = 64 << 30
     queue_max: Count = 64  # requests waiting for a model, per model
     # The longest a request waits for its model before 503.
     queue_wait_s: Duration = field(default=60.0, name="queue_wait")
@@ -278,6 +283,12 @@ def find_config(explicit: str | None) -> str | None:
     if os.environ.get("WCD_CONFIG"):
         return os.environ["WCD_CONFIG"]
     return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
+
+
+def _default_disk_cache_dir() -> str | None:
+    """systemd's CacheDirectory= (the unit's /var/cache/wcd), if it gave one."""
+    cache = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    return os.path.join(cache, "snapshots") if cache else None
 
 
 def _log_level_lowered(data: object) -> object:

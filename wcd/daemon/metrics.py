@@ -79,7 +79,8 @@ class Metrics:
                                 ["worker"], registry=r)
         self.weight_loads = Counter("wcd_weight_loads",
                                     "Swaps by where their weights came from: parked (on the "
-                                    "device), host_cache (a hit) or disk (a miss)", ["source"],
+                                    "device), host_cache (a hit), snapshot_file (the cache's "
+                                    "disk tier) or disk (a miss)", ["source"],
                                     registry=r)
         self.vllm = _VllmSeries(r)
 

@@ -381,7 +381,9 @@ class Scheduler:
                         max_parked=policy_.max_parked,
                         park_min_free_bytes=policy_.park_min_free_bytes,
                         render_timeout_s=policy_.render_timeout_s,
-                        step_timeout_s=policy_.step_timeout_s)
+                        step_timeout_s=policy_.step_timeout_s,
+                        disk_cache_dir=policy_.disk_cache_dir,
+                        disk_cache_bytes=policy_.disk_cache_bytes)
         options = WorkerOptions(setup, cuda_devices=settings.cuda_indices,
                                 ready_timeout_s=policy_.worker_ready_timeout_s,
                                 stop_timeout_s=policy_.stop_timeout_s, env=self._worker_env)

@@ -275,7 +275,7 @@ class EngineHost:
                     self._unpark(plan)
                 self.weights_source = "parked"
                 return "unpark"
-            self.weights_source = "host_cache" if snapshot else "disk"
+            self.weights_source = _weights_source(snapshot, self.cache)
             if in_place is not None:
                 with clock.phase("release"):
                     self._leave([name for name in leaving if name != in_place])
@@ -1087,6 +1087,14 @@ def _parsers(spec: p.ModelSpec, engine: LLMEngine) -> parsing.ModelParsers:
         return parsing.model_parsers(spec, engine)
     except ValueError as exc:
         raise ModelError(p.BAD_ARGS, f"{spec.name}: {exc}") from None
+
+
+def _weights_source(snapshot: str | None, cache: HostCache) -> str:
+    """Where a swap's weights come from: the checkpoint ("disk"), the host
+    cache, or the cache's disk tier (a snapshot file read back)."""
+    if snapshot is None:
+        return "disk"
+    return "snapshot_file" if cache.came_from_disk(snapshot) else "host_cache"
 
 
 def _reload_from_files(worker, path: str, root: str) -> None:

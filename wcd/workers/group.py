@@ -41,9 +41,10 @@ it (vllm_seams.keep_distributed_state), and the group destroys it when it
 closes.
 
 Re-partitioning: a group of N processes also serves models of a smaller
-tensor-parallel size m, on the leader and the first m-1 followers. vLLM cannot run a TP=m engine in a world of N ranks, so when the
-size changes every member destroys the world (dissolve) and the next build forms
-one of m ranks on a fresh init port: the processes stay, the communicator is
+tensor-parallel size m, on the leader and the first m-1 followers. vLLM cannot
+run a TP=m engine in a world of N ranks, so when the size changes every member
+destroys the world (dissolve) and the next build forms one of m ranks with a
+fresh init method: the processes stay, the communicator is
 re-created (on CUDA, NCCL's init: ~0.5 s). m = 1 is vLLM's "uni" executor in
 the leader, which forms and destroys its own one-rank world like any TP=1
 worker.
@@ -117,7 +118,7 @@ def dist_state() -> dict[str, Any]:
 
 
 def _follower_main(conn, rank: int, env: dict[str, str], host_cache_bytes: int,
-                   pinned: bool) -> None:
+                   pinned: bool, disk: weights.DiskSettings | None) -> None:
     """Entry point of a follower process (spawned): warm up, then serve.
     torch and vLLM are already imported (this module imports them)."""
     os.environ.update(env)
@@ -126,7 +127,7 @@ def _follower_main(conn, rank: int, env: dict[str, str], host_cache_bytes: int,
                         format=f"wcd-group[{rank}] %(levelname)s %(name)s: %(message)s")
     vllm_seams.apply()
     vllm_seams.freeze_import_heap()
-    weights.set_rank_cache(weights.HostCache(host_cache_bytes, pinned))
+    weights.set_rank_cache(weights.host_cache(host_cache_bytes, pinned, disk, rank))
     _send(conn, ("ready", os.getpid()))
     Follower(conn, rank).serve()
 
@@ -239,8 +240,8 @@ class WarmGroup:
 
     def __init__(self, size: int = 2, follower_env: dict[str, str] | None = None,
                  rpc_timeout_s: float = 600.0, host_cache_bytes: int = 0,
-                 pinned: bool = False):
-        """`host_cache_bytes`, `pinned`: each follower's own host cache."""
+                 pinned: bool = False, disk: weights.DiskSettings | None = None):
+        """`host_cache_bytes`, `pinned`, `disk`: each follower's own host cache."""
         if WarmGroup.current is not None:
             raise GroupError("this process already leads a group")
         self.size = size  # processes, the leader included
@@ -257,7 +258,7 @@ class WarmGroup:
         for rank in range(1, size):
             parent, child = context.Pipe()
             process = context.Process(target=_follower_main,
-                                      args=(child, rank, env, host_cache_bytes, pinned),
+                                      args=(child, rank, env, host_cache_bytes, pinned, disk),
                                       name=f"wcd-group-rank{rank}", daemon=True)
             with _environ(env):  # a spawned child reads os.environ at start
                 process.start()
@@ -329,17 +330,15 @@ class WarmGroup:
     def form(self, size: int) -> None:
         """Make the world the next engine, of tensor-parallel size `size`,
         needs; called with no engine alive. A world of another size goes
-        first; the new one forms at the engine's build, on a fresh port (the
-        old world's store may still hold the old one)."""
+        first; the new one forms at the engine's build, with a fresh init
+        method (the old world's store may still hold the old one)."""
         if size > self.size:
             raise GroupError(f"tensor_parallel_size {size} on a group of {self.size}")
         if size == self.world_size:
             return
         self.dissolve()
         if size > 1:
-            from vllm.utils.network_utils import get_distributed_init_method, get_open_port
-
-            self.init_method = get_distributed_init_method("127.0.0.1", get_open_port())
+            self.init_method = vllm_seams.new_world_init_method()
             self.world_size = size
             vllm_seams.keep_distributed_state(True)
 
@@ -490,8 +489,6 @@ class RankExecutor(GroupExecutor):
         return globals()[name]
 
     def _init_executor(self) -> None:
-        from vllm.utils.network_utils import get_distributed_init_method, get_open_port
-
         group = WarmGroup.current
         if group is None or group.world_size != 1 or self.parallel_config.world_size != 1:
             raise GroupError(f"rank {self.rank} serves a TP=1 engine only while the group's "
@@ -500,9 +497,9 @@ class RankExecutor(GroupExecutor):
         self.peer = group.peers[self.rank - 1]
         self.driver_worker = self.peer
         self.engine_id = next(_ENGINE_IDS)
-        init_method = get_distributed_init_method("127.0.0.1", get_open_port())
         group.post(("create", self.engine_id, self.vllm_config,
-                    {"distributed_init_method": init_method}, _inherited_env(), True),
+                    {"distributed_init_method": vllm_seams.new_world_init_method()},
+                    _inherited_env(), True),
                    [self.peer])
         group.gather(peers=[self.peer])
         current_platform.update_block_size_for_backend(self.vllm_config)

@@ -80,16 +80,16 @@ class Channel:
 
 
 class Worker:
-    def __init__(self, channel: Channel, device: str, host_cache_bytes: int = 0, group=None,
-                 parking=None, watchdog=None):
+    def __init__(self, channel: Channel, device: str, cache, group=None, parking=None,
+                 watchdog=None):
+        """`cache`: its weights.HostCache."""
         from wcd.workers.engine import EngineHost, Parking
-        from wcd.workers.weights import HostCache
 
         self.channel = channel
         self.device = device
         self.group = group
-        self.host = EngineHost(HostCache(host_cache_bytes, pinned=device == "cuda"), group,
-                               parking or Parking(), watchdog.bounded if watchdog else None)
+        self.host = EngineHost(cache, group, parking or Parking(),
+                               watchdog.bounded if watchdog else None)
         # What the reader thread reports in pongs: replaced whole by the main
         # thread, never mutated, so the reader never sees it half-changed (the
         # engine host's own state changes mid-swap).
@@ -378,16 +378,25 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
-def _start_group(size: int, host_cache_bytes: int, device: str):
+def _start_group(setup: p.Setup):
     """Each follower keeps a host cache of the worker's budget for its shard."""
     from wcd.workers.group import WarmGroup
 
-    group = WarmGroup(size, host_cache_bytes=host_cache_bytes, pinned=device == "cuda")
+    group = WarmGroup(setup.tensor_parallel_size, host_cache_bytes=setup.host_cache_bytes,
+                      pinned=setup.device == "cuda", disk=_disk_settings(setup))
     threading.Thread(target=_exit_when_a_follower_dies, args=(group,), name="wcd-group-watch",
                      daemon=True).start()
-    log.info("tensor-parallel group of %d: followers %s warm in %.1f s", size,
+    log.info("tensor-parallel group of %d: followers %s warm in %.1f s", group.size,
              [peer.pid for peer in group.peers], group.start_s)
     return group
+
+
+def _disk_settings(setup: p.Setup):
+    if not setup.disk_cache_dir or setup.disk_cache_bytes <= 0:
+        return None
+    from wcd.workers.disk_snapshots import DiskSettings
+
+    return DiskSettings(setup.disk_cache_dir, setup.disk_cache_bytes)
 
 
 def _exit_when_a_follower_dies(group) -> None:
@@ -447,13 +456,14 @@ def main(argv: list[str] | None = None) -> int:
 
     vllm_seams.apply()
     _init_device(setup.device)
-    tp = setup.tensor_parallel_size
-    group = _start_group(tp, setup.host_cache_bytes, setup.device) if tp > 1 else None
+    group = _start_group(setup) if setup.tensor_parallel_size > 1 else None
     vllm_seams.freeze_import_heap()
     from wcd.workers.engine import Parking
     from wcd.workers.watchdog import Watchdog
+    from wcd.workers.weights import host_cache
 
-    worker = Worker(channel, setup.device, setup.host_cache_bytes, group,
+    cache = host_cache(setup.host_cache_bytes, setup.device == "cuda", _disk_settings(setup))
+    worker = Worker(channel, setup.device, cache, group,
                     Parking(setup.max_parked, setup.park_min_free_bytes),
                     Watchdog(setup.render_timeout_s, setup.step_timeout_s))
     channel.send(p.Ready(os.getpid(), setup.device, p.PROTOCOL_VERSION, vllm.__version__,

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import msgspec
 from msgspec import UNSET, UnsetType
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 # A worker's exit code when the daemon's Setup is of another protocol version
@@ -32,7 +32,8 @@ class Setup(msgspec.Struct, frozen=True):
     snapshots; `max_parked`, `park_min_free_bytes`: the swapped-out engines it
     keeps on its device, and the free memory they yield to;
     `render_timeout_s`: a render past it is interrupted; `step_timeout_s`: a
-    step past it ends the worker."""
+    step past it ends the worker; `disk_cache_dir`, `disk_cache_bytes`: the
+    host cache's disk tier (None or 0: none)."""
 
     index: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
@@ -42,6 +43,8 @@ class Setup(msgspec.Struct, frozen=True):
     park_min_free_bytes: int = 0
     render_timeout_s: float = 10.0
     step_timeout_s: float = 120.0
+    disk_cache_dir: str | None = None
+    disk_cache_bytes: int = 0
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -396,7 +399,8 @@ class Phase(msgspec.Struct, tag="phase", frozen=True):
 class OpDone(msgspec.Struct, tag="op_done", frozen=True):
     """A swap/unload/suspend finished. `path` is "same_shape", "rebuild",
     "unpark", "resume", "noop", "unload" or "suspend"; `weights` where the
-    weights came from: "host_cache", "disk" or "parked" (on the device).
+    weights came from: "host_cache", "snapshot_file" (its disk tier), "disk"
+    (the checkpoint) or "parked" (on the device).
     `residents`: what the worker serves now."""
 
     op_id: int

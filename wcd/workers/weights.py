@@ -14,7 +14,9 @@ Per model, a snapshot of its weights in one of two formats:
 
 Snapshots live in one buffer allocated once (pinned on CUDA, so pinning is
 not paid per swap and copies run at DMA speed), carved first-fit, evicted
-least recently used under the configured byte budget. A snapshot's key holds
+least recently used under the configured byte budget. With a disk tier
+(disk_snapshots.py) each snapshot is also written to a file, and a miss in
+memory reads the file back into the buffer: after a restart too. A snapshot's key holds
 the checkpoint's weights key (file sizes and mtimes) and its shape key
 (config, engine args, tensor layout), so changed files or other engine args
 never hit a stale snapshot.
@@ -30,6 +32,7 @@ a pipe.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -38,9 +41,10 @@ import torch
 from wcd.workers import protocol as p
 from wcd.workers import vllm_seams
 from wcd.workers.checkpoint import open_checkpoint
+from wcd.workers.disk_snapshots import ALIGN, DiskSettings, Layout, SnapshotFiles
 
 log = logging.getLogger(__name__)
-_ALIGN = 512  # bytes; keeps every tensor view aligned for fast copies
+_ALIGN = ALIGN  # every tensor view aligned for fast copies, and for O_DIRECT reads
 
 
 KERNEL, CHECKPOINT = "kernel", "checkpoint"
@@ -54,6 +58,8 @@ class Snapshot:
     tensors: dict[str, torch.Tensor]  # views into the pool
     offset: int
     nbytes: int
+    writing: bool = False  # its range is being written to disk: not to be reused yet
+    from_disk: bool = False  # read from disk and not used since
 
 
 class _Pool:
@@ -68,7 +74,9 @@ class _Pool:
     @property
     def buffer(self) -> torch.Tensor:
         if self._buffer is None:
-            self._buffer = torch.empty(self.size, dtype=torch.uint8, pin_memory=self.pinned)
+            raw = torch.empty(self.size + _ALIGN, dtype=torch.uint8, pin_memory=self.pinned)
+            start = -raw.data_ptr() % _ALIGN
+            self._buffer = raw[start:start + self.size]
         return self._buffer
 
     def allocate(self, nbytes: int) -> int | None:
@@ -93,18 +101,29 @@ class _Pool:
 class HostCache:
     """Not thread-safe: the worker's main thread only."""
 
-    def __init__(self, budget_bytes: int, pinned: bool):
+    def __init__(self, budget_bytes: int, pinned: bool, files: SnapshotFiles | None = None):
+        """`files`: the disk tier, if any (it needs the buffer: budget > 0)."""
         self.budget_bytes = budget_bytes
         self._pool = _Pool(budget_bytes, pinned) if budget_bytes > 0 else None
+        self.files = files if self._pool is not None else None
         self._entries: OrderedDict[str, Snapshot] = OrderedDict()  # LRU first
         self.evictions = 0
 
     def get(self, key: str) -> Snapshot | None:
+        """From memory, else from the disk tier's file, if either has it."""
         snapshot = self._entries.get(key)
         if snapshot is None:
-            return None
+            return self._read(key) if self.files is not None else None
         self._entries.move_to_end(key)
         return snapshot
+
+    def came_from_disk(self, key: str) -> bool:
+        """Whether `key`'s snapshot was read from disk and not used since."""
+        snapshot = self._entries.get(key)
+        if snapshot is None or not snapshot.from_disk:
+            return False
+        snapshot.from_disk = False
+        return True
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -134,7 +153,48 @@ class HostCache:
         _synchronize(tensors)
         snapshot = Snapshot(key, name, format_, copies, offset, nbytes)
         self._entries[key] = snapshot
+        if self.files is not None and key not in self.files:
+            self._write(snapshot)
         return snapshot
+
+    def _write(self, snapshot: Snapshot) -> None:
+        base = snapshot.offset
+        layout = Layout(snapshot.key, snapshot.name, snapshot.format, snapshot.nbytes,
+                        [(name, str(t.dtype).removeprefix("torch."), list(t.shape),
+                          t.data_ptr() - self._pool.buffer.data_ptr() - base)
+                         for name, t in snapshot.tensors.items()])
+        snapshot.writing = True
+        self.files.write_later(layout, self._range(base, snapshot.nbytes),
+                               done=lambda: setattr(snapshot, "writing", False))
+
+    def _read(self, key: str) -> Snapshot | None:
+        layout = self.files.layout(key)
+        if layout is None:
+            return None
+        offset = self._make_room(layout.nbytes)
+        if offset is None:
+            return None
+        try:
+            seconds = self.files.read_into(layout, self._range(offset, layout.nbytes))
+        except OSError:
+            log.exception("could not read the snapshot of %s from disk", layout.name)
+            self._pool.release(offset, layout.nbytes)
+            return None
+        buffer = self._pool.buffer
+        tensors = {}
+        for name, dtype, shape, at in layout.tensors:
+            dtype_ = getattr(torch, dtype)
+            size = dtype_.itemsize * math.prod(shape)
+            tensors[name] = buffer[offset + at:offset + at + size].view(dtype_).view(shape)
+        snapshot = Snapshot(key, layout.name, layout.format, tensors, offset, layout.nbytes,
+                            from_disk=True)
+        self._entries[key] = snapshot
+        log.info("snapshot of %s read from disk: %.1f MB in %.3f s (%.1f GB/s)", layout.name,
+                 layout.nbytes / 1e6, seconds, layout.nbytes / seconds / 1e9)
+        return snapshot
+
+    def _range(self, offset: int, nbytes: int):
+        return self._pool.buffer[offset:offset + nbytes].numpy()
 
     def drop(self, key: str) -> None:
         snapshot = self._entries.pop(key, None)
@@ -147,8 +207,12 @@ class HostCache:
     def _make_room(self, nbytes: int) -> int | None:
         if nbytes > self.budget_bytes:
             return None
-        while (offset := self._pool.allocate(nbytes)) is None and self._entries:
-            _, evicted = self._entries.popitem(last=False)
+        while (offset := self._pool.allocate(nbytes)) is None:
+            # A snapshot still being written to disk keeps its range until then.
+            victim = next((key for key, s in self._entries.items() if not s.writing), None)
+            if victim is None:
+                return None
+            evicted = self._entries.pop(victim)
             self._pool.release(evicted.offset, evicted.nbytes)
             self.evictions += 1
             log.info("host cache: evicted %s (%.1f MB)", evicted.name, evicted.nbytes / 1e6)
@@ -188,6 +252,14 @@ def _synchronize(params: dict[str, torch.Tensor]) -> None:
         torch.cuda.synchronize()
 
 
+def host_cache(budget_bytes: int, pinned: bool, disk: DiskSettings | None,
+               rank: int = 0) -> HostCache:
+    """A process's cache, with a disk tier where `disk` says (files of this
+    group rank's shards)."""
+    files = SnapshotFiles(disk, rank) if disk is not None and budget_bytes > 0 else None
+    return HostCache(budget_bytes, pinned, files)
+
+
 # ---- this process's cache, for the functions every rank runs ------------------------
 
 _rank_cache: HostCache | None = None
@@ -212,7 +284,7 @@ def take_rank_snapshot(worker, key: str, name: str, path: str, root: str) -> boo
     cache = rank_cache()
     if not cache.enabled:
         return False
-    if cache.get(key) is not None:
+    if key in cache:
         return True
     model = vllm_seams.worker_model(worker)
     if kernel_format_holds(model):
