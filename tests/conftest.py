@@ -156,3 +156,31 @@ def loop():
     loop = asyncio.new_event_loop()
     yield loop
     loop.close()
+
+
+# The end-to-end daemon the modules share (test_daemon, test_faults,
+# test_status_page): one start (~30-60 s on a 2-core box) instead of one per
+# module. WATCHDOG_USEC is test_daemon's: its watchdog test counts the pings.
+SHARED_DAEMON_ENV = {"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": ""}
+
+
+@pytest.fixture(scope="session")
+def shared_daemon(tmp_path_factory, demo_models):
+    from daemon_harness import SharedDaemon  # it imports this module
+
+    shared = SharedDaemon(tmp_path_factory.mktemp("wcd-shared"), demo_models,
+                          env=SHARED_DAEMON_ENV)
+    yield shared
+    shared.close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "stops_shared_daemon: stops the shared daemon; run after its other users")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """A test that stops the shared daemon runs after every test that shares
+    it, so the rest need no second start; it passes in any order regardless."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_shared_daemon") is not None)

@@ -186,6 +186,46 @@ def serving(directory: Path, model_root: Path, env: dict | None = None,
         daemon.stop()
 
 
+class SharedDaemon:
+    """One daemon for every test that shares it, started at first use and
+    again after a test stopped it or killed it: each test gets a live daemon
+    serving its preload, whatever ran before it."""
+
+    def __init__(self, directory: Path, model_root: Path, env: dict | None = None,
+                 **overrides):
+        self.directory, self.model_root, self.env = directory, model_root, env
+        self.overrides = overrides
+        self.daemon: Daemon | None = None
+        self.started = 0
+
+    def get(self) -> Daemon:
+        if self.daemon is not None and self.daemon.process.poll() is None:
+            return self.daemon
+        self.close()
+        self.started += 1
+        # A directory each: the notify socket's path cannot be bound twice.
+        directory = self.directory / f"run-{self.started}"
+        directory.mkdir()
+        self.daemon = Daemon(write_config(directory, self.model_root, **self.overrides),
+                             env=self.env)
+        self.daemon.wait_serving(self.overrides.get("preload", ["small-a"])[0])
+        return self.daemon
+
+    def close(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.05):
+    """`check()`'s first truthy answer, polled until `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not (answer := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(interval)
+    return answer
+
+
 def openai_client(daemon: Daemon, api_key: str = "none", timeout: float = 300) -> openai.OpenAI:
     return openai.OpenAI(base_url=daemon.url + "/v1", api_key=api_key, max_retries=0,
                          timeout=timeout)

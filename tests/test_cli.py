@@ -1,9 +1,12 @@
 """Unit tests of wcctl against a FAKE control server.
 
 `fake_daemon` is an aiohttp app on a temporary Unix socket that answers the
-control API's documented shapes with canned documents; it is not wcd. wcctl
-runs as a subprocess (`python -m wcd.cli`), as a user would run it. The
-end-to-end tests against the real daemon live elsewhere.
+control API with canned documents; it is not wcd. Each canned document is laid
+over one the daemon's own code made (its status document and views over a
+real Scheduler driving fake workers, its error types), so a field the daemon
+renames or drops fails here. wcctl runs as a subprocess (`python -m wcd.cli`),
+as a user would run it. The end-to-end tests against the real daemon live
+elsewhere.
 """
 
 from __future__ import annotations
@@ -20,40 +23,80 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from conftest import ROOT
+from test_scheduler_unit import Running
+from wcd.daemon import errors
+from wcd.daemon.status import status_document
+
+
+def real_documents() -> dict:
+    """What the daemon itself writes: its status document and the final
+    event of a swap, from a real Scheduler over fake workers (models a, b)."""
+    async def read(directory: Path) -> tuple[dict, list[dict]]:
+        events: list[dict] = []
+        async with Running(directory) as running:
+            await running.scheduler.operate("swap", "b", progress=events.append)
+            return status_document(running.scheduler, "ready"), events
+
+    with tempfile.TemporaryDirectory(prefix="wcd-cli-") as tmp:
+        status, events = asyncio.run(read(Path(tmp)))
+    (worker,) = status["workers"]
+    return {"status": status, "worker": worker, "resident": worker["residents"][0],
+            "last_swap": worker["last_swap"], "model": status["models"][0],
+            "queue": status["queue"], "accepted": events[0], "done": events[-1]}
+
+
+REAL = real_documents()
+
+
+def shaped(kind: str, canned: dict) -> dict:
+    """`canned` laid over the daemon's own `kind` of document: a field the
+    daemon no longer writes fails here; one it added comes along."""
+    real = REAL[kind]
+    assert set(canned) <= set(real), f"the daemon's {kind} has no {set(canned) - set(real)}"
+    return {**real, **canned}
+
 
 PHASES = {"resolve": 0.0012, "drain": 0.0, "release": 0.0004, "fetch": 0.0018,
           "build": 0.0294, "warm": 0.0, "ready": 0.0003}
 WORKERS = [
-    {"index": 0, "device": "cuda:0", "pid": 4242, "state": "serving", "model": "small-a",
-     "residents": [{"model": "small-a", "state": "serving", "bytes": 1 << 30, "active": 1,
-                    "running": 1, "waiting": 0},
-                   {"model": "wide-a", "state": "suspended", "bytes": 1 << 29, "active": 2,
-                    "running": 2, "waiting": 0}],
-     "resident_bytes": 3 << 29, "memory_budget_bytes": 8 << 30,
-     "restarts": 0, "rss_bytes": 3 << 29,
-     "last_swap": {"model": "small-a", "path": "rebuild", "phases": PHASES, "total_s": 3.5}},
-    {"index": 1, "device": "cuda:1", "pid": None, "state": "starting", "model": None,
-     "residents": [], "resident_bytes": 0, "memory_budget_bytes": 0,
-     "restarts": 1, "rss_bytes": None, "last_swap": None},
+    shaped("worker", {
+        "index": 0, "device": "cuda:0", "pid": 4242, "state": "serving", "model": "small-a",
+        "residents": [shaped("resident", {"model": "small-a", "state": "serving",
+                                          "bytes": 1 << 30, "active": 1, "running": 1,
+                                          "waiting": 0}),
+                      shaped("resident", {"model": "wide-a", "state": "suspended",
+                                          "bytes": 1 << 29, "active": 2, "running": 2,
+                                          "waiting": 0})],
+        "resident_bytes": 3 << 29, "memory_budget_bytes": 8 << 30,
+        "restarts": 0, "rss_bytes": 3 << 29,
+        "last_swap": shaped("last_swap", {"model": "small-a", "path": "rebuild",
+                                          "phases": PHASES, "total_s": 3.5})}),
+    shaped("worker", {
+        "index": 1, "device": "cuda:1", "pid": None, "state": "starting", "model": None,
+        "residents": [], "resident_bytes": 0, "memory_budget_bytes": 0,
+        "restarts": 1, "rss_bytes": None, "last_swap": None}),
 ]
 MODELS = [
-    {"name": "small-a", "path": "/srv/models/small-a", "state": "serving", "worker": 0,
-     "bytes": 250 << 20, "where": "serving", "active": 1, "waiting": 3},
-    {"name": "small-b", "path": "/srv/models/small-b", "state": "available", "worker": None,
-     "bytes": 250 << 20, "where": "host"},
+    shaped("model", {"name": "small-a", "path": "/srv/models/small-a", "state": "serving",
+                     "worker": 0, "bytes": 250 << 20, "where": "serving", "active": 1,
+                     "waiting": 3}),
+    shaped("model", {"name": "small-b", "path": "/srv/models/small-b", "state": "available",
+                     "worker": None, "bytes": 250 << 20, "where": "host", "active": 0,
+                     "waiting": 0}),
 ]
-STATUS = {"version": "0.1.0", "pid": 4000, "uptime_s": 3725.0, "state": "ready",
-          "workers": WORKERS, "models": MODELS, "queue": {"waiting": 2}}
-DONE = {"event": "done", "model": "small-b", "worker": 0, "path": "same_shape",
-        "phases": PHASES, "total_s": 0.034}
+STATUS = shaped("status", {"version": "0.1.0", "pid": 4000, "uptime_s": 3725.0,
+                           "state": "ready", "workers": WORKERS, "models": MODELS,
+                           "queue": shaped("queue", {"waiting": 2}), "recent_swaps": []})
+DONE = shaped("done", {"event": "done", "model": "small-b", "worker": 0, "path": "same_shape",
+                       "weights": "host_cache", "phases": PHASES, "total_s": 0.034})
 FAILED = {"event": "error", "serving": "small-a",
-          "error": {"message": "out of device memory", "type": "insufficient_storage",
-                    "code": "out_of_memory"}}
+          "error": errors.InsufficientMemory("out of device memory").body()["error"]}
 
 # A name an API client chose: ESC and BEL set the terminal's title, a newline
 # forges a line, a C1 CSI clears the screen.
@@ -62,9 +105,6 @@ HOSTILE_SHOWN = "evil\\x1b]0;pwned\\x07\\nWATCHDOG_USEC=1\\x9b2J"
 CONTROL_CHARACTER = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # all but line ends
 
 
-def error_body(message: str, code: str | None) -> dict:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": "model",
-                      "code": code}}
 
 
 class FakeDaemon:
@@ -91,22 +131,22 @@ class FakeDaemon:
         body = await request.json()
         self.requests.append((request.path, body))
         model = body["model"]
-        if model == "nope":
-            return web.json_response(error_body("unknown model 'nope'", "model_not_found"),
-                                     status=404)
-        if model == "bad":
-            return web.json_response(error_body("worker 9 does not exist", None), status=400)
-        if model == "crash":
-            return web.json_response(error_body("scheduler failed", None), status=500)
-        if model == "hostile":
-            return web.json_response(error_body(f"no model {HOSTILE}", None), status=400)
+        refusals = {
+            "nope": errors.ModelNotFound("unknown model 'nope'", param="model"),
+            "bad": errors.BadRequest("worker 9 does not exist", param="worker"),
+            "crash": errors.WcdError("scheduler failed"),
+            "hostile": errors.BadRequest(f"no model {HOSTILE}", param="model"),
+        }
+        if model in refusals:
+            refusal = refusals[model]
+            return web.json_response(refusal.body(), status=refusal.status)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
 
         async def send(event: dict) -> None:
             await response.write(json.dumps(event).encode() + b"\n")
 
-        await send({"event": "accepted", "model": model, "worker": 0})
+        await send(shaped("accepted", {"event": "accepted", "model": model, "worker": 0}))
         await send({"event": "phase", "phase": "resolve", "seconds": PHASES["resolve"]})
         if model == "gated":
             await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 20)
@@ -212,9 +252,9 @@ def test_queries_json_print_the_document_only(fake_daemon, command, doc):
 def test_swap_streams_and_prints_one_summary_line(fake_daemon):
     done = wcctl("swap", "small-b", "--worker", "1", "--force", "--socket", fake_daemon.socket)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == ("worker 0 now serves small-b (same_shape) in 0.034 s: resolve 1.2 ms,"
-                           " drain 0.0 ms, release 0.4 ms, fetch 1.8 ms, build 29.4 ms,"
-                           " warm 0.0 ms, ready 0.3 ms\n")
+    assert done.stdout == ("worker 0 now serves small-b (same_shape, from host memory) in 0.034 s:"
+                           " resolve 1.2 ms, drain 0.0 ms, release 0.4 ms, fetch 1.8 ms,"
+                           " build 29.4 ms, warm 0.0 ms, ready 0.3 ms\n")
     assert done.stderr == ""  # no progress line when stderr is not a terminal
     assert fake_daemon.requests == [("/v1/swap", {"model": "small-b", "worker": 1,
                                                   "force": True})]
@@ -287,7 +327,7 @@ def test_progress_line_is_rewritten_live_on_a_terminal(fake_daemon):
     assert seen.startswith(b"\r\x1b[Kswap gated on worker 0: accepted")
     assert b"\r\x1b[Kswap gated on worker 0: resolve 1.2 ms, drain 0.0 ms" in seen
     assert seen.endswith(b"\r\x1b[K")  # the line is cleared before the summary
-    assert out.startswith("worker 0 now serves gated (same_shape) in 0.034 s")
+    assert out.startswith("worker 0 now serves gated (same_shape, from host memory) in 0.034")
 
 
 def read_until(fd: int, needle: bytes, timeout_s: float) -> bytes:
@@ -437,7 +477,8 @@ def test_error_line_escapes_control_characters(fake_daemon):
 def test_done_summary_escapes_the_model_the_daemon_names(fake_daemon):
     done = wcctl("load", "red\x1b[31m", "--socket", fake_daemon.socket)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("worker 0 now serves red\\x1b[31m (same_shape) in ")
+    assert done.stdout.startswith(
+        "worker 0 now serves red\\x1b[31m (same_shape, from host memory) in ")
 
 
 def test_progress_line_escapes_phase_names():

@@ -18,28 +18,31 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from daemon_harness import Daemon, alive, serving, write_config
+from daemon_harness import Daemon, alive, wait_until, write_config
 
 pytestmark = pytest.mark.vllm
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, demo_models):
-    with serving(tmp_path_factory.mktemp("wcd"), demo_models,
-                 env={"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": ""}) as daemon:
-        yield daemon
+@pytest.fixture
+def daemon(shared_daemon):
+    """conftest's shared daemon (WATCHDOG_USEC=2 s), live and serving."""
+    return shared_daemon.get()
 
 
 def test_ready_status_and_watchdog_are_notified(daemon):
     assert daemon.notify.wait_for("READY=1")
     assert daemon.notify.wait_for("STATUS=workers 1/1 ready; serving small-a")
-    count = len([m for m in daemon.notify.messages if m == "WATCHDOG=1"])
-    daemon.notify.wait_for("WATCHDOG=1")
-    time.sleep(2.5)  # WATCHDOG_USEC=2 s: a ping every second while the loop is healthy
-    assert len([m for m in daemon.notify.messages if m == "WATCHDOG=1"]) > count
+
+    def pings() -> int:
+        return daemon.notify.messages.count("WATCHDOG=1")
+
+    # WATCHDOG_USEC=2 s: a ping every second while the loop is healthy.
+    count = pings()
+    wait_until(lambda: pings() >= count + 2, timeout=10, what="two more WATCHDOG=1 pings")
 
 
 def test_ps_models_and_status(daemon):
+    daemon.json("swap", "small-a")
     ps = daemon.wcctl("ps")
     assert ps.returncode == 0, ps.stderr
     assert "small-a" in ps.stdout and "serving" in ps.stdout
@@ -53,6 +56,7 @@ def test_ps_models_and_status(daemon):
 
 
 def test_swap_on_both_paths_reports_phases(daemon):
+    daemon.json("swap", "small-a")
     done = daemon.wcctl("swap", "small-b")
     assert done.returncode == 0, done.stderr
     assert "small-b" in done.stdout and "same_shape" in done.stdout
@@ -65,14 +69,16 @@ def test_swap_on_both_paths_reports_phases(daemon):
 
 
 def test_ps_shows_models_held_in_host_memory(daemon):
-    """After the swaps above, the worker holds snapshots of what it served."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        held = {m["name"]: m for m in daemon.json("ps")["models"]}
-        if held.get("small-a", {}).get("where") == "host":
-            break
-        time.sleep(0.3)
-    assert held["small-a"]["where"] == "host" and held["small-a"]["bytes"] > 1_000_000
+    """After serving small-a then wide-a, the worker holds a snapshot of small-a."""
+    daemon.json("swap", "small-a")
+    daemon.json("swap", "wide-a")
+
+    def held() -> dict:
+        models = {m["name"]: m for m in daemon.json("ps")["models"]}
+        return models if models.get("small-a", {}).get("where") == "host" else {}
+
+    held = wait_until(held, timeout=30, what="small-a in host memory", interval=0.3)
+    assert held["small-a"]["bytes"] > 1_000_000
     assert held["wide-a"]["where"] == "serving"
     shown = daemon.wcctl("ps").stdout
     assert "WHERE" in shown and "host" in shown
@@ -82,6 +88,7 @@ def test_ps_shows_models_held_in_host_memory(daemon):
 
 
 def test_load_and_unload(daemon):
+    daemon.json("swap", "wide-a")
     assert daemon.json("unload", "wide-a")["path"] == "unload"
     assert daemon.json("ps")["workers"][0]["model"] is None
     assert daemon.json("load", "small-a")["model"] == "small-a"
@@ -89,6 +96,7 @@ def test_load_and_unload(daemon):
 
 
 def test_prefetch_reads_the_checkpoint_then_the_swap_serves_it(daemon):
+    daemon.json("swap", "small-a")
     final = daemon.json("prefetch", "wide-a")
     assert final["path"] == "prefetch" and final["bytes"] > 1_000_000
     assert daemon.json("ps")["workers"][0]["model"] == "small-a"  # untouched by prefetch
@@ -119,31 +127,13 @@ def test_unusable_model_fails_the_swap_and_keeps_serving(daemon, demo_models):
     daemon.config.write_text(yaml.safe_dump(config))
     daemon.process.send_signal(signal.SIGHUP)
     daemon.notify.wait_for("RELOADING=1")
-    deadline = time.monotonic() + 30
-    while "bad-args" not in daemon.wcctl("models").stdout and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: "bad-args" in daemon.wcctl("models").stdout, timeout=30,
+               what="bad-args configured after SIGHUP", interval=0.2)
     serving = daemon.json("ps")["workers"][0]["model"]
     done = daemon.wcctl("swap", "bad-args")
     assert done.returncode == 1, done.stderr  # the operation failed in the worker
     assert "no_such_engine_arg" in done.stderr
     assert daemon.json("ps")["workers"][0]["model"] == serving
-
-
-def test_killed_worker_is_restarted_with_its_model(daemon):
-    daemon.json("swap", "small-b")
-    pid = daemon.json("ps")["workers"][0]["pid"]
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        worker = daemon.json("ps")["workers"][0]
-        if worker["pid"] not in (None, pid) and worker["model"] == "small-b" \
-                and worker["state"] == "serving":
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError(daemon.log_text())
-    assert worker["restarts"] == 1
-    assert not alive(pid)
 
 
 def test_stopped_worker_is_detected_and_replaced(daemon):
@@ -162,8 +152,8 @@ def test_stopped_worker_is_detected_and_replaced(daemon):
     assert worker["restarts"] == before["restarts"] + 1
 
 
+@pytest.mark.stops_shared_daemon
 def test_sigterm_drains_and_leaves_no_orphans(daemon):
-    """Last in the module: it stops the module's daemon."""
     workers = daemon.worker_pids()
     assert workers
     code = daemon.stop(timeout=90)

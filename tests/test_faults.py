@@ -16,20 +16,20 @@ import openai
 import pytest
 
 from conftest import ROOT
-from daemon_harness import alive, openai_client, paused, serving
+from daemon_harness import alive, openai_client, paused, wait_until
 
 pytestmark = pytest.mark.vllm
 LONG = {"max_tokens": 480, "temperature": 1.0, "stream": True,
         "extra_body": {"ignore_eos": True}}
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, demo_models):
-    with serving(tmp_path_factory.mktemp("wcd-faults"), demo_models) as daemon:
-        yield daemon
+@pytest.fixture
+def daemon(shared_daemon):
+    """conftest's shared daemon, live and serving."""
+    return shared_daemon.get()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(daemon):
     return openai_client(daemon, timeout=60)
 
@@ -53,10 +53,13 @@ def swap_in_background(daemon, model: str) -> subprocess.Popen:
 
 
 def test_worker_killed_mid_stream_ends_the_stream_with_an_error(daemon, client):
-    stream = client.completions.create(model="small-a", prompt="hello", **LONG)
+    """The stream's client gets an error at once; the worker restarts with the
+    model it served (small-b, not the preload)."""
+    stream = client.completions.create(model="small-b", prompt="hello", **LONG)
     chunks = iter(stream)
     next(chunks)
-    pid = worker(daemon)["pid"]
+    before = worker(daemon)
+    pid = before["pid"]
     started = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(openai.APIError) as raised:
@@ -64,9 +67,10 @@ def test_worker_killed_mid_stream_ends_the_stream_with_an_error(daemon, client):
             pass
     assert time.monotonic() - started < 30  # an answer, not a hang
     assert "exited" in str(raised.value) or "died" in str(raised.value)
-    view = daemon.wait_serving("small-a")
-    assert view["pid"] != pid and view["restarts"] == 1
-    reply = client.completions.create(model="small-a", prompt="hello", max_tokens=2)
+    view = daemon.wait_serving("small-b")
+    assert view["pid"] != pid and view["restarts"] == before["restarts"] + 1
+    assert view["model"] == "small-b" and not alive(pid)
+    reply = client.completions.create(model="small-b", prompt="hello", max_tokens=2)
     assert reply.usage.completion_tokens == 2
 
 
@@ -74,6 +78,7 @@ def test_worker_killed_mid_swap_fails_the_swap_and_comes_back(daemon, client):
     """The swap to wide-a waits for small-a's stream to drain; the worker dies
     meanwhile. The swap's caller and the stream's client both get errors; the
     worker restarts with the model it served."""
+    daemon.json("swap", "small-a")
     stream = client.completions.create(model="small-a", prompt="hello", **LONG)
     chunks = iter(stream)
     next(chunks)
@@ -105,7 +110,7 @@ def _worker_state(daemon) -> tuple[str, int | None]:
 
 
 def test_worker_killed_while_it_builds_fails_the_swap_and_comes_back(daemon):
-    daemon.wait_serving("small-a")
+    daemon.json("swap", "small-a")
     swap = swap_in_background(daemon, "wide-a")
     deadline = time.monotonic() + 30
     while (state := _worker_state(daemon))[0] != "swapping":
@@ -130,7 +135,9 @@ def test_a_swap_asked_for_during_another_waits_its_turn(daemon, client):
         first = swap_in_background(daemon, "wide-a")
         wait_state(daemon, "draining")
         second = swap_in_background(daemon, "small-b")
-        time.sleep(1)  # for the second swap to reach the daemon while it drains
+        # The daemon logs each operation it takes: the second has reached it.
+        wait_until(lambda: f"control: /v1/swap from pid {second.pid} " in daemon.log_text(),
+                   timeout=30, what="the second swap at the daemon")
     for _ in chunks:
         pass  # the request in flight ends, so the drain does
     for swap in (first, second):
@@ -139,9 +146,10 @@ def test_a_swap_asked_for_during_another_waits_its_turn(daemon, client):
     assert worker(daemon)["model"] == "small-b"
 
 
+@pytest.mark.stops_shared_daemon
 def test_sigterm_during_a_swap_drains_then_stops_cleanly(daemon, client):
-    """Last in the module: it stops the module's daemon. The stream in flight
-    finishes (drained), the pending swap is refused, nothing is orphaned."""
+    """The stream in flight finishes (drained), the pending swap is refused,
+    nothing is orphaned."""
     stream = client.completions.create(model="small-a", prompt="hello",
                                        **{**LONG, "max_tokens": 200})
     chunks = iter(stream)

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon_harness import free_port, paused, serving
+from daemon_harness import free_port, paused, serving, wait_until
 
 pytestmark = pytest.mark.vllm
 
@@ -299,7 +299,9 @@ def test_requests_that_give_up_leave_no_swap_behind(daemon):
             with contextlib.suppress(OSError):
                 complete(daemon, {"model": "small-b", "prompt": "x", "max_tokens": 1},
                          timeout=0.05)
-    time.sleep(0.5)  # the daemon sees the last hang-up
+    # The daemon has seen the last hang-up: no request waits for small-b any more.
+    wait_until(lambda: daemon.json("status")["queue"]["waiting"] == 0, timeout=10,
+               what="the attackers' requests gone from the queue")
     started = time.monotonic()
     status, reply = complete(daemon, {"model": "small-a", "prompt": "hi", "max_tokens": 2})
     assert status == 200 and time.monotonic() - started < 5

@@ -130,9 +130,14 @@ def test_response_format_constrains_output(client):
 
 
 def test_models_list_shows_states(client):
+    client.completions.create(model="small-a", prompt="hello", max_tokens=1)
     models = {m.id: m for m in client.models.list().data}
     assert {"small-a", "small-b", "wide-a"} <= set(models)
-    assert client.models.retrieve("small-b").id == "small-b"
+    # One model per worker here: the one just used serves, the others wait on disk.
+    assert (models["small-a"].state, models["small-a"].worker) == ("serving", 0)
+    assert {models[name].state for name in ("small-b", "wide-a")} == {"available"}
+    small_b = client.models.retrieve("small-b")
+    assert (small_b.id, small_b.state, small_b.worker) == ("small-b", "available", None)
 
 
 def test_version_and_model_fields_as_vllms(daemon, client):

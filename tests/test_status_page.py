@@ -9,9 +9,12 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 
+import numpy
 import pytest
+from matplotlib import image
 
-from daemon_harness import serving
+from daemon_harness import wait_until
+from wcd.daemon.status import status_page
 
 pytestmark = pytest.mark.vllm
 
@@ -42,14 +45,23 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, demo_models):
+@pytest.fixture
+def daemon(shared_daemon):
+    """conftest's shared daemon, having served small-a and then small-b: a swap
+    to chart and small-a left in host memory."""
     if CHROMIUM is None:
         pytest.skip("no chromium binary (apt-get install chromium)")
-    with serving(tmp_path_factory.mktemp("wcd"), demo_models) as daemon:
-        swapped = daemon.wcctl("swap", "small-b")
+    daemon = shared_daemon.get()
+    for model in ("small-a", "small-b"):
+        swapped = daemon.wcctl("swap", model)
         assert swapped.returncode == 0, swapped.stderr
-        yield daemon
+
+    def small_a_in_host() -> bool:
+        return any(m["name"] == "small-a" and m["where"] == "host"
+                   for m in daemon.json("ps")["models"])
+
+    wait_until(small_a_in_host, timeout=30, what="small-a in host memory", interval=0.3)
+    return daemon
 
 
 def test_page_shows_workers_models_and_swaps(daemon):
@@ -71,5 +83,16 @@ def test_page_screenshot(daemon, tmp_path):
     shot = tmp_path / "status.png"
     done = chromium(f"--screenshot={shot}", "--window-size=1200,900", daemon.url + "/")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert shot.stat().st_size > 0
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = (image.imread(shot)[..., :3] * 255).round().astype(int)
+    assert pixels.shape[:2] == (900, 1200)
+    # The swap chart was drawn: a bar of one of its phase colours spans a row.
+    colours = re.search(r"const COLORS = \[([^\]]*)\]", status_page().decode()).group(1)
+    widest = max(widest_row(pixels, colour) for colour in re.findall(r"#([0-9a-f]{6})", colours))
+    assert widest >= 50, widest
+
+
+def widest_row(pixels: numpy.ndarray, colour: str) -> int:
+    """The most pixels of `colour` (rrggbb) that one row of the image holds."""
+    rgb = numpy.array([int(colour[i:i + 2], 16) for i in (0, 2, 4)])
+    matches = (numpy.abs(pixels - rgb) <= 3).all(axis=-1)
+    return int(matches.sum(axis=1).max())

@@ -32,6 +32,16 @@ def cached(loop, worker) -> dict[str, int]:
     return {c.name: c.bytes for c in loop.run_until_complete(worker.ping(10)).cached}
 
 
+def cached_with(loop, worker, name: str, timeout: float = 30) -> dict[str, int]:
+    """The host cache once it holds `name`: the worker snapshots a model after
+    it reported the swap done, so a ping right after may come first."""
+    deadline = time.monotonic() + timeout
+    while name not in (held := cached(loop, worker)):
+        assert time.monotonic() < deadline, f"no snapshot of {name}: {held}"
+        time.sleep(0.05)
+    return held
+
+
 def swap(loop, worker, path, name: str) -> p.OpDone:
     """Serve `name` in place of whatever the worker serves."""
     done = loop.run_until_complete(worker.swap(spec(path, name), replace=serving(loop, worker)))
@@ -53,46 +63,60 @@ def worker(loop, demo_models):
     loop.run_until_complete(worker.stop())
 
 
-def test_misses_then_hits_on_both_paths_match_vllm(loop, worker, demo_models, reference):
-    m = demo_models
-    first = swap(loop, worker, m / "small-a", "small-a")
+def fresh_copy(demo_models, tmp_path, name: str):
+    """`name`'s files with new modification times: no snapshot this worker
+    took before (the module's tests share it) is one of them."""
+    copy = tmp_path / name
+    shutil.copytree(demo_models / name, copy, copy_function=shutil.copy)
+    return copy
+
+
+def test_misses_then_hits_on_both_paths_match_vllm(loop, worker, demo_models, reference,
+                                                   tmp_path):
+    small, wide = (fresh_copy(demo_models, tmp_path, name) for name in ("small-a", "wide-a"))
+    if residents := serving(loop, worker):  # a build from nothing, as a fresh worker's
+        loop.run_until_complete(worker.unload(residents))
+    first = swap(loop, worker, small, "fresh-small")
     assert (first.path, first.weights) == ("rebuild", "disk")
-    assert_serves_reference(loop, worker, "small-a", reference)
-    assert set(cached(loop, worker)) == {"small-a"}  # snapshot taken after the load
+    assert_serves_reference(loop, worker, "fresh-small", reference, as_model="small-a")
+    cached_with(loop, worker, "fresh-small")  # snapshot taken after the load
 
-    wide = swap(loop, worker, m / "wide-a", "wide-a")
-    assert (wide.path, wide.weights) == ("rebuild", "disk")
-    assert_serves_reference(loop, worker, "wide-a", reference)
+    wide_done = swap(loop, worker, wide, "fresh-wide")
+    assert (wide_done.path, wide_done.weights) == ("rebuild", "disk")
+    assert_serves_reference(loop, worker, "fresh-wide", reference, as_model="wide-a")
 
-    back = swap(loop, worker, m / "small-a", "small-a")  # dummy build + snapshot copy
+    back = swap(loop, worker, small, "fresh-small")  # dummy build + snapshot copy
     assert (back.path, back.weights) == ("rebuild", "host_cache")
-    assert_serves_reference(loop, worker, "small-a", reference)
+    assert_serves_reference(loop, worker, "fresh-small", reference, as_model="small-a")
 
-    wide_again = swap(loop, worker, m / "wide-a", "wide-a")
+    wide_again = swap(loop, worker, wide, "fresh-wide")
     assert (wide_again.path, wide_again.weights) == ("rebuild", "host_cache")
-    assert_serves_reference(loop, worker, "wide-a", reference)
-    assert set(cached(loop, worker)) == {"small-a", "wide-a"}
+    assert_serves_reference(loop, worker, "fresh-wide", reference, as_model="wide-a")
+    assert set(cached(loop, worker)) == {"fresh-small", "fresh-wide"}
 
 
-def test_same_shape_hit_copies_in_place(loop, worker, demo_models, reference):
+def test_same_shape_hit_copies_in_place(loop, worker, demo_models, reference, tmp_path):
     m = demo_models
     swap(loop, worker, m / "small-a", "small-a")
-    miss = swap(loop, worker, m / "small-b", "small-b")
+    miss = swap(loop, worker, fresh_copy(m, tmp_path, "small-b"), "small-b")
     assert (miss.path, miss.weights) == ("same_shape", "disk")
     assert_serves_reference(loop, worker, "small-b", reference)
     hit = swap(loop, worker, m / "small-a", "small-a")
     assert (hit.path, hit.weights) == ("same_shape", "host_cache")
     assert_serves_reference(loop, worker, "small-a", reference)
-    hit_b = swap(loop, worker, m / "small-b", "small-b")
+    hit_b = swap(loop, worker, tmp_path / "small-b", "small-b")
     assert (hit_b.path, hit_b.weights) == ("same_shape", "host_cache")
     assert_serves_reference(loop, worker, "small-b", reference)
 
 
-def test_least_recently_used_is_evicted_under_budget(loop, worker):
-    held = cached(loop, worker)
+def test_least_recently_used_is_evicted_under_budget(loop, worker, demo_models, tmp_path):
+    for name in ("wide-a", "small-a"):
+        swap(loop, worker, demo_models / name, name)
+    swap(loop, worker, fresh_copy(demo_models, tmp_path, "small-b"), "fresh-small-b")
+    held = cached_with(loop, worker, "fresh-small-b")
     assert sum(held.values()) <= 14 * MB
     # small-b came in last; wide-a was used least recently and made room for it.
-    assert "small-b" in held and "wide-a" not in held
+    assert "wide-a" not in held
 
 
 def test_changed_files_are_reloaded_not_served_stale(loop, worker, demo_models, reference,

@@ -28,21 +28,38 @@ def spec(models, name: str, path=None, **engine_args) -> p.ModelSpec:
     return p.ModelSpec(name, str(path or models / name), {**ENGINE_ARGS, **engine_args})
 
 
-async def generate(worker: WorkerProcess, model: str, prompt: str, **sampling) -> list[int]:
+async def generate(worker: WorkerProcess, model: str, prompt: str,
+                   in_flight: asyncio.Event | None = None, **sampling) -> list[int]:
+    """`in_flight` is set at the first output: the engine is generating it."""
     request = p.Generate(f"t-{time.monotonic_ns()}", model, [p.Prompt(prompt=prompt)],
                          {**GREEDY, **sampling})
     tokens = []
     async for out in worker.generate(request):
         tokens += out.token_ids
+        if in_flight is not None:
+            in_flight.set()
     return tokens
 
 
 @pytest.fixture(scope="module")
-def worker(loop, demo_models):
-    worker = loop.run_until_complete(WorkerProcess.start(WorkerOptions(
-        p.Setup(render_timeout_s=2.0))))
-    yield worker
-    loop.run_until_complete(worker.stop())
+def workers(loop, demo_models):
+    """The module's worker, started again for the next test once one killed it."""
+    started: list[WorkerProcess] = []
+
+    def live() -> WorkerProcess:
+        if not started or not started[-1].alive:
+            started.append(loop.run_until_complete(
+                WorkerProcess.start(WorkerOptions(p.Setup(render_timeout_s=2.0)))))
+        return started[-1]
+
+    yield live
+    if started and started[-1].alive:
+        loop.run_until_complete(started[-1].stop())
+
+
+@pytest.fixture
+def worker(workers) -> WorkerProcess:
+    return workers()
 
 
 def serving(loop, worker) -> list[str]:
@@ -64,6 +81,8 @@ def assert_matches_reference(loop, worker, model: str, reference) -> None:
 def test_swaps_on_both_paths_match_vllm(loop, worker, demo_models, reference):
     expected_paths = [("small-a", "rebuild"), ("small-b", "same_shape"),
                       ("wide-a", "rebuild"), ("small-a", "rebuild")]
+    if residents := serving(loop, worker):  # small-a's first swap builds from nothing
+        loop.run_until_complete(worker.unload(residents))
     pid = worker.pid
     for name, path in expected_paths:
         phases = []
@@ -160,9 +179,10 @@ def test_swap_drains_in_flight_requests_first(loop, worker, demo_models):
     swap(loop, worker, spec(demo_models, "small-a"))
 
     async def swap_during_request():
-        request = asyncio.create_task(generate(worker, "small-a", "hello", max_tokens=64,
-                                               ignore_eos=True))
-        await asyncio.sleep(0.05)
+        in_flight = asyncio.Event()
+        request = asyncio.create_task(generate(worker, "small-a", "hello", in_flight,
+                                               max_tokens=64, ignore_eos=True))
+        await in_flight.wait()
         done = await worker.swap(spec(demo_models, "small-b"), replace=["small-a"])
         return await request, done
 
@@ -175,9 +195,10 @@ def test_forced_swap_aborts_in_flight_requests(loop, worker, demo_models):
     swap(loop, worker, spec(demo_models, "small-a"))
 
     async def forced():
-        request = asyncio.create_task(generate(worker, "small-a", "hello", max_tokens=400,
-                                               ignore_eos=True))
-        await asyncio.sleep(0.1)
+        in_flight = asyncio.Event()
+        request = asyncio.create_task(generate(worker, "small-a", "hello", in_flight,
+                                               max_tokens=400, ignore_eos=True))
+        await in_flight.wait()
         await worker.swap(spec(demo_models, "small-b"), replace=["small-a"], force=True)
         return await request
 
@@ -263,7 +284,8 @@ def test_a_beam_search_runs_beside_other_requests_and_aborts_whole(loop, worker,
     async def beside():
         search = asyncio.create_task(beam_search(worker, "small-a", "hello", n=3,
                                                  max_tokens=400, ignore_eos=True))
-        await asyncio.sleep(0.2)
+        while not (await worker.stats()).running_requests:  # its first round is stepping
+            await asyncio.sleep(0.01)
         tokens = await generate(worker, "small-a", "hi", max_tokens=4)
         searching = not search.done()
         search.cancel()
@@ -370,9 +392,15 @@ def test_ping_is_answered_while_an_engine_builds(loop, worker, demo_models):
     swap(loop, worker, spec(demo_models, "small-a"))
 
     async def ping_during_rebuild():
+        fetched = asyncio.Event()  # the phase before the build
+
+        def on_phase(phase: p.Phase) -> None:
+            if phase.phase == "fetch":
+                fetched.set()
+
         swapping = asyncio.create_task(worker.swap(spec(demo_models, "wide-a"),
-                                                   replace=["small-a"]))
-        await asyncio.sleep(0.05)
+                                                   replace=["small-a"], on_phase=on_phase))
+        await fetched.wait()
         started = time.monotonic()
         pong = await worker.ping(timeout_s=2)
         latency = time.monotonic() - started
@@ -419,13 +447,14 @@ def test_rebuilds_leave_nothing_behind(loop, worker, demo_models):
 
 
 def test_worker_crash_is_reported_not_hung(loop, worker, demo_models):
-    """Last in the module: it kills the module's worker."""
+    """It kills the module's worker: the next test gets a new one."""
     swap(loop, worker, spec(demo_models, "small-a"))
 
     async def crash_during_request():
-        request = asyncio.create_task(generate(worker, "small-a", "hello", max_tokens=400,
-                                               ignore_eos=True))
-        await asyncio.sleep(0.1)
+        in_flight = asyncio.Event()
+        request = asyncio.create_task(generate(worker, "small-a", "hello", in_flight,
+                                               max_tokens=400, ignore_eos=True))
+        await in_flight.wait()
         worker.process.send_signal(signal.SIGKILL)
         return await asyncio.wait_for(request, 30)
 
