@@ -31,7 +31,7 @@ from aiohttp import web
 from conftest import ROOT
 from test_scheduler_unit import Running
 from wcd.daemon import errors
-from wcd.daemon.status import status_document
+from wcd.daemon.status import DaemonState, status_document
 
 
 def real_documents() -> dict:
@@ -41,7 +41,7 @@ def real_documents() -> dict:
         events: list[dict] = []
         async with Running(directory) as running:
             await running.scheduler.operate("swap", "b", progress=events.append)
-            return status_document(running.scheduler, "ready"), events
+            return status_document(running.scheduler, DaemonState("ready")), events
 
     with tempfile.TemporaryDirectory(prefix="wcd-cli-") as tmp:
         status, events = asyncio.run(read(Path(tmp)))
