@@ -74,3 +74,12 @@ def test_mismatched_snapshot_is_refused():
         assert "does not match" in str(exc)
     else:
         raise AssertionError("copied a snapshot into a model of another shape")
+
+
+def test_a_buffer_allocated_ahead_serves_the_first_snapshot():
+    cache = HostCache(64 * KB, pinned=False)
+    cache.allocate_soon()
+    a = module(1)
+    snapshot = snapshot_of(cache, "a", a)
+    for name, param in a.named_parameters():
+        assert torch.equal(snapshot.tensors[name], param)

@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     from wcd.workers.weights import host_cache
 
     cache = host_cache(setup.host_cache_bytes, setup.device == "cuda", _disk_settings(setup))
+    cache.allocate_soon()  # beside the first model's build, not after it
     worker = Worker(channel, setup.device, cache, group,
                     Parking(setup.max_parked, setup.park_min_free_bytes),
                     Watchdog(setup.render_timeout_s, setup.step_timeout_s))
