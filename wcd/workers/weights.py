@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -322,8 +323,14 @@ def apply_rank_snapshot(worker, key: str) -> int:
     snapshot = rank_cache().get(key)
     if snapshot is None:
         raise LookupError(f"no snapshot {key} on this rank")
+    started = time.perf_counter()
     if snapshot.format == KERNEL:
-        return copy_into(vllm_seams.worker_model(worker), snapshot)
-    worker.reload_weights(weights_iterator=iter(snapshot.tensors.items()),
-                          is_checkpoint_format=True)
+        copy_into(vllm_seams.worker_model(worker), snapshot)
+    else:
+        worker.reload_weights(weights_iterator=iter(snapshot.tensors.items()),
+                              is_checkpoint_format=True)
+    seconds = time.perf_counter() - started
+    log.info("snapshot of %s into the model (%s): %.1f MB in %.1f ms (%.1f GB/s)",
+             snapshot.name, snapshot.format, snapshot.nbytes / 1e6, seconds * 1e3,
+             snapshot.nbytes / seconds / 1e9)
     return snapshot.nbytes
