@@ -315,6 +315,11 @@ def run_wcd(models: Path, out: Path) -> dict:
         result["unload"] = {"wcctl_s": wall, "phases": event["phases"]}
         result["device_bytes_after_unload"] = wcd.device_bytes()
         result["worker"] = wcd.worker()
+    # The worker logs each snapshot copy's own rate (weights.apply_rank_snapshot).
+    result["copies_gb_per_s"] = [float(line.rsplit("(", 1)[1].split()[0])
+                                 for line in wcd.log_path.read_text().splitlines()
+                                 if "into the model (kernel)" in line]
+    log("wcd: snapshot copies, GB/s:", result["copies_gb_per_s"])
     return result
 
 
