@@ -54,6 +54,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,20 +201,14 @@ class Wcd:
 
     def wait_ready(self, timeout: float = 900) -> dict:
         """The worker, once it is up with nothing loaded."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"wcd exited:\n{self.tail()}")
-            try:
-                worker = self.worker()
-            except RuntimeError:
-                worker = {}
-            if worker.get("pid") and worker.get("state") in ("idle", "serving"):
-                return worker
-            time.sleep(0.5)
-        raise RuntimeError(f"no worker ready:\n{self.tail()}")
+        return self._wait(lambda w: bool(w.get("pid")) and w.get("state") in ("idle", "serving"),
+                          "no worker ready", timeout)
 
     def wait_serving(self, model: str, timeout: float = 900) -> dict:
+        return self._wait(lambda w: w.get("model") == model and w.get("state") == "serving",
+                          f"{model} never served", timeout)
+
+    def _wait(self, done: Callable[[dict], bool], failure: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -222,10 +217,10 @@ class Wcd:
                 worker = self.worker()
             except RuntimeError:
                 worker = {}
-            if worker.get("model") == model and worker.get("state") == "serving":
+            if done(worker):
                 return worker
             time.sleep(0.5)
-        raise RuntimeError(f"{model} never served:\n{self.tail()}")
+        raise RuntimeError(f"{failure}:\n{self.tail()}")
 
     def complete(self, model: str) -> str:
         return self.post("/v1/completions", {"model": model, "prompt": "hello world",

@@ -4,10 +4,9 @@ brings models back from those files, not vLLM's loader, with vLLM's output."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
+from daemon_harness import wait_until
 from test_weights import MB, assert_serves_reference, swap
 from wcd.daemon.worker_process import WorkerOptions, WorkerProcess
 from wcd.workers import protocol as p
@@ -19,13 +18,13 @@ def snapshot_files(directory) -> list[str]:
     return sorted(path.name for path in directory.glob("*.wcds"))
 
 
-def wait_for_files(directory, count: int, timeout: float = 60.0) -> list[str]:
+def wait_for_files(directory, count: int) -> list[str]:
     """Files are written on the worker's writer thread, after the swap."""
-    deadline = time.monotonic() + timeout
-    while len(files := snapshot_files(directory)) < count:
-        assert time.monotonic() < deadline, f"{files} after {timeout} s"
-        time.sleep(0.05)
-    return files
+    def enough() -> list[str] | None:
+        files = snapshot_files(directory)
+        return files if len(files) >= count else None
+
+    return wait_until(enough, 60.0, f"{count} snapshot files")
 
 
 def start(loop, directory) -> WorkerProcess:
