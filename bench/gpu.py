@@ -5,7 +5,9 @@
 Runs on the device machine (../shared/gpu/README.md says how vLLM gets there);
 `make`-free and stdlib-only beyond what wcd and vLLM import. Models big-a and
 big-b (one shape, ~1.5 GB bf16) and bigwide-a (another) are made there by
-wcd.workers.demo_models.
+wcd.workers.demo_models; with WCD_BENCH_SIZE=8b every part runs on 8B-class
+ones instead: llama8b-a and llama8b-b (Llama-3.1-8B's layers, ~14 GB) and
+qwen7b-a (Qwen2.5-7B's, ~13 GB).
 
 - wcd: a daemon with one CUDA worker, driven by wcctl and the OpenAI endpoint:
   same-shape swaps from disk and from the host cache, different-shape swaps
@@ -63,8 +65,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # leaves behind (see BENCHMARKS.md).
 ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 1024, "kv_cache_memory_bytes": 2 << 30,
                "gpu_memory_utilization": 0.5, "seed": 0}
-SAME = ("big-a", "big-b")
-OTHER = "bigwide-a"
+# WCD_BENCH_SIZE=8b runs every part on 8B-class models (issue 18) instead.
+SAME, OTHER = {"1.4gb": (("big-a", "big-b"), "bigwide-a"),
+               "8b": (("llama8b-a", "llama8b-b"), "qwen7b-a")}[
+    os.environ.get("WCD_BENCH_SIZE", "1.4gb")]
 GiB = 1 << 30
 
 

@@ -44,6 +44,10 @@ SHAPES = {
     # GPU benchmarks (bench/gpu.py): ~1.5 GB and ~1.6 GB in bf16.
     "big": Shape(2048, 5504, 16, 32, 8),
     "bigwide": Shape(2560, 6912, 12, 40, 8),
+    # 8B-class (WCD_BENCH_SIZE=8b): Llama-3.1-8B's and Qwen2.5-7B's layers,
+    # ~14 and ~13 GB in bf16 with this vocabulary.
+    "llama8b": Shape(4096, 14336, 32, 32, 8),
+    "qwen7b": Shape(3584, 18944, 28, 28, 4),
 }
 DEFAULT_NAMES = ("small-a", "small-b", "wide-a", "embed-a")
 # sentence-transformers' module list, which vLLM reads for the pooling config
