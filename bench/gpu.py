@@ -508,7 +508,8 @@ def _tp_side_by_side(wcd: Wcd, pids: list[int], result: dict) -> dict:
 
 def gpu_memory_used() -> list[int]:
     """Bytes in use on each GPU, as the driver counts them (every process's)."""
-    done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+    done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",
+                           "--format=csv,noheader,nounits"],
                           capture_output=True, text=True, check=True)
     return [int(line) << 20 for line in done.stdout.split()]
 

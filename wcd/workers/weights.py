@@ -16,10 +16,10 @@ Snapshots live in one buffer allocated once (pinned on CUDA, so pinning is
 not paid per swap and copies run at DMA speed), carved first-fit, evicted
 least recently used under the configured byte budget. With a disk tier
 (disk_snapshots.py) each snapshot is also written to a file, and a miss in
-memory reads the file back into the buffer: after a restart too. A snapshot's key holds
-the checkpoint's weights key (file sizes and mtimes) and its shape key
-(config, engine args, tensor layout), so changed files or other engine args
-never hit a stale snapshot.
+memory reads the file back into the buffer: after a restart too. A
+snapshot's key holds the checkpoint's weights key (file sizes and mtimes) and
+its shape key (config, engine args, tensor layout), so changed files or other
+engine args never hit a stale snapshot.
 
 Each process holds its own cache (set_rank_cache): the worker's, and in a
 tensor-parallel group each follower's, holding that rank's shard. Snapshots
