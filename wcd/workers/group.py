@@ -495,7 +495,6 @@ class RankExecutor(GroupExecutor):
                              "world is dissolved")
         self.group = group
         self.peer = group.peers[self.rank - 1]
-        self.driver_worker = self.peer
         self.engine_id = next(_ENGINE_IDS)
         group.post(("create", self.engine_id, self.vllm_config,
                     {"distributed_init_method": vllm_seams.new_world_init_method()},
@@ -524,7 +523,7 @@ class RankExecutor(GroupExecutor):
             raise GroupError(f"rank {self.rank} (pid {self.peer.pid}) is dead")
 
     def shutdown(self) -> None:
-        peer, self.driver_worker = getattr(self, "driver_worker", None), None
+        peer, self.peer = getattr(self, "peer", None), None  # once, and not after a failed init
         if peer is not None:
             self.group.post(("destroy", self.engine_id), [peer])
             self.group.gather(peers=[peer])
