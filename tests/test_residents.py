@@ -319,22 +319,36 @@ def test_a_resume_also_takes_out_the_residents_it_replaces(loop, worker, demo_mo
         reference["wide-a"]["prompts"][0]["token_ids"]
 
 
-def test_a_tensor_parallel_group_keeps_one_resident(demo_models):
-    """A group re-forms its world per tensor-parallel size, so a swap that
-    would leave two residents in it is refused before anything is touched."""
+def test_a_tensor_parallel_group_refuses_what_its_ranks_cannot_hold(demo_models):
+    """A group runs one engine per rank, and an engine of more than one rank
+    alone (its world is formed at that size): a swap that would break either
+    is refused before anything is touched."""
     from types import SimpleNamespace
 
     from wcd.workers.engine import EngineHost, ModelError, PhaseClock
     from wcd.workers.weights import HostCache
 
-    host = EngineHost(HostCache(0, pinned=False), group=SimpleNamespace(size=2))
-    resident = SimpleNamespace(plan=host.resolve(spec(demo_models, "small-a")), suspended=False)
-    host.residents["small-a"] = resident
+    def host() -> EngineHost:
+        return EngineHost(HostCache(0, pinned=False), group=SimpleNamespace(size=2))
 
     def drain(names):
         raise AssertionError("nothing may be drained")
 
-    with pytest.raises(ModelError) as raised:
-        host.swap(spec(demo_models, "wide-a"), [], PhaseClock(lambda name, s: None), drain)
-    assert raised.value.kind == p.BAD_ARGS and "one model at a time" in str(raised.value)
-    assert host.residents == {"small-a": resident}
+    def refused(residents: dict, name: str) -> str:
+        group = host()
+        group.residents.update(residents)
+        with pytest.raises(ModelError) as raised:
+            group.swap(spec(demo_models, name), [], PhaseClock(lambda name, s: None), drain)
+        assert raised.value.kind == p.BAD_ARGS
+        assert group.residents == residents
+        return str(raised.value)
+
+    def resident(name: str, rank: int, tp: int = 1):
+        plan = host().resolve(p.ModelSpec(name, str(demo_models / name),
+                                          {**ENGINE_ARGS, "tensor_parallel_size": tp}))
+        return SimpleNamespace(plan=plan, suspended=False, rank=rank)
+
+    wide = {"small-a": resident("small-a", 0, tp=2)}
+    assert "more than one rank alone" in refused(wide, "wide-a")
+    full = {"small-a": resident("small-a", 0), "small-b": resident("small-b", 1)}
+    assert "every rank of the group serves a model" in refused(full, "wide-a")
