@@ -42,7 +42,7 @@ $(MODELS_STAMP): wcd/workers/demo_models.py | $(VENV_STAMP)
 	$(PY) -m wcd.workers.demo_models models
 
 test: venv models
-	$(PY) -m pytest -v $(PYTEST_ARGS)
+	$(PY) -m pytest -v --durations=25 $(PYTEST_ARGS)
 
 run: venv models
 	scripts/demo.sh
