@@ -353,7 +353,9 @@ def test_the_daemon_runs_two_tp1_models_on_the_group_at_once(daemon, tp_referenc
     for model, texts in answers.items():
         assert texts == [r["text"] for r in tp1_reference[model[:-4]]["prompts"]], model
     worker = daemon.json("ps")["workers"][0]
-    assert sorted(r["model"] for r in worker["residents"]) == ["small-a-tp1", "small-b-tp1"]
+    assert {r["model"]: r["rank"] for r in worker["residents"]} == {"small-a-tp1": 0,
+                                                                   "small-b-tp1": 1}
+    assert "small-a-tp1@rank0, small-b-tp1@rank1" in daemon.wcctl("ps").stdout
     assert group_pids(daemon) == pids
     assert completions(daemon, "small-a") == [r["text"] for r in tp_reference["small-a"]["prompts"]]
     assert [r["model"] for r in daemon.json("ps")["workers"][0]["residents"]] == ["small-a"]

@@ -278,11 +278,15 @@ def fmt_pids(worker: dict) -> str:
 
 
 def fmt_residents(worker: dict) -> str:
-    """Every resident model, with its state where it is not simply serving."""
+    """Every resident model, with its state where it is not simply serving,
+    and in a tensor-parallel group the rank a TP=1 model runs on."""
     residents = worker.get("residents")
     if residents is None:
         return dash(worker.get("model"))
-    return ", ".join(r["model"] + ("" if r["state"] == "serving" else f" ({r['state']})")
+    group = worker.get("tensor_parallel_size", 1) > 1
+    return ", ".join(r["model"] + (f"@rank{r.get('rank', 0)}" if group and len(residents) > 1
+                                   else "")
+                     + ("" if r["state"] == "serving" else f" ({r['state']})")
                      for r in residents) or "-"
 
 

@@ -71,6 +71,7 @@ class Resident:
     kv_usage: float = 0.0  # fraction of its KV cache in use, likewise
     cache_config: dict[str, str] = field(default_factory=dict)  # its engine's, likewise
     fingerprint: str | None = None  # vLLM's system_fingerprint of its engine, likewise
+    rank: int = 0  # in a tensor-parallel group, the rank whose device runs it, likewise
     loaded_at: float = 0.0  # when it last began serving (loaded or resumed)
     last_used: float = 0.0
     generation: int = 0  # leases of an earlier generation count no more
@@ -609,6 +610,7 @@ def _measure(state: State, resident: Resident, report: p.Resident) -> None:
     resident.kv_usage = report.kv_usage
     resident.cache_config = report.cache_config
     resident.fingerprint = report.fingerprint
+    resident.rank = report.rank
     if report.bytes <= 0:
         return
     if report.suspended:

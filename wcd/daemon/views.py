@@ -52,7 +52,7 @@ def worker_views(state: State, process: Callable[[int], WorkerProcess | None]) -
         ready = proc.ready if proc is not None else None
         residents = [{"model": r.name, "state": r.state, "bytes": r.bytes,
                       "active": r.active, "running": r.running,
-                      "waiting": waiting.get(r.name, 0)}
+                      "waiting": waiting.get(r.name, 0), "rank": r.rank}
                      for r in worker.residents.values()]
         model = worker_model(worker)
         entry = worker.residents.get(model).entry if model in worker.residents else None

@@ -149,7 +149,7 @@ class Served:
     def resident(self) -> p.Resident:
         return p.Resident(self.name, self.weight_bytes + self.kv_bytes, 0, self.suspended,
                           cache_config=vllm_seams.cache_config_info(self.engine),
-                          fingerprint=self.fingerprint)
+                          fingerprint=self.fingerprint, rank=self.rank)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import msgspec
 from msgspec import UNSET, UnsetType
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 # A worker's exit code when the daemon's Setup is of another protocol version
@@ -367,7 +367,8 @@ class Resident(msgspec.Struct, frozen=True):
     `running`: its requests in the engine; `suspended`: by Suspend, waiting
     for a Swap to resume it; `kv_usage`: the fraction of its KV cache blocks
     in use (vLLM's kv_cache_usage_perc); `fingerprint`: the system_fingerprint
-    vLLM's server would put on its answers (None where it cannot say)."""
+    vLLM's server would put on its answers (None where it cannot say); `rank`:
+    in a tensor-parallel group, the rank whose device runs a TP=1 model."""
 
     name: str
     bytes: int
@@ -377,6 +378,7 @@ class Resident(msgspec.Struct, frozen=True):
     # vLLM's CacheConfig.metrics_info() (vllm:cache_config_info's labels)
     cache_config: dict[str, str] = {}
     fingerprint: str | None = None
+    rank: int = 0
 
 
 class Pong(msgspec.Struct, tag="pong", frozen=True):
