@@ -414,11 +414,8 @@ class GroupExecutor(Executor):
                        args: tuple = (), kwargs: dict | None = None,
                        non_block: bool = False, single_value: bool = False) -> Any:
         args, kwargs, fresh = _materialise(args, kwargs or {})
-        name = method if isinstance(method, str) else None
-        sent = method if isinstance(method, str) else cloudpickle.dumps(
-            method, protocol=pickle.HIGHEST_PROTOCOL)
-        want = not (single_value or name in _RANK0_ONLY)
-        self.group.post(("rpc", self.engine_id, sent, args, kwargs, want))
+        want = not (single_value or method in _RANK0_ONLY)
+        self.group.post(("rpc", self.engine_id, _sendable(method), args, kwargs, want))
         try:
             local_args, local_kwargs = fresh()
             local = run_method(self.driver_worker, method, local_args, local_kwargs)
@@ -429,12 +426,7 @@ class GroupExecutor(Executor):
                 self.group.gather(timeout)
             raise
         others = self.group.gather(timeout)
-        result = local if single_value else [local, *others]
-        if non_block:
-            future: Future = Future()
-            future.set_result(result)
-            return future
-        return result
+        return _answered(local if single_value else [local, *others], non_block)
 
     def execute_model(self, scheduler_output, non_block: bool = False):
         return self.collective_rpc("execute_model", args=(scheduler_output,),
@@ -507,16 +499,10 @@ class RankExecutor(GroupExecutor):
                        args: tuple = (), kwargs: dict | None = None,
                        non_block: bool = False, single_value: bool = False) -> Any:
         args, kwargs, _ = _materialise(args, kwargs or {})
-        sent = method if isinstance(method, str) else cloudpickle.dumps(
-            method, protocol=pickle.HIGHEST_PROTOCOL)
-        self.group.post(("rpc", self.engine_id, sent, args, kwargs, True), [self.peer])
+        self.group.post(("rpc", self.engine_id, _sendable(method), args, kwargs, True),
+                        [self.peer])
         (result,) = self.group.gather(timeout, peers=[self.peer])
-        result = result if single_value else [result]
-        if non_block:
-            future: Future = Future()
-            future.set_result(result)
-            return future
-        return result
+        return _answered(result if single_value else [result], non_block)
 
     def check_health(self) -> None:
         if not self.peer.process.is_alive():
@@ -549,6 +535,23 @@ def _inherited_env() -> dict[str, str]:
     TORCHINDUCTOR_*, ...), and some of it is in the compile-cache key: a warm
     follower, started before any config, gets it with every build."""
     return {k: v for k, v in os.environ.items() if not k.startswith(_OWN_ENV_PREFIXES)}
+
+
+def _sendable(method: str | Callable) -> str | bytes:
+    """A method name as it is; a callable cloudpickled, as vLLM's own
+    MultiprocExecutor sends it."""
+    if isinstance(method, str):
+        return method
+    return cloudpickle.dumps(method, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _answered(result: Any, non_block: bool) -> Any:
+    """An RPC's result, or a done Future of it where vLLM asked not to block."""
+    if not non_block:
+        return result
+    future: Future = Future()
+    future.set_result(result)
+    return future
 
 
 def _materialise(args: tuple, kwargs: dict):
