@@ -134,18 +134,14 @@ def make_room(worker: WorkerView, need: int, *, now: float, waited_since: float,
                      key=lambda r: r.last_used)
     evictable = [r for r in idle if min_resident_s is None
                  or not too_new(r, now, min_resident_s)]
-    victims: list[ResidentView] = []
-    for resident in evictable:
-        victims.append(resident)
-        if fits(worker, need, victims, ranks):
-            return Room(worker.index, evict=tuple(r.name for r in victims))
+    victims = _until_it_fits(worker, need, ranks, evictable)
+    if victims is not None:
+        return Room(worker.index, evict=victims)
     if min_resident_s is None:
         # An operator's load drains busy residents too, as a swap does.
-        for resident in (r for r in serving if r.busy):
-            victims.append(resident)
-            if fits(worker, need, victims, ranks):
-                return Room(worker.index, evict=tuple(r.name for r in victims))
-        return None
+        victims = _until_it_fits(worker, need, ranks,
+                                 [*evictable, *(r for r in serving if r.busy)])
+        return Room(worker.index, evict=victims) if victims is not None else None
     if not worker.can_suspend:
         return _drain_in_a_group(worker, need, now, waited_since, quantum_s, serving, ranks)
     return _suspend_for(worker, need, now, waited_since, quantum_s, min_resident_s, serving)
@@ -187,17 +183,23 @@ def _drain_in_a_group(worker: WorkerView, need: int, now: float, waited_since: f
     """A tensor-parallel group never suspends: after a quantum busy
     residents drain (their requests finish, bounded by the drain timeout),
     the least recently used first, as many as the model needs ranks."""
-    if not serving or not fits(worker, need, serving, ranks):
+    victims = _until_it_fits(worker, need, ranks, serving)
+    if victims is None:
         return None
     at = waited_since + quantum_s
     if at > now:
         return Room(worker.index, at=at)
-    victims: list[ResidentView] = []
-    for resident in serving:
-        victims.append(resident)
-        if fits(worker, need, victims, ranks):
-            break
-    return Room(worker.index, evict=tuple(r.name for r in victims))
+    return Room(worker.index, evict=victims)
+
+
+def _until_it_fits(worker: WorkerView, need: int, ranks: int,
+                   candidates: Sequence[ResidentView]) -> tuple[str, ...] | None:
+    """The first of `candidates`, in order, whose leaving makes room; None
+    when even all of them leaving does not."""
+    for count in range(1, len(candidates) + 1):
+        if fits(worker, need, candidates[:count], ranks):
+            return tuple(r.name for r in candidates[:count])
+    return None
 
 
 def place(workers: Sequence[WorkerView], model: str, tensor_parallel_size: int, need: int, *,
