@@ -1,6 +1,7 @@
 """Generate small Llama-architecture demo models, locally, with no model hub.
 
     python -m wcd.workers.demo_models DIR [--names small-a,small-b,wide-a,embed-a]
+                                          [--share-layers]
 
 Each model gets a byte-level BPE tokenizer trained here (bos/eos/pad and a chat
 template) and random bf16 weights with head_dim 64 (vLLM's CPU attention needs
@@ -8,6 +9,12 @@ it). Models of one shape differ only in their seed, so outputs tell them apart
 while a swap between them stays on the same-shape path. An `embed` model is a
 Llama without its LM head (`LlamaModel`, which vLLM serves with its pooling
 runner) and a sentence-transformers pooling config: mean pooling, normalized.
+
+With --share-layers (the GPU benchmarks' 8B-class models, ~14 GB each, where
+six of them would not fit the device machine's disk), a model after the first
+of its shape links that one's weight shards and draws only its own LM head,
+which is enough for outputs to tell them apart: vLLM still reads, and wcd
+still snapshots, every tensor of each.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ SHAPES = {
     "llama8b": Shape(4096, 14336, 32, 32, 8),
     "qwen7b": Shape(3584, 18944, 28, 28, 4),
 }
+# Wider than the usual 0.02, so greedy argmax is not decided by ties.
+INIT_STD = 0.2
+INDEX = "model.safetensors.index.json"
+# Small shards, so that a --share-layers sibling rewrites only the one holding
+# the LM head.
+SHARD_SIZE = "2GB"
 DEFAULT_NAMES = ("small-a", "small-b", "wide-a", "embed-a")
 # sentence-transformers' module list, which vLLM reads for the pooling config
 # (transformers_utils/config.py get_pooling_config): mean pooling, then
@@ -129,8 +142,7 @@ def write_model(directory: Path, name: str, tokenizer) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        # Wider than the usual 0.02, so greedy argmax is not decided by ties.
-        initializer_range=0.2,
+        initializer_range=INIT_STD,
         torch_dtype="bfloat16",
     )
     torch.manual_seed(seed_of(name))
@@ -139,7 +151,7 @@ def write_model(directory: Path, name: str, tokenizer) -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = architecture(config).to(torch.bfloat16)
     out = directory / name
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=SHARD_SIZE)
     tokenizer.save_pretrained(out)
     if shape.embedding:
         _write_pooling_config(out, shape)
@@ -153,6 +165,37 @@ def write_model(directory: Path, name: str, tokenizer) -> Path:
     return out
 
 
+def write_sibling(directory: Path, name: str, base: str) -> Path:
+    """`name` as `base` with its own LM head: the shard holding it is
+    rewritten, every other shard is a link to base's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source, out = directory / base, directory / name
+    if shape_of(name).embedding:
+        raise ValueError(f"{name}: an embedding model has no LM head to draw")
+    index = source / INDEX  # none when one file holds every tensor
+    head_shard = (json.loads(index.read_text())["weight_map"]["lm_head.weight"]
+                  if index.exists() else "model.safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        target = out / file.name
+        target.unlink(missing_ok=True)
+        if file.suffix == ".safetensors" and file.name != head_shard:
+            target.symlink_to(Path("..") / base / file.name)
+        elif file.suffix != ".safetensors" and file.name != "wcd-demo.json":
+            target.write_bytes(file.read_bytes())
+    tensors = load_file(source / head_shard)
+    head = tensors["lm_head.weight"]
+    generator = torch.Generator().manual_seed(seed_of(name))
+    tensors["lm_head.weight"] = (torch.randn(head.shape, generator=generator) * INIT_STD
+                                 ).to(head.dtype)
+    save_file(tensors, out / head_shard, metadata={"format": "pt"})
+    (out / "wcd-demo.json").write_text(json.dumps(
+        {"name": name, "seed": seed_of(name), "layers_of": base}))
+    return out
+
+
 def _write_pooling_config(out: Path, shape: Shape) -> None:
     (out / "modules.json").write_text(json.dumps(ST_MODULES, indent=2))
     (out / "1_Pooling").mkdir(exist_ok=True)
@@ -161,12 +204,20 @@ def _write_pooling_config(out: Path, shape: Shape) -> None:
         indent=2))
 
 
-def generate(directory: Path, names: list[str]) -> list[Path]:
+def generate(directory: Path, names: list[str], share_layers: bool = False) -> list[Path]:
     for name in names:
         shape_of(name)  # fail before any work on a bad name
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
-    return [write_model(directory, name, tokenizer) for name in names]
+    first_of_shape: dict[Shape, str] = {}
+    paths = []
+    for name in names:
+        base = first_of_shape.setdefault(shape_of(name), name)
+        if share_layers and base != name:
+            paths.append(write_sibling(directory, name, base))
+        else:
+            paths.append(write_model(directory, name, tokenizer))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--names", default=",".join(DEFAULT_NAMES),
                         help="comma-separated; each starts with a shape: " + ", ".join(SHAPES))
+    parser.add_argument("--share-layers", action="store_true",
+                        help="models after the first of a shape share its weight shards "
+                             "and draw their own LM head")
     args = parser.parse_args(argv)
-    for path in generate(args.directory, [n for n in args.names.split(",") if n]):
+    names = [n for n in args.names.split(",") if n]
+    for path in generate(args.directory, names, args.share_layers):
         print(path)
     return 0
 
