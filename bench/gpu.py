@@ -19,6 +19,10 @@ qwen7b-a (Qwen2.5-7B's, ~13 GB).
   sleep and wake; level 2 sleep, wake with reload_weights of the sibling.
 - parked: a daemon that parks up to two engines on the GPU: swaps back to a
   parked engine (with CUDA graphs, and eager) after the rebuilds.
+- switch (issue 18, item 5; not in the default parts): six models (four of
+  SAME's shape, two of OTHER's) built in turn on one CUDA worker, each parked
+  as the next comes, then a swap along every ordered pair of them (30), each
+  answer checked against the model's own first one.
 - tp (2 GPUs): a TP=2 worker group; swaps keep both processes; big-a's
   answer against vLLM's own TP=2 run.
 - throughput: the same streamed load (bench/serve.py's clients) against vLLM's
@@ -33,6 +37,7 @@ qwen7b-a (Qwen2.5-7B's, ~13 GB).
   SIGHUP) short of three busy models: 512-token streams of big-a and
   bigwide-a, then big-b: suspensions, texts against alone, big-b's first token.
 
+`wcctl` runs as a console script in a bare venv of its own (cli_command).
 Writes DIR/gpu-PART.json per part. Back on the development machine,
 `python bench/gpu.py --report DIR` turns them into the "## GPU (bench/gpu.py)"
 section of BENCHMARKS.md and bench/gpu-swaps.png.
@@ -66,23 +71,28 @@ ROOT = Path(__file__).resolve().parent.parent
 ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 1024, "kv_cache_memory_bytes": 2 << 30,
                "gpu_memory_utilization": 0.5, "seed": 0}
 # WCD_BENCH_SIZE=8b runs every part on 8B-class models (issue 18) instead.
+SIZE = os.environ.get("WCD_BENCH_SIZE", "1.4gb")
 SAME, OTHER = {"1.4gb": (("big-a", "big-b"), "bigwide-a"),
-               "8b": (("llama8b-a", "llama8b-b"), "qwen7b-a")}[
-    os.environ.get("WCD_BENCH_SIZE", "1.4gb")]
+               "8b": (("llama8b-a", "llama8b-b"), "qwen7b-a")}[SIZE]
 GiB = 1 << 30
+# Pinned host memory for the daemons' host caches: both same-shape models and
+# the other shape, with room to spare.
+HOST_CACHE_BYTES = {"1.4gb": 8 * GiB, "8b": 48 * GiB}[SIZE]
 
 
 def log(*args) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *args, flush=True)
 
 
-def make_models(models: Path) -> None:
-    names = [*SAME, OTHER]
+def make_models(models: Path, names: list[str]) -> None:
+    """8B-class models of one shape share its first model's layer files (the
+    device machine's disk holds two 8B checkpoints, not six)."""
     if all((models / n / "config.json").is_file() for n in names):
         return
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "wcd.workers.demo_models", str(models),
-                    "--names", ",".join(names)], check=True, cwd=ROOT)
+                    "--names", ",".join(names), *(["--share-layers"] if SIZE == "8b" else [])],
+                   check=True, cwd=ROOT)
     log(f"models made in {time.perf_counter() - started:.1f} s")
 
 
@@ -157,6 +167,39 @@ def run_sleep(models: Path) -> dict:
 # ---- wcd ------------------------------------------------------------------------------
 
 
+def cli_command() -> list[str]:
+    """`wcctl` as a user's install runs it: a console script in a venv of its
+    own, whose interpreter skips the system site-packages (where the device
+    machine's numba-cuda .pth alone costs 44 ms a start). The CLI imports only
+    the stdlib, so the venv needs nothing but a path to wcd. The system
+    interpreter when venv is unavailable."""
+    venv = Path("/tmp/wcd-cli-venv")
+    script = venv / "bin" / "wcctl"
+    if not script.exists():
+        done = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            log("no CLI venv, wcctl runs on the system interpreter:", done.stderr[-300:])
+            return [sys.executable, "-m", "wcd.cli"]
+        site = next(venv.glob("lib/python3*/site-packages"))
+        (site / "wcd-root.pth").write_text(f"{ROOT}\n")
+        script.write_text(f"#!{venv}/bin/python\nimport sys\nfrom wcd.cli import main\n"
+                          "sys.exit(main())\n")
+        script.chmod(0o755)
+    return [str(script)]
+
+
+def interpreter_start_s(python: str, runs: int = 7) -> float:
+    """Median wall time of `python -c pass`."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([python, "-c", "pass"], check=True)
+        times.append(time.perf_counter() - started)
+    return median(times)
+
+
+
 class Wcd:
     def __init__(self, directory: Path, models: Path, workers: list | None = None,
                  defaults: dict | None = None, http: dict | None = None,
@@ -177,7 +220,7 @@ class Wcd:
                        TP1: {"path": str(models / SAME[0]), "tensor_parallel_size": 1},
                        **(models_extra or {})},
             "preload": [SAME[0]] if preload is None else preload,
-            "policy": {"host_cache_bytes": 8 * GiB, "worker_ready_timeout": "600s",
+            "policy": {"host_cache_bytes": HOST_CACHE_BYTES, "worker_ready_timeout": "600s",
                        "queue_wait": "600s", "drain_timeout": "60s", "health_timeout": "60s",
                        "health_interval": "1s",  # pings carry the memory figures read here
                        **policy},
@@ -192,7 +235,7 @@ class Wcd:
 
     def wcctl(self, *args: str) -> tuple[float, dict]:
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "wcd.cli", "--socket", self.socket,
+        done = subprocess.run([*cli_command(), "--socket", self.socket,
                                "--timeout", "900", *args, "--json"], capture_output=True,
                               text=True, cwd=ROOT)
         wall = time.perf_counter() - started
@@ -319,7 +362,24 @@ def run_wcd(models: Path, out: Path) -> dict:
                                  for line in wcd.log_path.read_text().splitlines()
                                  if "into the model (kernel)" in line]
     log("wcd: snapshot copies, GB/s:", result["copies_gb_per_s"])
+    result["cli"] = cli_command()
+    result["interpreter_start_s"] = {"system": interpreter_start_s(sys.executable),
+                                     "cli": interpreter_start_s(cli_command()[0].replace(
+                                         "wcctl", "python"))}
+    log("wcd: interpreter starts", result["interpreter_start_s"])
+    result["vllm_timings"] = vllm_timings(wcd.log_path)
     return result
+
+
+# What vLLM logs with a time in it, during each build (issue 18, item 4: where
+# a rebuild with CUDA graphs spends its seconds).
+VLLM_TIMING_WORDS = ("took", " secs", "seconds", "Compil", "compil", "graph", "Graph",
+                     "Loading weights", "Model loading", "warm", "KV cache", "profil")
+
+
+def vllm_timings(log_path: Path) -> list[str]:
+    return [line[-400:] for line in log_path.read_text(errors="replace").splitlines()
+            if any(w in line for w in VLLM_TIMING_WORDS)][-400:]
 
 
 # ---- hostile clients (issue 13) on CUDA ---------------------------------------------
@@ -421,6 +481,81 @@ def run_parked(models: Path, out: Path) -> dict:
             log(f"parked: {label}: {event['path']} worker {event['total_s']:.3f} s "
                 f"wcctl {wall:.3f} s parked={parked} same_output={same} "
                 f"allocated {row['device_bytes'] / GiB:.2f} GiB")
+    return result
+
+
+# ---- any-to-any among six parked models (issue 18, item 5) ----------------------------
+
+SWITCH = [f"{SAME[0].split('-')[0]}-{c}" for c in "abcd"] + \
+    [f"{OTHER.split('-')[0]}-{c}" for c in "ab"]
+# vLLM refuses to build when the device's free memory is below
+# gpu_memory_utilization of the whole; with five 8B engines parked ~56 GB is
+# free. The KV cache's size is explicit, so this fraction sizes nothing else.
+SWITCH_UTILIZATION = 0.25
+
+
+def every_ordered_pair(names: list[str], start: str) -> list[str]:
+    """Targets of a walk from `start` that takes each ordered pair of names
+    once: an Eulerian circuit of the complete digraph (Hierholzer)."""
+    unused = {a: [b for b in reversed(names) if b != a] for a in names}
+    stack, walk = [start], []
+    while stack:
+        if unused[stack[-1]]:
+            stack.append(unused[stack[-1]].pop())
+        else:
+            walk.append(stack.pop())
+    return walk[::-1][1:]
+
+
+def run_switch(models: Path, out: Path) -> dict:
+    """One CUDA worker builds six models in turn, parking each as the next
+    comes, then switches along every ordered pair of them (30 swaps), each
+    answer checked against the model's own first one; all six answers must
+    differ. Memory with all six on the device."""
+    result: dict = {"models": SWITCH, "loads": [], "switches": [], "failures": []}
+    wcd = Wcd(out / "wcd-switch", models, preload=[],
+              defaults={**ENGINE_ARGS, "gpu_memory_utilization": SWITCH_UTILIZATION},
+              models_extra={n: {"path": str(models / n)} for n in SWITCH},
+              max_parked=len(SWITCH) - 1, park_min_free_bytes=4 * GiB, host_cache_bytes=0)
+    answers: dict[str, str] = {}
+
+    def swap(model: str) -> dict:
+        wall, event = wcd.wcctl("swap", model)
+        text = wcd.complete(model)
+        same = answers.setdefault(model, text) == text
+        if not same:
+            result["failures"].append(f"{model} answered differently")
+        return {"model": model, "path": event["path"], "weights": event.get("weights"),
+                "worker_s": event["total_s"], "wcctl_s": wall, "phases": event["phases"],
+                "same_output": same}
+
+    with daemon_part(wcd, result, "switch"):
+        wcd.wait_ready()
+        for model in SWITCH:
+            result["loads"].append(row := swap(model))
+            log(f"switch: loaded {model}: {row['path']} worker {row['worker_s']:.2f} s")
+        parked = [m["name"] for m in wcd.wcctl("models")[1]["models"] if m["where"] == "device"]
+        result["parked"] = parked
+        result["device_bytes"] = wcd.device_bytes()
+        result["gpu_memory_used"] = gpu_memory_used()
+        if len(set(answers.values())) < len(SWITCH):
+            result["failures"].append(f"answers not distinct: {answers}")
+        log(f"switch: on the device: {parked}, {result['device_bytes'] / GiB:.1f} GiB "
+            f"allocated, nvidia-smi {result['gpu_memory_used']}")
+        here = SWITCH[-1]
+        for model in every_ordered_pair(SWITCH, here):
+            row = {"from": here, **swap(model)}
+            result["switches"].append(row)
+            if row["path"] != "unpark":
+                result["failures"].append(f"{here} -> {model} took path {row['path']}")
+            log(f"switch: {here} -> {model}: {row['path']} worker {row['worker_s'] * 1e3:.1f} ms "
+                f"wcctl {row['wcctl_s'] * 1e3:.1f} ms same_output={row['same_output']}")
+            here = model
+    worker = [r["worker_s"] for r in result["switches"]]
+    if worker:
+        result["worker_s"] = {"median": median(worker), "max": max(worker)}
+        result["wcctl_s"] = {"median": median([r["wcctl_s"] for r in result["switches"]])}
+    log("switch:", {k: result.get(k) for k in ("worker_s", "wcctl_s", "failures")})
     return result
 
 
@@ -1248,13 +1383,15 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=Path("/tmp/wcd-gpu-models"))
     parser.add_argument("--parts", default="wcd,cold,sleep,throughput,parked",
                         help="comma-separated, of: wcd, cold, sleep, throughput, parked, tp "
-                             "(2 GPUs), hostile, residents, copy, restart (default: %(default)s)")
+                             "(2 GPUs), hostile, residents, copy, restart, switch (default: %(default)s)")
     args = parser.parse_args()
     if args.report:
         report(args.report)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    make_models(args.models)
+    parts = args.parts.split(",")
+    make_models(args.models, list(dict.fromkeys(
+        [*SAME, OTHER, *(SWITCH if "switch" in parts else [])])))
     runners = {"wcd": lambda: run_wcd(args.models, args.out),
                "cold": lambda: run_cold(args.models),
                "sleep": lambda: run_sleep(args.models),
@@ -1263,9 +1400,10 @@ def main() -> int:
                "tp": lambda: run_tp(args.models, args.out),
                "copy": run_copy,
                "restart": lambda: run_restart(args.models, args.out),
+               "switch": lambda: run_switch(args.models, args.out),
                "hostile": lambda: run_hostile(args.models, args.out),
                "residents": lambda: run_residents(args.models, args.out)}
-    for part in args.parts.split(","):
+    for part in parts:
         result = runners[part]()
         result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         (args.out / f"gpu-{part}.json").write_text(json.dumps(result, indent=1))
