@@ -20,9 +20,9 @@ qwen7b-a (Qwen2.5-7B's, ~13 GB).
 - parked: a daemon that parks up to two engines on the GPU: swaps back to a
   parked engine (with CUDA graphs, and eager) after the rebuilds.
 - switch (issue 18, item 5; not in the default parts): six models (four of
-  SAME's shape, two of OTHER's) built in turn on one CUDA worker, each parked
-  as the next comes, then a swap along every ordered pair of them (30), each
-  answer checked against the model's own first one.
+  SAME's shape, two of OTHER's) resident on one CUDA worker, then a greedy
+  stream along every ordered pair of them (30): first tokens against the same
+  model asked twice, answers against each model's own first one.
 - tp (2 GPUs): a TP=2 worker group; swaps keep both processes; big-a's
   answer against vLLM's own TP=2 run.
 - throughput: the same streamed load (bench/serve.py's clients) against vLLM's
@@ -484,14 +484,15 @@ def run_parked(models: Path, out: Path) -> dict:
     return result
 
 
-# ---- any-to-any among six parked models (issue 18, item 5) ----------------------------
+# ---- any-to-any among six models on one GPU (issue 18, item 5) -----------------------
 
 SWITCH = [f"{SAME[0].split('-')[0]}-{c}" for c in "abcd"] + \
     [f"{OTHER.split('-')[0]}-{c}" for c in "ab"]
 # vLLM refuses to build when the device's free memory is below
-# gpu_memory_utilization of the whole; with five 8B engines parked ~56 GB is
+# gpu_memory_utilization of the whole; with five 8B engines resident ~60 GB is
 # free. The KV cache's size is explicit, so this fraction sizes nothing else.
 SWITCH_UTILIZATION = 0.25
+SWITCH_TOKENS = 16
 
 
 def every_ordered_pair(names: list[str], start: str) -> list[str]:
@@ -508,54 +509,62 @@ def every_ordered_pair(names: list[str], start: str) -> list[str]:
 
 
 def run_switch(models: Path, out: Path) -> dict:
-    """One CUDA worker builds six models in turn, parking each as the next
-    comes, then switches along every ordered pair of them (30 swaps), each
-    answer checked against the model's own first one; all six answers must
-    differ. Memory with all six on the device."""
+    """Six models resident on one CUDA worker, each its own engine (a parked
+    engine only outlives a swap to another shape; same-shape models share one
+    engine, reloaded in place): `wcctl swap` the first, `wcctl load` the rest
+    beside it. Then a greedy stream along every ordered pair of them (30), each
+    answer checked against the model's own first one, its first token timed
+    against the same model asked twice in a row; all six answers must differ,
+    and no swap may happen."""
     result: dict = {"models": SWITCH, "loads": [], "switches": [], "failures": []}
     wcd = Wcd(out / "wcd-switch", models, preload=[],
               defaults={**ENGINE_ARGS, "gpu_memory_utilization": SWITCH_UTILIZATION},
               models_extra={n: {"path": str(models / n)} for n in SWITCH},
-              max_parked=len(SWITCH) - 1, park_min_free_bytes=4 * GiB, host_cache_bytes=0)
+              max_resident=len(SWITCH), host_cache_bytes=0, min_resident="0s")
     answers: dict[str, str] = {}
 
-    def swap(model: str) -> dict:
-        wall, event = wcd.wcctl("swap", model)
-        text = wcd.complete(model)
-        same = answers.setdefault(model, text) == text
-        if not same:
-            result["failures"].append(f"{model} answered differently")
-        return {"model": model, "path": event["path"], "weights": event.get("weights"),
-                "worker_s": event["total_s"], "wcctl_s": wall, "phases": event["phases"],
+    def ask(model: str, label: str) -> dict:
+        reply = _stream(wcd, model, SWITCH_TOKENS)
+        same = answers.setdefault(model, reply["text"]) == reply["text"]
+        if not same or "error" in reply:
+            result["failures"].append(f"{model} ({label}): {reply.get('error', 'other text')}")
+        return {"model": model, "ttft_s": reply["ttft_s"], "seconds": reply["seconds"],
                 "same_output": same}
 
     with daemon_part(wcd, result, "switch"):
         wcd.wait_ready()
-        for model in SWITCH:
-            result["loads"].append(row := swap(model))
+        for i, model in enumerate(SWITCH):
+            wall, event = wcd.wcctl("swap" if i == 0 else "load", model)
+            row = {"model": model, "path": event["path"], "worker_s": event["total_s"],
+                   "wcctl_s": wall, "phases": event["phases"]}
+            result["loads"].append(row)
             log(f"switch: loaded {model}: {row['path']} worker {row['worker_s']:.2f} s")
-        parked = [m["name"] for m in wcd.wcctl("models")[1]["models"] if m["where"] == "device"]
-        result["parked"] = parked
+        before = wcd.worker()
+        result["residents"] = before.get("residents")
         result["device_bytes"] = wcd.device_bytes()
         result["gpu_memory_used"] = gpu_memory_used()
+        log(f"switch: resident {before.get('residents')}, "
+            f"{result['device_bytes'] / GiB:.1f} GiB allocated, nvidia-smi "
+            f"{result['gpu_memory_used']}")
+        result["again"] = [ask(m, "again") for m in SWITCH for _ in range(2)][1::2]
         if len(set(answers.values())) < len(SWITCH):
             result["failures"].append(f"answers not distinct: {answers}")
-        log(f"switch: on the device: {parked}, {result['device_bytes'] / GiB:.1f} GiB "
-            f"allocated, nvidia-smi {result['gpu_memory_used']}")
         here = SWITCH[-1]
         for model in every_ordered_pair(SWITCH, here):
-            row = {"from": here, **swap(model)}
+            row = {"from": here, **ask(model, f"after {here}")}
             result["switches"].append(row)
-            if row["path"] != "unpark":
-                result["failures"].append(f"{here} -> {model} took path {row['path']}")
-            log(f"switch: {here} -> {model}: {row['path']} worker {row['worker_s'] * 1e3:.1f} ms "
-                f"wcctl {row['wcctl_s'] * 1e3:.1f} ms same_output={row['same_output']}")
+            log(f"switch: {here} -> {model}: first token {row['ttft_s'] * 1e3:.1f} ms "
+                f"same_output={row['same_output']}")
             here = model
-    worker = [r["worker_s"] for r in result["switches"]]
-    if worker:
-        result["worker_s"] = {"median": median(worker), "max": max(worker)}
-        result["wcctl_s"] = {"median": median([r["wcctl_s"] for r in result["switches"]])}
-    log("switch:", {k: result.get(k) for k in ("worker_s", "wcctl_s", "failures")})
+        after = wcd.worker()
+        if (after["pid"], after.get("last_swap")) != (before["pid"], before.get("last_swap")):
+            result["failures"].append("the worker swapped or restarted during the walk")
+    ttfts = [r["ttft_s"] for r in result["switches"] if r["ttft_s"] is not None]
+    if ttfts:
+        again = [r["ttft_s"] for r in result["again"] if r["ttft_s"] is not None]
+        result["ttft_s"] = {"switch_median": median(ttfts), "switch_max": max(ttfts),
+                            "again_median": median(again)}
+    log("switch:", {k: result.get(k) for k in ("ttft_s", "failures")})
     return result
 
 

@@ -5,7 +5,7 @@
 
 Each model gets a byte-level BPE tokenizer trained here (bos/eos/pad and a chat
 template) and random bf16 weights with head_dim 64 (vLLM's CPU attention needs
-it). Models of one shape differ only in their seed, so outputs tell them apart
+it; the 8B-class shapes, for CUDA, have their originals' 128). Models of one shape differ only in their seed, so outputs tell them apart
 while a swap between them stays on the same-shape path. An `embed` model is a
 Llama without its LM head (`LlamaModel`, which vLLM serves with its pooling
 runner) and a sentence-transformers pooling config: mean pooling, normalized.
@@ -42,6 +42,7 @@ class Shape:
     num_attention_heads: int
     num_key_value_heads: int
     embedding: bool = False  # no LM head; served by vLLM's pooling runner
+    head_dim: int = 64  # vLLM's CPU attention needs 64
 
 
 SHAPES = {
@@ -51,10 +52,11 @@ SHAPES = {
     # GPU benchmarks (bench/gpu.py): ~1.5 GB and ~1.6 GB in bf16.
     "big": Shape(2048, 5504, 16, 32, 8),
     "bigwide": Shape(2560, 6912, 12, 40, 8),
-    # 8B-class (WCD_BENCH_SIZE=8b): Llama-3.1-8B's and Qwen2.5-7B's layers,
-    # ~14 and ~13 GB in bf16 with this vocabulary.
-    "llama8b": Shape(4096, 14336, 32, 32, 8),
-    "qwen7b": Shape(3584, 18944, 28, 28, 4),
+    # 8B-class (WCD_BENCH_SIZE=8b, CUDA only): Llama-3.1-8B's and
+    # Qwen2.5-7B's layers, head_dim 128 as theirs, ~14 and ~13 GB in bf16
+    # with this vocabulary.
+    "llama8b": Shape(4096, 14336, 32, 32, 8, head_dim=128),
+    "qwen7b": Shape(3584, 18944, 28, 28, 4, head_dim=128),
 }
 # Wider than the usual 0.02, so greedy argmax is not decided by ties.
 INIT_STD = 0.2
@@ -136,7 +138,7 @@ def write_model(directory: Path, name: str, tokenizer) -> Path:
         num_hidden_layers=shape.num_hidden_layers,
         num_attention_heads=shape.num_attention_heads,
         num_key_value_heads=shape.num_key_value_heads,
-        head_dim=64,
+        head_dim=shape.head_dim,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
