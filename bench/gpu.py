@@ -23,6 +23,10 @@ qwen7b-a (Qwen2.5-7B's, ~13 GB).
   SAME's shape, two of OTHER's) resident on one CUDA worker, then a greedy
   stream along every ordered pair of them (30): first tokens against the same
   model asked twice, answers against each model's own first one.
+- rebuild (issue 18, item 4; not in the default parts): rebuilds with CUDA
+  graphs, shapes compiled before, under vLLM's compilation settings
+  (REBUILD_VARIANTS) and with its mega AOT artifact; a pooling engine, then a
+  generate one rebuilt.
 - tp (2 GPUs): a TP=2 worker group; swaps keep both processes; big-a's
   answer against vLLM's own TP=2 run.
 - throughput: the same streamed load (bench/serve.py's clients) against vLLM's
@@ -203,7 +207,8 @@ def interpreter_start_s(python: str, runs: int = 7) -> float:
 class Wcd:
     def __init__(self, directory: Path, models: Path, workers: list | None = None,
                  defaults: dict | None = None, http: dict | None = None,
-                 preload: list[str] | None = None, models_extra: dict | None = None, **policy):
+                 preload: list[str] | None = None, models_extra: dict | None = None,
+                 env: dict | None = None, **policy):
         directory.mkdir(parents=True, exist_ok=True)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -229,9 +234,11 @@ class Wcd:
         path.write_text(json.dumps(config))  # JSON is YAML
         self.log_path = directory / "wcd.log"
         self.started = time.perf_counter()
+        # As systemd/wcd.service runs it: no vLLM usage-stats thread per build.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "wcd.daemon.main", "--config", str(path)], cwd=ROOT,
-            stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
+            stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
+            env={**os.environ, "VLLM_NO_USAGE_STATS": "1", **(env or {})})
 
     def wcctl(self, *args: str) -> tuple[float, dict]:
         started = time.perf_counter()
@@ -482,6 +489,75 @@ def run_parked(models: Path, out: Path) -> dict:
                 f"wcctl {wall:.3f} s parked={parked} same_output={same} "
                 f"allocated {row['device_bytes'] / GiB:.2f} GiB")
     return result
+
+
+# ---- rebuilds with CUDA graphs: what they capture, how they load (issue 18, item 4) --
+
+# vLLM's compilation settings a model can be given as engine args; each is its
+# own compile key, so each shape compiles once under it before the timed rebuilds.
+REBUILD_VARIANTS = {
+    "default": {},  # FULL_AND_PIECEWISE, 35 sizes x 17 pieces + 19 full decode graphs
+    "full_decode_only": {"compilation_config": {"cudagraph_mode": "FULL_DECODE_ONLY"}},
+    "full": {"compilation_config": {"cudagraph_mode": "FULL"}},
+    "max64": {"compilation_config": {"max_cudagraph_capture_size": 64}},
+}
+REBUILD_ROUNDS = 3
+EMBED = "embed-a"
+
+
+def run_rebuild(models: Path, out: Path) -> dict:
+    """Rebuilds between SAME[0] and OTHER from the host cache, shapes compiled
+    before, under each of REBUILD_VARIANTS, then under the default with
+    vLLM's mega AOT artifact (VLLM_USE_MEGA_AOT_ARTIFACT=1, a daemon of its
+    own); answers against the default's. And a pooling model's engine (vLLM's
+    V1 runner) with graphs, then SAME[0] rebuilt (the V2 runner's capture)."""
+    result: dict = {"variants": {}, "failures": []}
+    answers: dict[str, str] = {}
+    for label, env, variants in (("graphs", {}, REBUILD_VARIANTS),
+                                 ("mega_aot", {"VLLM_USE_MEGA_AOT_ARTIFACT": "1"},
+                                  {"mega_aot": {}})):
+        extra = {f"{m}.{v}": {"path": str(models / m), **args}
+                 for v, args in variants.items() for m in (SAME[0], OTHER)}
+        wcd = Wcd(out / f"wcd-rebuild-{label}", models, preload=[], env=env,
+                  models_extra={**extra, EMBED: {"path": str(models / EMBED)}},
+                  host_cache_bytes=24 * GiB)
+        with daemon_part(wcd, result, f"rebuild {label}"):
+            wcd.wait_ready()
+            for variant in variants:
+                result["variants"][variant] = _rebuilds(wcd, variant, answers, result["failures"])
+            if label == "graphs":
+                result["pooling_then_generate"] = [_rebuild(wcd, m, answers, result["failures"])
+                                                   for m in (EMBED, f"{SAME[0]}.default")]
+            result.setdefault("vllm_timings", {})[label] = vllm_timings(wcd.log_path)
+    log("rebuild:", {v: r.get("timed_worker_s") for v, r in result["variants"].items()},
+        "failures:", result["failures"])
+    return result
+
+
+def _rebuilds(wcd: Wcd, variant: str, answers: dict, failures: list[str]) -> dict:
+    a, b = f"{SAME[0]}.{variant}", f"{OTHER}.{variant}"
+    first = [_rebuild(wcd, m, answers, failures) for m in (a, b)]  # compiles each shape
+    timed = [_rebuild(wcd, m, answers, failures) for m in [a, b] * REBUILD_ROUNDS]
+    return {"first": first, "timed": timed,
+            "timed_worker_s": median([r["worker_s"] for r in timed])}
+
+
+def _rebuild(wcd: Wcd, model: str, answers: dict, failures: list[str]) -> dict:
+    wall, event = wcd.wcctl("swap", model)
+    base = model.split(".")[0]
+    if base == EMBED:
+        status, reply = wcd.post("/v1/embeddings", {"model": model, "input": "hello world"})
+        text = str(status)
+    else:
+        text = wcd.complete(model)
+    same = answers.setdefault(base, text) == text
+    if not same:
+        failures.append(f"{model} answered differently from {base}'s first answer")
+    log(f"rebuild: {model}: {event['path']} from {event.get('weights')} worker "
+        f"{event['total_s']:.3f} s build {event['phases'].get('build', 0):.3f} s same={same}")
+    return {"model": model, "path": event["path"], "weights": event.get("weights"),
+            "worker_s": event["total_s"], "wcctl_s": wall, "phases": event["phases"],
+            "same_output": same}
 
 
 # ---- any-to-any among six models on one GPU (issue 18, item 5) -----------------------
@@ -1392,7 +1468,8 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=Path("/tmp/wcd-gpu-models"))
     parser.add_argument("--parts", default="wcd,cold,sleep,throughput,parked",
                         help="comma-separated, of: wcd, cold, sleep, throughput, parked, tp "
-                             "(2 GPUs), hostile, residents, copy, restart, switch (default: %(default)s)")
+                             "(2 GPUs), hostile, residents, copy, restart, switch, rebuild "
+                             "(default: %(default)s)")
     args = parser.parse_args()
     if args.report:
         report(args.report)
@@ -1400,7 +1477,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
     make_models(args.models, list(dict.fromkeys(
-        [*SAME, OTHER, *(SWITCH if "switch" in parts else [])])))
+        [*SAME, OTHER, *(SWITCH if "switch" in parts else []),
+         *([EMBED] if "rebuild" in parts else [])])))
     runners = {"wcd": lambda: run_wcd(args.models, args.out),
                "cold": lambda: run_cold(args.models),
                "sleep": lambda: run_sleep(args.models),
@@ -1410,6 +1488,7 @@ def main() -> int:
                "copy": run_copy,
                "restart": lambda: run_restart(args.models, args.out),
                "switch": lambda: run_switch(args.models, args.out),
+               "rebuild": lambda: run_rebuild(args.models, args.out),
                "hostile": lambda: run_hostile(args.models, args.out),
                "residents": lambda: run_residents(args.models, args.out)}
     for part in parts:
