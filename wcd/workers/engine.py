@@ -490,6 +490,7 @@ class EngineHost:
         if self.group is not None:
             self._form_world(plan.tensor_parallel_size)
         unbuilt = vllm_seams.unbuilt_copy(config)
+        vllm_seams.allow_graph_capture()
         with vllm_seams.collections_deferred(), vllm_seams.engine_stats_kept() as stats_args:
             engine = LLMEngine.from_vllm_config(config, **stats_args)
         rank = getattr(config.parallel_config.distributed_executor_backend, "rank", 0)

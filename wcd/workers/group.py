@@ -175,6 +175,7 @@ class Follower:
         if solo:
             self.solo.add(engine_id)
         self.wrappers[engine_id] = wrapper
+        vllm_seams.allow_graph_capture()
         wrapper.init_worker(all_kwargs)
         wrapper.init_device()
         wrapper.load_model()

