@@ -190,6 +190,10 @@ def cli_command() -> list[str]:
         script.write_text(f"#!{venv}/bin/python\nimport sys\nfrom wcd.cli import main\n"
                           "sys.exit(main())\n")
         script.chmod(0o755)
+        # as pip's install compiles them; this tree may never have been run
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", str(ROOT / "wcd")],
+                       check=True, env=env)
     return [str(script)]
 
 
@@ -635,6 +639,7 @@ def run_switch(models: Path, out: Path) -> dict:
         after = wcd.worker()
         if (after["pid"], after.get("last_swap")) != (before["pid"], before.get("last_swap")):
             result["failures"].append("the worker swapped or restarted during the walk")
+    result["vllm_timings"] = vllm_timings(wcd.log_path)
     ttfts = [r["ttft_s"] for r in result["switches"] if r["ttft_s"] is not None]
     if ttfts:
         again = [r["ttft_s"] for r in result["again"] if r["ttft_s"] is not None]
