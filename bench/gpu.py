@@ -41,7 +41,9 @@ qwen7b-a (Qwen2.5-7B's, ~13 GB).
   SIGHUP) short of three busy models: 512-token streams of big-a and
   bigwide-a, then big-b: suspensions, texts against alone, big-b's first token.
 
-`wcctl` runs as a console script in a bare venv of its own (cli_command).
+`wcctl` runs as a console script in a bare venv of its own (cli_command);
+vLLM's and wcd's sources are byte-compiled first, as pip's install leaves them
+(compile_sources).
 Writes DIR/gpu-PART.json per part. Back on the development machine,
 `python bench/gpu.py --report DIR` turns them into the "## GPU (bench/gpu.py)"
 section of BENCHMARKS.md and bench/gpu-swaps.png.
@@ -98,6 +100,24 @@ def make_models(models: Path, names: list[str]) -> None:
                     "--names", ",".join(names), *(["--share-layers"] if SIZE == "8b" else [])],
                    check=True, cwd=ROOT)
     log(f"models made in {time.perf_counter() - started:.1f} s")
+
+
+def compile_sources() -> None:
+    """vLLM's site directory and wcd byte-compiled, as pip's install leaves
+    them: the device recipe installs with --no-compile, so an interpreter that
+    may not write bytecode (PYTHONDONTWRITEBYTECODE) would compile every vLLM
+    module again at each worker's start, and a restart's figures would be the
+    recipe's, not a user's."""
+    import importlib.util
+
+    package = Path(importlib.util.find_spec("vllm").origin).parent
+    if (package / "__pycache__").is_dir():
+        return
+    started = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(package.parent),
+                    str(ROOT / "wcd")], env=env, stdout=subprocess.DEVNULL)
+    log(f"sources byte-compiled in {time.perf_counter() - started:.1f} s")
 
 
 def weight_bytes(path: Path) -> int:
@@ -1480,6 +1500,7 @@ def main() -> int:
         report(args.report)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    compile_sources()
     parts = args.parts.split(",")
     make_models(args.models, list(dict.fromkeys(
         [*SAME, OTHER, *(SWITCH if "switch" in parts else []),
