@@ -23,10 +23,10 @@ qwen7b-a (Qwen2.5-7B's, ~13 GB).
   SAME's shape, two of OTHER's) resident on one CUDA worker, then a greedy
   stream along every ordered pair of them (30): first tokens against the same
   model asked twice, answers against each model's own first one.
-- rebuild (issue 18, item 4; not in the default parts): rebuilds with CUDA
-  graphs, shapes compiled before, under vLLM's compilation settings
-  (REBUILD_VARIANTS) and with its mega AOT artifact; a pooling engine, then a
-  generate one rebuilt.
+- rebuild (issue 18, item 4; not in the default parts): a pooling engine, then
+  a generate one rebuilt; rebuilds with CUDA graphs, shapes compiled before,
+  under vLLM's compilation settings (REBUILD_VARIANTS), and without its mega
+  AOT artifact.
 - tp (2 GPUs): a TP=2 worker group; swaps keep both processes; big-a's
   answer against vLLM's own TP=2 run.
 - throughput: the same streamed load (bench/serve.py's clients) against vLLM's
@@ -531,15 +531,17 @@ EMBED = "embed-a"
 
 def run_rebuild(models: Path, out: Path) -> dict:
     """Rebuilds between SAME[0] and OTHER from the host cache, shapes compiled
-    before, under each of REBUILD_VARIANTS, then under the default with
-    vLLM's mega AOT artifact (VLLM_USE_MEGA_AOT_ARTIFACT=1, a daemon of its
-    own); answers against the default's. And a pooling model's engine (vLLM's
-    V1 runner) with graphs, then SAME[0] rebuilt (the V2 runner's capture)."""
+    before, under each of REBUILD_VARIANTS as workers run them (vLLM's mega
+    AOT artifact on), then under the default with the artifact off
+    (VLLM_USE_MEGA_AOT_ARTIFACT=0, a daemon of its own: vLLM's default on
+    torch < 2.12); answers against the default's. And a pooling model's engine
+    (vLLM's V1 runner) with graphs, then SAME[0] rebuilt (the V2 runner's
+    capture, vllm_seams seam 21)."""
     result: dict = {"variants": {}, "failures": []}
     answers: dict[str, str] = {}
     for label, env, variants in (("graphs", {}, REBUILD_VARIANTS),
-                                 ("mega_aot", {"VLLM_USE_MEGA_AOT_ARTIFACT": "1"},
-                                  {"mega_aot": {}})):
+                                 ("no_mega_aot", {"VLLM_USE_MEGA_AOT_ARTIFACT": "0"},
+                                  {"no_mega_aot": {}})):
         extra = {f"{m}.{v}": {"path": str(models / m), **args}
                  for v, args in variants.items() for m in (SAME[0], OTHER)}
         wcd = Wcd(out / f"wcd-rebuild-{label}", models, preload=[], env=env,
@@ -547,12 +549,12 @@ def run_rebuild(models: Path, out: Path) -> dict:
                   host_cache_bytes=24 * GiB)
         with daemon_part(wcd, result, f"rebuild {label}"):
             wcd.wait_ready()
-            for variant in variants:
-                result["variants"][variant] = _rebuilds(wcd, variant, answers, result["failures"])
             if label == "graphs":
                 result["pooling_then_generate"] = [_rebuild(wcd, m, answers, result["failures"])
                                                    for m in (EMBED, f"{SAME[0]}.default")]
-            result.setdefault("vllm_timings", {})[label] = vllm_timings(wcd.log_path)
+            for variant in variants:
+                result["variants"][variant] = _rebuilds(wcd, variant, answers, result["failures"])
+        result.setdefault("vllm_timings", {})[label] = vllm_timings(wcd.log_path)
     log("rebuild:", {v: r.get("timed_worker_s") for v, r in result["variants"].items()},
         "failures:", result["failures"])
     return result
