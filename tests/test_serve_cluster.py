@@ -217,7 +217,7 @@ def test_autoscaling_goes_from_one_replica_to_two_under_load(cluster, config):
         workers = [pool.submit(load, model) for model in (*MODELS, "small-a")]
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and len(seen) < 2:
-            time.sleep(1)
+            time.sleep(0.1)
         stop.set()
         concurrent.futures.wait(workers)
     assert len(seen) == 2, "Serve never added the second replica"
