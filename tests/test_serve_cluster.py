@@ -29,6 +29,8 @@ from wcd.serve.deployments import ACTOR_OPTIONS, ModelReplica, OpenAIIngress  # 
 pytestmark = pytest.mark.vllm
 MODELS = ("small-a", "small-b", "wide-a")
 NAMESPACE = "serve"
+# Long enough that a stream is still running when its replica is killed.
+STREAM_TOKENS = 400
 APP = "default"
 
 
@@ -137,14 +139,15 @@ def test_an_unknown_model_is_vllms_404(cluster, config):
         client(cluster).completions.create(model="nope", prompt="hi")
 
 
-def _stream(url: str, model: str) -> str:
-    """One streamed completion to its end: what it became."""
+def _stream(url: str, model: str, started: threading.Event) -> str:
+    """One streamed completion to its end: what it became. `started` is set
+    at its first chunk."""
     try:
         stream = client(url).completions.create(model=model, prompt=PROMPTS[0], stream=True,
-                                                max_tokens=200, temperature=0,
+                                                max_tokens=STREAM_TOKENS, temperature=0,
                                                 extra_body={"ignore_eos": True})
         for _ in stream:
-            pass
+            started.set()
         outcome = "complete"
     except openai.APIStatusError as exc:
         outcome = f"status {exc.status_code}"
@@ -152,23 +155,25 @@ def _stream(url: str, model: str) -> str:
         outcome = "connection closed"
     except openai.APIError:  # the stream's error event, as vLLM's server sends one
         outcome = "error event"
+    started.set()
     return outcome
 
 
 def test_a_killed_replica_is_replaced_and_traffic_goes_on(cluster, config):
     deploy(config, num_replicas=2)
     _, victim, _ = complete(cluster, "small-a")
+    started = [threading.Event() for _ in range(4)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        streams = [pool.submit(_stream, cluster, "small-a") for _ in range(4)]
-        time.sleep(1.0)  # in flight on the replica that holds small-a
+        streams = [pool.submit(_stream, cluster, "small-a", event) for event in started]
+        # each in flight on the replica that holds small-a, far from its end
+        assert all(event.wait(120) for event in started)
         ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#wcd-models#{victim}"), no_restart=True)
         # None hangs: each ends, well before its own 300 s timeout.
         done, pending = concurrent.futures.wait(streams, timeout=120)
     assert not pending
     results = [stream.result() for stream in streams]
-    assert all(
-        outcome in ("complete", "error event", "status 503", "connection closed")
-        for outcome in results), results
+    assert all(outcome in ("error event", "status 503", "connection closed")
+               for outcome in results), results
     # Serve replaces the replica; requests keep being answered meanwhile.
     deadline = time.monotonic() + 240
     replicas = set()
