@@ -159,8 +159,8 @@ def loop():
 
 
 # The end-to-end daemon the modules share (test_daemon, test_faults,
-# test_status_page): one start (~30-60 s on a 2-core box) instead of one per
-# module. WATCHDOG_USEC is test_daemon's: its watchdog test counts the pings.
+# test_metrics_vllm, test_status_page): one start (~15-60 s on a 2-core box)
+# instead of one per module. WATCHDOG_USEC is test_daemon's: its watchdog test counts the pings.
 SHARED_DAEMON_ENV = {"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": ""}
 
 

@@ -174,16 +174,30 @@ def paused(pid: int):
 
 
 @contextlib.contextmanager
+def started(directory: Path, model_root: Path, env: dict | None = None,
+            **overrides) -> Iterator[Daemon]:
+    """A daemon just started, not yet serving, stopped on the way out
+    whatever happened: what else a test needs can start meanwhile."""
+    daemon = Daemon(write_config(directory, model_root, **overrides), env=env)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@contextlib.contextmanager
 def serving(directory: Path, model_root: Path, env: dict | None = None,
             **overrides) -> Iterator[Daemon]:
     """A daemon serving its preload (small-a unless overridden), stopped on
     the way out whatever happened: a module's shared daemon."""
-    daemon = Daemon(write_config(directory, model_root, **overrides), env=env)
-    try:
-        daemon.wait_serving(overrides.get("preload", ["small-a"])[0])
+    with started(directory, model_root, env, **overrides) as daemon:
+        daemon.wait_serving(preloaded(overrides))
         yield daemon
-    finally:
-        daemon.stop()
+
+
+def preloaded(overrides: dict) -> str:
+    """The model a daemon of these config overrides serves first."""
+    return overrides.get("preload", ["small-a"])[0]
 
 
 class SharedDaemon:
@@ -208,7 +222,7 @@ class SharedDaemon:
         directory.mkdir()
         self.daemon = Daemon(write_config(directory, self.model_root, **self.overrides),
                              env=self.env)
-        self.daemon.wait_serving(self.overrides.get("preload", ["small-a"])[0])
+        self.daemon.wait_serving(preloaded(self.overrides))
         return self.daemon
 
     def close(self) -> None:

@@ -261,7 +261,11 @@ def test_control_characters_in_a_model_name_never_reach_systemd(daemon, demo_mod
     for path in ("/v1/models/small-a%0AWATCHDOG_USEC=1", "/v1/models/%ff%fe"):
         status, reply = send(daemon, path)
         assert error_of(status, json.loads(reply))[0] == 404
-    time.sleep(1.5)  # the daemon reports STATUS= at most once a second
+    # The daemon reports STATUS= at most once a second: the next one is of
+    # its state after these requests.
+    reported = len(daemon.notify.messages)
+    wait_until(lambda: any(m.startswith("STATUS=") for m in daemon.notify.messages[reported:]),
+               timeout=10, what="a STATUS= report after the requests")
     assert not [m for m in daemon.notify.messages if "WATCHDOG_USEC" in m or "pwned" in m]
 
 
@@ -327,10 +331,13 @@ def escaping_model(demo_models, tmp_path):
 
 
 def test_a_file_linked_out_of_the_root_is_never_loaded(daemon, escaping_model):
-    done = daemon.wcctl("swap", escaping_model)
-    assert done.returncode != 0 and "root" in done.stderr, done.stderr
+    # The request first: it may evict a resident only after min_resident (5 s),
+    # which the module's small-a has served for, and wcctl's swap (it may
+    # always) would have brought small-a back anew.
     status, reply = complete(daemon, {"model": escaping_model, "prompt": "x", "max_tokens": 1})
     assert error_of(status, reply)[0] == 422
+    done = daemon.wcctl("swap", escaping_model)
+    assert done.returncode != 0 and "root" in done.stderr, done.stderr
     assert the_worker(daemon)["model"] == "small-a"
 
 

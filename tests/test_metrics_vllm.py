@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MODELS
-from daemon_harness import openai_client, serving
+from daemon_harness import openai_client
 from wcd.daemon.metrics import Metrics
 from wcd.workers import protocol as p
 
@@ -241,37 +241,46 @@ def _poll(url: str, done, timeout: float = 30) -> dict:
         time.sleep(0.1)
 
 
-def test_a_daemon_serves_them(tmp_path, demo_models):
+def test_a_daemon_serves_them(shared_daemon):
+    """On conftest's shared daemon, serving small-a alone (one engine config):
+    its counters as this test moved them."""
     model = {"model_name": MODEL, "engine": "0"}
     usage = "vllm:kv_cache_usage_perc"
-    with serving(tmp_path, demo_models) as daemon:
-        client = openai_client(daemon)
-        reply = client.completions.create(
-            model=MODEL, prompt="hello world", n=2, max_tokens=4, seed=0)
-        f = _scrape(daemon.url)
-        # A long generation holds KV blocks, which the worker's health reports show.
-        with client.completions.create(model=MODEL, prompt="hello world", max_tokens=400,
-                                       stream=True, extra_body={"ignore_eos": True}) as stream:
-            next(iter(stream))
-            busy = _poll(daemon.url, lambda f: _value(f, usage, usage, **model) > 0)
+    daemon = shared_daemon.get()
+    swapped = daemon.wcctl("swap", MODEL)
+    assert swapped.returncode == 0, swapped.stderr
+    client = openai_client(daemon)
+    before = _scrape(daemon.url)
+    reply = client.completions.create(
+        model=MODEL, prompt="hello world", n=2, max_tokens=4, seed=0)
+    f = _scrape(daemon.url)
+    # A long generation holds KV blocks, which the worker's health reports show.
+    with client.completions.create(model=MODEL, prompt="hello world", max_tokens=400,
+                                   stream=True, extra_body={"ignore_eos": True}) as stream:
+        next(iter(stream))
+        busy = _poll(daemon.url, lambda f: _value(f, usage, usage, **model) > 0)
     assert 0 < _value(busy, usage, usage, **model) <= 1
+
+    def added(name: str, sample: str, **labels) -> float:
+        return _value(f, name, sample, **labels) - _value(before, name, sample, **labels)
+
     reasons = [c.finish_reason for c in reply.choices]
     for reason in set(reasons):
-        assert _value(f, "vllm:request_success", "vllm:request_success_total",
-                      finished_reason=reason, **model) == reasons.count(reason)
-    assert _value(f, "vllm:generation_tokens", "vllm:generation_tokens_total",
-                  **model) == reply.usage.completion_tokens
-    assert _value(f, "vllm:prompt_tokens", "vllm:prompt_tokens_total",
-                  **model) == 2 * reply.usage.prompt_tokens
-    assert _value(f, "vllm:request_params_n", "vllm:request_params_n_sum", **model) == 2
+        assert added("vllm:request_success", "vllm:request_success_total",
+                     finished_reason=reason, **model) == reasons.count(reason)
+    assert added("vllm:generation_tokens", "vllm:generation_tokens_total",
+                 **model) == reply.usage.completion_tokens
+    assert added("vllm:prompt_tokens", "vllm:prompt_tokens_total",
+                 **model) == 2 * reply.usage.prompt_tokens
+    assert added("vllm:request_params_n", "vllm:request_params_n_sum", **model) == 2
     # The engine's own records of the two choices (two engine requests).
     for phase in ("queue", "prefill", "decode", "inference"):
         name = f"vllm:request_{phase}_time_seconds"
-        assert _value(f, name, name + "_count", **model) == 2, name
-    assert _value(f, "vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum",
-                  **model) == 2 * 4
+        assert added(name, name + "_count", **model) == 2, name
+    assert added("vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum",
+                 **model) == 2 * 4
     iteration = "vllm:iteration_tokens_total"
-    assert _value(f, iteration, iteration + "_sum", **model) == (
+    assert added(iteration, iteration + "_sum", **model) == (
         2 * reply.usage.prompt_tokens + reply.usage.completion_tokens)
     info = f["vllm:cache_config_info"].samples
     assert len(info) == 1 and int(info[0].labels["kv_cache_size_tokens"]) > 0

@@ -2,7 +2,8 @@
 real Serve, and a real wcd daemon with a vLLM CPU worker in each replica.
 
 One cluster for the module; each test deploys the application as it needs
-it (two replicas, or Serve's autoscaling from one).
+it (two replicas, or Serve's autoscaling from one), on the replicas of the
+test before where it needs the same.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from wcd.serve.deployments import ACTOR_OPTIONS, ModelReplica, OpenAIIngress  # 
 pytestmark = pytest.mark.vllm
 MODELS = ("small-a", "small-b", "wide-a")
 NAMESPACE = "serve"
+# Long enough that a stream is still running when its replica is killed.
+STREAM_TOKENS = 400
+APP = "default"
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +63,37 @@ def cluster():
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        _deployed.clear()
         serve.shutdown()
         ray.shutdown()
         nodes.shutdown()
 
 
+# The config and replica options of the application the module's cluster runs.
+_deployed: list[tuple[str, dict]] = []
+# A stopping replica first waits this long for its requests (Serve's default
+# 2 s), and each deploy here stops the replicas of the one before.
+SHUTDOWN_WAIT_LOOP_S = 0.1
+
+
 def deploy(config: str, **replica_options) -> None:
+    """The application with these replica options, on replicas of its own.
+    Deployed already and running: kept as it is. Otherwise deleted first: a
+    redeploy over running replicas replaces them one at a time (a new code
+    version each serve.run), and an autoscaling one keeps their number where
+    it should start from its minimum."""
+    app = serve.status().applications.get(APP)
+    if _deployed == [(config, replica_options)] and app and app.status == "RUNNING":
+        return
+    _deployed.clear()
+    serve.delete(APP)
     replicas = ModelReplica.options(max_replicas_per_node=1, health_check_period_s=1,
+                                    graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
                                     ray_actor_options={**ACTOR_OPTIONS, "num_cpus": 1},
                                     **replica_options)
-    serve.run(OpenAIIngress.bind(replicas.bind(config), config), route_prefix="/")
+    ingress = OpenAIIngress.options(graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S)
+    serve.run(ingress.bind(replicas.bind(config), config), name=APP, route_prefix="/")
+    _deployed.append((config, replica_options))
 
 
 def client(url: str) -> openai.OpenAI:
@@ -109,18 +134,20 @@ def test_outputs_equal_vllms_and_each_model_stays_where_it_loaded(cluster, confi
 
 
 def test_an_unknown_model_is_vllms_404(cluster, config):
+    deploy(config, num_replicas=2)
     with pytest.raises(openai.NotFoundError, match="The model `nope` does not exist"):
         client(cluster).completions.create(model="nope", prompt="hi")
 
 
-def _stream(url: str, model: str) -> str:
-    """One streamed completion to its end: what it became."""
+def _stream(url: str, model: str, started: threading.Event) -> str:
+    """One streamed completion to its end: what it became. `started` is set
+    at its first chunk."""
     try:
         stream = client(url).completions.create(model=model, prompt=PROMPTS[0], stream=True,
-                                                max_tokens=200, temperature=0,
+                                                max_tokens=STREAM_TOKENS, temperature=0,
                                                 extra_body={"ignore_eos": True})
         for _ in stream:
-            pass
+            started.set()
         outcome = "complete"
     except openai.APIStatusError as exc:
         outcome = f"status {exc.status_code}"
@@ -128,23 +155,25 @@ def _stream(url: str, model: str) -> str:
         outcome = "connection closed"
     except openai.APIError:  # the stream's error event, as vLLM's server sends one
         outcome = "error event"
+    started.set()
     return outcome
 
 
 def test_a_killed_replica_is_replaced_and_traffic_goes_on(cluster, config):
     deploy(config, num_replicas=2)
     _, victim, _ = complete(cluster, "small-a")
+    started = [threading.Event() for _ in range(4)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        streams = [pool.submit(_stream, cluster, "small-a") for _ in range(4)]
-        time.sleep(1.0)  # in flight on the replica that holds small-a
-        ray.kill(ray.get_actor(f"SERVE_REPLICA::default#wcd-models#{victim}"), no_restart=True)
+        streams = [pool.submit(_stream, cluster, "small-a", event) for event in started]
+        # each in flight on the replica that holds small-a, far from its end
+        assert all(event.wait(120) for event in started)
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#wcd-models#{victim}"), no_restart=True)
         # None hangs: each ends, well before its own 300 s timeout.
         done, pending = concurrent.futures.wait(streams, timeout=120)
     assert not pending
     results = [stream.result() for stream in streams]
-    assert all(
-        outcome in ("complete", "error event", "status 503", "connection closed")
-        for outcome in results), results
+    assert all(outcome in ("error event", "status 503", "connection closed")
+               for outcome in results), results
     # Serve replaces the replica; requests keep being answered meanwhile.
     deadline = time.monotonic() + 240
     replicas = set()
@@ -176,6 +205,7 @@ def test_autoscaling_goes_from_one_replica_to_two_under_load(cluster, config):
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
         "upscale_delay_s": 1, "downscale_delay_s": 600, "metrics_interval_s": 0.5,
         "look_back_period_s": 2})
+    assert _replica_states() == {"RUNNING": 1}
     failures, seen = [], set()
     stop = threading.Event()
 
@@ -192,8 +222,13 @@ def test_autoscaling_goes_from_one_replica_to_two_under_load(cluster, config):
         workers = [pool.submit(load, model) for model in (*MODELS, "small-a")]
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and len(seen) < 2:
-            time.sleep(1)
+            time.sleep(0.1)
         stop.set()
         concurrent.futures.wait(workers)
     assert len(seen) == 2, "Serve never added the second replica"
     assert failures == []
+
+
+def _replica_states() -> dict[str, int]:
+    """How many of wcd's model replicas are in each state, as Serve sees them."""
+    return serve.status().applications[APP].deployments["wcd-models"].replica_states

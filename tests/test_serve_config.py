@@ -57,6 +57,9 @@ def test_serve_run_of_the_shipped_config_serves_completions(tmp_path, demo_model
         deployment["ray_actor_options"]["num_gpus"] = 0
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = 1
+        # Serve stops the deployments one after the other when serve run
+        # ends, each replica first waiting a loop for its requests (2 s).
+        deployment["graceful_shutdown_wait_loop_s"] = 0.1
     ServeDeploySchema.model_validate(config)
     serve_yaml = tmp_path / "serve.yaml"
     serve_yaml.write_text(yaml.safe_dump(config))
@@ -90,5 +93,5 @@ def _completion(url: str, server: subprocess.Popen, log: Path) -> dict:
             with urllib.request.urlopen(request, timeout=120) as answer:
                 return json.loads(answer.read())
         except (urllib.error.URLError, ConnectionError):
-            time.sleep(1)
+            time.sleep(0.2)
     raise AssertionError(f"serve run never answered:\n{log.read_text()[-4000:]}")

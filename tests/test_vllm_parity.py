@@ -5,10 +5,11 @@ the same status and the same JSON (ids and timestamps aside), streamed or not.
 Greedy decoding on both: the generated tokens, logprobs and text must match
 too, since both run the same vLLM on the same weights.
 
-Three pairs of servers, one after the other: plain, with parsers (vLLM's
-`--enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser
-qwen3`, wcd's small-a with the same tool_call_parser and reasoning_parser)
-for tool calling and reasoning, and pooling (`--runner pooling` on the
+Three pairs of servers, one pair after the other (the two of a pair start
+side by side): plain, with parsers (vLLM's `--enable-auto-tool-choice
+--tool-call-parser hermes --reasoning-parser qwen3`, wcd's small-a with the
+same tool_call_parser and reasoning_parser) for tool calling and reasoning,
+and pooling (`--runner pooling` on the
 embedding model embed-a, whose vectors and scores must be equal to the bit:
 the same engine on the same tokens). The random-weight model calls tools
 when a forced tool_choice or a structured output makes it.
@@ -30,7 +31,7 @@ import jsonschema
 import pytest
 
 from conftest import ENGINE_ARGS, ROOT, installed_vllm
-from daemon_harness import DEVICE, POLICY, free_port, serving
+from daemon_harness import DEVICE, POLICY, free_port, started
 
 # Fields that differ by construction: ids and clocks.
 IGNORED = {"id", "created"}
@@ -565,10 +566,10 @@ def flavor(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def vllm_url(flavor, demo_models, tmp_path_factory, request):
-    """vLLM's own OpenAI server on the flavor's model, as `vllm serve` runs it."""
-    if flavor == POOLING:
-        request.getfixturevalue("embed_model")
+def vllm_url(flavor, wcd_daemon, demo_models, tmp_path_factory):
+    """vLLM's own OpenAI server on the flavor's model, as `vllm serve` runs it,
+    started while wcd's daemon comes up: the pair is ready in the time of the
+    slower (each start is mostly one busy core)."""
     port = free_port()
     model = _MODEL[flavor]
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -613,15 +614,24 @@ _WCD_MODEL_ARGS = {PARSERS: WCD_PARSERS, POOLING: {"runner": "pooling"}}
 
 
 @pytest.fixture(scope="module")
-def wcd_url(flavor, demo_models, tmp_path_factory):
+def wcd_daemon(flavor, demo_models, tmp_path_factory, request):
+    """wcd's daemon for the flavor, started, not yet serving."""
+    if flavor == POOLING:
+        request.getfixturevalue("embed_model")
     # small-a alone, as vLLM serves it: refusals name the models served.
     model = _MODEL[flavor]
     models = {model: {"path": str(demo_models / model), **_WCD_MODEL_ARGS.get(flavor, {})}}
     http = {"host": "127.0.0.1", "port": free_port(),
             "trust_request_chat_template": flavor in (PARSERS, POOLING)}
-    with serving(tmp_path_factory.mktemp("wcd"), demo_models, models=models, http=http,
+    with started(tmp_path_factory.mktemp("wcd"), demo_models, models=models, http=http,
                  preload=[model], policy={**POLICY, "max_resident": 1}) as daemon:
-        yield daemon.url
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def wcd_url(flavor, wcd_daemon):
+    wcd_daemon.wait_serving(_MODEL[flavor])
+    return wcd_daemon.url
 
 
 @pytest.mark.parametrize("flavor", [PLAIN], indirect=True)
