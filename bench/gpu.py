@@ -103,21 +103,22 @@ def make_models(models: Path, names: list[str]) -> None:
 
 
 def compile_sources() -> None:
-    """vLLM's site directory and wcd byte-compiled, as pip's install leaves
-    them: the device recipe installs with --no-compile, so an interpreter that
-    may not write bytecode (PYTHONDONTWRITEBYTECODE) would compile every vLLM
-    module again at each worker's start, and a restart's figures would be the
+    """wcd's sources, and vLLM's site directory if it has no bytecode,
+    byte-compiled as pip's install leaves them: the device recipe installs
+    with --no-compile, so an interpreter that may not write bytecode
+    (PYTHONDONTWRITEBYTECODE) would compile every vLLM module again at each
+    worker's start, and wcctl's own at each call: the figures would be the
     recipe's, not a user's."""
     import importlib.util
 
     package = Path(importlib.util.find_spec("vllm").origin).parent
-    if (package / "__pycache__").is_dir():
-        return
+    sources = [str(ROOT / "wcd"),
+               *([] if (package / "__pycache__").is_dir() else [str(package.parent)])]
     started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(package.parent),
-                    str(ROOT / "wcd")], env=env, stdout=subprocess.DEVNULL)
-    log(f"sources byte-compiled in {time.perf_counter() - started:.1f} s")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *sources], env=env,
+                   stdout=subprocess.DEVNULL)
+    log(f"{', '.join(sources)} byte-compiled in {time.perf_counter() - started:.1f} s")
 
 
 def weight_bytes(path: Path) -> int:
@@ -191,13 +192,16 @@ def run_sleep(models: Path) -> dict:
 # ---- wcd ------------------------------------------------------------------------------
 
 
+CLI_VENV = Path("/tmp/wcd-cli-venv")
+
+
 def cli_command() -> list[str]:
     """`wcctl` as a user's install runs it: a console script in a venv of its
     own, whose interpreter skips the system site-packages (where the device
     machine's numba-cuda .pth alone costs 44 ms a start). The CLI imports only
     the stdlib, so the venv needs nothing but a path to wcd. The system
     interpreter when venv is unavailable."""
-    venv = Path("/tmp/wcd-cli-venv")
+    venv = CLI_VENV
     script = venv / "bin" / "wcctl"
     if not script.exists():
         done = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
@@ -210,10 +214,6 @@ def cli_command() -> list[str]:
         script.write_text(f"#!{venv}/bin/python\nimport sys\nfrom wcd.cli import main\n"
                           "sys.exit(main())\n")
         script.chmod(0o755)
-        # as pip's install compiles them; this tree may never have been run
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", str(ROOT / "wcd")],
-                       check=True, env=env)
     return [str(script)]
 
 
@@ -394,9 +394,10 @@ def run_wcd(models: Path, out: Path) -> dict:
                                  if "into the model (kernel)" in line]
     log("wcd: snapshot copies, GB/s:", result["copies_gb_per_s"])
     result["cli"] = cli_command()
-    result["interpreter_start_s"] = {"system": interpreter_start_s(sys.executable),
-                                     "cli": interpreter_start_s(cli_command()[0].replace(
-                                         "wcctl", "python"))}
+    result["interpreter_start_s"] = {
+        "system": interpreter_start_s(sys.executable),
+        "cli": interpreter_start_s(str(CLI_VENV / "bin" / "python"))
+        if (CLI_VENV / "bin" / "python").exists() else None}
     log("wcd: interpreter starts", result["interpreter_start_s"])
     result["vllm_timings"] = vllm_timings(wcd.log_path)
     return result

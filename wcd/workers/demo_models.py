@@ -5,8 +5,9 @@
 
 Each model gets a byte-level BPE tokenizer trained here (bos/eos/pad and a chat
 template) and random bf16 weights with head_dim 64 (vLLM's CPU attention needs
-it; the 8B-class shapes, for CUDA, have their originals' 128). Models of one shape differ only in their seed, so outputs tell them apart
-while a swap between them stays on the same-shape path. An `embed` model is a
+it; the 8B-class shapes, for CUDA, have their originals' 128). Models of one
+shape differ only in their seed, so outputs tell them apart while a swap
+between them stays on the same-shape path. An `embed` model is a
 Llama without its LM head (`LlamaModel`, which vLLM serves with its pooling
 runner) and a sentence-transformers pooling config: mean pooling, normalized.
 
