@@ -274,6 +274,14 @@ class Wcd:
             raise RuntimeError(f"wcctl {' '.join(args)}: {done.stderr.strip()}\n{self.tail()}")
         return wall, json.loads(done.stdout)
 
+    def operate(self, command: str, model: str) -> dict:
+        """`wcctl swap` or `load` of `model`: the path the worker took, where
+        the weights came from, the worker's own time and phases, and wcctl's
+        wall time around it."""
+        wall, event = self.wcctl(command, model)
+        return {"model": model, "path": event["path"], "weights": event.get("weights"),
+                "worker_s": event["total_s"], "wcctl_s": wall, "phases": event["phases"]}
+
     def worker(self) -> dict:
         return self.wcctl("ps")[1]["workers"][0]
 
@@ -349,19 +357,16 @@ def run_wcd(models: Path, out: Path) -> dict:
     answers: dict[str, str] = {}
 
     def swap(model: str, label: str) -> dict:
-        wall, event = wcd.wcctl("swap", model)
+        row = {"label": label, **wcd.operate("swap", model)}
         text = wcd.complete(model)
         answers.setdefault(model, text)
-        same = text == answers[model]
+        row["same_output"] = same = text == answers[model]
         if not same:
             result["failures"].append(f"{model} answered differently after {label}")
-        row = {"label": label, "model": model, "path": event["path"],
-               "weights": event.get("weights"), "wcctl_s": wall,
-               "worker_s": event["total_s"], "phases": event["phases"], "same_output": same}
         result["swaps"].append(row)
-        log(f"{label}: {model} {event['path']} from {event.get('weights')} "
-            f"wcctl {wall:.3f} s worker {event['total_s']:.3f} s "
-            f"build {event['phases'].get('build', 0):.3f} s same_output={same}")
+        log(f"{label}: {model} {row['path']} from {row['weights']} "
+            f"wcctl {row['wcctl_s']:.3f} s worker {row['worker_s']:.3f} s "
+            f"build {row['phases'].get('build', 0):.3f} s same_output={same}")
         return row
 
     with daemon_part(wcd, result, "wcd"):
@@ -498,7 +503,7 @@ def run_parked(models: Path, out: Path) -> dict:
         wcd.wait_serving(SAME[0])
         answers[SAME[0]] = wcd.complete(SAME[0])
         for model, label in PARKED_SEQUENCE:
-            wall, event = wcd.wcctl("swap", model)
+            row = {"label": label, **wcd.operate("swap", model)}
             text = wcd.complete(model)
             same = answers.setdefault(model, text) == text
             if not same:
@@ -506,12 +511,10 @@ def run_parked(models: Path, out: Path) -> dict:
             allocated = wcd.device_bytes()  # after a ping, which also reports what is parked
             parked = [m["name"] for m in wcd.wcctl("models")[1]["models"]
                       if m["where"] == "device"]
-            row = {"label": label, "model": model, "path": event["path"],
-                   "wcctl_s": wall, "worker_s": event["total_s"], "phases": event["phases"],
-                   "same_output": same, "parked": parked, "device_bytes": allocated}
+            row.update(same_output=same, parked=parked, device_bytes=allocated)
             result["swaps"].append(row)
-            log(f"parked: {label}: {event['path']} worker {event['total_s']:.3f} s "
-                f"wcctl {wall:.3f} s parked={parked} same_output={same} "
+            log(f"parked: {label}: {row['path']} worker {row['worker_s']:.3f} s "
+                f"wcctl {row['wcctl_s']:.3f} s parked={parked} same_output={same} "
                 f"allocated {row['device_bytes'] / GiB:.2f} GiB")
     return result
 
@@ -574,21 +577,19 @@ def _rebuilds(wcd: Wcd, variant: str, answers: dict, failures: list[str]) -> dic
 
 
 def _rebuild(wcd: Wcd, model: str, answers: dict, failures: list[str]) -> dict:
-    wall, event = wcd.wcctl("swap", model)
+    row = wcd.operate("swap", model)
     base = model.split(".")[0]
     if base == EMBED:
         status, reply = wcd.post("/v1/embeddings", {"model": model, "input": "hello world"})
         text = str(status)
     else:
         text = wcd.complete(model)
-    same = answers.setdefault(base, text) == text
+    row["same_output"] = same = answers.setdefault(base, text) == text
     if not same:
         failures.append(f"{model} answered differently from {base}'s first answer")
-    log(f"rebuild: {model}: {event['path']} from {event.get('weights')} worker "
-        f"{event['total_s']:.3f} s build {event['phases'].get('build', 0):.3f} s same={same}")
-    return {"model": model, "path": event["path"], "weights": event.get("weights"),
-            "worker_s": event["total_s"], "wcctl_s": wall, "phases": event["phases"],
-            "same_output": same}
+    log(f"rebuild: {model}: {row['path']} from {row['weights']} worker "
+        f"{row['worker_s']:.3f} s build {row['phases'].get('build', 0):.3f} s same={same}")
+    return row
 
 
 # ---- any-to-any among six models on one GPU (issue 18, item 5) -----------------------
@@ -641,10 +642,7 @@ def run_switch(models: Path, out: Path) -> dict:
     with daemon_part(wcd, result, "switch"):
         wcd.wait_ready()
         for i, model in enumerate(SWITCH):
-            wall, event = wcd.wcctl("swap" if i == 0 else "load", model)
-            row = {"model": model, "path": event["path"], "worker_s": event["total_s"],
-                   "wcctl_s": wall, "phases": event["phases"]}
-            result["loads"].append(row)
+            result["loads"].append(row := wcd.operate("swap" if i == 0 else "load", model))
             log(f"switch: loaded {model}: {row['path']} worker {row['worker_s']:.2f} s")
         before = wcd.worker()
         result["residents"] = before.get("residents")
@@ -722,18 +720,17 @@ def run_tp(models: Path, out: Path) -> dict:
 
 
 def _tp_swap(wcd: Wcd, model: str, label: str, pids: list[int], result: dict) -> dict:
-    wall, event = wcd.wcctl("swap", model)
+    row = {"label": label, **wcd.operate("swap", model)}
     text = wcd.complete(model)
     same = text == result["vllm"][model].get("text")
     worker = wcd.worker()
     kept = [worker["pid"], *worker["group_pids"]] == pids
     if not (same and kept):
         result["failures"].append(f"{label} {model}: equals_vllm={same} pids_kept={kept}")
-    log(f"tp: {label}: {model} {event['path']} from {event['weights']} worker "
-        f"{event['total_s']:.3f} s wcctl {wall:.3f} s equals_vllm={same} pids_kept={kept}")
-    return {"label": label, "model": model, "path": event["path"], "weights": event["weights"],
-            "worker_s": event["total_s"], "wcctl_s": wall, "phases": event["phases"],
-            "equals_vllm": same, "pids_kept": kept}
+    log(f"tp: {label}: {model} {row['path']} from {row['weights']} worker "
+        f"{row['worker_s']:.3f} s wcctl {row['wcctl_s']:.3f} s equals_vllm={same} "
+        f"pids_kept={kept}")
+    return {**row, "equals_vllm": same, "pids_kept": kept}
 
 
 def _tp_side_by_side(wcd: Wcd, pids: list[int], result: dict) -> dict:
@@ -742,9 +739,7 @@ def _tp_side_by_side(wcd: Wcd, pids: list[int], result: dict) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     side: dict = {"swaps": [_tp_swap(wcd, TP1, "TP=1 on GPU 0", pids, result)]}
-    wall, event = wcd.wcctl("load", TP1_B)
-    side["load"] = {"path": event["path"], "weights": event["weights"],
-                    "worker_s": event["total_s"], "wcctl_s": wall}
+    side["load"] = wcd.operate("load", TP1_B)
     with ThreadPoolExecutor(2) as pool:
         texts = dict(zip((TP1, TP1_B), pool.map(wcd.complete, (TP1, TP1_B))))
     side["equals_vllm"] = {m: t == result["vllm"][m].get("text") for m, t in texts.items()}
@@ -955,12 +950,9 @@ def _load_beside(wcd: Wcd, failures: list[str]) -> dict:
     then the residents with their footprints, and torch's allocated memory."""
     loads = []
     for model in RESIDENTS[1:]:
-        wall, event = wcd.wcctl("load", model)
-        loads.append({"model": model, "path": event["path"], "weights": event.get("weights"),
-                      "wcctl_s": wall, "worker_s": event["total_s"],
-                      "phases": event["phases"]})
-        log(f"residents: load {model}: {event['path']} worker {event['total_s']:.2f} s "
-            f"wcctl {wall:.2f} s")
+        loads.append(row := wcd.operate("load", model))
+        log(f"residents: load {model}: {row['path']} worker {row['worker_s']:.2f} s "
+            f"wcctl {row['wcctl_s']:.2f} s")
     device_bytes = wcd.device_bytes()  # after a ping, which also measures the footprints
     worker = wcd.worker()
     states = {r["model"]: r["state"] for r in worker["residents"]}
