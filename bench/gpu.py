@@ -25,8 +25,9 @@ qwen7b-a (Qwen2.5-7B's, ~13 GB).
   model asked twice, answers against each model's own first one.
 - rebuild (issue 18, item 4; not in the default parts): a pooling engine, then
   a generate one rebuilt; rebuilds with CUDA graphs, shapes compiled before,
-  under vLLM's compilation settings (REBUILD_VARIANTS), and without its mega
-  AOT artifact.
+  under vLLM's compilation settings (REBUILD_VARIANTS), graphs of small batches
+  first (wcd's default), then all of them before serving (vLLM's way); a batch
+  of BATCH requests right after a rebuild and once every graph is captured.
 - tp (2 GPUs): a TP=2 worker group; swaps keep both processes; big-a's
   answer against vLLM's own TP=2 run.
 - throughput: the same streamed load (bench/serve.py's clients) against vLLM's
@@ -526,34 +527,36 @@ def run_parked(models: Path, out: Path) -> dict:
 REBUILD_VARIANTS = {
     "default": {},  # FULL_AND_PIECEWISE, 35 sizes x 17 pieces + 19 full decode graphs
     "full_decode_only": {"compilation_config": {"cudagraph_mode": "FULL_DECODE_ONLY"}},
-    "full": {"compilation_config": {"cudagraph_mode": "FULL"}},
-    "max64": {"compilation_config": {"max_cudagraph_capture_size": 64}},
 }
 REBUILD_ROUNDS = 3
 EMBED = "embed-a"
+BATCH = 32  # requests at once: decode batches past the graphs a build captures first
+GRAPHS_DONE = "CUDA graphs left by its build captured"
 
 
 def run_rebuild(models: Path, out: Path) -> dict:
     """Rebuilds between SAME[0] and OTHER from the host cache, shapes compiled
-    before, under each of REBUILD_VARIANTS as workers run them (vLLM's mega
-    AOT artifact on), then under the default with the artifact off
-    (VLLM_USE_MEGA_AOT_ARTIFACT=0, a daemon of its own: vLLM's default on
-    torch < 2.12); answers against the default's. And a pooling model's engine
-    (vLLM's V1 runner) with graphs, then SAME[0] rebuilt (the V2 runner's
-    capture, vllm_seams seam 21)."""
+    before, under each of REBUILD_VARIANTS as workers run them (graphs of up
+    to policy.first_graph_tokens tokens before serving, the rest while idle),
+    then the default with every graph captured before serving
+    (first_graph_tokens 0, a daemon of its own: vLLM's way); answers against
+    the default's. After each variant's rebuilds, BATCH requests at once
+    right after a rebuild and again once its graphs are all captured. And a
+    pooling model's engine (vLLM's V1 runner) with graphs, then SAME[0]
+    rebuilt (the V2 runner's capture, vllm_seams seam 21)."""
     result: dict = {"variants": {}, "failures": []}
     answers: dict[str, str] = {}
-    for label, env, variants in (("graphs", {}, REBUILD_VARIANTS),
-                                 ("no_mega_aot", {"VLLM_USE_MEGA_AOT_ARTIFACT": "0"},
-                                  {"no_mega_aot": {}})):
+    for label, policy, variants in (("first_graphs", {}, REBUILD_VARIANTS),
+                                    ("all_graphs", {"first_graph_tokens": 0},
+                                     {"all_graphs": {}})):
         extra = {f"{m}.{v}": {"path": str(models / m), **args}
                  for v, args in variants.items() for m in (SAME[0], OTHER)}
-        wcd = Wcd(out / f"wcd-rebuild-{label}", models, preload=[], env=env,
+        wcd = Wcd(out / f"wcd-rebuild-{label}", models, preload=[],
                   models_extra={**extra, EMBED: {"path": str(models / EMBED)}},
-                  host_cache_bytes=24 * GiB)
+                  host_cache_bytes=24 * GiB, **policy)
         with daemon_part(wcd, result, f"rebuild {label}"):
             wcd.wait_ready()
-            if label == "graphs":
+            if label == "first_graphs":
                 try:
                     result["pooling_then_generate"] = [
                         _rebuild(wcd, m, answers, result["failures"])
@@ -563,6 +566,9 @@ def run_rebuild(models: Path, out: Path) -> dict:
             for variant in variants:
                 result["variants"][variant] = _rebuilds(wcd, variant, answers, result["failures"])
         result.setdefault("vllm_timings", {})[label] = vllm_timings(wcd.log_path)
+        result.setdefault("graphs_done", {})[label] = [
+            line[-200:] for line in wcd.log_path.read_text(errors="replace").splitlines()
+            if GRAPHS_DONE in line]
     log("rebuild:", {v: r.get("timed_worker_s") for v, r in result["variants"].items()},
         "failures:", result["failures"])
     return result
@@ -573,7 +579,39 @@ def _rebuilds(wcd: Wcd, variant: str, answers: dict, failures: list[str]) -> dic
     first = [_rebuild(wcd, m, answers, failures) for m in (a, b)]  # compiles each shape
     timed = [_rebuild(wcd, m, answers, failures) for m in [a, b] * REBUILD_ROUNDS]
     return {"first": first, "timed": timed,
-            "timed_worker_s": median([r["worker_s"] for r in timed])}
+            "timed_worker_s": median([r["worker_s"] for r in timed]),
+            "batch": _batch_after_rebuild(wcd, a, answers, failures)}
+
+
+def _batch_after_rebuild(wcd: Wcd, model: str, answers: dict, failures: list[str]) -> dict:
+    """BATCH greedy completions at once right after a rebuild to `model`
+    (batches bigger than the graphs captured first), and again once its
+    worker has captured the rest; each set of texts against the first
+    daemon's (info: a batch run without graphs may round differently)."""
+    prompts = [f"{STORY} number {i}" for i in range(BATCH)]
+    greedy = {"model": model, "max_tokens": 32, "ignore_eos": True, "temperature": 0}
+
+    def batch() -> dict:
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(BATCH) as pool:
+            replies = list(pool.map(
+                lambda p: wcd.post("/v1/completions", {**greedy, "prompt": p}), prompts))
+        texts = [r[1]["choices"][0]["text"] if r[0] == 200 else f"{r[0]}: {r[1]}"
+                 for r in replies]
+        if any(r[0] != 200 for r in replies):
+            failures.append(f"{model}: a batch got {sorted({r[0] for r in replies})}")
+        return {"seconds": time.perf_counter() - started, "texts": texts}
+
+    row = wcd.operate("swap", model)
+    now = batch()
+    time.sleep(5)  # the worker idle: the rest of the graphs are captured
+    later = batch()
+    first = answers.setdefault(f"batch {model.split('.')[0]}", now["texts"])
+    log(f"rebuild: {model}: batch of {BATCH} {now['seconds']:.3f} s right after the rebuild, "
+        f"{later['seconds']:.3f} s with every graph")
+    return {"swap": row, "right_after_s": now["seconds"], "with_every_graph_s": later["seconds"],
+            "same_texts": now["texts"] == later["texts"],
+            "as_first_batch": [now["texts"] == first, later["texts"] == first]}
 
 
 def _rebuild(wcd: Wcd, model: str, answers: dict, failures: list[str]) -> dict:
@@ -841,7 +879,8 @@ def run_restart(models: Path, out: Path) -> dict:
             row["same_output"] = text == reference
             row["last_swap"] = wcd.worker()["last_swap"]
             row["read_log"] = [ln for ln in wcd.log_path.read_text().splitlines()
-                               if "read from disk" in ln]
+                               if "read from disk" in ln or " ready: pid " in ln
+                               or "wcd ready" in ln]
         result[label] = row
         log(f"restart ({label}): serving after {row.get('start_to_serving_s', 0):.1f} s, "
             f"first completion after {row.get('start_to_first_completion_s', 0):.1f} s "

@@ -237,6 +237,10 @@ class PolicySettings(_Section):
     # the worker: nothing may hold a worker silently.
     render_timeout_s: PositiveDuration = field(default=10.0, name="render_timeout")
     step_timeout_s: PositiveDuration = field(default=120.0, name="step_timeout")
+    # On CUDA a build captures vLLM's CUDA graphs of batches up to this many
+    # tokens before the model serves, the rest one by one while it is idle
+    # (0: all first, as vLLM does).
+    first_graph_tokens: Count = 16
 
 
 class _File(_Section):

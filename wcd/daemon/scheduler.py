@@ -383,7 +383,8 @@ class Scheduler:
                         render_timeout_s=policy_.render_timeout_s,
                         step_timeout_s=policy_.step_timeout_s,
                         disk_cache_dir=policy_.disk_cache_dir,
-                        disk_cache_bytes=policy_.disk_cache_bytes)
+                        disk_cache_bytes=policy_.disk_cache_bytes,
+                        first_graph_tokens=policy_.first_graph_tokens)
         options = WorkerOptions(setup, cuda_devices=settings.cuda_indices,
                                 ready_timeout_s=policy_.worker_ready_timeout_s,
                                 stop_timeout_s=policy_.stop_timeout_s, env=self._worker_env)

@@ -137,6 +137,8 @@ class Served:
     unbuilt_config: Any = None  # its VllmConfig before the build (vllm_seams.unbuilt_copy)
     fingerprint: str | None = None  # vLLM's system_fingerprint, of what it serves now
     rank: int = 0  # a group's: the rank whose device runs it (a TP=1 engine's), else 0
+    graphs_deferred: bool = False  # CUDA graphs its build left for idle time (vllm_seams)
+    deferred_capture_s: float = 0.0  # spent capturing them so far
 
     @property
     def name(self) -> str:
@@ -499,7 +501,8 @@ class EngineHost:
         return Served(plan, engine, plan.checkpoint.frontend_key(),
                       engine.model_config.get_diff_sampling_param(),
                       workspace=vllm_seams.built_workspace() if rank == 0 else None,
-                      unbuilt_config=unbuilt, rank=rank)
+                      unbuilt_config=unbuilt, rank=rank,
+                      graphs_deferred=vllm_seams.graphs_deferred(engine))
 
     def _form_world(self, size: int) -> None:
         """A group's world serves engines of one tensor-parallel size: those
@@ -874,6 +877,38 @@ class EngineHost:
                 return [out for ro in outputs
                         for out in served.requests.outputs(ro, served.engine)]
         return []
+
+    # ---- CUDA graphs left for idle time --------------------------------------------
+
+    def graphs_deferred(self) -> bool:
+        """Whether a resident that is not suspended has CUDA graphs its build
+        left for later (vllm_seams seam 22)."""
+        return any(self._deferring())
+
+    def capture_deferred_graph(self) -> None:
+        """One graph of such a resident, between steps while none has work: a
+        command that arrives meanwhile waits for one capture, not for all."""
+        served = next(self._deferring())
+        started = time.perf_counter()
+        vllm_seams.use_workspace(served.workspace)
+        try:
+            with self._bounded("step"):
+                served.graphs_deferred = vllm_seams.capture_deferred_graph(served.engine)
+        except Exception:
+            # What was captured before stays in use; bigger batches keep
+            # running without graphs.
+            log.exception("%s: capturing a deferred CUDA graph failed; no more are captured",
+                          served.name)
+            served.graphs_deferred = False
+            return
+        served.deferred_capture_s += time.perf_counter() - started
+        if not served.graphs_deferred:
+            log.info("%s: the CUDA graphs left by its build captured in %.3f s of idle time",
+                     served.name, served.deferred_capture_s)
+
+    def _deferring(self) -> Iterator[Served]:
+        return (served for served in self.residents.values()
+                if served.graphs_deferred and not served.suspended)
 
     def take_stats(self) -> list[p.EngineStats]:
         """The engine stats of the steps since the last call."""

@@ -118,7 +118,8 @@ def dist_state() -> dict[str, Any]:
 
 
 def _follower_main(conn, rank: int, env: dict[str, str], host_cache_bytes: int,
-                   pinned: bool, disk: weights.DiskSettings | None) -> None:
+                   pinned: bool, disk: weights.DiskSettings | None,
+                   first_graph_tokens: int) -> None:
     """Entry point of a follower process (spawned): warm up, then serve.
     torch and vLLM are already imported (this module imports them)."""
     os.environ.update(env)
@@ -126,6 +127,7 @@ def _follower_main(conn, rank: int, env: dict[str, str], host_cache_bytes: int,
     logging.basicConfig(level=logging.INFO,
                         format=f"wcd-group[{rank}] %(levelname)s %(name)s: %(message)s")
     vllm_seams.apply()
+    vllm_seams.defer_graph_capture(first_graph_tokens)
     vllm_seams.freeze_import_heap()
     weights.set_rank_cache(weights.host_cache(host_cache_bytes, pinned, disk, rank))
     _send(conn, ("ready", os.getpid()))
@@ -241,8 +243,11 @@ class WarmGroup:
 
     def __init__(self, size: int = 2, follower_env: dict[str, str] | None = None,
                  rpc_timeout_s: float = 600.0, host_cache_bytes: int = 0,
-                 pinned: bool = False, disk: weights.DiskSettings | None = None):
-        """`host_cache_bytes`, `pinned`, `disk`: each follower's own host cache."""
+                 pinned: bool = False, disk: weights.DiskSettings | None = None,
+                 first_graph_tokens: int = 0):
+        """`host_cache_bytes`, `pinned`, `disk`: each follower's own host cache;
+        `first_graph_tokens`: the CUDA graphs its builds capture first (as the
+        leader's, vllm_seams.defer_graph_capture)."""
         if WarmGroup.current is not None:
             raise GroupError("this process already leads a group")
         self.size = size  # processes, the leader included
@@ -259,7 +264,8 @@ class WarmGroup:
         for rank in range(1, size):
             parent, child = context.Pipe()
             process = context.Process(target=_follower_main,
-                                      args=(child, rank, env, host_cache_bytes, pinned, disk),
+                                      args=(child, rank, env, host_cache_bytes, pinned, disk,
+                                            first_graph_tokens),
                                       name=f"wcd-group-rank{rank}", daemon=True)
             with _environ(env):  # a spawned child reads os.environ at start
                 process.start()

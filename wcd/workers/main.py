@@ -138,19 +138,28 @@ class Worker:
 
     def serve_forever(self) -> None:
         while True:
-            if self.deferred:
-                command = self.deferred.popleft()
-            elif self.host.has_work():
-                try:
-                    command = self.commands.get_nowait()
-                except queue.Empty:
-                    self._step()
-                    continue
-            else:
-                command = self.commands.get()
+            command = self._next_command()
             if isinstance(command, p.Shutdown):
                 return
-            self.handle(command)
+            if command is not None:
+                self.handle(command)
+
+    def _next_command(self) -> p.Command | None:
+        """The next command; while residents have work (else, CUDA graphs left
+        to capture), one step (one capture) instead if none waits."""
+        if self.deferred:
+            return self.deferred.popleft()
+        if self.host.has_work():
+            background = self._step
+        elif self.host.graphs_deferred():
+            background = self.host.capture_deferred_graph
+        else:
+            return self.commands.get()
+        try:
+            return self.commands.get_nowait()
+        except queue.Empty:
+            background()
+            return None
 
     def handle(self, command: p.Command) -> None:
         if isinstance(command, (p.Generate, p.Embed)):
@@ -383,7 +392,8 @@ def _start_group(setup: p.Setup):
     from wcd.workers.group import WarmGroup
 
     group = WarmGroup(setup.tensor_parallel_size, host_cache_bytes=setup.host_cache_bytes,
-                      pinned=setup.device == "cuda", disk=_disk_settings(setup))
+                      pinned=setup.device == "cuda", disk=_disk_settings(setup),
+                      first_graph_tokens=setup.first_graph_tokens)
     threading.Thread(target=_exit_when_a_follower_dies, args=(group,), name="wcd-group-watch",
                      daemon=True).start()
     log.info("tensor-parallel group of %d: followers %s warm in %.1f s", group.size,
@@ -461,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     from wcd.workers import vllm_seams
 
     vllm_seams.apply()
+    vllm_seams.defer_graph_capture(setup.first_graph_tokens)
     _init_device(setup.device)
     group = _start_group(setup) if setup.tensor_parallel_size > 1 else None
     vllm_seams.freeze_import_heap()

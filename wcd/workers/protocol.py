@@ -33,7 +33,9 @@ class Setup(msgspec.Struct, frozen=True):
     keeps on its device, and the free memory they yield to;
     `render_timeout_s`: a render past it is interrupted; `step_timeout_s`: a
     step past it ends the worker; `disk_cache_dir`, `disk_cache_bytes`: the
-    host cache's disk tier (None or 0: none)."""
+    host cache's disk tier (None or 0: none); `first_graph_tokens`: a CUDA
+    build captures the graphs of batches up to this many tokens, the rest while
+    the model is idle (0: all at build)."""
 
     index: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
@@ -45,6 +47,7 @@ class Setup(msgspec.Struct, frozen=True):
     step_timeout_s: float = 120.0
     disk_cache_dir: str | None = None
     disk_cache_bytes: int = 0
+    first_graph_tokens: int = 0
     protocol_version: int = PROTOCOL_VERSION
 
 

