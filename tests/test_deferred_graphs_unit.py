@@ -77,11 +77,12 @@ def split(monkeypatch):
     return made, capture
 
 
-def test_a_build_captures_small_batches_and_the_largest_full_graph(split):
+def test_a_build_captures_the_largest_graph_then_small_batches(split):
     made, capture = split
     small = [16, 8, 4, 2, 1]
-    assert capture.calls == [[(CUDAGraphMode.PIECEWISE, n) for n in small]
-                             + [(CUDAGraphMode.FULL, n) for n in [MAX_NUM_SEQS, *small]]]
+    # vLLM's first, whose warm-up sizes the buffers of every later one
+    assert capture.calls == [[(CUDAGraphMode.PIECEWISE, n) for n in [CAPTURE_SIZES[-1], *small]]
+                             + [(CUDAGraphMode.FULL, n) for n in small]]
     # vLLM's own view of the manager is whole: only dispatch is cut.
     assert [d.num_tokens for d in made._capture_descs[CUDAGraphMode.PIECEWISE]] == \
         sorted(CAPTURE_SIZES, reverse=True)
@@ -89,7 +90,7 @@ def test_a_build_captures_small_batches_and_the_largest_full_graph(split):
     assert all(graphless(desc) or desc in capture.captured for desc in runs.values())
     assert runs[(3, True)].cg_mode == CUDAGraphMode.FULL and runs[(3, True)].num_tokens == 4
     assert runs[(12, False)].cg_mode == CUDAGraphMode.PIECEWISE
-    assert runs[(MAX_NUM_SEQS, True)].cg_mode == CUDAGraphMode.FULL
+    assert runs[(CAPTURE_SIZES[-1], False)].cg_mode == CUDAGraphMode.PIECEWISE
     assert graphless(runs[(100, True)]) and graphless(runs[(17, False)])
 
 
@@ -105,9 +106,9 @@ def test_the_rest_come_one_graph_per_call_in_vllms_order(split, monkeypatch):
                    for desc in dispatched(made).values())
     later = [call[0] for call in capture.calls[1:]]
     assert later == [(CUDAGraphMode.PIECEWISE, n) for n in sorted(CAPTURE_SIZES, reverse=True)
-                     if n > FIRST_TOKENS] + \
+                     if FIRST_TOKENS < n < CAPTURE_SIZES[-1]] + \
         [(CUDAGraphMode.FULL, n) for n in sorted(CAPTURE_SIZES, reverse=True)
-         if FIRST_TOKENS < n < MAX_NUM_SEQS]
+         if FIRST_TOKENS < n <= MAX_NUM_SEQS]
     assert set(capture.forward_fns) == {"create_forward_fn"}  # the build's own inputs
     assert made._wcd_deferred is None and made._candidates == whole._candidates
     assert dispatched(made) == dispatched(whole)

@@ -1434,9 +1434,11 @@ def allow_graph_capture() -> None:
 # batch the graphs that _candidates lists for its token count. On an H200 that
 # is 35 piecewise and 19 full decode graphs, ~1 s of a 2 s rebuild, while right
 # after a swap the batches are small. So a build captures the graphs of up to
-# `first_graph_tokens` tokens, and the largest full graph, whose capture sizes
-# the manager's hidden_states buffer for every later one (ModelCudaGraphManager
-# allocates it at its first full capture); dispatch offers only captured
+# `first_graph_tokens` tokens, and the largest graph first, as vLLM does: its
+# warm-up run sizes the manager's hidden_states buffer for every later one
+# (ModelCudaGraphManager allocates it at its first run; H200: a full graph
+# captured after a smaller buffer failed, "expanded size of the tensor (16)
+# must match the existing size (128)"); dispatch offers only captured
 # graphs, and a bigger batch runs without graphs, as vLLM runs a batch past
 # its largest capture size. The rest are captured one graph per
 # capture_deferred_graph call, which the worker makes while the engine has no
@@ -1466,16 +1468,15 @@ class DeferredGraphs:
     captured: set
 
 
-def split_graphs(capture_descs: dict, first_tokens: int, order: tuple,
-                 sized_by_largest) -> tuple[dict, list]:
+def split_graphs(capture_descs: dict, first_tokens: int, order: tuple) -> tuple[dict, list]:
     """What a build captures (per mode, as _capture_descs) and what it leaves
-    for later: (mode, descriptor) pairs in the modes' capture `order`.
-    `sized_by_largest`: the mode whose largest graph must come first."""
+    for later: (mode, descriptor) pairs in the modes' capture `order`. The
+    first graph in that order, the largest, is captured first as in vLLM."""
     first, later = {}, []
-    for mode in (mode for mode in order if mode in capture_descs):
+    for mode in (mode for mode in order if capture_descs.get(mode)):
         descs = capture_descs[mode]
         now = [d for d in descs if d.num_tokens <= first_tokens]
-        if mode == sized_by_largest and descs and descs[0] not in now:
+        if not first and descs[0] not in now:
             now.insert(0, descs[0])
         if now:
             first[mode] = now
@@ -1547,7 +1548,7 @@ def _capture_first(manager, capture, create_forward_fn, *args, **kwargs) -> None
     every = manager._capture_descs
     # CudaGraphManager.capture's order, PIECEWISE then FULL.
     first, later = split_graphs(every, _first_graph_tokens,
-                               (CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL), CUDAGraphMode.FULL)
+                               (CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL))
     manager._capture_descs = first
     try:
         capture(manager, create_forward_fn, *args, **kwargs)
