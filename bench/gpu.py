@@ -880,7 +880,7 @@ def run_restart(models: Path, out: Path) -> dict:
             row["last_swap"] = wcd.worker()["last_swap"]
             row["read_log"] = [ln for ln in wcd.log_path.read_text().splitlines()
                                if "read from disk" in ln or " ready: pid " in ln
-                               or "wcd ready" in ln]
+                               or "wcd ready" in ln or "started in" in ln]
         result[label] = row
         log(f"restart ({label}): serving after {row.get('start_to_serving_s', 0):.1f} s, "
             f"first completion after {row.get('start_to_first_completion_s', 0):.1f} s "

@@ -431,6 +431,25 @@ def _memory_bytes(device: str) -> int:
         vllm_seams.free_device_bytes()
 
 
+class _StartPhases:
+    """Where a worker's start went, for its log line."""
+
+    def __init__(self, started: float):
+        self.seconds: dict[str, float] = {}
+        self._last = started
+
+    def end(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self._last = now - self._last, now
+
+
+def _seconds_since_exec() -> float:
+    with open("/proc/self/stat") as stat:
+        start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    with open("/proc/uptime") as uptime:
+        return float(uptime.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _init_device(device: str) -> None:
     import torch
 
@@ -444,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="the socket to the daemon")
     args = parser.parse_args(argv)
 
-    started = time.perf_counter()
+    # From the exec: the worker's start as the daemon waits for it, the
+    # interpreter's and this module's imports included.
+    started = time.perf_counter() - _seconds_since_exec()
     die_with_parent(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _on_sigterm)
     channel = Channel(socket.socket(fileno=args.fd))
@@ -457,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # the daemon went before it said what to be
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"wcd-worker[{setup.index}] %(levelname)s %(name)s: %(message)s")
+    phases = _StartPhases(started)
+    phases.end("setup")  # the interpreter, this module's imports, the daemon's setup
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # vLLM's default from torch 2.12 on (vllm/envs.py use_mega_aot_artifact):
     # a build loads the compiled model whole instead of re-splitting its graph
@@ -470,11 +493,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from wcd.workers import vllm_seams
 
-    vllm_seams.apply()
+    phases.end("import")
+
+    vllm_seams.apply()  # imports the vLLM modules it reaches into
     vllm_seams.defer_graph_capture(setup.first_graph_tokens)
+    phases.end("seams")
     _init_device(setup.device)
     group = _start_group(setup) if setup.tensor_parallel_size > 1 else None
+    phases.end("device")
     vllm_seams.freeze_import_heap()
+    phases.end("freeze")
     from wcd.workers.engine import Parking
     from wcd.workers.watchdog import Watchdog
     from wcd.workers.weights import host_cache
@@ -484,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(channel, setup.device, cache, group,
                     Parking(setup.max_parked, setup.park_min_free_bytes),
                     Watchdog(setup.render_timeout_s, setup.step_timeout_s))
+    phases.end("engine_host")  # its imports of vLLM's engine and entry points
+    log.info("started in %.1f s: %s", time.perf_counter() - started, phases_line(phases.seconds))
     channel.send(p.Ready(os.getpid(), setup.device, p.PROTOCOL_VERSION, vllm.__version__,
                          str(torch.__version__), time.perf_counter() - started,
                          [peer.pid for peer in group.peers] if group else [],
