@@ -92,11 +92,14 @@ class _Pool:
         return self._buffer
 
     def _allocate(self) -> None:
+        started = time.perf_counter()
         raw = torch.empty(self.size + _ALIGN, dtype=torch.uint8)
         if self.pinned:
             _pin(raw)
         start = -raw.data_ptr() % _ALIGN
         self._buffer = raw[start:start + self.size]
+        log.info("host cache: %.1f GiB allocated%s in %.2f s", self.size / 2**30,
+                 " and pinned" if self.pinned else "", time.perf_counter() - started)
 
     def allocate(self, nbytes: int) -> int | None:
         for i, (offset, size) in enumerate(self._free):
