@@ -3,7 +3,35 @@ phases, one way. Stdlib only: the daemon and the worker share it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PhaseClock:
+    """Times the phases of one swap (or a worker's start) and reports each as it
+    ends."""
+
+    report: Callable[[str, float], None]
+    phases: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
+            self.report(name, seconds)
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
 
 
 def phases_line(phases: dict[str, float]) -> str:

@@ -45,6 +45,7 @@ from vllm.v1.engine.llm_engine import LLMEngine
 from wcd.workers import beam, parsing, pooling
 from wcd.workers import protocol as p
 from wcd.workers import vllm_seams, weights
+from wcd.proc_stats import PhaseClock
 from wcd.workers.process import trim_heap
 from wcd.workers.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from wcd.workers.watchdog import RenderTimeout
@@ -77,28 +78,6 @@ class SwapFailed(Exception):
         super().__init__(str(error))
         self.error = error
         self.residents = residents
-
-
-@dataclass
-class PhaseClock:
-    """Times the phases of one swap and reports each as it ends."""
-
-    report: Callable[[str, float], None]
-    phases: dict[str, float] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            seconds = time.perf_counter() - start
-            self.phases[name] = self.phases.get(name, 0.0) + seconds
-            self.report(name, seconds)
-
-    def total(self) -> float:
-        return time.perf_counter() - self.started
 
 
 @dataclass

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import logging
 import os
 import queue
@@ -33,7 +34,7 @@ import time
 
 import msgspec
 
-from wcd.proc_stats import phases_line, rss_bytes
+from wcd.proc_stats import PhaseClock, phases_line, rss_bytes
 from wcd.workers import protocol as p
 from wcd.workers.process import die_with_parent
 
@@ -356,8 +357,6 @@ class Worker:
         self.parked = self.host.parked_contents()
 
     def _clock(self, op_id: int):
-        from wcd.workers.engine import PhaseClock
-
         return PhaseClock(lambda name, s: self.channel.send(p.Phase(op_id, name, s)))
 
     def _failed(self, op_id: int, operation: str, error: p.ErrorInfo, clock) -> None:
@@ -431,18 +430,6 @@ def _memory_bytes(device: str) -> int:
         vllm_seams.free_device_bytes()
 
 
-class _StartPhases:
-    """Where a worker's start went, for its log line."""
-
-    def __init__(self, started: float):
-        self.seconds: dict[str, float] = {}
-        self._last = started
-
-    def end(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name], self._last = now - self._last, now
-
-
 def _seconds_since_exec() -> float:
     with open("/proc/self/stat") as stat:
         start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
@@ -458,6 +445,41 @@ def _init_device(device: str) -> None:
         torch.cuda.set_device(0)  # the daemon narrows CUDA_VISIBLE_DEVICES
 
 
+def _warm_up(channel: Channel, setup: p.Setup, clock: PhaseClock):
+    """Import torch and vLLM, set the device and seams up, and make the
+    worker, each phase timed; returns it and its group (None for one process)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM's default from torch 2.12 on (vllm/envs.py use_mega_aot_artifact):
+    # a build loads the compiled model whole instead of re-splitting its graph
+    # and recompiling pieces. On the H200 (vLLM 0.26, torch 2.11) it took a
+    # rebuild with CUDA graphs from 3.6 s to 2.0 s, outputs unchanged
+    # (BENCHMARKS.md). Followers inherit it.
+    os.environ.setdefault("VLLM_USE_MEGA_AOT_ARTIFACT", "1")
+    with clock.phase("import"):  # vLLM, torch with it
+        importlib.import_module("vllm")
+        from wcd.workers import vllm_seams
+    with clock.phase("seams"):  # the vLLM modules they reach into imported
+        vllm_seams.apply()
+        vllm_seams.defer_graph_capture(setup.first_graph_tokens)
+    with clock.phase("device"):
+        _init_device(setup.device)
+        group = _start_group(setup) if setup.tensor_parallel_size > 1 else None
+    with clock.phase("freeze"):
+        vllm_seams.freeze_import_heap()
+    with clock.phase("engine_host"):  # its imports of vLLM's engine and entry points
+        from wcd.workers.engine import Parking
+        from wcd.workers.watchdog import Watchdog
+        from wcd.workers.weights import host_cache
+
+        cache = host_cache(setup.host_cache_bytes, setup.device == "cuda",
+                           _disk_settings(setup))
+        cache.allocate_soon()  # beside the first model's build, not after it
+        worker = Worker(channel, setup.device, cache, group,
+                        Parking(setup.max_parked, setup.park_min_free_bytes),
+                        Watchdog(setup.render_timeout_s, setup.step_timeout_s))
+    return worker, group
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fd", type=int, required=True, help="the socket to the daemon")
@@ -465,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # From the exec: the worker's start as the daemon waits for it, the
     # interpreter's and this module's imports included.
-    started = time.perf_counter() - _seconds_since_exec()
+    clock = PhaseClock(lambda name, seconds: None,
+                       started=time.perf_counter() - _seconds_since_exec())
     die_with_parent(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _on_sigterm)
     channel = Channel(socket.socket(fileno=args.fd))
@@ -478,44 +501,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # the daemon went before it said what to be
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"wcd-worker[{setup.index}] %(levelname)s %(name)s: %(message)s")
-    phases = _StartPhases(started)
-    phases.end("setup")  # the interpreter, this module's imports, the daemon's setup
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # vLLM's default from torch 2.12 on (vllm/envs.py use_mega_aot_artifact):
-    # a build loads the compiled model whole instead of re-splitting its graph
-    # and recompiling pieces. On the H200 (vLLM 0.26, torch 2.11) it took a
-    # rebuild with CUDA graphs from 3.6 s to 2.0 s, outputs unchanged
-    # (BENCHMARKS.md). Followers inherit it.
-    os.environ.setdefault("VLLM_USE_MEGA_AOT_ARTIFACT", "1")
-
+    clock.phases["setup"] = clock.total()  # the interpreter, this module, the daemon's setup
+    worker, group = _warm_up(channel, setup, clock)
+    log.info("started in %.1f s: %s", clock.total(), phases_line(clock.phases))
     import torch
     import vllm
 
-    from wcd.workers import vllm_seams
-
-    phases.end("import")
-
-    vllm_seams.apply()  # imports the vLLM modules it reaches into
-    vllm_seams.defer_graph_capture(setup.first_graph_tokens)
-    phases.end("seams")
-    _init_device(setup.device)
-    group = _start_group(setup) if setup.tensor_parallel_size > 1 else None
-    phases.end("device")
-    vllm_seams.freeze_import_heap()
-    phases.end("freeze")
-    from wcd.workers.engine import Parking
-    from wcd.workers.watchdog import Watchdog
-    from wcd.workers.weights import host_cache
-
-    cache = host_cache(setup.host_cache_bytes, setup.device == "cuda", _disk_settings(setup))
-    cache.allocate_soon()  # beside the first model's build, not after it
-    worker = Worker(channel, setup.device, cache, group,
-                    Parking(setup.max_parked, setup.park_min_free_bytes),
-                    Watchdog(setup.render_timeout_s, setup.step_timeout_s))
-    phases.end("engine_host")  # its imports of vLLM's engine and entry points
-    log.info("started in %.1f s: %s", time.perf_counter() - started, phases_line(phases.seconds))
     channel.send(p.Ready(os.getpid(), setup.device, p.PROTOCOL_VERSION, vllm.__version__,
-                         str(torch.__version__), time.perf_counter() - started,
+                         str(torch.__version__), clock.total(),
                          [peer.pid for peer in group.peers] if group else [],
                          _memory_bytes(setup.device)))
     threading.Thread(target=worker.read_forever, name="wcd-reader", daemon=True).start()
