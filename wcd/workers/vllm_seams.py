@@ -46,6 +46,7 @@ def apply() -> None:
     _restart_group_names_with_each_world()
     _admit_builds_beside_residents()
     _capture_small_batches_first()
+    _inspect_models_in_process()
     _applied = True
 
 
@@ -1597,6 +1598,33 @@ def _worker_capture_deferred_graph(worker) -> bool:
         cudagraph_utils.tqdm = progress_bar
 
 
+# ---- seam 23: model classes inspected in the worker --------------------------------
+# vllm 0.26 and 0.32: an engine's config inspects the model's class
+# (model_executor/models/registry.py, _LazyRegisteredModel.inspect_model_cls)
+# and, where its cache ($VLLM_CACHE_ROOT/modelinfos, keyed by the model
+# module's hash: empty after each vLLM install) misses, does it in a
+# subprocess (_run_in_subprocess), so that vLLM's API process does not
+# initialise CUDA: a fresh interpreter importing torch and vLLM again. On a
+# fresh H200 machine the first load of an architecture spent 17-24 s in it. A
+# worker has its device set up already and imports the model's module for the
+# build moments later, so the inspection runs in the worker; vLLM still caches
+# its result.
+
+
+def _inspect_models_in_process() -> None:
+    from vllm.model_executor.models import registry
+
+    if getattr(registry._run_in_subprocess, "_wcd_in_process", False):
+        return
+
+    def run_here(fn):
+        return fn()
+
+    run_here._wcd_in_process = True
+    run_here.__wrapped__ = registry._run_in_subprocess
+    registry._run_in_subprocess = run_here
+
+
 # ---- check -------------------------------------------------------------------------
 
 
@@ -1614,7 +1642,7 @@ def check() -> None:
                        _check_workspace, _check_fingerprint, _check_engine_stats,
                        _check_sampling_params, _check_group_names, _check_parser_seams,
                        _check_beam_search, _check_memory_refusals, _check_graph_capture_flag,
-                       _check_deferred_graphs):
+                       _check_deferred_graphs, _check_model_inspection):
         seam_check()
 
 
@@ -1947,3 +1975,12 @@ def _check_deferred_graphs() -> None:  # seam 22
             "def capture(\n        self,\n        create_forward_fn" not in capture:
         raise SeamBroken("the V2 runner's CudaGraphManager no longer captures _capture_descs "
                          "and dispatches by _candidates (capture_deferred_graph)")
+
+
+def _check_model_inspection() -> None:  # seam 23
+    from vllm.model_executor.models import registry
+
+    source = inspect.getsource(registry._LazyRegisteredModel.inspect_model_cls)
+    if "_run_in_subprocess(" not in source or "_save_modelinfo_to_cache" not in source:
+        raise SeamBroken("the model registry no longer inspects uncached model classes "
+                         "through _run_in_subprocess (_inspect_models_in_process)")
