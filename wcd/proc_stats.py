@@ -33,7 +33,6 @@ class PhaseClock:
         return time.perf_counter() - self.started
 
 
-
 def phases_line(phases: dict[str, float]) -> str:
     """A swap's phase timings as a log line shows them: name=12.3ms ..."""
     return " ".join(f"{name}={seconds * 1000:.1f}ms" for name, seconds in phases.items())
