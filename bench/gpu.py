@@ -28,6 +28,8 @@ qwen7b-a (Qwen2.5-7B's, ~13 GB).
   under vLLM's compilation settings (REBUILD_VARIANTS), graphs of small batches
   first (wcd's default), then all of them before serving (vLLM's way); a batch
   of BATCH requests right after a rebuild and once every graph is captured.
+- batches (not in the default parts): answers of graphs captured while idle
+  against graphs captured at build, two daemons side by side (run_batches).
 - tp (2 GPUs): a TP=2 worker group; swaps keep both processes; big-a's
   answer against vLLM's own TP=2 run.
 - throughput: the same streamed load (bench/serve.py's clients) against vLLM's
@@ -545,7 +547,7 @@ def run_rebuild(models: Path, out: Path) -> dict:
     pooling model's engine (vLLM's V1 runner) with graphs, then SAME[0]
     rebuilt (the V2 runner's capture, vllm_seams seam 21)."""
     result: dict = {"variants": {}, "failures": []}
-    answers: dict[str, str] = {}
+    answers: dict = {}  # a model's first answer; a batch's first texts
     for label, policy, variants in (("first_graphs", {}, REBUILD_VARIANTS),
                                     ("all_graphs", {"first_graph_tokens": 0},
                                      {"all_graphs": {}})):
@@ -613,6 +615,52 @@ def _batch_after_rebuild(wcd: Wcd, model: str, answers: dict, failures: list[str
             "same_texts": now["texts"] == later["texts"],
             "as_first_batch": [now["texts"] == first, later["texts"] == first]}
 
+
+def run_batches(models: Path, out: Path) -> dict:
+    """Whether graphs captured while idle answer as graphs captured at build:
+    two daemons side by side, first_graph_tokens 16 (wcd's default) and 0
+    (every graph at build). Each swaps to SAME[0] and answers BATCH greedy
+    prompts at once right after the swap, the same again once the rest of its
+    graphs are captured, BATCH new prompts, and 4 prompts one at a time; each
+    set counted against the other daemon's."""
+    daemons = {label: Wcd(out / f"wcd-batches-{label}", models, preload=[], **policy)
+               for label, policy in (("first", {}), ("all", {"first_graph_tokens": 0}))}
+    prompts = [f"{STORY} number {i}" for i in range(BATCH)]
+    greedy = {"model": SAME[0], "max_tokens": 32, "ignore_eos": True, "temperature": 0}
+    texts: dict[str, dict[str, list[str]]] = {}
+    result: dict = {"failures": []}
+
+    def answer(wcd: Wcd, batch: list[str], at_once: bool) -> list[str]:
+        def ask(prompt: str) -> tuple[int, dict]:
+            return wcd.post("/v1/completions", {**greedy, "prompt": prompt})
+
+        if at_once:
+            with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+                replies = list(pool.map(ask, batch))
+        else:
+            replies = [ask(p) for p in batch]
+        return [r[1]["choices"][0]["text"] if r[0] == 200 else f"{r[0]}" for r in replies]
+
+    try:
+        for wcd in daemons.values():
+            wcd.wait_ready()
+        for label, wcd in daemons.items():
+            wcd.operate("swap", SAME[0])
+            texts[label] = {"right_after": answer(wcd, prompts, True)}
+            time.sleep(5)  # idle: the rest of the graphs are captured
+            texts[label]["with_every_graph"] = answer(wcd, prompts, True)
+            texts[label]["new_prompts"] = answer(wcd, [f"{p} again" for p in prompts], True)
+            texts[label]["one_at_a_time"] = answer(wcd, prompts[:4], False)
+    except Exception as exc:
+        result["error"] = str(exc)
+    finally:
+        result["exit_codes"] = [wcd.stop() for wcd in daemons.values()]
+    if len(texts) == 2:
+        result["same_as_every_graph_at_build"] = {
+            k: [sum(a == b for a, b in zip(texts["first"][k], texts["all"][k])), len(v)]
+            for k, v in texts["first"].items()}
+    log("batches:", result)
+    return result
 
 def _rebuild(wcd: Wcd, model: str, answers: dict, failures: list[str]) -> dict:
     row = wcd.operate("swap", model)
@@ -1531,7 +1579,8 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=Path("/tmp/wcd-gpu-models"))
     parser.add_argument("--parts", default="wcd,cold,sleep,throughput,parked",
                         help="comma-separated, of: wcd, cold, sleep, throughput, parked, tp "
-                             "(2 GPUs), hostile, residents, copy, restart, switch, rebuild "
+                             "(2 GPUs), hostile, residents, copy, restart, switch, rebuild, "
+                             "batches "
                              "(default: %(default)s)")
     args = parser.parse_args()
     if args.report:
@@ -1553,6 +1602,7 @@ def main() -> int:
                "restart": lambda: run_restart(args.models, args.out),
                "switch": lambda: run_switch(args.models, args.out),
                "rebuild": lambda: run_rebuild(args.models, args.out),
+               "batches": lambda: run_batches(args.models, args.out),
                "hostile": lambda: run_hostile(args.models, args.out),
                "residents": lambda: run_residents(args.models, args.out)}
     for part in parts:
