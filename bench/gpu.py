@@ -585,24 +585,36 @@ def _rebuilds(wcd: Wcd, variant: str, answers: dict, failures: list[str]) -> dic
             "batch": _batch_after_rebuild(wcd, a, answers, failures)}
 
 
+def _greedy_replies(wcd: Wcd, model: str, prompts: list[str],
+                    at_once: bool = True) -> list[tuple[int, str]]:
+    """Each prompt's greedy 32-token completion as (status, text; the error
+    body where the status is not 200), sent all at once or one at a time."""
+    body = {"model": model, "max_tokens": 32, "ignore_eos": True, "temperature": 0}
+
+    def ask(prompt: str) -> tuple[int, str]:
+        status, reply = wcd.post("/v1/completions", {**body, "prompt": prompt})
+        return status, reply["choices"][0]["text"] if status == 200 else str(reply)
+
+    if not at_once:
+        return [ask(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(ask, prompts))
+
+
 def _batch_after_rebuild(wcd: Wcd, model: str, answers: dict, failures: list[str]) -> dict:
     """BATCH greedy completions at once right after a rebuild to `model`
     (batches bigger than the graphs captured first), and again once its
     worker has captured the rest; each set of texts against the first
     daemon's (info: a batch run without graphs may round differently)."""
-    prompts = [f"{STORY} number {i}" for i in range(BATCH)]
-    greedy = {"model": model, "max_tokens": 32, "ignore_eos": True, "temperature": 0}
 
     def batch() -> dict:
         started = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(BATCH) as pool:
-            replies = list(pool.map(
-                lambda p: wcd.post("/v1/completions", {**greedy, "prompt": p}), prompts))
-        texts = [r[1]["choices"][0]["text"] if r[0] == 200 else f"{r[0]}: {r[1]}"
-                 for r in replies]
-        if any(r[0] != 200 for r in replies):
-            failures.append(f"{model}: a batch got {sorted({r[0] for r in replies})}")
-        return {"seconds": time.perf_counter() - started, "texts": texts}
+        replies = _greedy_replies(wcd, model, BATCH_PROMPTS)
+        statuses = sorted({status for status, _ in replies})
+        if statuses != [200]:
+            failures.append(f"{model}: a batch got {statuses}")
+        return {"seconds": time.perf_counter() - started,
+                "texts": [text for _, text in replies]}
 
     row = wcd.operate("swap", model)
     now = batch()
@@ -625,32 +637,22 @@ def run_batches(models: Path, out: Path) -> dict:
     set counted against the other daemon's."""
     daemons = {label: Wcd(out / f"wcd-batches-{label}", models, preload=[], **policy)
                for label, policy in (("first", {}), ("all", {"first_graph_tokens": 0}))}
-    prompts = [f"{STORY} number {i}" for i in range(BATCH)]
-    greedy = {"model": SAME[0], "max_tokens": 32, "ignore_eos": True, "temperature": 0}
     texts: dict[str, dict[str, list[str]]] = {}
     result: dict = {"failures": []}
 
-    def answer(wcd: Wcd, batch: list[str], at_once: bool) -> list[str]:
-        def ask(prompt: str) -> tuple[int, dict]:
-            return wcd.post("/v1/completions", {**greedy, "prompt": prompt})
-
-        if at_once:
-            with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
-                replies = list(pool.map(ask, batch))
-        else:
-            replies = [ask(p) for p in batch]
-        return [r[1]["choices"][0]["text"] if r[0] == 200 else f"{r[0]}" for r in replies]
+    def answer(wcd: Wcd, prompts: list[str], at_once: bool = True) -> list[str]:
+        return [text for _, text in _greedy_replies(wcd, SAME[0], prompts, at_once)]
 
     try:
         for wcd in daemons.values():
             wcd.wait_ready()
         for label, wcd in daemons.items():
             wcd.operate("swap", SAME[0])
-            texts[label] = {"right_after": answer(wcd, prompts, True)}
+            texts[label] = {"right_after": answer(wcd, BATCH_PROMPTS)}
             time.sleep(5)  # idle: the rest of the graphs are captured
-            texts[label]["with_every_graph"] = answer(wcd, prompts, True)
-            texts[label]["new_prompts"] = answer(wcd, [f"{p} again" for p in prompts], True)
-            texts[label]["one_at_a_time"] = answer(wcd, prompts[:4], False)
+            texts[label]["with_every_graph"] = answer(wcd, BATCH_PROMPTS)
+            texts[label]["new_prompts"] = answer(wcd, [f"{p} again" for p in BATCH_PROMPTS])
+            texts[label]["one_at_a_time"] = answer(wcd, BATCH_PROMPTS[:4], at_once=False)
     except Exception as exc:
         result["error"] = str(exc)
     finally:
@@ -987,6 +989,8 @@ SIDE_TOKENS, LONG_TOKENS = 128, 512
 MIXED_SECONDS = 20.0  # per phase of bench/mixed.py's load
 PREEMPT_AFTER = "0.5s"
 STORY = "tell me a story about llamas"
+# Prompts of the batches after a rebuild (BATCH of them).
+BATCH_PROMPTS = [f"{STORY} number {i}" for i in range(BATCH)]
 STREAM_TIMEOUT_S = 120  # a stream silent this long is stuck (suspensions pause for quanta)
 
 
