@@ -86,6 +86,12 @@ class NotifyListener:
         self.sock.close()
 
 
+def daemon_environment() -> dict[str, str]:
+    """This process's environment less pytest's per-test bookkeeping, which
+    a daemon run by a service manager would not carry either."""
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+
+
 class Daemon:
     def __init__(self, config: Path, env: dict | None = None, notify: bool = True,
                  argv_prefix: list[str] | None = None):
@@ -94,7 +100,7 @@ class Daemon:
         self.socket = data["control"]["socket"]
         self.port = data["http"]["port"]
         self.notify = NotifyListener(config.parent / "notify.sock") if notify else None
-        env = {**os.environ, **(env or {})}
+        env = {**daemon_environment(), **(env or {})}
         if self.notify:
             env["NOTIFY_SOCKET"] = str(self.notify.path)
         self.log = open(config.parent / "wcd.log", "w")

@@ -262,6 +262,15 @@ def test_the_disk_tier_lives_in_systemds_cache_directory_unless_set(tree, monkey
     assert policy.disk_cache_dir == str(tree / "etc" / "snaps")  # beside the config file
 
 
+def test_workers_are_forked_by_systemds_forkserver_unless_set(tree, monkeypatch):
+    assert load_settings(write(tree, "log_level: info\n")).forkserver is None
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/wcd")
+    assert load_settings(write(tree, "log_level: info\n")).forkserver == \
+        "/run/wcd/forkserver.sock"
+    assert load_settings(write(tree, "forkserver: fs.sock\n")).forkserver == \
+        str(tree / "etc" / "fs.sock")  # beside the config file
+
+
 def test_log_level_in_capitals_is_read_as_logging_spells_it(tree):
     assert load_settings(write(tree, "log_level: WARNING\n")).log_level == "warning"
 

@@ -54,8 +54,12 @@ def short_tmp():
 # --- units ---------------------------------------------------------------------
 
 def unit_settings(path: Path) -> dict[str, list[str]]:
+    return unit_settings_of(path.read_text())
+
+
+def unit_settings_of(text: str) -> dict[str, list[str]]:
     settings: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if "=" in line and not line.lstrip().startswith(("#", ";")):
             key, value = line.split("=", 1)
             settings.setdefault(key.strip(), []).append(value.strip())
@@ -67,15 +71,22 @@ def test_units_pass_systemd_analyze_verify(short_tmp):
         pytest.skip("systemd-analyze is not installed")
     # verify insists that ExecStart's binary exists; wcd is not installed
     # system-wide here, so a copy of the unit points at a stub.
-    stub = short_tmp / "wcd"
-    stub.write_text("#!/bin/sh\n")
-    stub.chmod(0o755)
-    service = (UNITS / "wcd.service").read_text()
-    assert "ExecStart=/usr/local/bin/wcd " in service
-    (short_tmp / "wcd.service").write_text(service.replace("/usr/local/bin/wcd", str(stub)))
-    shutil.copy(UNITS / "wcd.socket", short_tmp / "wcd.socket")
-    done = subprocess.run(["systemd-analyze", "verify", str(short_tmp / "wcd.socket"),
-                           str(short_tmp / "wcd.service")], capture_output=True, text=True)
+    for service_name, binary in (("wcd.service", "wcd"),
+                                 ("wcd-forkserver.service", "wcd-forkserver")):
+        stub = short_tmp / binary
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
+        service = (UNITS / service_name).read_text()
+        assert f"ExecStart=/usr/local/bin/{binary}\n" in service.replace(" --", "\n")
+        (short_tmp / service_name).write_text(
+            service.replace(f"/usr/local/bin/{binary}", str(stub)))
+    for socket_unit in ("wcd.socket", "wcd-forkserver.socket"):
+        shutil.copy(UNITS / socket_unit, short_tmp / socket_unit)
+    done = subprocess.run(["systemd-analyze", "verify",
+                           *(str(short_tmp / unit) for unit in (
+                               "wcd.socket", "wcd.service", "wcd-forkserver.socket",
+                               "wcd-forkserver.service"))],
+                          capture_output=True, text=True)
     # Unknown keys and bad values are warnings with exit status 0.
     ours = [line for line in (done.stdout + done.stderr).splitlines() if "wcd." in line]
     assert done.returncode == 0 and not ours, done.stdout + done.stderr
@@ -95,6 +106,31 @@ def test_service_keeps_the_settings_wcd_relies_on():
             "XDG_CACHE_HOME=%C/wcd"} <= set(s["Environment"])
     # Each of these would hide /dev/nvidia* or lock the static group out.
     assert not {"DynamicUser", "DeviceAllow", "DevicePolicy", "ProtectClock"} & s.keys()
+
+
+# What only the daemon's unit says: how systemd starts, watches, reloads and
+# stops it. Everything else of [Service] is the workers' sandbox and
+# environment, which the forkserver's unit must share (it refuses a daemon
+# whose environment differs from its own).
+DAEMON_ONLY = {"Type", "NotifyAccess", "WatchdogSec", "Restart", "RestartSec", "ExecReload",
+               "ExecStart", "KillMode", "TimeoutStopSec"}
+
+
+def service_section(path: Path) -> dict[str, list[str]]:
+    text = path.read_text()
+    section = text[text.index("\n[Service]"):text.index("\n[Install]")]
+    return unit_settings_of(section)
+
+
+def test_forkserver_unit_runs_workers_as_the_daemons_unit_would():
+    daemon = service_section(UNITS / "wcd.service")
+    forkserver = service_section(UNITS / "wcd-forkserver.service")
+    assert {k: v for k, v in daemon.items() if k not in DAEMON_ONLY} == \
+        {k: v for k, v in forkserver.items() if k not in DAEMON_ONLY}
+    assert forkserver["ExecStart"] == ["/usr/local/bin/wcd-forkserver"]
+    socket_unit = unit_settings(UNITS / "wcd-forkserver.socket")
+    assert socket_unit["ListenStream"] == ["/run/wcd/forkserver.sock"]
+    assert (socket_unit["SocketUser"], socket_unit["SocketMode"]) == (["wcd"], ["0600"])
 
 
 def test_service_exposure_is_at_most_3_5():

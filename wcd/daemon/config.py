@@ -256,6 +256,10 @@ class _File(_Section):
     preload: tuple[Text, ...] = ()
     policy: PolicySettings = field(default_factory=PolicySettings)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    # A wcd-forkserver's socket: workers are forked there, their imports
+    # done (null: $RUNTIME_DIRECTORY/forkserver.sock under systemd, else none;
+    # no forkserver listening there: the daemon execs them).
+    forkserver: ConfigPath | None = field(default_factory=lambda: _default_forkserver())
 
 
 class Settings(msgspec.Struct, frozen=True):
@@ -269,6 +273,7 @@ class Settings(msgspec.Struct, frozen=True):
     policy: PolicySettings
     log_level: str
     source: str | None  # None: built-in defaults
+    forkserver: str | None = None
 
     def engine_args(self, model: ModelSettings) -> dict:
         return {**self.defaults, **model.engine_args}
@@ -293,6 +298,12 @@ def _default_disk_cache_dir() -> str | None:
     """systemd's CacheDirectory= (the unit's /var/cache/wcd), if it gave one."""
     cache = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
     return os.path.join(cache, "snapshots") if cache else None
+
+
+def _default_forkserver() -> str | None:
+    """Where wcd-forkserver.socket listens: systemd's RuntimeDirectory=."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return os.path.join(runtime, "forkserver.sock") if runtime else None
 
 
 def _log_level_lowered(data: object) -> object:
@@ -483,6 +494,7 @@ class _Reading:
             policy=self.policy(file.policy),
             log_level=file.log_level,
             source=self.source,
+            forkserver=file.forkserver,
         )
 
     def fail(self, key: str, problem: str) -> NoReturn:

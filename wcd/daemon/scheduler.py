@@ -387,7 +387,8 @@ class Scheduler:
                         first_graph_tokens=policy_.first_graph_tokens)
         options = WorkerOptions(setup, cuda_devices=settings.cuda_indices,
                                 ready_timeout_s=policy_.worker_ready_timeout_s,
-                                stop_timeout_s=policy_.stop_timeout_s, env=self._worker_env)
+                                stop_timeout_s=policy_.stop_timeout_s, env=self._worker_env,
+                                forkserver=self.settings.forkserver)
         try:
             worker = await self._start_worker_process(options)
         except p.VersionMismatch as exc:

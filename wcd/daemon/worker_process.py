@@ -1,4 +1,5 @@
-"""The daemon's handle on one worker process: spawn, handshake (its Setup
+"""The daemon's handle on one worker process: spawn (exec, or fork from a
+forkserver where one is configured and agrees), handshake (its Setup
 out, its Ready back, of this protocol version or refused), typed requests
 over the socketpair, and stop (SIGTERM, then SIGKILL).
 
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from wcd.daemon.forked_process import ForkedProcess, ForkUnavailable, fork_worker
 from wcd.workers import protocol as p
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class WorkerOptions:
     stop_timeout_s: float = 20.0
     python: str = sys.executable
     env: dict[str, str] | None = None
+    forkserver: str | None = None  # its socket: fork the worker there, else exec it
 
 
 class WorkerProcess:
@@ -91,24 +94,21 @@ class WorkerProcess:
         return worker
 
     async def _spawn(self) -> None:
-        parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ if self.options.env is None else self.options.env)
-        # The API's keys are the daemon's secret: a worker runs model code.
-        env.pop("WCD_API_KEYS", None)
-        setup = self.options.setup
-        if self.options.cuda_devices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.options.cuda_devices))
-        elif setup.tensor_parallel_size > 1:
-            # The group's ranks share the CPU: each gets its part of the cores.
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
-                                                      // setup.tensor_parallel_size)))
-        try:
-            self.process = await asyncio.create_subprocess_exec(
-                self.options.python, "-m", "wcd.workers.main", "--fd", str(child_sock.fileno()),
-                pass_fds=(child_sock.fileno(),), env=env, start_new_session=False)
-        finally:
-            child_sock.close()
+        env = self._environment()
+        parent_sock = None
+        if self.options.forkserver:
+            parent_sock = await self._fork(env)
+        if parent_sock is None:
+            parent_sock, child_sock = socket.socketpair()
+            try:
+                self.process = await asyncio.create_subprocess_exec(
+                    self.options.python, "-m", "wcd.workers.main",
+                    "--fd", str(child_sock.fileno()),
+                    pass_fds=(child_sock.fileno(),), env=env, start_new_session=False)
+            finally:
+                child_sock.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
+        setup = self.options.setup
         self._writer.write(p.encode(setup))
         self._ready = asyncio.get_running_loop().create_future()
         self._reader_task = asyncio.create_task(self._read_events(reader),
@@ -120,18 +120,53 @@ class WorkerProcess:
             self._ready.cancel()  # nobody waits for it any more
             await self.kill()
             raise
-        log.info("worker %d ready: pid %d, %s, vLLM %s, %.1f s", self.index,
-                 self.ready.pid, self.ready.device, self.ready.vllm_version,
-                 self.ready.startup_s)
+        log.info("worker %d ready: pid %d (%s), %s, vLLM %s, %.1f s", self.index,
+                 self.ready.pid, "forked" if self.forked else "exec", self.ready.device,
+                 self.ready.vllm_version, self.ready.startup_s)
+
+    @property
+    def forked(self) -> bool:
+        """Whether a forkserver started it (else the daemon exec'd it)."""
+        return isinstance(self.process, ForkedProcess)
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ if self.options.env is None else self.options.env)
+        # The API's keys are the daemon's secret: a worker runs model code.
+        env.pop("WCD_API_KEYS", None)
+        if self.options.cuda_devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.options.cuda_devices))
+        elif self.options.setup.tensor_parallel_size > 1:
+            # The group's ranks share the CPU: each gets its part of the cores.
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                      // self.options.setup.tensor_parallel_size)))
+        return env
+
+    async def _fork(self, env: dict[str, str]) -> socket.socket | None:
+        """The daemon's end of a worker the forkserver forked, or None (logged
+        why) for the daemon to exec one on a socketpair of its own: a
+        forkserver that answers late may still fork on this one."""
+        parent_sock, child_sock = socket.socketpair()
+        try:
+            self.process = await fork_worker(
+                self.options.forkserver, child_sock, env, self.options.python,
+                self.options.stop_timeout_s, self.options.ready_timeout_s)
+        except ForkUnavailable as exc:
+            log.log(logging.INFO if exc.absent else logging.WARNING,
+                    "worker %d: starting it by exec: %s", self.index, exc)
+            parent_sock.close()
+            return None
+        finally:
+            child_sock.close()
+        return parent_sock
 
     async def _read_events(self, reader: asyncio.StreamReader) -> None:
         name = f"worker {self.index} (pid {self.process.pid})"
         try:
-            body = await _read_frame(reader)
+            body = await p.read_frame(reader)
             p.check_version(body, name)
             self._dispatch(p.decode_event(body))
             while True:
-                self._dispatch(p.decode_event(await _read_frame(reader)))
+                self._dispatch(p.decode_event(await p.read_frame(reader)))
         except p.VersionMismatch as exc:
             self._refuse(exc)
             reason = str(exc)
@@ -328,8 +363,3 @@ class WorkerProcess:
         if self._writer is not None:
             self._writer.close()
         return code
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> bytes:
-    header = await reader.readexactly(p.HEADER_SIZE)
-    return await reader.readexactly(p.frame_length(header))

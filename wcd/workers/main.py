@@ -445,9 +445,11 @@ def _init_device(device: str) -> None:
         torch.cuda.set_device(0)  # the daemon narrows CUDA_VISIBLE_DEVICES
 
 
-def _warm_up(channel: Channel, setup: p.Setup, clock: PhaseClock):
-    """Import torch and vLLM, set the device and seams up, and make the
-    worker, each phase timed; returns it and its group (None for one process)."""
+def import_worker_modules(clock: PhaseClock) -> None:
+    """What every worker imports before its setup matters: torch, vLLM, wcd's
+    seams into it and its engine host, the heap they leave frozen. Each phase
+    is near-free a second time, so a worker forked from a forkserver that ran
+    them goes through them again."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # vLLM's default from torch 2.12 on (vllm/envs.py use_mega_aot_artifact):
     # a build loads the compiled model whole instead of re-splitting its graph
@@ -460,17 +462,26 @@ def _warm_up(channel: Channel, setup: p.Setup, clock: PhaseClock):
         from wcd.workers import vllm_seams
     with clock.phase("seams"):  # the vLLM modules they reach into imported
         vllm_seams.apply()
-        vllm_seams.defer_graph_capture(setup.first_graph_tokens)
+    with clock.phase("engine_host"):  # its imports of vLLM's engine and entry points
+        importlib.import_module("wcd.workers.engine")
+    with clock.phase("freeze"):
+        vllm_seams.freeze_import_heap()
+
+
+def _warm_up(channel: Channel, setup: p.Setup, clock: PhaseClock):
+    """Import torch and vLLM, set the device and seams up, and make the
+    worker, each phase timed; returns it and its group (None for one process)."""
+    import_worker_modules(clock)
+    from wcd.workers import vllm_seams
+    from wcd.workers.engine import Parking
+    from wcd.workers.watchdog import Watchdog
+    from wcd.workers.weights import host_cache
+
+    vllm_seams.defer_graph_capture(setup.first_graph_tokens)
     with clock.phase("device"):
         _init_device(setup.device)
         group = _start_group(setup) if setup.tensor_parallel_size > 1 else None
-    with clock.phase("freeze"):
-        vllm_seams.freeze_import_heap()
-    with clock.phase("engine_host"):  # its imports of vLLM's engine and entry points
-        from wcd.workers.engine import Parking
-        from wcd.workers.watchdog import Watchdog
-        from wcd.workers.weights import host_cache
-
+    with clock.phase("worker"):
         cache = host_cache(setup.host_cache_bytes, setup.device == "cuda",
                            _disk_settings(setup))
         cache.allocate_soon()  # beside the first model's build, not after it
@@ -499,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         return p.EXIT_VERSION_MISMATCH
     if setup is None:
         return 0  # the daemon went before it said what to be
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    # force: a worker forked from a forkserver inherits its handler.
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format=f"wcd-worker[{setup.index}] %(levelname)s %(name)s: %(message)s")
     clock.phases["setup"] = clock.total()  # the interpreter, this module, the daemon's setup
     worker, group = _warm_up(channel, setup, clock)

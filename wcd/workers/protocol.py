@@ -5,8 +5,9 @@ struct. The daemon's first frame is the worker's `Setup`, the worker's first
 is `Ready`; each side refuses the other's first frame when its
 `protocol_version` is not its own. Then commands flow daemon -> worker, events
 worker -> daemon. Failures travel as `ErrorInfo` data, never as pickled
-exceptions. This module imports only msgspec and the stdlib so the daemon can
-share it.
+exceptions. A forkserver, when the daemon uses one, speaks the same framing:
+`ForkWorker` in, `WorkerForked` or `ForkRefused`, later `WorkerExited` out.
+This module imports only msgspec and the stdlib so the daemon can share it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Literal, Union
 import msgspec
 from msgspec import UNSET, UnsetType
 
-PROTOCOL_VERSION = 10
+PROTOCOL_VERSION = 11
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 # A worker's exit code when the daemon's Setup is of another protocol version
@@ -611,6 +612,49 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
 Event = Union[Ready, Pong, Phase, OpDone, OpFailed, Outputs, RequestFailed, Tokenized,
               Detokenized, Similarities, Stats]
 
+# ---- the forkserver: the daemon asks it for a worker ----------------------------
+
+
+class ForkWorker(msgspec.Struct, tag="fork_worker", frozen=True):
+    """The daemon's first frame to a forkserver (wcd/workers/forkserver.py),
+    sent with two file descriptors: the worker's end of its socketpair and the
+    stderr it logs to. `python`, `env`: the interpreter and environment the
+    daemon would exec the worker with; the forkserver refuses when its own
+    differ. `stop_timeout_s`: how long a worker whose daemon went has after
+    SIGTERM before SIGKILL."""
+
+    python: str
+    env: dict[str, str]
+    stop_timeout_s: float
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class SignalWorker(msgspec.Struct, tag="signal_worker", frozen=True):
+    """Send the forked worker this signal (its parent, the forkserver, knows
+    whether the pid is still the worker's)."""
+
+    signum: int
+
+
+class WorkerForked(msgspec.Struct, tag="worker_forked", frozen=True):
+    pid: int
+
+
+class ForkRefused(msgspec.Struct, tag="fork_refused", frozen=True):
+    """No fork: the daemon execs the worker itself, `reason` logged."""
+
+    reason: str
+
+
+class WorkerExited(msgspec.Struct, tag="worker_exited", frozen=True):
+    """The forked worker's exit status, as asyncio's returncode (-N: signal N)."""
+
+    code: int
+
+
+ForkserverRequest = Union[ForkWorker, SignalWorker]
+ForkserverReply = Union[WorkerForked, ForkRefused, WorkerExited]
+
 SWAP_PHASES = ("resolve", "drain", "release", "fetch", "build", "warm", "ready")
 
 
@@ -619,6 +663,8 @@ SWAP_PHASES = ("resolve", "drain", "release", "fetch", "build", "warm", "ready")
 _encoder = msgspec.msgpack.Encoder()
 _command_decoder = msgspec.msgpack.Decoder(Command)
 _event_decoder = msgspec.msgpack.Decoder(Event)
+_forkserver_request_decoder = msgspec.msgpack.Decoder(ForkserverRequest)
+_forkserver_reply_decoder = msgspec.msgpack.Decoder(ForkserverReply)
 
 
 class ProtocolError(Exception):
@@ -645,7 +691,7 @@ class FrameTooLarge(ValueError):
     would take the frame for a broken connection."""
 
 
-def encode(message: Setup | Command | Event) -> bytes:
+def encode(message: Setup | Command | Event | ForkserverRequest | ForkserverReply) -> bytes:
     body = _encoder.encode(message)
     if len(body) > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"a {type(message).__name__} of {len(body)} bytes exceeds the "
@@ -663,18 +709,33 @@ def frame_length(header: bytes) -> int:
 HEADER_SIZE = _HEADER.size
 
 
-def decode_command(body: bytes) -> Command:
+async def read_frame(reader) -> bytes:
+    """One frame's body from an asyncio.StreamReader (the daemon's side)."""
+    header = await reader.readexactly(HEADER_SIZE)
+    return await reader.readexactly(frame_length(header))
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, body: bytes):
     try:
-        return _command_decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise ProtocolError(str(exc)) from exc
+
+
+def decode_command(body: bytes) -> Command:
+    return _decode(_command_decoder, body)
 
 
 def decode_event(body: bytes) -> Event:
-    try:
-        return _event_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(str(exc)) from exc
+    return _decode(_event_decoder, body)
+
+
+def decode_forkserver_request(body: bytes) -> ForkserverRequest:
+    return _decode(_forkserver_request_decoder, body)
+
+
+def decode_forkserver_reply(body: bytes) -> ForkserverReply:
+    return _decode(_forkserver_reply_decoder, body)
 
 
 def check_version(body: bytes, peer: str) -> None:
@@ -691,7 +752,4 @@ def check_version(body: bytes, peer: str) -> None:
 
 def decode_setup(body: bytes) -> Setup:
     check_version(body, "the daemon")
-    try:
-        return _setup_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(str(exc)) from exc
+    return _decode(_setup_decoder, body)
