@@ -4,7 +4,7 @@
 
 CUDA only; torch and wcd's weights module (the device recipe's PYTHONPATH,
 as bench/gpu.py runs). For each size: the buffer pinned as wcd's host cache
-pins it (weights._pin: pages faulted in, then cudaHostRegister) on a thread,
+pins it (pages faulted in, then weights.register_with_cuda) on a thread,
 while the main thread calls torch.cuda.mem_get_info every 20 ms, as a
 worker's first load would; the longest call is the stall. Then copy rates
 both ways, and torch's own pinned allocation (cudaHostAlloc) of the same
@@ -19,9 +19,15 @@ import time
 
 import torch
 
-from wcd.workers.weights import _pin
+from wcd.workers.weights import register_with_cuda
 
 GiB = 1 << 30
+
+
+def pin(buffer: torch.Tensor) -> None:
+    """As the host cache's pool does, in one piece: fault in, then register."""
+    buffer.fill_(0)
+    register_with_cuda(buffer)
 
 
 def stall_while(work) -> tuple[float, float]:
@@ -60,7 +66,7 @@ def main() -> None:
     device = torch.empty(4 * GiB, dtype=torch.uint8, device="cuda")
     for gib in map(int, args.gib.split(",")):
         buffer = torch.empty(gib * GiB, dtype=torch.uint8)
-        seconds, stall = stall_while(lambda: _pin(buffer))
+        seconds, stall = stall_while(lambda: pin(buffer))
         h2d = copy_rate(device, buffer[:4 * GiB])
         d2h = copy_rate(buffer[:4 * GiB], device)
         print(f"{gib} GiB, wcd's way: pinned in {seconds:.2f} s, other CUDA calls waited up to "

@@ -1,11 +1,15 @@
 """Unit tests of the host cache's bookkeeping with plain torch modules: the
 kernel-format copy (the CUDA path) keeps parameter storage, the pool reuses
-freed ranges, eviction is least recently used under the budget."""
+freed ranges, eviction is least recently used under the budget, pinning
+(with a stand-in for CUDA's registration) leaves ranges in use alone."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
+from wcd.workers import weights
 from wcd.workers.weights import KERNEL, HostCache, copy_into, kernel_format_holds
 
 KB = 1024
@@ -83,3 +87,36 @@ def test_a_buffer_allocated_ahead_serves_the_first_snapshot():
     snapshot = snapshot_of(cache, "a", a)
     for name, param in a.named_parameters():
         assert torch.equal(snapshot.tensors[name], param)
+
+
+def test_pinning_skips_ranges_in_use_and_device_copies_wait_for_it():
+    """A range allocated before the pinning thread faults its pages in (a
+    snapshot file read right after a restart) keeps what is written there;
+    the rest is faulted in; wait_pinned returns once the buffer is registered."""
+    release, registered = threading.Event(), []
+
+    def register(buffer):
+        release.wait(10)
+        registered.append(buffer.numel())
+
+    pool = weights._Pool(4 * KB, register, fill_chunk=1 * KB)
+    in_use = pool.allocate(1536)  # spans two chunks
+    pool.buffer[in_use:in_use + 1536].fill_(7)  # the buffer, and the pinning, start here
+    waiter = threading.Thread(target=pool.wait_pinned)
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not registered  # held at the registration
+    release.set()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert registered == [4 * KB + weights._ALIGN]  # the whole allocation, slack included
+    assert bool((pool.buffer[:1536] == 7).all()) and bool((pool.buffer[1536:] == 0).all())
+
+
+def test_a_failed_pinning_leaves_copies_to_pageable_memory(caplog):
+    def register(buffer):
+        raise RuntimeError("cudaHostRegister failed: 2")
+
+    pool = weights._Pool(2 * KB, register, fill_chunk=1 * KB)
+    pool.wait_pinned()  # returns rather than hanging
+    assert "pinning its buffer failed" in caplog.text

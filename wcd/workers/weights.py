@@ -36,6 +36,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,70 +65,93 @@ class Snapshot:
     from_disk: bool = False  # read from disk and not used since
 
 
+_FILL_CHUNK = 1 << 30  # the pinning thread's unit of faulting pages in, under the pool's lock
+
+
 class _Pool:
-    """One contiguous buffer, first-fit ranges with neighbours merged on free."""
+    """One contiguous buffer, first-fit ranges with neighbours merged on free.
 
-    def __init__(self, size: int, pinned: bool):
+    The buffer is address space at once; on CUDA a thread then faults its
+    pages in and pins them (48 GiB: ~5 s on the H200). A range allocated
+    meanwhile is used at once (a snapshot file read after a restart starts
+    without waiting) and the thread skips it: only the copies to and from
+    the device wait for the pinning (wait_pinned), to run at the link's rate."""
+
+    def __init__(self, size: int, register: Callable[[torch.Tensor], None] | None,
+                 fill_chunk: int = _FILL_CHUNK):
+        """`register`: pins a buffer whose pages are faulted in (None: unpinned)."""
         self.size = size
-        self.pinned = pinned
-        self._buffer: torch.Tensor | None = None  # allocated at first use, or by allocate_soon
-        self._allocating: threading.Thread | None = None
+        self._register = register
+        self._fill_chunk = fill_chunk
+        self._buffer: torch.Tensor | None = None  # at first use, or by allocate_soon
+        self._lock = threading.Lock()  # the free list, against the pinning thread's fills
+        self._pinned = threading.Event()
         self._free: list[tuple[int, int]] = [(0, size)]  # (offset, size), by offset
-
-    def allocate_soon(self) -> None:
-        """Allocate on a thread from now, so that neither the first snapshot
-        nor the first read of a snapshot file after a restart waits for it."""
-        if self._buffer is None and self._allocating is None:
-            self._allocating = threading.Thread(target=self._allocate, name="wcd-host-pool",
-                                                daemon=True)
-            self._allocating.start()
 
     @property
     def buffer(self) -> torch.Tensor:
-        if self._allocating is not None:
-            self._allocating.join()
-            self._allocating = None
         if self._buffer is None:
-            self._allocate()
+            raw = torch.empty(self.size + _ALIGN, dtype=torch.uint8)
+            start = -raw.data_ptr() % _ALIGN
+            self._buffer = raw[start:start + self.size]
+            if self._register is None:
+                self._pinned.set()
+            else:
+                threading.Thread(target=self._pin, args=(raw,), name="wcd-host-pool",
+                                 daemon=True).start()
         return self._buffer
 
-    def _allocate(self) -> None:
+    def wait_pinned(self) -> None:
+        self.buffer  # noqa: B018 - allocated first, if nothing did yet
+        self._pinned.wait()
+
+    def _pin(self, raw: torch.Tensor) -> None:
         started = time.perf_counter()
-        raw = torch.empty(self.size + _ALIGN, dtype=torch.uint8)
-        if self.pinned:
-            _pin(raw)
-        start = -raw.data_ptr() % _ALIGN
-        self._buffer = raw[start:start + self.size]
-        log.info("host cache: %.1f GiB allocated%s in %.2f s", self.size / 2**30,
-                 " and pinned" if self.pinned else "", time.perf_counter() - started)
+        try:
+            for at in range(0, self.size, self._fill_chunk):
+                with self._lock:
+                    for offset, size in self._free_within(at, at + self._fill_chunk):
+                        self._buffer[offset:offset + size].fill_(0)
+            self._register(raw)
+            log.info("host cache: %.1f GiB allocated and pinned in %.2f s", self.size / 2**30,
+                     time.perf_counter() - started)
+        except Exception:  # copies still run, from pageable memory: slower, not wrong
+            log.exception("host cache: pinning its buffer failed")
+        finally:
+            self._pinned.set()
+
+    def _free_within(self, low: int, high: int) -> list[tuple[int, int]]:
+        return [(max(offset, low), min(offset + size, high) - max(offset, low))
+                for offset, size in self._free if offset < high and offset + size > low]
 
     def allocate(self, nbytes: int) -> int | None:
-        for i, (offset, size) in enumerate(self._free):
-            if size >= nbytes:
-                rest = size - nbytes
-                self._free[i:i + 1] = [(offset + nbytes, rest)] if rest else []
-                return offset
+        with self._lock:
+            for i, (offset, size) in enumerate(self._free):
+                if size >= nbytes:
+                    rest = size - nbytes
+                    self._free[i:i + 1] = [(offset + nbytes, rest)] if rest else []
+                    return offset
         return None
 
     def release(self, offset: int, nbytes: int) -> None:
-        ranges = sorted([*self._free, (offset, nbytes)])
-        merged: list[tuple[int, int]] = []
-        for start, size in ranges:
-            if merged and merged[-1][0] + merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], merged[-1][1] + size)
-            else:
-                merged.append((start, size))
-        self._free = merged
+        with self._lock:
+            ranges = sorted([*self._free, (offset, nbytes)])
+            merged: list[tuple[int, int]] = []
+            for start, size in ranges:
+                if merged and merged[-1][0] + merged[-1][1] == start:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + size)
+                else:
+                    merged.append((start, size))
+            self._free = merged
 
 
-def _pin(buffer: torch.Tensor) -> None:
+def register_with_cuda(buffer: torch.Tensor) -> None:
     """Page-lock `buffer` for the life of the process. Pinning holds the CUDA
     driver's lock, so every other CUDA call of the process waits for it: on
     the H200, torch's pinned allocation (cudaHostAlloc) of 8 GiB stalled
     them 3.5 s, the worker's first load after a start among them. Most of
     that is faulting the pages in: touched first (0.6 s, outside the lock),
     the same 8 GiB registered in 0.55 s, copies at the same 55 GB/s."""
-    buffer.fill_(0)
     error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(),
                                                  buffer.numel() * buffer.element_size(), 0)
     if int(error) != 0:
@@ -140,7 +164,8 @@ class HostCache:
     def __init__(self, budget_bytes: int, pinned: bool, files: SnapshotFiles | None = None):
         """`files`: the disk tier, if any (it needs the buffer: budget > 0)."""
         self.budget_bytes = budget_bytes
-        self._pool = _Pool(budget_bytes, pinned) if budget_bytes > 0 else None
+        self._pool = (_Pool(budget_bytes, register_with_cuda if pinned else None)
+                      if budget_bytes > 0 else None)
         self.files = files if self._pool is not None else None
         self._entries: OrderedDict[str, Snapshot] = OrderedDict()  # LRU first
         self.evictions = 0
@@ -154,9 +179,15 @@ class HostCache:
         return snapshot
 
     def allocate_soon(self) -> None:
-        """Start allocating the buffer now (the worker's device is set)."""
+        """Allocate the buffer and start pinning it now (the worker's device
+        is set), beside the first model's build rather than after it."""
         if self._pool is not None:
-            self._pool.allocate_soon()
+            self._pool.buffer  # noqa: B018
+
+    def wait_pinned(self) -> None:
+        """Before a copy to or from the device."""
+        if self._pool is not None:
+            self._pool.wait_pinned()
 
     def came_from_disk(self, key: str) -> bool:
         """Whether `key`'s snapshot was read from disk and not used since."""
@@ -185,6 +216,8 @@ class HostCache:
             log.info("snapshot of %s (%.1f MB) does not fit the host cache (%.1f MB)", name,
                      nbytes / 1e6, self.budget_bytes / 1e6)
             return None
+        if any(t.is_cuda for t in tensors.values()):
+            self._pool.wait_pinned()
         copies, at = {}, offset
         for n, tensor in tensors.items():
             view = self._pool.buffer[at:at + tensor.numel() * tensor.element_size()]
@@ -341,6 +374,7 @@ def apply_rank_snapshot(worker, key: str) -> int:
     snapshot = rank_cache().get(key)
     if snapshot is None:
         raise LookupError(f"no snapshot {key} on this rank")
+    rank_cache().wait_pinned()
     started = time.perf_counter()
     if snapshot.format == KERNEL:
         copy_into(vllm_seams.worker_model(worker), snapshot)
