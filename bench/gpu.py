@@ -231,11 +231,15 @@ def interpreter_start_s(python: str, runs: int = 7) -> float:
 
 
 
+# As systemd/wcd.service runs it: no vLLM usage-stats thread per build.
+DAEMON_ENV = {**os.environ, "VLLM_NO_USAGE_STATS": "1"}
+
+
 class Wcd:
     def __init__(self, directory: Path, models: Path, workers: list | None = None,
                  defaults: dict | None = None, http: dict | None = None,
                  preload: list[str] | None = None, models_extra: dict | None = None,
-                 env: dict | None = None, **policy):
+                 env: dict | None = None, forkserver: str | None = None, **policy):
         directory.mkdir(parents=True, exist_ok=True)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -256,16 +260,16 @@ class Wcd:
                        "queue_wait": "600s", "drain_timeout": "60s", "health_timeout": "60s",
                        "health_interval": "1s",  # pings carry the memory figures read here
                        **policy},
+            "forkserver": forkserver,
         }
         path = directory / "wcd.yaml"
         path.write_text(json.dumps(config))  # JSON is YAML
         self.log_path = directory / "wcd.log"
         self.started = time.perf_counter()
-        # As systemd/wcd.service runs it: no vLLM usage-stats thread per build.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "wcd.daemon.main", "--config", str(path)], cwd=ROOT,
             stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
-            env={**os.environ, "VLLM_NO_USAGE_STATS": "1", **(env or {})})
+            env={**DAEMON_ENV, **(env or {})})
 
     def wcctl(self, *args: str) -> tuple[float, dict]:
         started = time.perf_counter()
@@ -894,31 +898,71 @@ def _timed_copy(device, host, streams: int, chunk: int) -> float:
 # ---- restart: snapshots from disk (issue 18) ------------------------------------------
 
 
+def start_forkserver(out: Path) -> tuple[subprocess.Popen, str, float]:
+    """wcd-forkserver as wcd-forkserver.service runs it, with the daemons'
+    environment: the process, its socket, and its start to ready."""
+    path, log_path = out / "forkserver.sock", out / "forkserver.log"
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "wcd.workers.forkserver",
+                                "--socket", str(path)], cwd=ROOT, env=DAEMON_ENV,
+                               stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    while "wcd.forkserver: ready in" not in log_path.read_text():
+        if process.poll() is not None or time.perf_counter() - started > 600:
+            raise RuntimeError(f"the forkserver did not start: {log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return process, str(path), time.perf_counter() - started
+
+
 def run_restart(models: Path, out: Path) -> dict:
-    """A daemon with the disk tier serves big-a and big-b, so both are
-    snapshotted to files, and stops. Then two restarts preloading big-a,
-    each timed from the daemon's start to its first completion: without the
-    disk tier (vLLM's loader reads the checkpoint), then with it (the
-    snapshot file). vLLM's compile cache is warm for both. And the disk's own
-    O_DIRECT read rate of the snapshot file (dd), in the same run."""
+    """A forkserver starts; a daemon with the disk tier serves big-a and
+    big-b, so both are snapshotted to files, and stops. Then restarts
+    preloading big-a, each timed from the daemon's start to its first
+    completion: without the disk tier (vLLM's loader reads the checkpoint)
+    and with it (the snapshot file), the worker exec'd, then with the
+    snapshot file and the worker forked by the forkserver, which outlived
+    the daemons before. vLLM's compile cache is warm for all. And the disk's
+    own O_DIRECT read rate of the snapshot file (dd), in the same run."""
     snapshots = out / "snapshots"
     result: dict = {"failures": []}
+    forkserver, forkserver_socket, result["forkserver_ready_s"] = start_forkserver(out)
+    log(f"restart: forkserver ready after {result['forkserver_ready_s']:.1f} s")
 
-    def daemon(name: str, disk_bytes: int) -> Wcd:
+    def daemon(name: str, disk_bytes: int, forked: bool = False) -> Wcd:
         return Wcd(out / name, models, disk_cache_dir=str(snapshots),
-                   disk_cache_bytes=disk_bytes)
+                   disk_cache_bytes=disk_bytes,
+                   forkserver=forkserver_socket if forked else None)
 
-    first = daemon("wcd-restart-0", 64 << 30)
+    try:
+        _restarts(daemon, snapshots, result)
+    finally:
+        forkserver.terminate()
+        forkserver.wait(60)
+        result["forkserver_log"] = (out / "forkserver.log").read_text().splitlines()[-20:]
+    biggest = max(snapshots.glob("*.wcds"), key=lambda p: p.stat().st_size)
+    done = subprocess.run(["dd", f"if={biggest}", "of=/dev/null", "bs=64M", "iflag=direct"],
+                          capture_output=True, text=True)
+    result["dd_direct"] = done.stderr.strip().splitlines()[-1:]
+    log("restart: dd", result["dd_direct"])
+    return result
+
+
+def _restarts(daemon, snapshots: Path, result: dict) -> None:
+    first = daemon("wcd-restart-0", 64 << 30, forked=True)
     with daemon_part(first, result, "restart"):
         first.wait_serving(SAME[0])
         first.wcctl("swap", SAME[1])
         deadline = time.monotonic() + 300
         while len(list(snapshots.glob("*.wcds"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
+        result["writer_start"] = [ln for ln in first.log_path.read_text().splitlines()
+                                  if " ready: pid " in ln or "by exec" in ln
+                                  or "started in" in ln or "wcd.worker: swap " in ln]
     result["files"] = {p.name: p.stat().st_size for p in snapshots.glob("*.wcds")}
     reference = None
-    for label, disk_bytes in (("checkpoint", 0), ("snapshot_file", 64 << 30)):
-        wcd = daemon(f"wcd-restart-{label}", disk_bytes)
+    for label, disk_bytes, forked in (("checkpoint", 0, False),
+                                      ("snapshot_file", 64 << 30, False),
+                                      ("snapshot_file_forkserver", 64 << 30, True)):
+        wcd = daemon(f"wcd-restart-{label}", disk_bytes, forked)
         row: dict = {}
         with daemon_part(wcd, row, "restart"):
             wcd.wait_serving(SAME[0])
@@ -930,17 +974,14 @@ def run_restart(models: Path, out: Path) -> dict:
             row["last_swap"] = wcd.worker()["last_swap"]
             row["read_log"] = [ln for ln in wcd.log_path.read_text().splitlines()
                                if "read from disk" in ln or " ready: pid " in ln
-                               or "wcd ready" in ln or "started in" in ln]
+                               or "wcd ready" in ln or "started in" in ln
+                               or "by exec" in ln]
         result[label] = row
         log(f"restart ({label}): serving after {row.get('start_to_serving_s', 0):.1f} s, "
             f"first completion after {row.get('start_to_first_completion_s', 0):.1f} s "
             f"{row.get('read_log')}")
-    biggest = max(snapshots.glob("*.wcds"), key=lambda p: p.stat().st_size)
-    done = subprocess.run(["dd", f"if={biggest}", "of=/dev/null", "bs=64M", "iflag=direct"],
-                          capture_output=True, text=True)
-    result["dd_direct"] = done.stderr.strip().splitlines()[-1:]
-    log("restart: dd", result["dd_direct"])
-    return result
+        if row.get("same_output") is False:
+            result["failures"].append(f"{label}: another answer")
 
 
 # ---- throughput: vLLM's API server, then wcd, one model each ------------------------
