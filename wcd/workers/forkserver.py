@@ -15,10 +15,11 @@ timeout) when the daemon's connection closes, since the worker's parent-death
 signal fires for the forkserver, not the daemon.
 
 A fork only reuses the imports when nothing they depend on differs: the
-daemon's interpreter and environment must be the ones the forkserver imported
-under, the installed wcd, vLLM and torch files the ones it loaded, CUDA not
-initialised and no other Python thread running. Otherwise it refuses with the reason
-and the daemon execs the worker as without a forkserver.
+daemon's interpreter and environment must be the ones the forkserver
+imported under, the installed wcd, vLLM and torch files the ones it loaded,
+CUDA not initialised and no other Python thread running. Otherwise it
+refuses with the reason and the daemon execs the worker as without a
+forkserver.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from wcd.proc_stats import PhaseClock, phases_line
@@ -340,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="wcd-forkserver %(levelname)s %(name)s: %(message)s")
+    # Python 3.12 warns at every fork while any native thread runs; the BLAS
+    # pools' threads are the ones here, and _refusal says why they are safe.
+    warnings.filterwarnings("ignore", message=r".*is multi-threaded, use of fork\(\) may lead",
+                            category=DeprecationWarning)
     # Listening before the imports: a daemon that asks meanwhile waits in the
     # backlog for this forkserver rather than importing everything itself too.
     listener = _listener(args.socket)
