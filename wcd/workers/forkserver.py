@@ -128,7 +128,8 @@ class Forkserver:
             refusal = self._refusal(request) or self._fork(request, fds, connection)
             if refusal:
                 log.warning("refused a fork: %s", refusal)
-                _send(connection, p.ForkRefused(refusal))
+                with contextlib.suppress(OSError):  # a daemon gone meanwhile needs no answer
+                    _send(connection, p.ForkRefused(refusal))
                 connection.close()
                 self._exit_if_stale_and_idle()
         finally:
