@@ -107,7 +107,7 @@ def answer(daemon) -> str:
 
 
 def test_a_restarted_daemon_forks_its_worker_again_and_answers_as_vllm(
-        forkserver, directory, demo_models, reference, tmp_path):
+        forkserver, demo_models, reference, tmp_path):
     texts, workers = [], []
     for run in ("first", "restarted"):
         (tmp_path / run).mkdir()

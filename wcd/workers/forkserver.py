@@ -222,7 +222,7 @@ class Forkserver:
 
     def _from_daemon(self, child: _Child) -> None:
         try:
-            body = _read_frame(child.connection)
+            body = p.recv_frame(child.connection)
             request = None if body is None else p.decode_forkserver_request(body)
         except (OSError, p.ProtocolError) as exc:
             log.warning("worker pid %d: its daemon's connection broke: %s", child.pid, exc)
@@ -299,21 +299,6 @@ def _read_request(connection: socket.socket) -> tuple[p.ForkWorker, list[int]]:
         raise
     connection.settimeout(None)
     return request, fds
-
-
-def _read_frame(connection: socket.socket) -> bytes | None:
-    header = _recv_exactly(connection, p.HEADER_SIZE)
-    return None if header is None else _recv_exactly(connection, p.frame_length(header))
-
-
-def _recv_exactly(connection: socket.socket, n: int) -> bytes | None:
-    data = b""
-    while len(data) < n:
-        chunk = connection.recv(n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
 
 
 def _send(connection: socket.socket, reply: p.ForkserverReply) -> None:

@@ -58,26 +58,12 @@ class Channel:
             self.sock.sendall(data)
 
     def recv(self) -> p.Command | None:
-        body = self._recv_frame()
+        body = p.recv_frame(self.sock)
         return None if body is None else p.decode_command(body)
 
     def recv_setup(self) -> p.Setup | None:
-        body = self._recv_frame()
+        body = p.recv_frame(self.sock)
         return None if body is None else p.decode_setup(body)
-
-    def _recv_frame(self) -> bytes | None:
-        header = self._recv_exactly(p.HEADER_SIZE)
-        return None if header is None else self._recv_exactly(p.frame_length(header))
-
-    def _recv_exactly(self, n: int) -> bytes | None:
-        chunks, remaining = [], n
-        while remaining:
-            chunk = self.sock.recv(min(remaining, 1 << 20))
-            if not chunk:
-                return None
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
 
 
 class Worker:

@@ -709,6 +709,24 @@ def frame_length(header: bytes) -> int:
 HEADER_SIZE = _HEADER.size
 
 
+def recv_frame(sock) -> bytes | None:
+    """One frame's body from a blocking socket (a worker's, a forkserver's);
+    None at the peer's end of the connection."""
+    header = _recv_exactly(sock, HEADER_SIZE)
+    return None if header is None else _recv_exactly(sock, frame_length(header))
+
+
+def _recv_exactly(sock, n: int) -> bytes | None:
+    chunks, remaining = [], n
+    while remaining:
+        chunk = sock.recv(min(remaining, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
 async def read_frame(reader) -> bytes:
     """One frame's body from an asyncio.StreamReader (the daemon's side)."""
     header = await reader.readexactly(HEADER_SIZE)
